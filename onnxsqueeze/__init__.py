@@ -1,0 +1,32 @@
+"""onnxsqueeze: a framework-neutral ONNX model compressor that verifies what it does.
+
+The public API is imported lazily so that ``import onnxsqueeze`` (and ``onnxsqueeze --help``)
+stays fast: onnx, onnx_ir and onnxruntime load only when a model is touched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "squeeze": "onnxsqueeze.api",
+    "squeeze_file": "onnxsqueeze.api",
+    "Squeezed": "onnxsqueeze.api",
+    "Report": "onnxsqueeze.report",
+    "load_model": "onnxsqueeze.io",
+    "save_model": "onnxsqueeze.io",
+    "SqueezeError": "onnxsqueeze.errors",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'onnxsqueeze' has no attribute '{name}'")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

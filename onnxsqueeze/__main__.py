@@ -1,0 +1,5 @@
+"""``python -m onnxsqueeze`` runs the CLI."""
+
+from onnxsqueeze.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,148 @@
+"""The library entry point converters call: ``squeeze(model, ...)`` on an in-memory model.
+
+It hands back the kind of object it was given (ModelProto in, ModelProto out; onnx_ir.Model
+in, onnx_ir.Model out) with a Report, never touches the caller's object, and never writes a
+file unless ``squeeze_file`` is asked to.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from onnxsqueeze.errors import AccuracyBudgetError
+from onnxsqueeze.report import Report
+
+DEFAULT_PROBE_SAMPLES = 2
+MAX_DATA_PROBES = 8
+
+
+class Squeezed(NamedTuple):
+    """What ``squeeze`` returns: the model (same kind as given) and the run's report."""
+
+    model: Any
+    report: Report
+
+
+def squeeze(
+    model: Any,
+    passes: Sequence[Any] | None = None,
+    *,
+    preset: str = "default",
+    data: Any = None,
+    shapes: Mapping[str, Sequence[int]] | Iterable[str] | None = None,
+    providers: Sequence[str] | None = None,
+    verify: bool = True,
+    registry: Any = None,
+    probe_samples: int = DEFAULT_PROBE_SAMPLES,
+    seed: int = 0,
+    strict: bool = True,
+) -> Squeezed:
+    """Run passes (names, ``(name, options)`` pairs or pass objects; default: ``preset``).
+
+    ``data`` (npz path, folder, or iterable of feed dicts) drives verification; without it
+    seeded random feeds shaped by the signature and ``shapes`` are used. With ``strict``, a
+    final model whose outputs drift beyond the lossless tolerance raises AccuracyBudgetError.
+    """
+    from onnxsqueeze.io import convert_back, load_model
+
+    loaded = load_model(model)
+    working = loaded.model.clone()
+    result, report = _run(
+        working, passes, preset, data, shapes, providers, verify, registry, probe_samples, seed
+    )
+    report.source = loaded.label
+    if strict and report.verification_status == "failed":
+        raise AccuracyBudgetError(
+            f"{loaded.label}: squeezed model differs from the original ({report.verification['summary']})"
+        )
+    return Squeezed(convert_back(result, loaded.kind), report)
+
+
+def squeeze_file(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    passes: Sequence[Any] | None = None,
+    *,
+    external_data: bool | None = None,
+    overwrite_input: bool = False,
+    **kwargs: Any,
+) -> Report:
+    """Load ``source``, squeeze it and save atomically to ``output``; return the report."""
+    from onnxsqueeze.io import load_model, release_weights, save_model
+
+    loaded = load_model(source)
+    report_source = loaded.label
+    strict = kwargs.pop("strict", True)
+    model, report = _run(loaded.model, passes, **_run_kwargs(kwargs))
+    report.source = report_source
+    if strict and report.verification_status == "failed":
+        raise AccuracyBudgetError(
+            f"{report_source}: squeezed model differs from the original ({report.verification['summary']})"
+        )
+    protected = set() if overwrite_input else loaded.protected_paths()
+    saved = save_model(model, output, external_data=external_data, protected=protected)
+    report.output = str(saved)
+    report.file_bytes_before = _file_bytes(Path(source), loaded.model)
+    report.file_bytes_after = _file_bytes(saved, model)
+    release_weights(model)
+    release_weights(loaded.model)
+    return report
+
+
+def _run_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    defaults = {
+        "preset": "default",
+        "data": None,
+        "shapes": None,
+        "providers": None,
+        "verify": True,
+        "registry": None,
+        "probe_samples": DEFAULT_PROBE_SAMPLES,
+        "seed": 0,
+    }
+    unknown = set(kwargs) - set(defaults)
+    if unknown:
+        raise TypeError(f"unexpected argument(s): {', '.join(sorted(unknown))}")
+    return {**defaults, **kwargs}
+
+
+def _run(model, passes, preset, data, shapes, providers, verify, registry, probe_samples, seed):
+    from onnxsqueeze.passes import builtin_registry
+    from onnxsqueeze.pipeline import Pipeline, VerifyOptions
+
+    registry = registry or builtin_registry()
+    pass_objects = registry.build(passes if passes is not None else [preset])
+    feeds = probe_feeds(model, data, shapes, probe_samples, seed) if verify else None
+    pipeline = Pipeline(
+        pass_objects,
+        verify=VerifyOptions(enabled=verify, providers=tuple(providers or ("cpu",))),
+        feeds=feeds,
+    )
+    return pipeline.run(model, Report())
+
+
+def probe_feeds(model, data, shapes, count: int, seed: int) -> list[dict]:
+    """User data (up to MAX_DATA_PROBES samples) or seeded random feeds from the signature."""
+    from onnxsqueeze.data import load_feeds
+    from onnxsqueeze.runtime import input_specs, parse_shape_overrides, random_feeds
+
+    specs = input_specs(model)
+    if data is not None:
+        return load_feeds(data, specs, limit=max(count, MAX_DATA_PROBES))
+    if isinstance(shapes, Mapping):
+        fixed, dims = {k: tuple(v) for k, v in shapes.items()}, {}
+    else:
+        fixed, dims = parse_shape_overrides(shapes or [])
+    return random_feeds(specs, count=count, seed=seed, shapes=fixed, dims=dims)
+
+
+def _file_bytes(path: Path, model: Any) -> int:
+    from onnxsqueeze.io import external_data_files
+
+    total = path.stat().st_size if path.is_file() else 0
+    data = path.with_name(path.name + ".data")
+    files = external_data_files(model) | ({data.resolve()} if data.is_file() else set())
+    return total + sum(f.stat().st_size for f in files if f.is_file())

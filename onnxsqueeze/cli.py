@@ -1,0 +1,194 @@
+"""``onnxsqueeze model.onnx -o small.onnx``: argument parsing and printing, nothing else.
+
+Exit codes: 0 ok, 1 failure (bad model, bad data, verification failed), 2 usage error.
+User errors print one line without a traceback; ``--debug`` shows it. Heavy modules are
+imported only after the arguments are parsed, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from onnxsqueeze import __version__
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onnxsqueeze",
+        description="Compress an ONNX model with verified graph passes.",
+        epilog="Example: onnxsqueeze model.onnx -o small.onnx --report report.json",
+    )
+    parser.add_argument("model", nargs="?", help="input .onnx file")
+    parser.add_argument("-o", "--output", help="output .onnx file (written atomically)")
+    parser.add_argument("--passes", help="comma-separated pass names (see --list-passes)")
+    parser.add_argument(
+        "--preset", default="default", help="named pass list (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="PASS.KEY=VALUE",
+        help="set a pass option, e.g. cleanup.dedup_initializers=false (repeatable)",
+    )
+    parser.add_argument(
+        "--list-passes", action="store_true", help="list passes and presets, then exit"
+    )
+    parser.add_argument("--report", metavar="FILE", help="write the JSON report here")
+    parser.add_argument(
+        "--shape",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="input shape NAME:1x128 or dynamic dim SYMBOL=128 for probe feeds (repeatable)",
+    )
+    parser.add_argument("--data", metavar="PATH", help="real inputs: .npz file or folder of .npz")
+    parser.add_argument(
+        "--providers",
+        default="cpu",
+        help="execution providers, e.g. cuda,cpu (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-verify", action="store_true", help="skip comparing outputs with the original"
+    )
+    parser.add_argument(
+        "--external-data",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="store weights in OUTPUT.data (auto: when the input did or the model exceeds 2 GB)",
+    )
+    parser.add_argument(
+        "--overwrite-input", action="store_true", help="allow OUTPUT to be the input file"
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    parser.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
+    parser.add_argument("--version", action="version", version=f"onnxsqueeze {__version__}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.ERROR,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    from onnxsqueeze.errors import PipelineConfigError, SqueezeError
+
+    try:
+        if args.list_passes:
+            print(_list_passes())
+            return EXIT_OK
+        if not args.model or not args.output:
+            parser.print_usage(sys.stderr)
+            print("onnxsqueeze: error: MODEL and -o/--output are required", file=sys.stderr)
+            return EXIT_USAGE
+        return _squeeze(args)
+    except PipelineConfigError as exc:
+        _fail(exc, args.debug)
+        return EXIT_USAGE
+    except SqueezeError as exc:
+        _fail(exc, args.debug)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("onnxsqueeze: interrupted; no output written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not a user error: say so, keep the trace behind --debug
+        if args.debug:
+            raise
+        print(
+            f"onnxsqueeze: internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+
+
+def _fail(exc: Exception, debug: bool) -> None:
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+    print(f"onnxsqueeze: error: {exc}", file=sys.stderr)
+
+
+def _pass_specs(args: argparse.Namespace) -> list | None:
+    from onnxsqueeze.errors import PipelineConfigError
+
+    options: dict[str, dict[str, str]] = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        pass_name, dot, option = key.partition(".")
+        if not sep or not dot or not option:
+            raise PipelineConfigError(f"--option '{item}': expected PASS.KEY=VALUE")
+        options.setdefault(pass_name, {})[option] = value
+    names = [n.strip() for n in args.passes.split(",") if n.strip()] if args.passes else None
+    if names is None:
+        if not options:
+            return None
+        from onnxsqueeze.passes import builtin_registry
+
+        names = [n for n, _ in builtin_registry().preset(args.preset).passes]
+    unused = set(options) - set(names)
+    if unused:
+        raise PipelineConfigError(
+            f"--option for pass(es) not in the pipeline: {', '.join(sorted(unused))}"
+        )
+    return [(n, options.get(n, {})) for n in names]
+
+
+def _squeeze(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from onnxsqueeze.api import squeeze_file
+
+    external = {"auto": None, "yes": True, "no": False}[args.external_data]
+    report = squeeze_file(
+        args.model,
+        args.output,
+        _pass_specs(args),
+        preset=args.preset,
+        data=args.data,
+        shapes=args.shape,
+        providers=[p.strip() for p in args.providers.split(",") if p.strip()],
+        verify=not args.no_verify,
+        external_data=external,
+        overwrite_input=args.overwrite_input,
+    )
+    if args.report:
+        from onnxsqueeze.io import atomic_write_text
+
+        atomic_write_text(Path(args.report), report.to_json())
+    if not args.quiet:
+        print(report.to_table())
+        print(f"wrote {report.output}")
+    return EXIT_OK
+
+
+def _list_passes() -> str:
+    import dataclasses
+
+    from onnxsqueeze.passes import builtin_registry
+
+    registry = builtin_registry()
+    lines = ["passes:"]
+    for cls in registry.pass_classes:
+        kind = "lossless" if cls.lossless else "lossy"
+        lines.append(f"  {cls.name:<20} {cls.summary} [{kind}]")
+        for field in dataclasses.fields(cls.Options):
+            default = field.default if field.default is not dataclasses.MISSING else "-"
+            lines.append(f"      {cls.name}.{field.name}={default}")
+    lines.append("presets:")
+    for preset in registry.presets:
+        lines.append(
+            f"  {preset.name:<20} {', '.join(n for n, _ in preset.passes)}  ({preset.summary})"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,391 @@
+"""Model I/O: load from any source with one-line errors, save atomically, release weights.
+
+Weights are never pulled into RAM on load: onnx_ir memory-maps external data, so a model
+larger than 2 GB loads in milliseconds. Saving goes through a temporary directory beside
+the destination and is renamed into place, so a failed save never leaves a partial file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from onnxsqueeze.errors import (
+    InvalidModelError,
+    ModelLoadError,
+    ModelSaveError,
+    UnsupportedModelError,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Above this many bytes of weights a model is saved with external data (protobuf's 2 GB cap).
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+#: Tensors at least this large go to the external data file when external data is used.
+EXTERNAL_TENSOR_MIN_BYTES = 1024
+
+ModelSource = Any  # str | os.PathLike | bytes | onnx.ModelProto | ir.Model | gs.Graph
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A model in onnx_ir form plus where it came from (to hand back the same kind)."""
+
+    model: ir.Model
+    kind: str  # "path" | "bytes" | "proto" | "ir" | "gs"
+    path: Path | None = None
+    label: str = "<model>"
+
+    def protected_paths(self) -> set[Path]:
+        """Files that belong to the input and must not be overwritten by accident."""
+        if self.path is None:
+            return set()
+        return {self.path.resolve(), *external_data_files(self.model)}
+
+
+# ---------------------------------------------------------------------------- load
+
+
+def load_model(
+    source: ModelSource, *, validate: bool = True, base_dir: str | None = None
+) -> LoadedModel:
+    """Load a model from a path, bytes, ModelProto, onnx_ir.Model or onnx-graphsurgeon Graph."""
+    if isinstance(source, ir.Model):
+        return LoadedModel(source, "ir", label="<onnx_ir.Model>")
+    if isinstance(source, (str, os.PathLike)):
+        return _load_path(Path(source), validate=validate)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        label = "<bytes>"
+        try:
+            proto = onnx.load_from_string(bytes(source))
+        except Exception as exc:  # protobuf raises DecodeError or RuntimeWarning-ish errors
+            raise ModelLoadError(f"{label}: not a valid ONNX model ({_first_line(exc)})") from exc
+        return LoadedModel(_from_proto(proto, label, validate, base_dir), "bytes", label=label)
+    if isinstance(source, onnx.ModelProto):
+        label = "<ModelProto>"
+        return LoadedModel(_from_proto(source, label, validate, base_dir), "proto", label=label)
+    if type(source).__module__.startswith("onnx_graphsurgeon"):
+        import onnx_graphsurgeon as gs
+
+        label = "<gs.Graph>"
+        proto = gs.export_onnx(source)
+        return LoadedModel(_from_proto(proto, label, validate, base_dir), "gs", label=label)
+    raise ModelLoadError(
+        f"<{type(source).__name__}>: cannot load a model from this type "
+        "(expected a path, bytes, onnx.ModelProto, onnx_ir.Model or onnx-graphsurgeon Graph)"
+    )
+
+
+def _load_path(path: Path, *, validate: bool) -> LoadedModel:
+    label = str(path)
+    if not path.exists():
+        raise ModelLoadError(f"{label}: file not found")
+    if path.is_dir():
+        raise ModelLoadError(f"{label}: is a directory, not an ONNX file")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{label}: empty file, not an ONNX model")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{label}: not a valid ONNX model (cannot parse protobuf: {_first_line(exc)})"
+        ) from exc
+    model = _from_proto(proto, label, validate, str(path.parent), checker_path=path)
+    return LoadedModel(model, "path", path=path, label=label)
+
+
+def _from_proto(
+    proto: onnx.ModelProto,
+    label: str,
+    validate: bool,
+    base_dir: str | None,
+    checker_path: Path | None = None,
+) -> ir.Model:
+    _check_header(proto, label)
+    if base_dir is not None:
+        _check_external_data(proto, label, Path(base_dir))
+    if validate:
+        _run_checker(proto, label, checker_path)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as exc:
+        raise InvalidModelError(f"{label}: cannot read the graph ({_first_line(exc)})") from exc
+    if base_dir is not None:
+        ir.external_data.set_base_dir(model.graph, base_dir)
+    return model
+
+
+def _check_header(proto: onnx.ModelProto, label: str) -> None:
+    if proto.ir_version <= 0 or not proto.HasField("graph"):
+        raise ModelLoadError(f"{label}: not an ONNX model (no ir_version or no graph)")
+    if proto.ir_version > onnx.IR_VERSION:
+        raise UnsupportedModelError(
+            f"{label}: IR version {proto.ir_version} is newer than this onnx install "
+            f"supports ({onnx.IR_VERSION}); upgrade the onnx package"
+        )
+    newest = onnx.defs.onnx_opset_version()
+    for opset in proto.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version > newest:
+            raise UnsupportedModelError(
+                f"{label}: opset {opset.version} is newer than this onnx install supports "
+                f"({newest}); upgrade the onnx package"
+            )
+
+
+def iter_tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from iter_tensor_protos(attr.g)
+            for sub in attr.graphs:
+                yield from iter_tensor_protos(sub)
+
+
+def _check_external_data(proto: onnx.ModelProto, label: str, base_dir: Path) -> None:
+    """Fail early, naming the file, when external data is missing or too short."""
+    for tensor in iter_tensor_protos(proto.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        data_path = base_dir / location
+        if not location or not data_path.is_file():
+            raise ModelLoadError(
+                f"{label}: external data file '{location}' for tensor '{tensor.name}' not found"
+            )
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        if data_path.stat().st_size < end:
+            raise ModelLoadError(
+                f"{label}: external data file '{location}' is truncated "
+                f"(tensor '{tensor.name}' needs {end} bytes, file has {data_path.stat().st_size})"
+            )
+
+
+def _run_checker(proto: onnx.ModelProto, label: str, path: Path | None) -> None:
+    try:
+        if path is not None:
+            onnx.checker.check_model(str(path))
+        elif proto.ByteSize() < 2**31 - 1 and not _has_external(proto):
+            onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:
+        raise InvalidModelError(f"{label}: invalid ONNX graph ({_first_line(exc)})") from exc
+    except Exception as exc:  # the checker raises plain errors on unreadable protos
+        raise InvalidModelError(f"{label}: invalid ONNX model ({_first_line(exc)})") from exc
+
+
+def _has_external(proto: onnx.ModelProto) -> bool:
+    return any(
+        t.data_location == onnx.TensorProto.EXTERNAL for t in iter_tensor_protos(proto.graph)
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    first = next((line.strip() for line in text.splitlines() if line.strip()), text)
+    return first[:300]
+
+
+# ---------------------------------------------------------------------------- inspect
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelStats:
+    """Counts that say how big a model is; subgraphs and Constant-node tensors included."""
+
+    nodes: int
+    initializers: int
+    weight_bytes: int
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+def model_stats(model: ir.Model) -> ModelStats:
+    nodes = 0
+    nbytes = 0
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        nodes += 1
+        if node.op_type == "Constant" and "value" in node.attributes:
+            attr = node.attributes["value"]
+            if not attr.is_ref() and attr.type == ir.AttributeType.TENSOR:
+                nbytes += tensor_nbytes(attr.as_tensor())
+    nodes += sum(len(f) for f in model.functions.values())
+    count = 0
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            count += 1
+            if value.const_value is not None:
+                nbytes += tensor_nbytes(value.const_value)
+    return ModelStats(nodes=nodes, initializers=count, weight_bytes=nbytes)
+
+
+def tensor_nbytes(tensor: ir.TensorProtocol) -> int:
+    """Bytes of a tensor without materialising it (string tensors: sum of lengths)."""
+    if tensor.dtype == ir.DataType.STRING:
+        return sum(len(s) for s in tensor.string_data())  # type: ignore[attr-defined]
+    return tensor.nbytes
+
+
+def external_data_files(model: ir.Model) -> set[Path]:
+    files: set[Path] = set()
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                files.add(Path(tensor.base_dir, tensor.location).resolve())
+    return files
+
+
+def has_external_tensors(model: ir.Model) -> bool:
+    return bool(external_data_files(model))
+
+
+def release_weights(model: ir.Model) -> None:
+    """Unmap memory-mapped weights so their pages leave the process (RSS)."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                value.const_value.release()
+
+
+# ---------------------------------------------------------------------------- save
+
+
+def save_model(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    protected: set[Path] | None = None,
+) -> Path:
+    """Write ``model`` to ``path`` atomically; return the path.
+
+    ``external_data=None`` keeps weights in the file unless they exceed protobuf's 2 GB
+    limit or the model already used external data. ``protected`` lists files (the input's)
+    that must not be overwritten.
+    """
+    dest = Path(path)
+    label = str(dest)
+    parent = dest.parent if str(dest.parent) else Path(".")
+    if not parent.is_dir():
+        raise ModelSaveError(f"{label}: output directory '{parent}' does not exist")
+    if dest.is_dir():
+        raise ModelSaveError(f"{label}: is a directory; give a file name for the output model")
+    data_name = dest.name + ".data"
+    resolved = {dest.resolve(), (parent / data_name).resolve()}
+    clash = resolved & (protected or set())
+    if clash:
+        raise ModelSaveError(
+            f"{label}: refusing to overwrite the input model file '{sorted(clash)[0]}' "
+            "(choose another output path, or allow it explicitly)"
+        )
+    if external_data is None:
+        external_data = (
+            has_external_tensors(model) or model_stats(model).weight_bytes > EXTERNAL_DATA_THRESHOLD
+        )
+    tmpdir = Path(tempfile.mkdtemp(prefix=".onnxsqueeze-", dir=parent))
+    try:
+        tmp_model = tmpdir / dest.name
+        try:
+            with _lean_value_info(model):
+                ir.save(
+                    model,
+                    tmp_model,
+                    external_data=data_name if external_data else None,
+                    size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES,
+                )
+        except OSError as exc:
+            raise ModelSaveError(f"{label}: cannot write ({_first_line(exc)})") from exc
+        except Exception as exc:
+            raise ModelSaveError(
+                f"{label}: cannot serialize the model ({_first_line(exc)})"
+            ) from exc
+        tmp_data = tmpdir / data_name
+        if tmp_data.exists():
+            os.replace(tmp_data, parent / data_name)
+        os.replace(tmp_model, dest)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    logger.info("saved %s (external data: %s)", dest, bool(external_data))
+    return dest
+
+
+@contextlib.contextmanager
+def _lean_value_info(model: ir.Model) -> Iterator[None]:
+    """Hide initializers' type/shape while serialising: onnx_ir would write a value_info
+    for each (redundant with the tensor itself) and the output file would grow."""
+    saved = []
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is None or value.is_graph_input() or value.is_graph_output():
+                continue
+            saved.append((value, value.type, value.shape))
+            value.type = None
+            value.shape = None
+    try:
+        yield
+    finally:
+        for value, type_, shape in saved:
+            value.type = type_
+            value.shape = shape
+
+
+def to_proto(model: ir.Model) -> onnx.ModelProto:
+    """Serialise to protobuf; external tensors are read into the proto (small models only)."""
+    if has_external_tensors(model):
+        # serialize_model keeps external references relative to a base dir the proto does
+        # not know; inline them so the proto stands on its own.
+        model = _inline_external(model)
+    with _lean_value_info(model):
+        return ir.serde.serialize_model(model)
+
+
+def _inline_external(model: ir.Model) -> ir.Model:
+    clone = model.clone()
+    for graph in clone.graphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                value.const_value = ir.Tensor(value.const_value.numpy(), name=value.name)
+    return clone
+
+
+def convert_back(model: ir.Model, kind: str) -> Any:
+    """Hand the model back as the kind of object the caller gave us."""
+    if kind == "ir":
+        return model
+    if kind == "bytes":
+        return to_proto(model).SerializeToString()
+    if kind == "gs":
+        import onnx_graphsurgeon as gs
+
+        return gs.import_onnx(to_proto(model))
+    return to_proto(model)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small text file (a report) via a temporary file and rename."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ModelSaveError(f"{path}: directory '{parent}' does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=".onnxsqueeze-", dir=parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

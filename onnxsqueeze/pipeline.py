@@ -1,0 +1,197 @@
+"""Run passes in order, timing each, verifying each, and rolling back the ones that break.
+
+Verification is part of the pipeline, not an afterthought: after a lossless pass the model
+is run on the probe feeds and compared with the model before that pass; a pass that changes
+outputs beyond float tolerance, crashes, or leaves a graph onnx.checker or onnxruntime
+rejects is undone and reported. The final model is always compared with the original.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from onnxsqueeze.errors import RuntimeSessionError, VerificationError
+from onnxsqueeze.io import has_external_tensors, model_stats
+from onnxsqueeze.registry import SqueezePass, SqueezeResult
+from onnxsqueeze.report import PassRecord, Report
+from onnxsqueeze.verify import LOSSLESS_RTOL, compare_runs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyOptions:
+    """How the pipeline checks its work."""
+
+    enabled: bool = True
+    rtol: float = LOSSLESS_RTOL
+    providers: tuple[str, ...] = ("cpu",)
+    check_structure: bool = True
+    #: Verify with onnx.reference when onnxruntime cannot load the original model.
+    reference_fallback: bool = True
+
+
+class Pipeline:
+    """An ordered list of passes plus the verification that guards them."""
+
+    def __init__(
+        self,
+        passes: Sequence[SqueezePass],
+        *,
+        verify: VerifyOptions | None = None,
+        feeds: Sequence[dict[str, Any]] | None = None,
+    ) -> None:
+        self.passes = list(passes)
+        self.verify = verify or VerifyOptions()
+        self.feeds = list(feeds or [])
+        self._backend: str | None = None
+        self._fallback_reason: str | None = None
+        self._providers_used: list[str] = []
+        if self.verify.enabled and not self.feeds:
+            raise VerificationError(
+                "verification needs probe feeds; give data or disable verification"
+            )
+
+    def run(self, model: ir.Model, report: Report | None = None) -> tuple[ir.Model, Report]:
+        """Apply the passes to ``model`` (in place where no rollback happens)."""
+        report = report or Report()
+        report.before = model_stats(model).as_dict()
+        started = time.perf_counter()
+        reference = self._reference_outputs(model, report)
+        current = reference
+        for squeeze_pass in self.passes:
+            model, current = self._run_one(squeeze_pass, model, current, report)
+        if reference is not None:
+            comparison = compare_runs(reference, self._outputs(model))
+            report.verification = {**comparison.as_dict(), "summary": comparison.summary()}
+            lossless = all(p.lossless for p in self.passes)
+            ok = comparison.within(self.verify.rtol) or not lossless
+            report.verification_status = "passed" if ok else "failed"
+        report.after = model_stats(model).as_dict()
+        report.seconds = time.perf_counter() - started
+        return model, report
+
+    def _reference_outputs(self, model: ir.Model, report: Report) -> list[dict] | None:
+        if not self.verify.enabled:
+            report.verification_status = "skipped"
+            report.warnings.append("verification disabled: outputs were not compared")
+            return None
+        try:
+            outputs = self._outputs(model)
+        except RuntimeSessionError as exc:
+            raise VerificationError(
+                f"cannot verify: the original model fails on the probe feeds ({exc}); "
+                "give real inputs (--data), input shapes (--shape), or disable verification (--no-verify)"
+            ) from exc
+        report.providers = list(self._providers_used)
+        report.verification_backend = self._backend
+        if self._fallback_reason:
+            report.warnings.append(f"{self._fallback_reason}; verified with onnx.reference instead")
+        return outputs
+
+    def _outputs(self, model: ir.Model) -> list[dict]:
+        """Outputs on the probe feeds; the backend that ran the original runs every later model."""
+        from onnxsqueeze.runtime import Session
+
+        backend = self._backend or ("auto" if self.verify.reference_fallback else "onnxruntime")
+        session = Session(model, self.verify.providers, backend=backend)
+        self._backend = "reference" if session.backend == "onnx.reference" else "onnxruntime"
+        self._fallback_reason = session.fallback_reason
+        self._providers_used = session.providers
+        return session.run_all(self.feeds)
+
+    def _run_one(
+        self, squeeze_pass: SqueezePass, model: ir.Model, current: list[dict] | None, report: Report
+    ) -> tuple[ir.Model, list[dict] | None]:
+        record = PassRecord(squeeze_pass.describe(), squeeze_pass.lossless)
+        report.passes.append(record)
+        snapshot = model.clone()
+        started = time.perf_counter()
+        try:
+            result = squeeze_pass(model)
+        except Exception as exc:  # a pass bug must not cost the user their model
+            logger.debug("pass %s raised", record.name, exc_info=True)
+            record.seconds = time.perf_counter() - started
+            return self._rollback(
+                record, snapshot, current, f"pass raised {type(exc).__name__}: {exc}"
+            )
+        record.seconds = time.perf_counter() - started
+        record.modified = result.modified
+        record.stats = dict(result.stats) if isinstance(result, SqueezeResult) else {}
+        if not result.modified:
+            record.status = "unchanged"
+            return model, current
+        problem = structural_problem(model) if self.verify.check_structure else None
+        if problem:
+            return self._rollback(record, snapshot, current, f"invalid graph: {problem}")
+        if current is None:
+            return model, current
+        try:
+            outputs = self._outputs(model)
+        except RuntimeSessionError as exc:
+            return self._rollback(record, snapshot, current, f"model no longer runs: {exc}")
+        comparison = compare_runs(current, outputs)
+        record.verification = {**comparison.as_dict(), "summary": comparison.summary()}
+        if squeeze_pass.lossless and not comparison.within(self.verify.rtol):
+            return self._rollback(
+                record,
+                snapshot,
+                current,
+                f"changed outputs beyond tolerance ({comparison.summary()})",
+            )
+        return model, outputs
+
+    @staticmethod
+    def _rollback(
+        record: PassRecord, snapshot: ir.Model, current: list[dict] | None, reason: str
+    ) -> tuple[ir.Model, list[dict] | None]:
+        record.status = "failed" if reason.startswith("pass raised") else "rolled-back"
+        record.reason = reason
+        logger.warning("pass %s rolled back: %s", record.name, reason)
+        return snapshot, current
+
+
+def structural_problem(model: ir.Model) -> str | None:
+    """What onnx.checker says is wrong with the model, or None.
+
+    External weights stay external: the checker then only needs their files to exist, so
+    it runs on a weightless copy in a temporary folder with empty stand-in data files.
+    """
+    if not has_external_tensors(model) and model_stats(model).weight_bytes > 1_800_000_000:
+        logger.info("structural check skipped: weights above 2 GB are held in memory")
+        return None
+    proto = ir.serde.serialize_model(model)
+    try:
+        if has_external_tensors(model):
+            _check_with_stand_ins(proto)
+        else:
+            onnx.checker.check_model(proto)
+    except Exception as exc:
+        text = str(exc).strip().splitlines()
+        return (text[0] if text else type(exc).__name__)[:300]
+    return None
+
+
+def _check_with_stand_ins(proto: onnx.ModelProto) -> None:
+    import tempfile
+    from pathlib import Path
+
+    from onnxsqueeze.io import iter_tensor_protos
+
+    with tempfile.TemporaryDirectory(prefix="onnxsqueeze-check-") as tmp:
+        for tensor in iter_tensor_protos(proto.graph):
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    stand_in = Path(tmp, entry.value)
+                    stand_in.parent.mkdir(parents=True, exist_ok=True)
+                    stand_in.touch()
+        path = Path(tmp, "model.onnx")
+        path.write_bytes(proto.SerializeToString())
+        onnx.checker.check_model(str(path))

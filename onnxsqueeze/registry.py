@@ -1,0 +1,173 @@
+"""The pass framework: a pass base class with typed options and statistics, and a registry.
+
+Passes are onnx_ir in-place passes with three additions the pipeline needs: a kebab-case
+``name`` and one-line ``summary`` (for ``--list-passes``), a frozen ``Options`` dataclass
+(so a pipeline can be built from strings and shown back), and ``lossless`` (lossless passes
+are verified against float tolerance and rolled back when they change outputs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
+
+import onnx_ir as ir
+
+from onnxsqueeze.errors import PipelineConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """Options of a pass that takes none."""
+
+
+@dataclasses.dataclass
+class SqueezeResult(ir.passes.PassResult):
+    """A pass result plus ``stats``: what the pass changed, for the report."""
+
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class SqueezePass(ir.passes.InPlacePass):
+    """Base of onnxsqueeze passes. Subclasses set the class attributes and ``call``."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    lossless: ClassVar[bool] = True
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any = None, **overrides: Any) -> None:
+        super().__init__()
+        if options is None:
+            options = self.Options()
+        if overrides:
+            options = dataclasses.replace(options, **overrides)
+        self.options = options
+
+    def describe(self) -> str:
+        """``name`` plus the options that differ from the defaults."""
+        default = self.Options()
+        changed = [
+            f"{f.name}={getattr(self.options, f.name)!r}"
+            for f in dataclasses.fields(self.options)
+            if getattr(self.options, f.name) != getattr(default, f.name)
+        ]
+        return f"{self.name}({', '.join(changed)})" if changed else self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A named list of pass names (each with option overrides)."""
+
+    name: str
+    summary: str
+    passes: tuple[tuple[str, Mapping[str, Any]], ...]
+
+
+class PassRegistry:
+    """Pass classes and presets by name. Instance-scoped: tests and plugins make their own."""
+
+    def __init__(self) -> None:
+        self._passes: dict[str, type[SqueezePass]] = {}
+        self._presets: dict[str, Preset] = {}
+
+    def register(self, cls: type[SqueezePass]) -> type[SqueezePass]:
+        if not cls.name or cls.name in self._passes:
+            raise PipelineConfigError(f"pass '{cls.name}': missing or duplicate pass name")
+        self._passes[cls.name] = cls
+        return cls
+
+    def add_preset(
+        self, name: str, summary: str, passes: Iterable[str | tuple[str, Mapping]]
+    ) -> None:
+        items = tuple((p, {}) if isinstance(p, str) else (p[0], dict(p[1])) for p in passes)
+        for pass_name, _ in items:
+            self.get(pass_name)
+        self._presets[name] = Preset(name, summary, items)
+
+    def get(self, name: str) -> type[SqueezePass]:
+        try:
+            return self._passes[name]
+        except KeyError:
+            known = ", ".join(sorted(self._passes)) or "none"
+            raise PipelineConfigError(f"unknown pass '{name}' (known passes: {known})") from None
+
+    def preset(self, name: str) -> Preset:
+        try:
+            return self._presets[name]
+        except KeyError:
+            known = ", ".join(sorted(self._presets)) or "none"
+            raise PipelineConfigError(f"unknown preset '{name}' (known presets: {known})") from None
+
+    @property
+    def pass_classes(self) -> list[type[SqueezePass]]:
+        return list(self._passes.values())
+
+    @property
+    def presets(self) -> list[Preset]:
+        return list(self._presets.values())
+
+    def create(self, name: str, options: Mapping[str, Any] | None = None) -> SqueezePass:
+        """Instantiate a pass; option values may be strings (from the CLI) and are coerced."""
+        cls = self.get(name)
+        fields = {f.name: f for f in dataclasses.fields(cls.Options)}
+        hints = typing.get_type_hints(cls.Options)
+        kwargs = {}
+        for key, value in (options or {}).items():
+            key = key.replace("-", "_")
+            if key not in fields:
+                known = ", ".join(fields) or "none"
+                raise PipelineConfigError(f"pass '{name}' has no option '{key}' (options: {known})")
+            kwargs[key] = coerce_option(name, key, hints[key], value)
+        return cls(cls.Options(**kwargs))
+
+    def build(self, specs: Iterable[Any]) -> list[SqueezePass]:
+        """Passes from names, ``(name, options)`` pairs, pass instances or preset names."""
+        out: list[SqueezePass] = []
+        for spec in specs:
+            if isinstance(spec, SqueezePass):
+                out.append(spec)
+            elif isinstance(spec, tuple):
+                out.append(self.create(spec[0], spec[1]))
+            elif isinstance(spec, str) and spec not in self._passes and spec in self._presets:
+                out.extend(self.create(n, o) for n, o in self._presets[spec].passes)
+            elif isinstance(spec, str):
+                out.append(self.create(spec))
+            else:
+                raise PipelineConfigError(f"cannot build a pass from {spec!r}")
+        return out
+
+
+def coerce_option(pass_name: str, key: str, hint: Any, value: Any) -> Any:
+    """Turn a CLI string into the option's declared type; pass typed values through."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            return None
+        hint = args[0]
+    if not isinstance(value, str):
+        return value
+    try:
+        if hint is bool:
+            lowered = value.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if isinstance(hint, type) and issubclass(hint, enum.Enum):
+            return hint(value)
+        if hint in (int, float, str):
+            return hint(value)
+        if typing.get_origin(hint) is tuple:
+            return tuple(v for v in value.split("+") if v)
+    except ValueError:
+        raise PipelineConfigError(
+            f"pass '{pass_name}': option '{key}' expects {getattr(hint, '__name__', hint)}, got '{value}'"
+        ) from None
+    return value

@@ -1,0 +1,108 @@
+"""One report per run: what each pass did, what verification measured, sizes before/after.
+
+Library code fills it and never prints; the CLI renders ``to_table()`` and writes
+``to_json()``, so pipelines can act on the same facts a human reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+
+@dataclasses.dataclass
+class PassRecord:
+    """One pass run: time, stats, verification against the model before it, decision."""
+
+    name: str
+    lossless: bool
+    seconds: float = 0.0
+    modified: bool = False
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    verification: dict[str, Any] | None = None
+    status: str = "applied"  # applied | unchanged | rolled-back | failed
+    reason: str | None = None
+
+
+@dataclasses.dataclass
+class Report:
+    """Everything a run did and measured; JSON-serialisable."""
+
+    source: str = "<model>"
+    output: str | None = None
+    passes: list[PassRecord] = dataclasses.field(default_factory=list)
+    before: dict[str, int] = dataclasses.field(default_factory=dict)
+    after: dict[str, int] = dataclasses.field(default_factory=dict)
+    verification: dict[str, Any] | None = None
+    verification_status: str = "not run"  # passed | failed | skipped | not run
+    providers: list[str] = dataclasses.field(default_factory=list)
+    verification_backend: str | None = None  # onnxruntime | reference
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+    file_bytes_before: int | None = None
+    file_bytes_after: int | None = None
+
+    @property
+    def rolled_back(self) -> list[PassRecord]:
+        return [p for p in self.passes if p.status in ("rolled-back", "failed")]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), indent=2, default=_json_default)
+
+    def to_table(self) -> str:
+        """A short human table: passes, node/byte counts, verification."""
+        rows = [("pass", "status", "time", "changes")]
+        for p in self.passes:
+            changes = ", ".join(f"{k}={v}" for k, v in p.stats.items() if v) or "-"
+            if p.reason:
+                changes = f"{changes}; {p.reason}" if changes != "-" else p.reason
+            rows.append((p.name, p.status, f"{p.seconds:.2f}s", changes))
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
+        lines.append("")
+        lines.append(_delta("nodes", self.before.get("nodes"), self.after.get("nodes")))
+        lines.append(
+            _delta(
+                "weights",
+                self.before.get("weight_bytes"),
+                self.after.get("weight_bytes"),
+                human=True,
+            )
+        )
+        if self.file_bytes_before is not None and self.file_bytes_after is not None:
+            lines.append(_delta("file", self.file_bytes_before, self.file_bytes_after, human=True))
+        verdict = self.verification_status
+        if self.verification:
+            verdict += f" ({self.verification.get('summary', '')})"
+        lines.append(f"verification: {verdict}")
+        lines.extend(f"warning: {w}" for w in self.warnings)
+        return "\n".join(lines)
+
+
+def _delta(label: str, before: int | None, after: int | None, human: bool = False) -> str:
+    if before is None or after is None:
+        return f"{label}: -"
+    fmt = _human if human else str
+    pct = f" ({(after - before) / before:+.1%})" if before else ""
+    return f"{label}: {fmt(before)} -> {fmt(after)}{pct}"
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return str(n)
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return str(obj)

@@ -1,0 +1,292 @@
+"""onnxruntime sessions from in-memory models, provider choice, and feeds from signatures.
+
+onnxruntime is imported inside the functions so that ``import onnxsqueeze`` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxsqueeze.errors import CalibrationDataError, PipelineConfigError, RuntimeSessionError
+
+logger = logging.getLogger(__name__)
+
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+}
+#: Models whose weights exceed this go to onnxruntime through a temporary directory.
+INLINE_SESSION_LIMIT = 1_500_000_000
+#: Size of a dynamic dimension nobody named (a multiple of 32 suits strided CNNs).
+DEFAULT_DYNAMIC_DIM = 32
+
+
+# ---------------------------------------------------------------------------- providers
+
+
+def resolve_providers(requested: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """Map aliases to EP names and drop the unavailable ones. Returns (usable, dropped)."""
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    names = [PROVIDER_ALIASES.get(p.lower(), p) for p in (requested or ["cpu"])]
+    usable = [n for n in dict.fromkeys(names) if n in available]
+    dropped = [n for n in dict.fromkeys(names) if n not in available]
+    for name in dropped:
+        if name not in PROVIDER_ALIASES.values():
+            raise PipelineConfigError(
+                f"unknown execution provider '{name}' (available: {', '.join(sorted(available))})"
+            )
+        logger.warning("execution provider %s is not available here; falling back", name)
+    if "CPUExecutionProvider" not in usable:
+        usable.append("CPUExecutionProvider")
+    return usable, dropped
+
+
+# ---------------------------------------------------------------------------- sessions
+
+
+class Session:
+    """Runs an onnx_ir model: onnxruntime, or onnx.reference where asked or needed.
+
+    ``backend="auto"`` uses onnxruntime and falls back to onnx's reference evaluator only
+    when onnxruntime cannot *load* the model (old opsets it dropped, ops it lacks), so
+    such models can still be verified; ``backend`` then says which one ran.
+    """
+
+    def __init__(
+        self,
+        model: ir.Model,
+        providers: Sequence[str] | None = None,
+        *,
+        optimize: bool = False,
+        threads: int | None = None,
+        backend: str = "onnxruntime",
+    ) -> None:
+        self.providers, self.dropped_providers = resolve_providers(providers)
+        self.fallback_reason: str | None = None
+        self._reference = None
+        self._session = None
+        if backend == "reference":
+            self._reference = _make_reference(model)
+        else:
+            try:
+                self._session = _make_session(
+                    model, _session_options(optimize, threads), self.providers
+                )
+            except Exception as exc:
+                message = f"onnxruntime cannot load the model: {_first_line(exc)}"
+                if backend != "auto":
+                    raise RuntimeSessionError(message) from exc
+                try:
+                    self._reference = _make_reference(model)
+                except Exception:
+                    raise RuntimeSessionError(message) from exc
+                self.fallback_reason = message
+        self.backend = "onnx.reference" if self._reference is not None else "onnxruntime"
+        if self._session is not None:
+            self.output_names = [o.name for o in self._session.get_outputs()]
+        else:
+            self.output_names = [o.name or "" for o in model.graph.outputs]
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        runner = self._session if self._session is not None else self._reference
+        try:
+            values = runner.run(None, dict(feeds))
+        except Exception as exc:
+            raise RuntimeSessionError(
+                f"{self.backend} failed to run the model: {_first_line(exc)}"
+            ) from exc
+        return dict(zip(self.output_names, values, strict=True))
+
+    def run_all(self, feeds: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        return [self.run(f) for f in feeds]
+
+
+def _session_options(optimize: bool, threads: int | None) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    if not optimize:
+        # Verification compares graphs, not onnxruntime's rewrites of them.
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
+def _make_reference(model: ir.Model) -> Any:
+    from onnx.reference import ReferenceEvaluator
+
+    from onnxsqueeze.io import to_proto
+
+    return ReferenceEvaluator(to_proto(model))
+
+
+def _make_session(model: ir.Model, options: Any, providers: list[str]) -> Any:
+    import onnxruntime as ort
+
+    from onnxsqueeze.io import has_external_tensors, model_stats
+
+    if not has_external_tensors(model) and model_stats(model).weight_bytes < INLINE_SESSION_LIMIT:
+        data = ir.serde.serialize_model(model).SerializeToString()
+        return ort.InferenceSession(data, options, providers=providers)
+    # Large or externally stored weights: write them next to a temporary model file;
+    # onnxruntime maps them at creation, so the directory can go right after.
+    with tempfile.TemporaryDirectory(prefix="onnxsqueeze-session-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        ir.save(model, path, external_data="model.onnx.data", size_threshold_bytes=1024)
+        return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    line = next((s.strip() for s in text.splitlines() if s.strip()), text)
+    return line[:400]
+
+
+# ---------------------------------------------------------------------------- signatures
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """A graph input as a feed must provide it: name, numpy dtype, dims (int, symbol or None)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...] | None
+
+
+def input_specs(model: ir.Model) -> list[InputSpec]:
+    """The inputs a caller must feed (initializers listed as inputs have defaults)."""
+    specs = []
+    for value in model.graph.inputs:
+        if value.const_value is not None or value.name in model.graph.initializers:
+            continue
+        if not isinstance(value.type, ir.TensorType) or value.dtype is None:
+            raise CalibrationDataError(
+                f"input '{value.name}': non-tensor inputs ({value.type}) need user data (--data)"
+            )
+        dims: tuple[int | str | None, ...] | None = None
+        if value.shape is not None:
+            dims = tuple(d if isinstance(d, int) else d.value for d in value.shape.dims)
+        specs.append(InputSpec(value.name or "", _np_dtype(value.dtype), dims))
+    return specs
+
+
+def _np_dtype(dtype: ir.DataType) -> np.dtype:
+    if dtype == ir.DataType.STRING:
+        return np.dtype(object)
+    return np.dtype(dtype.numpy())
+
+
+_SHAPE_RE = re.compile(r"^(?P<name>[^:=]+)(?P<sep>[:=])(?P<dims>.+)$")
+
+
+def parse_shape_overrides(
+    items: Iterable[str],
+) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+    """``input:1x128`` fixes an input's shape; ``symbol=128`` fixes a named dynamic dim."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    dims: dict[str, int] = {}
+    for item in items:
+        match = _SHAPE_RE.match(item.strip())
+        try:
+            if not match:
+                raise ValueError
+            if match["sep"] == ":":
+                text = match["dims"].lower()
+                shapes[match["name"]] = (
+                    () if text in ("scalar", "()") else tuple(int(d) for d in text.split("x"))
+                )
+            else:
+                dims[match["name"]] = int(match["dims"])
+        except ValueError:
+            raise PipelineConfigError(
+                f"--shape '{item}': expected NAME:DxDxD (e.g. input_ids:1x128) or SYMBOL=N (e.g. batch=1)"
+            ) from None
+    return shapes, dims
+
+
+def concrete_shape(
+    spec: InputSpec, shapes: Mapping[str, tuple[int, ...]], dims: Mapping[str, int]
+) -> tuple[int, ...]:
+    """Resolve every dynamic dim: user override, then symbol value, then a default."""
+    if spec.name in shapes:
+        shape = shapes[spec.name]
+        if spec.shape is not None:
+            bad = len(shape) != len(spec.shape) or any(
+                isinstance(d, int) and d != s for d, s in zip(spec.shape, shape, strict=False)
+            )
+            if bad:
+                raise CalibrationDataError(
+                    f"--shape for '{spec.name}': {shape} does not fit the model's {list(spec.shape)}"
+                )
+        return shape
+    if spec.shape is None:
+        raise CalibrationDataError(
+            f"input '{spec.name}' has unknown rank; give its shape with --shape"
+        )
+    out = []
+    for axis, dim in enumerate(spec.shape):
+        if isinstance(dim, int) and dim >= 0:
+            out.append(dim)
+        elif isinstance(dim, str) and dim in dims:
+            out.append(dims[dim])
+        elif axis == 0 or (isinstance(dim, str) and "batch" in dim.lower()):
+            out.append(1)
+        else:
+            out.append(DEFAULT_DYNAMIC_DIM)
+    return tuple(out)
+
+
+def random_feeds(
+    specs: Sequence[InputSpec],
+    *,
+    count: int = 2,
+    seed: int = 0,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+    dims: Mapping[str, int] | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """Seeded probe feeds that honour dtypes and dims (the same symbol gets the same size).
+
+    Integers are drawn from {0, 1}: valid as indices, token types and masks in any model.
+    """
+    rng = np.random.default_rng(seed)
+    resolved = {s.name: concrete_shape(s, shapes or {}, dims or {}) for s in specs}
+    feeds = []
+    for _ in range(count):
+        feed = {}
+        for spec in specs:
+            shape = resolved[spec.name]
+            kind = spec.dtype.kind
+            if kind == "f":
+                arr = rng.standard_normal(shape).astype(spec.dtype)
+            elif kind in "iu":
+                arr = rng.integers(0, 2, size=shape).astype(spec.dtype)
+            elif kind == "b":
+                arr = rng.integers(0, 2, size=shape).astype(bool)
+            elif kind == "O":
+                arr = np.full(shape, "onnxsqueeze", dtype=object)
+            else:
+                raise CalibrationDataError(
+                    f"input '{spec.name}': cannot generate {spec.dtype} probe data; pass --data"
+                )
+            feed[spec.name] = arr
+        feeds.append(feed)
+    return feeds

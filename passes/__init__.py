@@ -1,0 +1,23 @@
+"""onnxsqueeze's graph-rewriting passes (installed as ``onnxsqueeze.passes``).
+
+``builtin_registry()`` returns a fresh registry each call, so no module global is filled at
+import time and callers can extend their own copy.
+"""
+
+from __future__ import annotations
+
+from onnxsqueeze.registry import PassRegistry
+
+
+def builtin_registry() -> PassRegistry:
+    """A registry holding every built-in pass and the presets."""
+    from onnxsqueeze.passes.cleanup import CleanupPass
+
+    registry = PassRegistry()
+    registry.register(CleanupPass)
+    registry.add_preset("lossless", "passes that never change outputs (verified)", ["cleanup"])
+    registry.add_preset("default", "what `onnxsqueeze model.onnx -o out.onnx` runs", ["cleanup"])
+    return registry
+
+
+__all__ = ["builtin_registry"]

@@ -1,0 +1,47 @@
+"""Shared fixtures: small ONNX-text models and access to the corpus manifest."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import onnx
+import onnx.parser
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "models"))
+
+MLP_TEXT = """
+<ir_version: 8, opset_import: ["" : 17]>
+mlp (float[N, 4] x) => (float[N, 3] y) <float[4, 3] W = {1,2,3,4,5,6,7,8,9,10,11,12}, float[3] b = {0.5, -1, 2}>
+{
+  h = MatMul(x, W)
+  y = Add(h, b)
+}
+"""
+
+
+def parse(text: str) -> onnx.ModelProto:
+    model = onnx.parser.parse_model(text)
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.fixture
+def mlp() -> onnx.ModelProto:
+    return parse(MLP_TEXT)
+
+
+@pytest.fixture
+def mlp_path(tmp_path: Path, mlp: onnx.ModelProto) -> Path:
+    path = tmp_path / "mlp.onnx"
+    onnx.save(mlp, path)
+    return path
+
+
+def run_ort(model: onnx.ModelProto | str | Path, feeds: dict) -> list:
+    import onnxruntime as ort
+
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, providers=["CPUExecutionProvider"]).run(None, feeds)

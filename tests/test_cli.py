@@ -1,0 +1,145 @@
+"""The command line: success path, report, exit codes, one-line errors, nothing lost."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DIGITS = REPO / "models" / "digits_cnn.onnx"
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "onnxsqueeze", *args], capture_output=True, text=True, cwd=cwd
+    )
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_squeeze_shipped_model_with_report(tmp_path):
+    out, report = tmp_path / "small.onnx", tmp_path / "report.json"
+    before = _digest(DIGITS)
+    proc = cli(
+        str(DIGITS),
+        "-o",
+        str(out),
+        "--data",
+        str(REPO / "models" / "digits_test.npz"),
+        "--report",
+        str(report),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "verification: passed" in proc.stdout and "cleanup" in proc.stdout
+    data = json.loads(report.read_text())
+    assert data["verification_status"] == "passed"
+    assert data["passes"][0]["name"] == "cleanup"
+    assert data["after"]["nodes"] <= data["before"]["nodes"]
+    assert _digest(DIGITS) == before
+    import onnx
+
+    onnx.checker.check_model(str(out))
+
+
+def test_quiet_and_version(tmp_path):
+    proc = cli(str(DIGITS), "-o", str(tmp_path / "o.onnx"), "-q")
+    assert proc.returncode == 0 and proc.stdout == ""
+    version = cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("onnxsqueeze ")
+
+
+def test_list_passes():
+    proc = cli("--list-passes")
+    assert proc.returncode == 0
+    assert (
+        "cleanup" in proc.stdout
+        and "cleanup.lift_constants=True" in proc.stdout
+        and "presets:" in proc.stdout
+    )
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("missing.onnx", None, "file not found"),
+        ("text.onnx", b"hello, not a model\n", "not a valid ONNX model"),
+        ("cut.onnx", DIGITS.read_bytes()[:5000], "cut.onnx"),
+    ],
+)
+def test_bad_input_one_line_exit_1_no_output(tmp_path, name, content, message):
+    src = tmp_path / name
+    if content is not None:
+        src.write_bytes(content)
+    before = _digest(src) if src.exists() else None
+    out = tmp_path / "out.onnx"
+    proc = cli(str(src), "-o", str(out))
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and str(src) in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([src.name] if before else [])
+    if before:
+        assert _digest(src) == before
+
+
+def test_debug_shows_traceback(tmp_path):
+    proc = cli(str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "o.onnx"), "--debug")
+    assert proc.returncode == 1 and "Traceback" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--passes", "nope"], "unknown pass 'nope'"),
+        (["--option", "cleanup.colour=red"], "no option 'colour'"),
+        (["--option", "badformat"], "PASS.KEY=VALUE"),
+        (["--shape", "x:1xfoo"], "--shape"),
+        (["--providers", "warp-drive"], "unknown execution provider"),
+    ],
+)
+def test_usage_errors_exit_2(tmp_path, args, message):
+    out = tmp_path / "o.onnx"
+    proc = cli(str(DIGITS), "-o", str(out), *args)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_missing_output_is_usage_error():
+    proc = cli(str(DIGITS))
+    assert proc.returncode == 2 and "-o/--output" in proc.stderr
+    assert cli("--no-such-flag").returncode == 2
+
+
+def test_refuses_to_overwrite_input_unless_asked(tmp_path):
+    src = tmp_path / "m.onnx"
+    src.write_bytes(DIGITS.read_bytes())
+    before = _digest(src)
+    proc = cli(str(src), "-o", str(src))
+    assert proc.returncode == 1 and "refusing to overwrite" in proc.stderr
+    assert _digest(src) == before
+    assert cli(str(src), "-o", str(src), "--overwrite-input", "-q").returncode == 0
+
+
+def test_help_does_not_import_heavy_modules():
+    """--help must stay fast: onnx, onnx_ir, onnxruntime, numba are imported only when used."""
+    code = (
+        "import sys, contextlib, io\n"
+        "from onnxsqueeze.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try: main(['--help'])\n"
+        "    except SystemExit: pass\n"
+        "heavy = [m for m in ('onnx', 'onnx_ir', 'onnxruntime', 'numba', 'numpy', 'torch') if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

@@ -1,0 +1,168 @@
+"""Model I/O: every source kind loads; every user-caused failure is a one-line SqueezeError."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from onnxsqueeze.errors import (
+    InvalidModelError,
+    ModelLoadError,
+    ModelSaveError,
+    SqueezeError,
+    UnsupportedModelError,
+)
+from onnxsqueeze.io import load_model, model_stats, save_model
+
+
+def _one_line_naming(exc: SqueezeError, name: str) -> None:
+    text = str(exc)
+    assert "\n" not in text
+    assert name in text
+
+
+def test_load_every_source_kind(mlp, mlp_path):
+    assert load_model(mlp_path).kind == "path"
+    assert load_model(str(mlp_path)).kind == "path"
+    assert load_model(mlp.SerializeToString()).kind == "bytes"
+    assert load_model(mlp).kind == "proto"
+    model = ir.serde.deserialize_model(mlp)
+    assert load_model(model).model is model
+    assert model_stats(load_model(mlp).model).nodes == 2
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "file not found"),
+        (b"", "empty file"),
+        (b"this is plain text, not a protobuf\n" * 4, "not a valid ONNX model"),
+    ],
+)
+def test_bad_files(tmp_path, content, message):
+    path = tmp_path / "bad.onnx"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ModelLoadError, match=message) as info:
+        load_model(path)
+    _one_line_naming(info.value, str(path))
+
+
+def test_directory_is_rejected(tmp_path):
+    with pytest.raises(ModelLoadError, match="directory"):
+        load_model(tmp_path)
+
+
+def test_truncated_model(tmp_path, mlp_path):
+    data = mlp_path.read_bytes()
+    path = tmp_path / "truncated.onnx"
+    path.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(ModelLoadError) as info:
+        load_model(path)
+    _one_line_naming(info.value, str(path))
+
+
+def _external_model(tmp_path: Path) -> Path:
+    w = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1, 64] x) => (float[1, 64] y) { y = MatMul(x, W) }
+    """
+    model = onnx.parser.parse_model(text)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(w, "W"))
+    path = tmp_path / "ext.onnx"
+    onnx.save(model, path, save_as_external_data=True, location="ext.bin", size_threshold=0)
+    return path
+
+
+def test_missing_and_truncated_external_data(tmp_path):
+    path = _external_model(tmp_path)
+    data = tmp_path / "ext.bin"
+    full = data.read_bytes()
+    data.write_bytes(full[:100])
+    with pytest.raises(ModelLoadError, match="truncated") as info:
+        load_model(path)
+    _one_line_naming(info.value, "ext.bin")
+    data.unlink()
+    with pytest.raises(ModelLoadError, match="external data file 'ext.bin'.*not found") as info:
+        load_model(path)
+    _one_line_naming(info.value, str(path))
+
+
+def test_external_data_is_memory_mapped_not_loaded(tmp_path):
+    model = load_model(_external_model(tmp_path)).model
+    tensor = model.graph.initializers["W"].const_value
+    assert isinstance(tensor, ir.ExternalTensor)
+    assert tensor.numpy()[1, 2] == 66
+
+
+def test_unsupported_ir_and_opset(tmp_path, mlp):
+    newer_ir = onnx.ModelProto()
+    newer_ir.CopyFrom(mlp)
+    newer_ir.ir_version = onnx.IR_VERSION + 1
+    with pytest.raises(UnsupportedModelError, match="IR version"):
+        load_model(newer_ir)
+    newer_opset = onnx.ModelProto()
+    newer_opset.CopyFrom(mlp)
+    newer_opset.opset_import[0].version = onnx.defs.onnx_opset_version() + 5
+    path = tmp_path / "future.onnx"
+    onnx.save(newer_opset, path)
+    with pytest.raises(UnsupportedModelError, match="opset") as info:
+        load_model(path)
+    _one_line_naming(info.value, str(path))
+
+
+def test_invalid_graph(tmp_path, mlp):
+    broken = onnx.ModelProto()
+    broken.CopyFrom(mlp)
+    broken.graph.node[1].input[0] = "does_not_exist"
+    path = tmp_path / "broken.onnx"
+    onnx.save(broken, path)
+    with pytest.raises(InvalidModelError) as info:
+        load_model(path)
+    _one_line_naming(info.value, str(path))
+
+
+def test_save_roundtrip_and_no_partial_output(tmp_path, mlp):
+    model = load_model(mlp).model
+    out = save_model(model, tmp_path / "out.onnx")
+    onnx.checker.check_model(str(out))
+    assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"]  # no temp leftovers
+    with pytest.raises(ModelSaveError, match="does not exist"):
+        save_model(model, tmp_path / "missing_dir" / "out.onnx")
+
+
+def test_save_failure_leaves_nothing(tmp_path, mlp, monkeypatch):
+    model = load_model(mlp).model
+
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ir, "save", explode)
+    with pytest.raises(ModelSaveError, match="disk full"):
+        save_model(model, tmp_path / "out.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_to_overwrite_input(mlp_path):
+    loaded = load_model(mlp_path)
+    digest = hashlib.sha256(mlp_path.read_bytes()).hexdigest()
+    with pytest.raises(ModelSaveError, match="refusing to overwrite"):
+        save_model(loaded.model, mlp_path, protected=loaded.protected_paths())
+    assert hashlib.sha256(mlp_path.read_bytes()).hexdigest() == digest
+
+
+def test_external_data_kept_and_forced(tmp_path, mlp):
+    loaded = load_model(_external_model(tmp_path))
+    (tmp_path / "out").mkdir()
+    out = save_model(loaded.model, tmp_path / "out" / "m.onnx")
+    assert (tmp_path / "out" / "m.onnx.data").is_file()  # input used external data: kept
+    reloaded = load_model(out).model
+    assert isinstance(reloaded.graph.initializers["W"].const_value, ir.ExternalTensor)
+    small = save_model(load_model(mlp).model, tmp_path / "forced.onnx", external_data=False)
+    assert not Path(str(small) + ".data").exists()

@@ -1,0 +1,47 @@
+"""The wheel ships the engine and the passes (top-level passes/ installed as onnxsqueeze.passes)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_wheel_contains_the_passes(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--quiet",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = tmp_path.glob("onnxsqueeze-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "onnxsqueeze/passes/__init__.py" in names
+    assert "onnxsqueeze/passes/cleanup.py" in names
+    assert "onnxsqueeze/cli.py" in names and "onnxsqueeze/py.typed" in names
+    assert not any(n.startswith(("passes/", "tests/", "models/", "tools/")) for n in names)
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert (
+        "onnxsqueeze = onnxsqueeze.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    )
+
+
+def test_installed_package_resolves_passes():
+    import onnxsqueeze.passes
+    import onnxsqueeze.passes.cleanup as cleanup
+
+    assert Path(onnxsqueeze.passes.__file__).parent.name == "passes"
+    assert cleanup.CleanupPass.name == "cleanup"

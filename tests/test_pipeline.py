@@ -1,0 +1,154 @@
+"""Pass registry, option coercion, per-pass verification and rollback."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import onnxsqueeze
+from onnxsqueeze.errors import CalibrationDataError, PipelineConfigError, VerificationError
+from onnxsqueeze.passes import builtin_registry
+from onnxsqueeze.registry import PassRegistry, SqueezePass, SqueezeResult
+
+
+class PerturbWeightsPass(SqueezePass):
+    """Deliberately wrong: claims to be lossless but adds 1 to every float weight."""
+
+    name = "perturb-weights"
+    summary = "test only"
+    lossless = True
+
+    def call(self, model: ir.Model) -> SqueezeResult:
+        for value in model.graph.initializers.values():
+            array = value.const_value.numpy()
+            if array.dtype.kind == "f":
+                value.const_value = ir.Tensor(array + 1, name=value.name)
+        return SqueezeResult(model, modified=True, stats={"weights_changed": 1})
+
+
+class CrashingPass(SqueezePass):
+    name = "crash"
+    summary = "test only"
+
+    def call(self, model: ir.Model) -> SqueezeResult:
+        model.graph.remove(next(iter(model.graph)), safe=False)  # half-done edit, then fail
+        raise RuntimeError("boom")
+
+
+class DanglingPass(SqueezePass):
+    """Leaves a graph onnx.checker rejects (a node reads an undefined value)."""
+
+    name = "dangle"
+    summary = "test only"
+
+    def call(self, model: ir.Model) -> SqueezeResult:
+        node = next(iter(model.graph))
+        node.replace_input_with(0, ir.Value(name="undefined_value"))
+        return SqueezeResult(model, modified=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Opts:
+    level: int = 1
+    enabled: bool = True
+    ratio: float = 0.5
+
+
+class OptionsPass(SqueezePass):
+    name = "with-options"
+    summary = "test only"
+    Options = _Opts
+
+    def call(self, model: ir.Model) -> SqueezeResult:
+        return SqueezeResult(model, modified=False)
+
+
+def _registry(*classes) -> PassRegistry:
+    registry = builtin_registry()
+    for cls in classes:
+        registry.register(cls)
+    return registry
+
+
+@pytest.mark.parametrize("bad_pass", [PerturbWeightsPass, CrashingPass, DanglingPass])
+def test_bad_pass_is_rolled_back_and_reported(mlp, bad_pass):
+    registry = _registry(bad_pass)
+    model, report = onnxsqueeze.squeeze(mlp, passes=[bad_pass.name, "cleanup"], registry=registry)
+    record = report.passes[0]
+    assert record.name == bad_pass.name
+    assert record.status in ("rolled-back", "failed")
+    assert record.reason
+    assert report.passes[1].status in ("applied", "unchanged")
+    assert report.verification_status == "passed"
+    # The returned model equals the original numerically (the bad change was undone).
+    from conftest import run_ort
+
+    x = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    np.testing.assert_array_equal(run_ort(model, {"x": x})[0], run_ort(mlp, {"x": x})[0])
+    assert "rolled" in report.to_table() or "failed" in report.to_table()
+
+
+def test_rollback_reason_names_the_error(mlp):
+    _, report = onnxsqueeze.squeeze(
+        mlp, passes=["perturb-weights"], registry=_registry(PerturbWeightsPass)
+    )
+    assert report.passes[0].status == "rolled-back"
+    assert "changed outputs beyond tolerance" in report.passes[0].reason
+    assert report.passes[0].verification["max_rel"] > 1e-3
+
+
+def test_registry_errors_and_options():
+    registry = _registry(OptionsPass)
+    with pytest.raises(PipelineConfigError, match="unknown pass 'nope'.*cleanup"):
+        registry.build(["nope"])
+    with pytest.raises(PipelineConfigError, match="no option 'colour'"):
+        registry.create("with-options", {"colour": "red"})
+    with pytest.raises(PipelineConfigError, match="expects int"):
+        registry.create("with-options", {"level": "high"})
+    made = registry.create("with-options", {"level": "3", "enabled": "no", "ratio": "0.25"})
+    assert made.options == _Opts(level=3, enabled=False, ratio=0.25)
+    assert made.describe() == "with-options(level=3, enabled=False, ratio=0.25)"
+    with pytest.raises(PipelineConfigError, match="duplicate"):
+        registry.register(OptionsPass)
+
+
+def test_presets_expand_and_registries_are_independent():
+    registry = builtin_registry()
+    assert [p.name for p in registry.build(["lossless"])] == ["cleanup"]
+    other = builtin_registry()
+    other.register(OptionsPass)
+    with pytest.raises(PipelineConfigError):
+        registry.get("with-options")
+    with pytest.raises(PipelineConfigError, match="unknown preset"):
+        registry.preset("fastest")
+
+
+def test_shape_override_that_contradicts_the_model(mlp):
+    with pytest.raises(CalibrationDataError, match="--shape for 'x'.*does not fit"):
+        onnxsqueeze.squeeze(mlp, shapes=["x:2x5"])
+
+
+def test_verification_needs_a_runnable_original():
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4] x, int64[2] shape) => (float[A, B] y) { y = Reshape(x, shape) }
+    """
+    import onnx.parser
+
+    model = onnx.parser.parse_model(text)
+    # Random {0,1} shape values cannot reshape 4*N elements: verification cannot run.
+    with pytest.raises(VerificationError, match="fails on the probe feeds"):
+        onnxsqueeze.squeeze(model)
+    # With real data it works.
+    feeds = [{"x": np.ones((2, 4), np.float32), "shape": np.array([4, 2], np.int64)}]
+    _, report = onnxsqueeze.squeeze(model, data=feeds)
+    assert report.verification_status == "passed"
+
+
+def test_no_verify_reports_it(mlp):
+    _, report = onnxsqueeze.squeeze(mlp, verify=False)
+    assert report.verification_status == "skipped"
+    assert any("verification disabled" in w for w in report.warnings)

@@ -1,0 +1,115 @@
+"""Probe feeds from signatures, data loading/validation, and the comparison metrics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from onnxsqueeze.data import load_feeds
+from onnxsqueeze.errors import CalibrationDataError, PipelineConfigError
+from onnxsqueeze.runtime import Session, input_specs, parse_shape_overrides, random_feeds
+from onnxsqueeze.verify import compare_runs
+
+from conftest import parse
+
+TYPED = """
+<ir_version: 8, opset_import: ["" : 17]>
+typed (float[batch, seq, 8] f, int64[batch, seq] ids, bool[batch] flag, float16[3] h, uint8[seq] u, double x64)
+    => (float[batch, seq, 8] out)
+{
+  out = Identity(f)
+}
+"""
+
+
+def test_random_feeds_honour_dtypes_and_shared_symbols():
+    specs = input_specs(ir.serde.deserialize_model(parse(TYPED)))
+    shapes, dims = parse_shape_overrides(["seq=7"])
+    (feed,) = random_feeds(specs, count=1, dims=dims)
+    assert feed["f"].shape == (1, 7, 8) and feed["f"].dtype == np.float32
+    assert feed["ids"].shape == (1, 7) and feed["ids"].dtype == np.int64
+    assert set(np.unique(feed["ids"])) <= {0, 1}
+    assert feed["flag"].dtype == np.bool_ and feed["h"].dtype == np.float16
+    assert feed["u"].shape == (7,) and feed["x64"].shape == ()
+    again = random_feeds(specs, count=1, dims=dims)[0]
+    np.testing.assert_array_equal(feed["f"], again["f"])  # seeded
+
+
+def test_shape_overrides():
+    shapes, dims = parse_shape_overrides(["input_ids:1x128", "batch=4", "s:scalar"])
+    assert shapes == {"input_ids": (1, 128), "s": ()} and dims == {"batch": 4}
+    with pytest.raises(PipelineConfigError, match="expected NAME:DxDxD"):
+        parse_shape_overrides(["input_ids:1xbig"])
+
+
+def test_load_feeds_from_npz_folder_and_iterable(tmp_path, mlp):
+    specs = input_specs(ir.serde.deserialize_model(mlp))
+    x = np.ones((2, 4), np.float64)  # float64 is cast to the model's float32
+    np.savez(tmp_path / "one.npz", x=x, label=np.arange(2))
+    (tmp_path / "folder").mkdir()
+    for i in range(3):
+        np.savez(tmp_path / "folder" / f"s{i}.npz", x=x * i)
+    assert load_feeds(tmp_path / "one.npz", specs)[0]["x"].dtype == np.float32
+    assert len(load_feeds(tmp_path / "folder", specs)) == 3
+    assert len(load_feeds(tmp_path / "folder", specs, limit=2)) == 2
+    assert len(load_feeds([{"x": x}, {"x": x}], specs)) == 2
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("missing.npz", "not found"),
+        ([{"y": np.ones((1, 4), np.float32)}], "missing input"),
+        ([{"x": np.ones((1, 5), np.float32)}], "has shape"),
+        ([{"x": np.ones((1, 4), np.int64)}], "the model expects float32"),
+        ([42], "expected a mapping"),
+        ([], "no samples"),
+    ],
+)
+def test_bad_data_is_a_clear_error(tmp_path, mlp, source, message):
+    specs = input_specs(ir.serde.deserialize_model(mlp))
+    if isinstance(source, str):
+        source = tmp_path / source
+    with pytest.raises(CalibrationDataError, match=message):
+        load_feeds(source, specs)
+
+
+def test_session_runs_and_falls_back_to_cpu(mlp):
+    session = Session(ir.serde.deserialize_model(mlp), ["cuda", "cpu"])
+    assert session.providers[-1] == "CPUExecutionProvider"
+    out = session.run({"x": np.zeros((1, 4), np.float32)})
+    np.testing.assert_allclose(out["y"], [[0.5, -1, 2]])
+
+
+def test_unknown_provider_is_a_usage_error(mlp):
+    with pytest.raises(PipelineConfigError, match="unknown execution provider"):
+        Session(ir.serde.deserialize_model(mlp), ["warp-drive"])
+
+
+def test_compare_metrics():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((4, 10)).astype(np.float32)
+    same = compare_runs([{"o": a}], [{"o": a.copy()}])
+    assert same.within() and same.outputs[0].exact and same.outputs[0].top1_agreement == 1.0
+    noisy = a + np.float32(1e-3) * rng.standard_normal(a.shape).astype(np.float32)
+    cmp = compare_runs([{"o": a}], [{"o": noisy}])
+    m = cmp.outputs[0]
+    assert not cmp.within(1e-6) and cmp.within(1e-2)
+    assert m.max_abs == pytest.approx(float(np.abs(a - noisy).max()), rel=1e-5)
+    assert m.max_rel == pytest.approx(m.max_abs / float(np.abs(a).max()), rel=1e-5)
+    assert 0.999 < m.cosine < 1.0 and 40 < m.sqnr_db < 80
+    shape = compare_runs([{"o": a}], [{"o": a[:2]}])
+    assert not shape.within(1.0) and "shape" in shape.summary()
+
+
+def test_compare_handles_nan_inf_and_integers():
+    a = np.array([np.nan, np.inf, -np.inf, 1.0], np.float32)
+    assert compare_runs([{"o": a}], [{"o": a.copy()}]).within()
+    b = a.copy()
+    b[3] = np.nan
+    assert not compare_runs([{"o": a}], [{"o": b}]).within(1e9)
+    ints = compare_runs([{"o": np.arange(4)}], [{"o": np.array([0, 1, 2, 5])}])
+    assert not ints.within(1.0) and math.isinf(ints.outputs[0].max_rel)
