@@ -71,7 +71,7 @@ def squeeze_file(
     **kwargs: Any,
 ) -> Report:
     """Load ``source``, squeeze it and save atomically to ``output``; return the report."""
-    from onnxsqueeze.io import load_model, release_weights, save_model
+    from onnxsqueeze.io import external_data_files, load_model, release_weights, save_model
 
     loaded = load_model(source)
     report_source = loaded.label
@@ -85,8 +85,8 @@ def squeeze_file(
     protected = set() if overwrite_input else loaded.protected_paths()
     saved = save_model(model, output, external_data=external_data, protected=protected)
     report.output = str(saved)
-    report.file_bytes_before = _file_bytes(Path(source), loaded.model)
-    report.file_bytes_after = _file_bytes(saved, model)
+    report.file_bytes_before = _file_bytes(Path(source), external_data_files(loaded.model))
+    report.file_bytes_after = _file_bytes(saved, {saved.with_name(saved.name + ".data")})
     release_weights(model)
     release_weights(loaded.model)
     return report
@@ -139,10 +139,6 @@ def probe_feeds(model, data, shapes, count: int, seed: int) -> list[dict]:
     return random_feeds(specs, count=count, seed=seed, shapes=fixed, dims=dims)
 
 
-def _file_bytes(path: Path, model: Any) -> int:
-    from onnxsqueeze.io import external_data_files
-
-    total = path.stat().st_size if path.is_file() else 0
-    data = path.with_name(path.name + ".data")
-    files = external_data_files(model) | ({data.resolve()} if data.is_file() else set())
-    return total + sum(f.stat().st_size for f in files if f.is_file())
+def _file_bytes(path: Path, data_files: set[Path]) -> int:
+    """Size on disk of a model file plus its external data files."""
+    return path.stat().st_size + sum(f.stat().st_size for f in data_files if f.is_file())

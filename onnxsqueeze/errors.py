@@ -45,3 +45,10 @@ class AccuracyBudgetError(VerificationError):
 
 class RuntimeSessionError(SqueezeError):
     """onnxruntime cannot create a session for the model or run it."""
+
+
+def first_line(exc: BaseException, limit: int = 400) -> str:
+    """The first non-empty line of an exception's text: what a one-line error can quote."""
+    text = str(exc).strip() or type(exc).__name__
+    line = next((s.strip() for s in text.splitlines() if s.strip()), text)
+    return line[:limit]

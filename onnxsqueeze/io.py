@@ -25,6 +25,7 @@ from onnxsqueeze.errors import (
     ModelLoadError,
     ModelSaveError,
     UnsupportedModelError,
+    first_line,
 )
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def load_model(
         try:
             proto = onnx.load_from_string(bytes(source))
         except Exception as exc:  # protobuf raises DecodeError or RuntimeWarning-ish errors
-            raise ModelLoadError(f"{label}: not a valid ONNX model ({_first_line(exc)})") from exc
+            raise ModelLoadError(f"{label}: not a valid ONNX model ({first_line(exc)})") from exc
         return LoadedModel(_from_proto(proto, label, validate, base_dir), "bytes", label=label)
     if isinstance(source, onnx.ModelProto):
         label = "<ModelProto>"
@@ -98,7 +99,7 @@ def _load_path(path: Path, *, validate: bool) -> LoadedModel:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise ModelLoadError(
-            f"{label}: not a valid ONNX model (cannot parse protobuf: {_first_line(exc)})"
+            f"{label}: not a valid ONNX model (cannot parse protobuf: {first_line(exc)})"
         ) from exc
     model = _from_proto(proto, label, validate, str(path.parent), checker_path=path)
     return LoadedModel(model, "path", path=path, label=label)
@@ -119,7 +120,7 @@ def _from_proto(
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:
-        raise InvalidModelError(f"{label}: cannot read the graph ({_first_line(exc)})") from exc
+        raise InvalidModelError(f"{label}: cannot read the graph ({first_line(exc)})") from exc
     if base_dir is not None:
         ir.external_data.set_base_dir(model.graph, base_dir)
     return model
@@ -182,21 +183,15 @@ def _run_checker(proto: onnx.ModelProto, label: str, path: Path | None) -> None:
         elif proto.ByteSize() < 2**31 - 1 and not _has_external(proto):
             onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
-        raise InvalidModelError(f"{label}: invalid ONNX graph ({_first_line(exc)})") from exc
+        raise InvalidModelError(f"{label}: invalid ONNX graph ({first_line(exc)})") from exc
     except Exception as exc:  # the checker raises plain errors on unreadable protos
-        raise InvalidModelError(f"{label}: invalid ONNX model ({_first_line(exc)})") from exc
+        raise InvalidModelError(f"{label}: invalid ONNX model ({first_line(exc)})") from exc
 
 
 def _has_external(proto: onnx.ModelProto) -> bool:
     return any(
         t.data_location == onnx.TensorProto.EXTERNAL for t in iter_tensor_protos(proto.graph)
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    first = next((line.strip() for line in text.splitlines() if line.strip()), text)
-    return first[:300]
 
 
 # ---------------------------------------------------------------------------- inspect
@@ -309,10 +304,10 @@ def save_model(
                     size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES,
                 )
         except OSError as exc:
-            raise ModelSaveError(f"{label}: cannot write ({_first_line(exc)})") from exc
+            raise ModelSaveError(f"{label}: cannot write ({first_line(exc)})") from exc
         except Exception as exc:
             raise ModelSaveError(
-                f"{label}: cannot serialize the model ({_first_line(exc)})"
+                f"{label}: cannot serialize the model ({first_line(exc)})"
             ) from exc
         tmp_data = tmpdir / data_name
         if tmp_data.exists():

@@ -16,7 +16,12 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxsqueeze.errors import CalibrationDataError, PipelineConfigError, RuntimeSessionError
+from onnxsqueeze.errors import (
+    CalibrationDataError,
+    PipelineConfigError,
+    RuntimeSessionError,
+    first_line,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +94,7 @@ class Session:
                     model, _session_options(optimize, threads), self.providers
                 )
             except Exception as exc:
-                message = f"onnxruntime cannot load the model: {_first_line(exc)}"
+                message = f"onnxruntime cannot load the model: {first_line(exc)}"
                 if backend != "auto":
                     raise RuntimeSessionError(message) from exc
                 try:
@@ -109,7 +114,7 @@ class Session:
             values = runner.run(None, dict(feeds))
         except Exception as exc:
             raise RuntimeSessionError(
-                f"{self.backend} failed to run the model: {_first_line(exc)}"
+                f"{self.backend} failed to run the model: {first_line(exc)}"
             ) from exc
         return dict(zip(self.output_names, values, strict=True))
 
@@ -152,12 +157,6 @@ def _make_session(model: ir.Model, options: Any, providers: list[str]) -> Any:
         path = Path(tmp) / "model.onnx"
         ir.save(model, path, external_data="model.onnx.data", size_threshold_bytes=1024)
         return ort.InferenceSession(str(path), options, providers=providers)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    line = next((s.strip() for s in text.splitlines() if s.strip()), text)
-    return line[:400]
 
 
 # ---------------------------------------------------------------------------- signatures

@@ -69,3 +69,19 @@ def test_torch_converter_in_memory(tmp_path, monkeypatch):
     name = squeezed.graph.input[0].name
     got = run_ort(squeezed, {name: x.numpy()})[0]
     np.testing.assert_allclose(got, net(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_graphsurgeon_graph_in_graph_out(mlp):
+    gs = pytest.importorskip("onnx_graphsurgeon")
+    graph = gs.import_onnx(mlp)
+    out, report = onnxsqueeze.squeeze(graph)
+    assert isinstance(out, gs.Graph)
+    assert report.verification_status == "passed"
+    assert [n.op for n in out.nodes] == ["MatMul", "Add"]
+
+
+def test_squeeze_file_reports_sizes(tmp_path, mlp_path):
+    report = onnxsqueeze.squeeze_file(mlp_path, tmp_path / "out.onnx")
+    assert report.file_bytes_before == mlp_path.stat().st_size
+    assert report.file_bytes_after == (tmp_path / "out.onnx").stat().st_size
+    assert report.output == str(tmp_path / "out.onnx")

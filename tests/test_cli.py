@@ -90,6 +90,56 @@ def test_bad_input_one_line_exit_1_no_output(tmp_path, name, content, message):
         assert _digest(src) == before
 
 
+def _external_without_data(folder: Path) -> Path:
+    import onnx
+
+    model = onnx.load(str(DIGITS))
+    path = folder / "ext.onnx"
+    onnx.save(model, path, save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    (folder / "ext.onnx.data").unlink()
+    return path
+
+
+def _invalid_graph(folder: Path) -> Path:
+    import onnx
+
+    model = onnx.load(str(DIGITS))
+    model.graph.node[-1].input[0] = "no_such_value"
+    path = folder / "invalid.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def _future_opset(folder: Path) -> Path:
+    import onnx
+
+    model = onnx.load(str(DIGITS))
+    model.opset_import[0].version = onnx.defs.onnx_opset_version() + 3
+    path = folder / "future.onnx"
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (_external_without_data, "external data file 'ext.onnx.data'"),
+        (_invalid_graph, "invalid ONNX graph"),
+        (_future_opset, "is newer than this onnx install supports"),
+    ],
+)
+def test_bad_model_contents_exit_1(tmp_path, make, message):
+    src = make(tmp_path)
+    files_before = sorted(p.name for p in tmp_path.iterdir())
+    digest = _digest(src)
+    proc = cli(str(src), "-o", str(tmp_path / "out.onnx"))
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and str(src) in lines[0], proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == files_before
+    assert _digest(src) == digest
+
+
 def test_debug_shows_traceback(tmp_path):
     proc = cli(str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "o.onnx"), "--debug")
     assert proc.returncode == 1 and "Traceback" in proc.stderr
@@ -143,3 +193,17 @@ def test_help_does_not_import_heavy_modules():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--data", "missing.npz"], "missing.npz: data file or folder not found"),
+        (["-o", "no_dir/out.onnx"], "output directory"),
+    ],
+)
+def test_bad_data_or_output_exit_1(tmp_path, extra, message):
+    proc = cli(str(DIGITS), "-o", str(tmp_path / "out.onnx"), *extra, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []

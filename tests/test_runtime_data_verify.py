@@ -113,3 +113,28 @@ def test_compare_handles_nan_inf_and_integers():
     assert not compare_runs([{"o": a}], [{"o": b}]).within(1e9)
     ints = compare_runs([{"o": np.arange(4)}], [{"o": np.array([0, 1, 2, 5])}])
     assert not ints.within(1.0) and math.isinf(ints.outputs[0].max_rel)
+
+
+def test_session_through_temporary_directory_for_external_weights(tmp_path, monkeypatch):
+    """Models with external (or > 1.5 GB) weights reach onnxruntime via a temp folder."""
+    import onnx
+
+    import onnxsqueeze.runtime as runtime
+    from onnxsqueeze.io import load_model
+
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1, 64] x) => (float[1, 64] y) { y = MatMul(x, W) }
+    """
+    proto = onnx.parser.parse_model(text)
+    w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(w, "W"))
+    in_memory = ir.serde.deserialize_model(onnx.load_from_string(proto.SerializeToString()))
+    onnx.save(
+        proto, tmp_path / "m.onnx", save_as_external_data=True, location="m.bin", size_threshold=0
+    )
+    external = load_model(tmp_path / "m.onnx").model
+    x = np.ones((1, 64), np.float32)
+    np.testing.assert_allclose(Session(external).run({"x": x})["y"], x @ w, rtol=1e-5)
+    monkeypatch.setattr(runtime, "INLINE_SESSION_LIMIT", 0)  # as if the weights were > 2 GB
+    np.testing.assert_allclose(Session(in_memory).run({"x": x})["y"], x @ w, rtol=1e-5)

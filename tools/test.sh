@@ -9,7 +9,7 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install --quiet --upgrade pip
 # The CPU build of torch (the one on this project's machines; a bare `torch` pulls CUDA wheels).
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
-.venv/bin/python -m pip install --quiet -e ".[test,corpus]"
+.venv/bin/python -m pip install --quiet -e ".[test,corpus,interop]"
 .venv/bin/python models/build_corpus.py
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
