@@ -214,10 +214,8 @@ def model_stats(model: ir.Model) -> ModelStats:
     nbytes = 0
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         nodes += 1
-        if node.op_type == "Constant" and "value" in node.attributes:
-            attr = node.attributes["value"]
-            if not attr.is_ref() and attr.type == ir.AttributeType.TENSOR:
-                nbytes += tensor_nbytes(attr.as_tensor())
+        if node.op_type == "Constant":
+            nbytes += sum(_constant_attr_nbytes(a) for a in node.attributes.values())
     nodes += sum(len(f) for f in model.functions.values())
     count = 0
     for graph in model.graphs():
@@ -226,6 +224,16 @@ def model_stats(model: ir.Model) -> ModelStats:
             if value.const_value is not None:
                 nbytes += tensor_nbytes(value.const_value)
     return ModelStats(nodes=nodes, initializers=count, weight_bytes=nbytes)
+
+
+def _constant_attr_nbytes(attr: ir.Attr) -> int:
+    if attr.is_ref():
+        return 0
+    if attr.type == ir.AttributeType.TENSOR:
+        return tensor_nbytes(attr.as_tensor())
+    if attr.type in (ir.AttributeType.INTS, ir.AttributeType.FLOATS):
+        return (8 if attr.type == ir.AttributeType.INTS else 4) * len(attr.value)
+    return {ir.AttributeType.INT: 8, ir.AttributeType.FLOAT: 4}.get(attr.type, 0)
 
 
 def tensor_nbytes(tensor: ir.TensorProtocol) -> int:
