@@ -12,11 +12,14 @@ from onnxsqueeze.registry import PassRegistry
 def builtin_registry() -> PassRegistry:
     """A registry holding every built-in pass and the presets."""
     from onnxsqueeze.passes.cleanup import CleanupPass
+    from onnxsqueeze.passes.fold_constants import FoldConstantsPass
 
     registry = PassRegistry()
-    registry.register(CleanupPass)
-    registry.add_preset("lossless", "passes that never change outputs (verified)", ["cleanup"])
-    registry.add_preset("default", "what `onnxsqueeze model.onnx -o out.onnx` runs", ["cleanup"])
+    for cls in (CleanupPass, FoldConstantsPass):
+        registry.register(cls)
+    lossless = ["cleanup", "fold-constants", "cleanup"]
+    registry.add_preset("lossless", "passes that never change outputs (verified)", lossless)
+    registry.add_preset("default", "what `onnxsqueeze model.onnx -o out.onnx` runs", lossless)
     return registry
 
 

@@ -32,12 +32,16 @@ def _require(entry: corpus.CorpusModel) -> None:
 
 
 def _run(model: str | Path | onnx.ModelProto, feeds: dict) -> list:
-    """onnxruntime with its default optimizations (what users run); onnx.reference if it cannot load."""
+    """onnxruntime running the graph as written (no graph rewrites, no weight prepacking, whose
+    summation order differs for constant weights); onnx.reference if it cannot load."""
     import onnxruntime as ort
 
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.add_session_config_entry("session.disable_prepacking", "1")
     try:
-        session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception:
         from onnx.reference import ReferenceEvaluator
 

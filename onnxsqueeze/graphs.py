@@ -1,0 +1,171 @@
+"""Small graph helpers shared by passes: scopes to walk, what is constant, how to add one.
+
+Passes rewrite through onnx_ir; these helpers only answer the questions every pass asks
+(is this value a known constant? where do I put a new one?) so the answers agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import onnx_ir as ir
+
+GraphLike = ir.Graph | ir.Function
+
+#: Ops whose result is not a function of their inputs, or that must survive as written.
+NEVER_FOLD = frozenset(
+    {
+        "RandomNormal",
+        "RandomNormalLike",
+        "RandomUniform",
+        "RandomUniformLike",
+        "Multinomial",
+        "Bernoulli",
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "If",
+        "Loop",
+        "Scan",
+        "SequenceConstruct",
+        "SequenceEmpty",
+        "Optional",
+    }
+)
+
+
+def scopes(model: ir.Model) -> Iterator[GraphLike]:
+    """The main graph, every subgraph (If/Loop/Scan bodies) and model-local functions."""
+    yield from model.graphs()
+    for function in model.functions.values():
+        yield function
+        for node in ir.traversal.RecursiveGraphIterator(function):
+            for attr in node.attributes.values():
+                if attr.is_ref():
+                    continue
+                if attr.type == ir.AttributeType.GRAPH:
+                    yield from _subgraphs(attr.as_graph())
+                elif attr.type == ir.AttributeType.GRAPHS:
+                    for graph in attr.as_graphs():
+                        yield from _subgraphs(graph)
+
+
+def _subgraphs(graph: ir.Graph) -> Iterator[ir.Graph]:
+    yield graph
+    for node in graph:
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                yield from _subgraphs(attr.as_graph())
+            elif attr.type == ir.AttributeType.GRAPHS:
+                for sub in attr.as_graphs():
+                    yield from _subgraphs(sub)
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's array if it is a fixed constant (initializer not overridable, or Constant)."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        if value.is_graph_input():
+            return None  # an initializer listed as input can be overridden at run time
+        if value.const_value.dtype == ir.DataType.STRING:
+            return None
+        try:
+            return value.const_value.numpy()
+        except Exception:
+            return None
+    producer = value.producer()
+    if (
+        producer is not None
+        and producer.op_type == "Constant"
+        and producer.domain in ("", "ai.onnx")
+    ):
+        return constant_node_array(producer)
+    return None
+
+
+def constant_node_array(node: ir.Node) -> np.ndarray | None:
+    if len(node.attributes) != 1:
+        return None
+    name, attr = next(iter(node.attributes.items()))
+    if attr.is_ref():
+        return None
+    try:
+        if name == "value":
+            tensor = attr.as_tensor()
+            return None if tensor.dtype == ir.DataType.STRING else tensor.numpy()
+        if name == "value_int":
+            return np.array(attr.as_int(), dtype=np.int64)
+        if name == "value_ints":
+            return np.array(list(attr.as_ints()), dtype=np.int64)
+        if name == "value_float":
+            return np.array(attr.as_float(), dtype=np.float32)
+        if name == "value_floats":
+            return np.array(list(attr.as_floats()), dtype=np.float32)
+    except Exception:
+        return None
+    return None
+
+
+def is_constant(value: ir.Value | None) -> bool:
+    """True for a fixed constant; False for runtime values. ``None`` (omitted input) counts."""
+    if value is None:
+        return True
+    if value.const_value is not None:
+        return not value.is_graph_input()
+    producer = value.producer()
+    return (
+        producer is not None
+        and producer.op_type == "Constant"
+        and producer.domain in ("", "ai.onnx")
+    )
+
+
+def add_constant(
+    scope: GraphLike, array: np.ndarray, name: str, before: ir.Node, ir_version: int
+) -> ir.Value:
+    """A new constant value in ``scope``: an initializer where allowed, else a Constant node.
+
+    Functions cannot hold initializers, and IR < 4 graphs need every initializer listed as
+    an input (which would make it overridable), so those get a Constant node instead.
+    """
+    tensor = ir.tensor(array, name=name)
+    if isinstance(scope, ir.Graph) and ir_version >= 4:
+        value = ir.Value(
+            name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor
+        )
+        scope.register_initializer(value)
+        return value
+    node = ir.node("Constant", inputs=[], attributes={"value": tensor}, num_outputs=1)
+    node.outputs[0].name = name
+    node.outputs[0].type = ir.TensorType(tensor.dtype)
+    node.outputs[0].shape = tensor.shape
+    scope.insert_before(before, node)
+    return node.outputs[0]
+
+
+def unique_name(model_names: set[str], base: str) -> str:
+    """A value name not yet used anywhere in the model (names are global across scopes)."""
+    name = base or "const"
+    index = 0
+    while name in model_names:
+        index += 1
+        name = f"{base}_{index}"
+    model_names.add(name)
+    return name
+
+
+def all_value_names(model: ir.Model) -> set[str]:
+    names: set[str] = set()
+    for scope in scopes(model):
+        names.update(v.name for v in scope.inputs if v.name)
+        if isinstance(scope, ir.Graph):
+            names.update(scope.initializers)
+        for node in scope:
+            names.update(v.name for v in node.outputs if v.name)
+    return names
+
+
+def opset_version(model: ir.Model, domain: str = "") -> int:
+    return model.opset_imports.get(domain, model.opset_imports.get("ai.onnx", 1))
