@@ -169,3 +169,32 @@ def all_value_names(model: ir.Model) -> set[str]:
 
 def opset_version(model: ir.Model, domain: str = "") -> int:
     return model.opset_imports.get(domain, model.opset_imports.get("ai.onnx", 1))
+
+
+def replace_value(old: ir.Value, new: ir.Value) -> bool:
+    """Make every reader of ``old`` read ``new``; False if that would change the interface.
+
+    A graph output keeps its name (callers fetch outputs by name): ``new`` takes it over,
+    which is only possible when ``new`` is a plain node output of the same graph.
+    """
+    if not old.is_graph_output():
+        old.replace_all_uses_with(new)
+        return True
+    producer = new.producer()
+    if (
+        producer is None
+        or new.is_graph_output()
+        or new.is_graph_input()
+        or producer.graph is None
+        or producer.graph is not (old.producer().graph if old.producer() else None)
+    ):
+        return False
+    name = old.name
+    old.name = f"{name}__replaced"
+    new.name = name
+    if new.type is None:
+        new.type = old.type
+    if new.shape is None:
+        new.shape = old.shape
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    return True

@@ -73,11 +73,21 @@ class Pipeline:
             comparison = compare_runs(reference, current)
             report.verification = {**comparison.as_dict(), "summary": comparison.summary()}
             lossless = all(p.lossless for p in self.passes)
-            ok = comparison.within(self.verify.rtol) or not lossless
+            ok = comparison.within(self._final_rtol(report)) or not lossless
             report.verification_status = "passed" if ok else "failed"
         report.after = model_stats(model).as_dict()
         report.seconds = time.perf_counter() - started
         return model, report
+
+    def _final_rtol(self, report: Report) -> float:
+        """Exact passes keep the base tolerance; each applied looser pass adds its own."""
+        base = self.verify.rtol
+        extra = sum(
+            p.tolerance - base
+            for p in report.passes
+            if p.status == "applied" and p.tolerance and p.tolerance > base
+        )
+        return base + extra
 
     def _reference_outputs(self, model: ir.Model, report: Report) -> list[dict] | None:
         if not self.verify.enabled:
@@ -140,7 +150,8 @@ class Pipeline:
             return self._rollback(record, snapshot, current, f"model no longer runs: {exc}")
         comparison = compare_runs(current, outputs)
         record.verification = {**comparison.as_dict(), "summary": comparison.summary()}
-        if squeeze_pass.lossless and not comparison.within(self.verify.rtol):
+        record.tolerance = squeeze_pass.tolerance(self.verify.rtol)
+        if squeeze_pass.lossless and not comparison.within(record.tolerance):
             return self._rollback(
                 record,
                 snapshot,

@@ -48,6 +48,13 @@ class SqueezePass(ir.passes.InPlacePass):
             options = dataclasses.replace(options, **overrides)
         self.options = options
 
+    def tolerance(self, default: float) -> float:
+        """Relative output change this pass may cause; exact rewrites keep the pipeline's.
+
+        Passes that reassociate float arithmetic (fusions) override this with their option.
+        """
+        return default
+
     def describe(self) -> str:
         """``name`` plus the options that differ from the defaults."""
         default = self.Options()

@@ -21,6 +21,7 @@ class PassRecord:
     modified: bool = False
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
     verification: dict[str, Any] | None = None
+    tolerance: float | None = None  # relative output change this pass was allowed
     status: str = "applied"  # applied | unchanged | rolled-back | failed
     reason: str | None = None
 

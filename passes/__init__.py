@@ -13,11 +13,13 @@ def builtin_registry() -> PassRegistry:
     """A registry holding every built-in pass and the presets."""
     from onnxsqueeze.passes.cleanup import CleanupPass
     from onnxsqueeze.passes.fold_constants import FoldConstantsPass
+    from onnxsqueeze.passes.fuse_batchnorm import FuseBatchnormPass
+    from onnxsqueeze.passes.simplify_graph import SimplifyGraphPass
 
     registry = PassRegistry()
-    for cls in (CleanupPass, FoldConstantsPass):
+    for cls in (CleanupPass, FoldConstantsPass, SimplifyGraphPass, FuseBatchnormPass):
         registry.register(cls)
-    lossless = ["cleanup", "fold-constants", "cleanup"]
+    lossless = ["cleanup", "fold-constants", "simplify-graph", "fuse-batchnorm", "cleanup"]
     registry.add_preset("lossless", "passes that never change outputs (verified)", lossless)
     registry.add_preset("default", "what `onnxsqueeze model.onnx -o out.onnx` runs", lossless)
     return registry

@@ -92,10 +92,17 @@ def test_corpus_model_through_cli(entry: corpus.CorpusModel, tmp_path: Path) -> 
     onnx.checker.check_model(str(out), full_check=True)
     assert out.stat().st_size <= entry.path.stat().st_size
     assert data["after"]["nodes"] <= data["before"]["nodes"]
+    # Exact rewrites keep outputs within 1e-6 of their scale; applied fusions add their own
+    # declared tolerance (float reassociation), which the report records per pass.
+    rtol = 1e-6 + sum(
+        p["tolerance"] - 1e-6
+        for p in data["passes"]
+        if p["status"] == "applied" and (p["tolerance"] or 0) > 1e-6
+    )
     for sample in sorted(entry.probe_dir.glob("*.npz")):
         with np.load(sample) as arrays:
             feeds = dict(arrays)
-        _assert_same(_run(entry.path, feeds), _run(out, feeds))
+        _assert_same(_run(entry.path, feeds), _run(out, feeds), rtol=rtol)
 
 
 def test_silero_if_bodies_are_cleaned() -> None:

@@ -1,0 +1,63 @@
+"""Shape and type inference for passes that need them, without leaving traces in the file.
+
+onnx's inference (through onnx_ir's ShapeInferencePass, with data propagation) annotates
+values; passes read ``value.shape``/``value.dtype``. Afterwards the annotations of values
+that had none are removed again, so the output does not gain value_info it did not have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import onnx_ir as ir
+
+from onnxsqueeze.errors import first_line
+
+logger = logging.getLogger(__name__)
+
+
+def _values(model: ir.Model) -> Iterator[ir.Value]:
+    for graph in model.graphs():
+        yield from graph.inputs
+        for node in graph:
+            yield from node.outputs
+
+
+@contextlib.contextmanager
+def inferred_shapes(model: ir.Model) -> Iterator[bool]:
+    """Annotate shapes/dtypes for the duration of the block; yields whether inference ran."""
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    saved = {value: (value.type, value.shape) for value in _values(model)}
+    try:
+        ShapeInferencePass(strict_mode=False, data_prop=True)(model)
+        ok = True
+    except Exception as exc:  # inference is a help, never a requirement
+        logger.info("shape inference failed: %s", first_line(exc))
+        ok = False
+    try:
+        yield ok
+    finally:
+        for value, (type_, shape) in saved.items():
+            if value.is_graph_output() and type_ is None:
+                continue  # became an output during the block (took over a name): keep its type
+            value.type = type_
+            value.shape = shape
+
+
+def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    """The value's shape if every dim is a known integer."""
+    if value is None or value.shape is None:
+        return None
+    dims = value.shape.dims
+    if all(isinstance(d, int) and d >= 0 for d in dims):
+        return tuple(dims)  # type: ignore[arg-type]
+    return None
+
+
+def rank(value: ir.Value | None) -> int | None:
+    if value is None or value.shape is None:
+        return None
+    return len(value.shape)
