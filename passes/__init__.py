@@ -13,13 +13,35 @@ def builtin_registry() -> PassRegistry:
     """A registry holding every built-in pass and the presets."""
     from onnxsqueeze.passes.cleanup import CleanupPass
     from onnxsqueeze.passes.fold_constants import FoldConstantsPass
+    from onnxsqueeze.passes.fold_shapes import FoldShapesPass
     from onnxsqueeze.passes.fuse_batchnorm import FuseBatchnormPass
+    from onnxsqueeze.passes.fuse_gemm import FuseGemmPass
+    from onnxsqueeze.passes.inline_ifs import InlineIfsPass
     from onnxsqueeze.passes.simplify_graph import SimplifyGraphPass
 
     registry = PassRegistry()
-    for cls in (CleanupPass, FoldConstantsPass, SimplifyGraphPass, FuseBatchnormPass):
+    for cls in (
+        CleanupPass,
+        FoldConstantsPass,
+        FoldShapesPass,
+        InlineIfsPass,
+        SimplifyGraphPass,
+        FuseBatchnormPass,
+        FuseGemmPass,
+    ):
         registry.register(cls)
-    lossless = ["cleanup", "fold-constants", "simplify-graph", "fuse-batchnorm", "cleanup"]
+    lossless = [
+        "cleanup",
+        "fold-constants",
+        "fold-shapes",
+        "inline-ifs",
+        "fold-constants",
+        "fold-shapes",
+        "simplify-graph",
+        "fuse-batchnorm",
+        "fuse-gemm",
+        "cleanup",
+    ]
     registry.add_preset("lossless", "passes that never change outputs (verified)", lossless)
     registry.add_preset("default", "what `onnxsqueeze model.onnx -o out.onnx` runs", lossless)
     return registry

@@ -31,6 +31,7 @@ class SimplifyGraphOptions:
     neutral_elements: bool = True
     reshapes: bool = True
     transposes: bool = True
+    slices: bool = True
 
 
 class SimplifyGraphPass(SqueezePass):
@@ -72,6 +73,8 @@ class SimplifyGraphPass(SqueezePass):
             return _simplify_reshape(node)
         if opts.transposes and op == "Transpose":
             return _simplify_transpose(scope, node)
+        if opts.slices and op == "Slice" and _is_full_slice(node):
+            return "slices_removed" if _bypass(node, node.inputs[0]) else None
         return None
 
 
@@ -150,6 +153,38 @@ def _simplify_reshape(node: ir.Node) -> str | None:
         node.replace_input_with(0, producer.inputs[0])
         return "reshapes_merged"
     return None
+
+
+_FULL = 2**31 - 1  # exporters write INT32_MAX or INT64_MAX for "to the end"
+
+
+def _is_full_slice(node: ir.Node) -> bool:
+    """Starts 0, steps 1, ends past every dim: the whole tensor. A peer also dropped Slices
+    ending at -1 (all but the last element) and changed outputs; those are not full."""
+    if "starts" in node.attributes:  # opset < 10
+        starts = list(node.attributes["starts"].as_ints())
+        ends = list(node.attributes["ends"].as_ints())
+        axes = list(node.attributes["axes"].as_ints()) if "axes" in node.attributes else None
+        steps = [1] * len(starts)
+    else:
+        inputs = list(node.inputs[1:])
+        arrays = [constant_array(v) if v is not None else None for v in inputs]
+        if len(arrays) < 2 or arrays[0] is None or arrays[1] is None:
+            return False
+        if any(v is not None and a is None for v, a in zip(inputs[2:], arrays[2:], strict=True)):
+            return False  # axes or steps given but not constant
+        starts, ends = arrays[0].tolist(), arrays[1].tolist()
+        axes = arrays[2].tolist() if len(arrays) > 2 and arrays[2] is not None else None
+        steps = (
+            arrays[3].tolist() if len(arrays) > 3 and arrays[3] is not None else [1] * len(starts)
+        )
+    dims = static_shape(node.inputs[0])
+    for i, (start, end, step) in enumerate(zip(starts, ends, steps, strict=False)):
+        axis = axes[i] if axes is not None else i
+        known = dims[axis] if dims is not None and -len(dims) <= axis < len(dims) else None
+        if start != 0 or step != 1 or not (end >= _FULL or (known is not None and end >= known)):
+            return False
+    return True
 
 
 def _perm(node: ir.Node) -> list[int] | None:

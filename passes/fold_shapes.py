@@ -1,0 +1,151 @@
+"""fold-shapes: fold what is static in Shape/Size→Gather/Slice→Concat→Reshape chains.
+
+With shape inference (onnx's, with data propagation), a Shape of a tensor whose dims are
+known is a constant, and so is any chain of Gather/Slice/Concat/arithmetic over it; a chain
+that mixes static and symbolic dims keeps the symbolic part. A Reshape whose target mixes
+them gets a constant target where 0 copies the matching input dim and -1 the last unknown,
+so exported transformers lose their Shape→Gather→Concat scaffolding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from onnxsqueeze.graphs import (
+    GraphLike,
+    add_constant,
+    all_value_names,
+    constant_array,
+    scopes,
+    unique_name,
+)
+from onnxsqueeze.io import model_stats
+from onnxsqueeze.registry import SqueezePass, SqueezeResult
+from onnxsqueeze.shape_values import ShapePropagator, ShapeValue
+from onnxsqueeze.shapes import inferred_shapes
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldShapesOptions:
+    reshape_targets: bool = True
+
+
+class FoldShapesPass(SqueezePass):
+    """Replace shape computations whose result is known by constants."""
+
+    name = "fold-shapes"
+    summary = (
+        "fold Shape/Size/Gather/Slice/Concat chains with static dims; constant Reshape targets"
+    )
+    lossless = True
+    Options = FoldShapesOptions
+
+    def call(self, model: ir.Model) -> SqueezeResult:
+        nodes_before = model_stats(model).nodes
+        with inferred_shapes(model):
+            stats = fold_shapes(model, all_value_names(model), self.options.reshape_targets)
+        if any(stats.values()):
+            RemoveUnusedNodesPass()(model)
+        stats["nodes_removed"] = nodes_before - model_stats(model).nodes
+        return SqueezeResult(
+            model,
+            modified=bool(stats["shapes_folded"] or stats["reshape_targets_folded"]),
+            stats=stats,
+        )
+
+
+def fold_shapes(model: ir.Model, names: set[str], reshape_targets: bool = True) -> dict[str, int]:
+    """Materialise known shape values in every scope; needs shapes inferred already."""
+    stats = {"shapes_folded": 0, "reshape_targets_folded": 0}
+    propagator = ShapePropagator()  # one for the model: subgraphs see outer-scope values
+    for scope in list(scopes(model)):
+        for node in list(scope):
+            propagator.visit(node)
+            out = node.outputs[0] if node.outputs else None
+            known = propagator.values.get(out) if out is not None else None
+            if known is not None and known.known and _worth_folding(node, out):
+                dtype = _dtype(out, node)
+                replacement = add_constant(
+                    scope,
+                    known.array(dtype),
+                    unique_name(names, out.name or "shape"),
+                    node,
+                    model.ir_version or 8,
+                )
+                out.replace_all_uses_with(replacement)
+                propagator.values[replacement] = known
+                stats["shapes_folded"] += 1
+            elif (
+                reshape_targets
+                and node.op_type == "Reshape"
+                and node.domain in ("", "ai.onnx")
+                and _fold_reshape_target(model, scope, node, propagator, names)
+            ):
+                stats["reshape_targets_folded"] += 1
+    return stats
+
+
+def _worth_folding(node: ir.Node, out: ir.Value) -> bool:
+    if out.is_graph_output() or not out.uses():
+        return False
+    if node.op_type == "Constant" or constant_array(out) is not None:
+        return False
+    return all(len(o.uses()) == 0 and not o.is_graph_output() for o in node.outputs[1:])
+
+
+def _dtype(out: ir.Value, node: ir.Node) -> np.dtype:
+    if out.dtype is not None and out.dtype.numpy is not None:
+        try:
+            return np.dtype(out.dtype.numpy())
+        except TypeError:
+            pass
+    if node.op_type == "Equal":
+        return np.dtype(bool)
+    return np.dtype(np.int64)
+
+
+def _fold_reshape_target(
+    model: ir.Model, scope: GraphLike, node: ir.Node, propagator: ShapePropagator, names: set[str]
+) -> bool:
+    data, target = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None
+    if data is None or target is None or constant_array(target) is not None:
+        return False
+    partial: ShapeValue | None = propagator.values.get(target)
+    allowzero = node.attributes.get("allowzero")
+    if partial is None or partial.scalar or (allowzero is not None and allowzero.as_int()):
+        return False
+    in_dims = list(data.shape.dims) if data.shape is not None else None
+    resolved: list[int] = []
+    for i, entry in enumerate(partial.entries):
+        if isinstance(entry, int):
+            if entry == 0:
+                return False  # a literal 0 copies a dim: keep the user's semantics untouched
+            resolved.append(entry)
+        elif (
+            isinstance(entry, str)
+            and in_dims is not None
+            and i < len(in_dims)
+            and _symbol(in_dims[i]) == entry
+        ):
+            resolved.append(0)  # same symbolic size as the input's dim i: copy it
+        else:
+            resolved.append(-1)
+    if resolved.count(-1) > 1:
+        return False
+    const = add_constant(
+        scope,
+        np.array(resolved, dtype=np.int64),
+        unique_name(names, "reshape_target"),
+        node,
+        model.ir_version or 8,
+    )
+    node.replace_input_with(1, const)
+    return True
+
+
+def _symbol(dim: object) -> str | None:
+    return None if isinstance(dim, int) else getattr(dim, "value", None)
