@@ -36,6 +36,8 @@ class VerifyOptions:
     check_structure: bool = True
     #: Verify with onnx.reference when onnxruntime cannot load the original model.
     reference_fallback: bool = True
+    #: Verify consecutive lossless passes with one run, redoing them one by one on failure.
+    group_lossless: bool = True
 
 
 class Pipeline:
@@ -66,8 +68,11 @@ class Pipeline:
         started = time.perf_counter()
         reference = self._reference_outputs(model, report)
         current = reference
-        for squeeze_pass in self.passes:
-            model, current = self._run_one(squeeze_pass, model, current, report)
+        index = 0
+        while index < len(self.passes):
+            group = self._next_group(index)
+            model, current = self._run_group(group, model, current, report)
+            index += len(group)
         if reference is not None:
             # ``current`` always holds the outputs of ``model`` (rollbacks restore both).
             comparison = compare_runs(reference, current)
@@ -78,6 +83,60 @@ class Pipeline:
         report.after = model_stats(model).as_dict()
         report.seconds = time.perf_counter() - started
         return model, report
+
+    def _next_group(self, start: int) -> list[SqueezePass]:
+        """Consecutive lossless passes are verified together (one model run, not one each)."""
+        group = [self.passes[start]]
+        if not (self.verify.enabled and self.verify.group_lossless and group[0].lossless):
+            return group
+        for squeeze_pass in self.passes[start + 1 :]:
+            if not squeeze_pass.lossless:
+                break
+            group.append(squeeze_pass)
+        return group
+
+    def _run_group(
+        self, group: list[SqueezePass], model: ir.Model, current: list[dict] | None, report: Report
+    ) -> tuple[ir.Model, list[dict] | None]:
+        """Run ``group`` with one verification; on failure, redo it pass by pass so only the
+        culprit is rolled back."""
+        if len(group) == 1 or current is None:
+            for squeeze_pass in group:
+                model, current = self._run_one(squeeze_pass, model, current, report)
+            return model, current
+        snapshot, first_record = model.clone(), len(report.passes)
+        for squeeze_pass in group:
+            model, _ = self._run_one(squeeze_pass, model, None, report)
+        records = report.passes[first_record:]
+        for record, squeeze_pass in zip(records, group, strict=True):
+            record.tolerance = squeeze_pass.tolerance(self.verify.rtol)
+        if not any(r.status == "applied" for r in records):
+            return model, current
+        base = self.verify.rtol
+        rtol = base + sum(
+            r.tolerance - base for r in records if r.status == "applied" and r.tolerance > base
+        )
+        try:
+            outputs = self._outputs(model)
+            comparison = compare_runs(current, outputs)
+            ok = comparison.within(rtol)
+        except RuntimeSessionError:
+            ok = False
+        if ok:
+            summary = {
+                **comparison.as_dict(),
+                "summary": f"group of {len(group)}: {comparison.summary()}",
+            }
+            for record in records:
+                if record.status == "applied":
+                    record.verification = summary
+            return model, outputs
+        logger.info("group of %d passes failed verification; verifying them one by one", len(group))
+        del report.passes[first_record:]
+        model = snapshot
+        for squeeze_pass in group:
+            model, current = self._run_one(squeeze_pass, model, current, report)
+        return model, current
 
     def _final_rtol(self, report: Report) -> float:
         """Exact passes keep the base tolerance; each applied looser pass adds its own."""

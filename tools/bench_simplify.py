@@ -1,0 +1,180 @@
+"""onnxsim vs onnxslim vs onnxsqueeze's lossless preset, side by side in one run.
+
+Each tool runs on each corpus model in its own process (peak RSS = that process's VmHWM).
+Columns: nodes after (subgraphs included), file size after, wall time, peak RSS, max abs
+output difference vs the original on the real probe inputs (onnxruntime without graph
+rewrites or weight prepacking, so the graph is what is compared), and onnxruntime latency
+of the result (default session, median of --runs on the first probe input). Ratios are
+onnxsqueeze / peer from the same run. Needs: pip install onnxsim onnxslim.
+
+Run: python tools/bench_simplify.py [--out docs/benchmarks/simplify.md] [--runs 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "models"))
+import corpus  # noqa: E402
+
+PEAK = "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM')); print('PEAK_KIB', hwm.split()[1])"
+TOOLS = {
+    "onnxsim": "import onnx, onnxsim, sys; m, ok = onnxsim.simplify(onnx.load(sys.argv[1])); assert ok; onnx.save(m, sys.argv[2]); "
+    + PEAK,
+    "onnxslim": "import onnxslim, sys; onnxslim.slim(sys.argv[1], sys.argv[2]); " + PEAK,
+    "onnxsqueeze": "import sys; from onnxsqueeze.cli import main; rc = main([sys.argv[1], '-o', sys.argv[2], '--data', sys.argv[3], '-q']); "
+    + PEAK
+    + "; sys.exit(rc)",
+}
+
+
+def count_nodes(graph: onnx.GraphProto) -> int:
+    total = 0
+    for node in graph.node:
+        total += 1
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                total += count_nodes(attr.g)
+            total += sum(count_nodes(g) for g in attr.graphs)
+    return total
+
+
+def session(path: Path, exact: bool):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if exact:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def max_abs_diff(original: Path, candidate: Path, feeds: list[dict]) -> float:
+    a, b = session(original, True), session(candidate, True)
+    worst = 0.0
+    for feed in feeds:
+        for x, y in zip(a.run(None, feed), b.run(None, feed), strict=True):
+            worst = max(
+                worst, float(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)).max())
+            )
+    return worst
+
+
+def latency_ms(path: Path, feed: dict, runs: int) -> float:
+    sess = session(path, False)
+    for _ in range(3):
+        sess.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def run_tool(tool: str, entry: corpus.CorpusModel, out: Path) -> dict:
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", TOOLS[tool], str(entry.path), str(out), str(entry.probe_dir)],
+        capture_output=True,
+        text=True,
+    )
+    wall = time.perf_counter() - start
+    if proc.returncode != 0 or not out.exists():
+        tail = (proc.stderr.strip().splitlines() or ["failed"])[-1][:120]
+        return {"error": tail}
+    peak = int(proc.stdout.split("PEAK_KIB")[1].split()[0]) / 1024
+    return {
+        "wall": wall,
+        "peak": peak,
+        "nodes": count_nodes(onnx.load(str(out), load_external_data=False).graph),
+        "bytes": out.stat().st_size,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks" / "simplify.md")
+    parser.add_argument("--runs", type=int, default=30)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for entry in corpus.MODELS:
+            if not entry.available():
+                continue
+            feeds = [dict(np.load(p)) for p in sorted(entry.probe_dir.glob("*.npz"))]
+            base = {
+                "nodes": count_nodes(onnx.load(str(entry.path)).graph),
+                "bytes": entry.path.stat().st_size,
+                "latency": latency_ms(entry.path, feeds[0], args.runs),
+            }
+            results = {}
+            for tool in TOOLS:
+                out = Path(tmp, f"{entry.name}.{tool}.onnx")
+                result = run_tool(tool, entry, out)
+                if "error" not in result:
+                    result["diff"] = max_abs_diff(entry.path, out, feeds)
+                    result["latency"] = latency_ms(out, feeds[0], args.runs)
+                results[tool] = result
+                print(entry.name, tool, result, flush=True)
+            rows.append((entry.name, base, results))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render(rows, args.runs))
+    print(args.out.read_text())
+
+
+def render(rows, runs: int) -> str:
+    lines = [
+        "# Graph simplification: onnxsim vs onnxslim vs onnxsqueeze (lossless preset)",
+        "",
+        f"`python tools/bench_simplify.py --runs {runs}`: one run, each tool in its own process on",
+        "this 2-core machine. nodes include subgraph nodes; diff = max abs output difference vs the",
+        "original on the real probe inputs; latency = onnxruntime CPU median (ms) on one probe input.",
+        "onnxsqueeze's wall time includes its verification runs on the probe inputs.",
+        "",
+        "| model | tool | nodes | file MB | wall s | peak RSS MiB | max abs diff | latency ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    summary = []
+    for name, base, results in rows:
+        lines.append(
+            f"| {name} | original | {base['nodes']} | {base['bytes'] / 1e6:.2f} | | | | {base['latency']:.2f} |"
+        )
+        for tool, r in results.items():
+            if "error" in r:
+                lines.append(f"| {name} | {tool} | error: {r['error']} | | | | | |")
+                continue
+            lines.append(
+                f"| {name} | {tool} | {r['nodes']} | {r['bytes'] / 1e6:.2f} | {r['wall']:.2f} | {r['peak']:.0f} | "
+                f"{r['diff']:.2e} | {r['latency']:.2f} |"
+            )
+        ours, sim, slim = (results.get(t, {}) for t in ("onnxsqueeze", "onnxsim", "onnxslim"))
+        if all("nodes" in r for r in (ours, sim, slim)):
+            summary.append(
+                f"| {name} | {ours['nodes']} vs {min(sim['nodes'], slim['nodes'])} | "
+                f"{ours['wall'] / slim['wall']:.2f} | {ours['peak'] / sim['peak']:.2f} | "
+                f"{ours['bytes'] / base['bytes']:.3f} |"
+            )
+    lines += [
+        "",
+        "## Ratios (same run)",
+        "",
+        "| model | nodes: ours vs min(peers) | wall: ours / onnxslim | peak RSS: ours / onnxsim | file: ours / original |",
+        "|---|---|---|---|---|",
+        *summary,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
