@@ -42,7 +42,7 @@ def builtin_registry() -> PassRegistry:
         "fuse-gemm",
         "cleanup",
     ]
-    registry.add_preset("lossless", "passes that never change outputs (verified)", lossless)
+    registry.add_preset("lossless", "exact rewrites plus verified fusions", lossless)
     registry.add_preset("default", "what `onnxsqueeze model.onnx -o out.onnx` runs", lossless)
     return registry
 
