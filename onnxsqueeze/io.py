@@ -226,6 +226,22 @@ def model_stats(model: ir.Model) -> ModelStats:
     return ModelStats(nodes=nodes, initializers=count, weight_bytes=nbytes)
 
 
+def count_nodes(model: ir.Model) -> int:
+    """Nodes in every graph and function: cheap enough to call around every pass."""
+    total = sum(len(f) for f in model.functions.values())
+    return total + sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    """Bytes of initializer weights (what decides external data and temp-dir sessions)."""
+    return sum(
+        v.const_value.nbytes
+        for g in model.graphs()
+        for v in g.initializers.values()
+        if v.const_value is not None and v.const_value.dtype != ir.DataType.STRING
+    )
+
+
 def _constant_attr_nbytes(attr: ir.Attr) -> int:
     if attr.is_ref():
         return 0
@@ -298,7 +314,7 @@ def save_model(
         )
     if external_data is None:
         external_data = (
-            has_external_tensors(model) or model_stats(model).weight_bytes > EXTERNAL_DATA_THRESHOLD
+            has_external_tensors(model) or initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
         )
     tmpdir = Path(tempfile.mkdtemp(prefix=".onnxsqueeze-", dir=parent))
     try:

@@ -18,7 +18,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxsqueeze.errors import RuntimeSessionError, VerificationError
-from onnxsqueeze.io import has_external_tensors, model_stats
+from onnxsqueeze.io import has_external_tensors, initializer_bytes, model_stats
 from onnxsqueeze.registry import SqueezePass, SqueezeResult
 from onnxsqueeze.report import PassRecord, Report
 from onnxsqueeze.verify import LOSSLESS_RTOL, compare_runs
@@ -235,7 +235,7 @@ def structural_problem(model: ir.Model) -> str | None:
     External weights stay external: the checker then only needs their files to exist, so
     it runs on a weightless copy in a temporary folder with empty stand-in data files.
     """
-    if not has_external_tensors(model) and model_stats(model).weight_bytes > 1_800_000_000:
+    if not has_external_tensors(model) and initializer_bytes(model) > 1_800_000_000:
         logger.info("structural check skipped: weights above 2 GB are held in memory")
         return None
     proto = ir.serde.serialize_model(model)

@@ -51,9 +51,10 @@ class SqueezePass(ir.passes.InPlacePass):
     def tolerance(self, default: float) -> float:
         """Relative output change this pass may cause; exact rewrites keep the pipeline's.
 
-        Passes that reassociate float arithmetic (fusions) override this with their option.
+        Passes that reassociate float arithmetic (fusions) declare an ``rtol`` option.
         """
-        return default
+        rtol = getattr(self.options, "rtol", None)
+        return max(default, rtol) if rtol is not None else default
 
     def describe(self) -> str:
         """``name`` plus the options that differ from the defaults."""

@@ -149,9 +149,9 @@ def _make_reference(model: ir.Model) -> Any:
 def _make_session(model: ir.Model, options: Any, providers: list[str]) -> Any:
     import onnxruntime as ort
 
-    from onnxsqueeze.io import has_external_tensors, model_stats
+    from onnxsqueeze.io import has_external_tensors, initializer_bytes
 
-    if not has_external_tensors(model) and model_stats(model).weight_bytes < INLINE_SESSION_LIMIT:
+    if not has_external_tensors(model) and initializer_bytes(model) < INLINE_SESSION_LIMIT:
         data = ir.serde.serialize_model(model).SerializeToString()
         return ort.InferenceSession(data, options, providers=providers)
     # Large or externally stored weights: write them next to a temporary model file;

@@ -43,6 +43,8 @@ def builtin_registry() -> PassRegistry:
         "cleanup",
     ]
     registry.add_preset("lossless", "exact rewrites plus verified fusions", lossless)
+    exact = [p for p in lossless if not p.startswith("fuse-")]
+    registry.add_preset("exact", "only rewrites that keep outputs within 1e-6 (no fusions)", exact)
     registry.add_preset("default", "what `onnxsqueeze model.onnx -o out.onnx` runs", lossless)
     return registry
 

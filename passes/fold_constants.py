@@ -30,7 +30,7 @@ from onnxsqueeze.graphs import (
     scopes,
     unique_name,
 )
-from onnxsqueeze.io import model_stats
+from onnxsqueeze.io import count_nodes
 from onnxsqueeze.passes.cleanup import remove_unused_subgraph_initializers
 from onnxsqueeze.registry import SqueezePass, SqueezeResult
 
@@ -59,7 +59,7 @@ class FoldConstantsPass(SqueezePass):
 
     def call(self, model: ir.Model) -> SqueezeResult:
         names = all_value_names(model)
-        nodes_before = model_stats(model).nodes
+        nodes_before = count_nodes(model)
         stats = {"values_folded": 0, "skipped_too_large": 0}
         self._candidates: list[ir.Node] = []
         self._constants: dict[str, np.ndarray] = {}
@@ -85,7 +85,7 @@ class FoldConstantsPass(SqueezePass):
         if self._candidates:
             RemoveUnusedNodesPass()(model)
             remove_unused_subgraph_initializers(model)
-        stats["nodes_removed"] = nodes_before - model_stats(model).nodes
+        stats["nodes_removed"] = nodes_before - count_nodes(model)
         return SqueezeResult(model, modified=bool(stats["values_folded"]), stats=stats)
 
     def _fold_scope(self, model: ir.Model, scope: GraphLike, names: set[str], stats: dict) -> None:

@@ -23,7 +23,7 @@ from onnxsqueeze.graphs import (
     scopes,
     unique_name,
 )
-from onnxsqueeze.io import model_stats
+from onnxsqueeze.io import count_nodes
 from onnxsqueeze.registry import SqueezePass, SqueezeResult
 from onnxsqueeze.shape_values import ShapePropagator, ShapeValue
 from onnxsqueeze.shapes import inferred_shapes
@@ -45,12 +45,14 @@ class FoldShapesPass(SqueezePass):
     Options = FoldShapesOptions
 
     def call(self, model: ir.Model) -> SqueezeResult:
-        nodes_before = model_stats(model).nodes
+        nodes_before = count_nodes(model)
+        if not any(n.op_type in ("Shape", "Size") for scope in scopes(model) for n in scope):
+            return SqueezeResult(model, modified=False, stats={})  # nothing to propagate from
         with inferred_shapes(model):
             stats = fold_shapes(model, all_value_names(model), self.options.reshape_targets)
         if any(stats.values()):
             RemoveUnusedNodesPass()(model)
-        stats["nodes_removed"] = nodes_before - model_stats(model).nodes
+        stats["nodes_removed"] = nodes_before - count_nodes(model)
         return SqueezeResult(
             model,
             modified=bool(stats["shapes_folded"] or stats["reshape_targets_folded"]),

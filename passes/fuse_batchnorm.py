@@ -23,7 +23,7 @@ from onnxsqueeze.graphs import (
     scopes,
     unique_name,
 )
-from onnxsqueeze.io import model_stats
+from onnxsqueeze.io import count_nodes
 from onnxsqueeze.passes.cleanup import remove_unused_subgraph_initializers
 from onnxsqueeze.registry import SqueezePass, SqueezeResult
 
@@ -48,11 +48,8 @@ class FuseBatchnormPass(SqueezePass):
     lossless = True
     Options = FuseBatchnormOptions
 
-    def tolerance(self, default: float) -> float:
-        return max(default, self.options.rtol)
-
     def call(self, model: ir.Model) -> SqueezeResult:
-        nodes_before = model_stats(model).nodes
+        nodes_before = count_nodes(model)
         self._names = all_value_names(model)
         self._model = model
         counts = {"batchnorms_fused": 0, "adds_fused": 0, "muls_fused": 0}
@@ -64,7 +61,7 @@ class FuseBatchnormPass(SqueezePass):
         if any(counts.values()):
             RemoveUnusedNodesPass()(model)
             remove_unused_subgraph_initializers(model)
-        counts["nodes_removed"] = nodes_before - model_stats(model).nodes
+        counts["nodes_removed"] = nodes_before - count_nodes(model)
         return SqueezeResult(model, modified=counts["nodes_removed"] > 0, stats=counts)
 
     def _fuse(self, scope: GraphLike, node: ir.Node) -> str | None:

@@ -13,7 +13,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxsqueeze.graphs import constant_array, replace_value, scopes
-from onnxsqueeze.io import model_stats
+from onnxsqueeze.io import count_nodes
 from onnxsqueeze.registry import SqueezePass, SqueezeResult
 from onnxsqueeze.shapes import inferred_shapes, rank
 
@@ -31,20 +31,35 @@ class FuseGemmPass(SqueezePass):
     lossless = True
     Options = FuseGemmOptions
 
-    def tolerance(self, default: float) -> float:
-        return max(default, self.options.rtol)
-
     def call(self, model: ir.Model) -> SqueezeResult:
-        nodes_before = model_stats(model).nodes
+        nodes_before = count_nodes(model)
         fused = 0
+        if not any(_candidate(n) for scope in scopes(model) for n in scope):
+            return SqueezeResult(model, modified=False, stats={})  # spare the shape inference
         with inferred_shapes(model):
             for scope in list(scopes(model)):
                 for node in list(scope):
                     fused += _fuse(node)
         if fused:
             RemoveUnusedNodesPass()(model)
-        stats = {"gemms_fused": fused, "nodes_removed": nodes_before - model_stats(model).nodes}
+        stats = {"gemms_fused": fused, "nodes_removed": nodes_before - count_nodes(model)}
         return SqueezeResult(model, modified=bool(fused), stats=stats)
+
+
+def _candidate(add: ir.Node) -> bool:
+    """Add of a constant to a MatMul by a constant matrix (before knowing ranks)."""
+    if add.op_type != "Add" or len(add.inputs) != 2:
+        return False
+    for index in (0, 1):
+        producer = add.inputs[index].producer() if add.inputs[index] is not None else None
+        if (
+            producer is not None
+            and producer.op_type == "MatMul"
+            and constant_array(add.inputs[1 - index]) is not None
+            and constant_array(producer.inputs[1]) is not None
+        ):
+            return True
+    return False
 
 
 def _fuse(add: ir.Node) -> bool:

@@ -11,7 +11,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxsqueeze.graphs import GraphLike, constant_array, replace_value, scopes
-from onnxsqueeze.io import model_stats
+from onnxsqueeze.io import count_nodes
 from onnxsqueeze.registry import SqueezePass, SqueezeResult
 
 
@@ -23,11 +23,11 @@ class InlineIfsPass(SqueezePass):
     lossless = True
 
     def call(self, model: ir.Model) -> SqueezeResult:
-        nodes_before = model_stats(model).nodes
+        nodes_before = count_nodes(model)
         inlined = inline_constant_ifs(model)
         if inlined:
             RemoveUnusedNodesPass()(model)
-        stats = {"ifs_inlined": inlined, "nodes_removed": nodes_before - model_stats(model).nodes}
+        stats = {"ifs_inlined": inlined, "nodes_removed": nodes_before - count_nodes(model)}
         return SqueezeResult(model, modified=bool(inlined), stats=stats)
 
 

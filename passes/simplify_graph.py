@@ -18,7 +18,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxsqueeze.graphs import GraphLike, constant_array, replace_value, scopes
-from onnxsqueeze.io import model_stats
+from onnxsqueeze.io import count_nodes
 from onnxsqueeze.registry import SqueezePass, SqueezeResult
 from onnxsqueeze.shapes import inferred_shapes, rank, static_shape
 
@@ -43,7 +43,7 @@ class SimplifyGraphPass(SqueezePass):
     Options = SimplifyGraphOptions
 
     def call(self, model: ir.Model) -> SqueezeResult:
-        nodes_before = model_stats(model).nodes
+        nodes_before = count_nodes(model)
         counts: dict[str, int] = {}
         with inferred_shapes(model):
             for scope in list(scopes(model)):
@@ -52,7 +52,7 @@ class SimplifyGraphPass(SqueezePass):
                     if rule:
                         counts[rule] = counts.get(rule, 0) + 1
         RemoveUnusedNodesPass()(model)
-        stats = {**counts, "nodes_removed": nodes_before - model_stats(model).nodes}
+        stats = {**counts, "nodes_removed": nodes_before - count_nodes(model)}
         return SqueezeResult(model, modified=bool(counts), stats=stats)
 
     def _rewrite(self, scope: GraphLike, node: ir.Node) -> str | None:

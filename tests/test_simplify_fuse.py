@@ -145,3 +145,16 @@ def test_pipeline_allows_fusion_its_own_tolerance():
     assert report.verification_status == "passed"
     assert FuseBatchnormPass(rtol=1e-3).tolerance(1e-6) == 1e-3
     assert SimplifyGraphPass().tolerance(1e-6) == 1e-6  # exact rewrites keep the base
+
+
+def test_exact_preset_has_no_fusions_and_is_bit_exact():
+    weights = ", ".join(f"{v:.4f}" for v in np.random.default_rng(1).standard_normal(108))
+    text = CONV_BN.replace("WEIGHTS", weights).replace(
+        "BODY", "c = Conv(x, w)  y = BatchNormalization(c, gamma, beta, mean, var)"
+    )
+    original = parse(text)
+    squeezed, report = onnxsqueeze.squeeze(original, preset="exact")
+    assert not any(p.name.startswith("fuse-") for p in report.passes)
+    assert [n.op_type for n in squeezed.graph.node] == ["Conv", "BatchNormalization"]
+    x = {"x": _x(1, 3, 8, 8)}
+    np.testing.assert_array_equal(run_ort(squeezed, x)[0], run_ort(original, x)[0])
