@@ -123,15 +123,16 @@ def is_constant(value: ir.Value | None) -> bool:
 
 
 def add_constant(
-    scope: GraphLike, array: np.ndarray, name: str, before: ir.Node, ir_version: int
+    model: ir.Model, scope: GraphLike, array: np.ndarray, name: str, before: ir.Node
 ) -> ir.Value:
     """A new constant value in ``scope``: an initializer where allowed, else a Constant node.
 
-    Functions cannot hold initializers, and IR < 4 graphs need every initializer listed as
-    an input (which would make it overridable), so those get a Constant node instead.
+    Functions (and graphs nested in them) cannot hold or see model initializers, and IR < 4
+    graphs need every initializer listed as an input (which would make it overridable), so
+    those get a Constant node inserted before ``before`` instead.
     """
     tensor = ir.tensor(array, name=name)
-    if isinstance(scope, ir.Graph) and ir_version >= 4:
+    if in_main_tree(model, scope) and (model.ir_version or 0) >= 4:
         value = ir.Value(
             name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor
         )
@@ -143,6 +144,11 @@ def add_constant(
     node.outputs[0].shape = tensor.shape
     scope.insert_before(before, node)
     return node.outputs[0]
+
+
+def in_main_tree(model: ir.Model, scope: GraphLike) -> bool:
+    """Is ``scope`` the main graph or a subgraph of it (not part of a function)?"""
+    return isinstance(scope, ir.Graph) and any(graph is scope for graph in model.graphs())
 
 
 def unique_name(model_names: set[str], base: str) -> str:

@@ -18,6 +18,7 @@ def builtin_registry() -> PassRegistry:
     from onnxsqueeze.passes.fuse_gemm import FuseGemmPass
     from onnxsqueeze.passes.inline_ifs import InlineIfsPass
     from onnxsqueeze.passes.simplify_graph import SimplifyGraphPass
+    from onnxsqueeze.passes.strip_metadata import StripMetadataPass
 
     registry = PassRegistry()
     for cls in (
@@ -28,6 +29,7 @@ def builtin_registry() -> PassRegistry:
         SimplifyGraphPass,
         FuseBatchnormPass,
         FuseGemmPass,
+        StripMetadataPass,
     ):
         registry.register(cls)
     lossless = [
@@ -41,6 +43,7 @@ def builtin_registry() -> PassRegistry:
         "fuse-batchnorm",
         "fuse-gemm",
         "cleanup",
+        "strip-metadata",
     ]
     registry.add_preset("lossless", "exact rewrites plus verified fusions", lossless)
     exact = [p for p in lossless if not p.startswith("fuse-")]

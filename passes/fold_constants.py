@@ -26,6 +26,7 @@ from onnxsqueeze.graphs import (
     add_constant,
     all_value_names,
     constant_array,
+    in_main_tree,
     is_constant,
     scopes,
     unique_name,
@@ -160,13 +161,11 @@ class FoldConstantsPass(SqueezePass):
         content: the same weight rearranged in both If branches is stored once."""
         shareable = (
             array.nbytes > TINY_BYTES
-            and isinstance(scope, ir.Graph)
+            and in_main_tree(model, scope)
             and (model.ir_version or 0) >= 4
         )
         if not shareable:
-            return add_constant(
-                scope, array, unique_name(names, out.name or "folded"), node, model.ir_version or 8
-            )
+            return add_constant(model, scope, array, unique_name(names, out.name or "folded"), node)
         key = (
             array.dtype.str,
             array.shape,
@@ -174,7 +173,7 @@ class FoldConstantsPass(SqueezePass):
         )
         if key not in self._shared:
             self._shared[key] = add_constant(
-                model.graph, array, unique_name(names, out.name or "folded"), node, model.ir_version
+                model, model.graph, array, unique_name(names, out.name or "folded"), node
             )
         return self._shared[key]
 

@@ -72,11 +72,7 @@ def fold_shapes(model: ir.Model, names: set[str], reshape_targets: bool = True) 
             if known is not None and known.known and _worth_folding(node, out):
                 dtype = _dtype(out, node)
                 replacement = add_constant(
-                    scope,
-                    known.array(dtype),
-                    unique_name(names, out.name or "shape"),
-                    node,
-                    model.ir_version or 8,
+                    model, scope, known.array(dtype), unique_name(names, out.name or "shape"), node
                 )
                 out.replace_all_uses_with(replacement)
                 propagator.values[replacement] = known
@@ -139,11 +135,11 @@ def _fold_reshape_target(
     if resolved.count(-1) > 1:
         return False
     const = add_constant(
+        model,
         scope,
         np.array(resolved, dtype=np.int64),
         unique_name(names, "reshape_target"),
         node,
-        model.ir_version or 8,
     )
     node.replace_input_with(1, const)
     return True

@@ -117,9 +117,7 @@ class FuseBatchnormPass(SqueezePass):
         ]
 
     def _const(self, scope: GraphLike, array: np.ndarray, base: str, before: ir.Node) -> ir.Value:
-        return add_constant(
-            scope, array, unique_name(self._names, base), before, self._model.ir_version or 8
-        )
+        return add_constant(self._model, scope, array, unique_name(self._names, base), before)
 
     def _into_conv(
         self, scope: GraphLike, conv: ir.Node, scale: np.ndarray, shift: np.ndarray

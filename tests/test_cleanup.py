@@ -124,3 +124,20 @@ def test_options_switch_parts_off(mlp):
     stats = report.passes[0].stats
     assert "constants_lifted" not in stats and "duplicates_merged" not in stats
     assert report.verification_status == "passed"
+
+
+def test_strip_metadata_keeps_model_metadata():
+    from onnxsqueeze.passes.strip_metadata import StripMetadataPass
+
+    proto = parse(MESSY)
+    node = proto.graph.node[1]
+    node.doc_string = "exported from torch"
+    onnx.helper.set_metadata_props(node, {"pkg.torch.onnx.stack_trace": "x" * 1000})
+    onnx.helper.set_model_props(proto, {"labels": "cat,dog"})
+    model = ir.serde.deserialize_model(proto)
+    result = StripMetadataPass()(model)
+    assert result.stats == {"metadata_entries_removed": 1, "doc_strings_removed": 1}
+    out = ir.serde.serialize_model(model)
+    assert not any(n.metadata_props or n.doc_string for n in out.graph.node)
+    assert {p.key: p.value for p in out.metadata_props} == {"labels": "cat,dog"}
+    assert len(out.SerializeToString()) < len(proto.SerializeToString()) - 1000

@@ -138,3 +138,31 @@ def test_graph_output_values_are_kept_and_pipeline_verifies():
     assert "Neg" in _ops(model.graph)  # a graph output keeps its producer
     _, report = onnxsqueeze.squeeze(parse(text), passes=["fold-constants"])
     assert report.verification_status == "passed"
+
+
+def test_folds_inside_an_if_nested_in_a_function_with_constant_nodes():
+    """Graphs inside functions cannot see model initializers: folded values there must be
+    Constant nodes, even for results large enough to be shared elsewhere."""
+    values = ", ".join(["1.0"] * 600)
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 17, "local" : 1]>
+    g (bool c, float[600] x) => (float[600] y) {{ y = local.Pick(c, x) }}
+    <domain: "local", opset_import: ["" : 17]>
+    Pick (c, x) => (y) {{
+      y = If (c) <
+        then_branch = t () => (float[600] t_out) {{
+          w = Constant <value = float[600] {{{values}}}> ()
+          w2 = Add(w, w)
+          t_out = Mul(x, w2)
+        }},
+        else_branch = e () => (float[600] e_out) {{ e_out = Neg(x) }}
+      >
+    }}
+    """
+    original, model, stats = _fold(text)
+    assert stats["values_folded"] == 1 and not model.graph.initializers
+    proto = ir.serde.serialize_model(model)
+    x = np.linspace(-1, 1, 600).astype(np.float32)
+    for c in (True, False):
+        feeds = {"c": np.array(c), "x": x}
+        np.testing.assert_array_equal(run_ort(proto, feeds)[0], run_ort(original, feeds)[0])
