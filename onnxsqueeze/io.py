@@ -320,13 +320,16 @@ def save_model(
     try:
         tmp_model = tmpdir / dest.name
         try:
-            with _lean_value_info(model):
-                ir.save(
-                    model,
-                    tmp_model,
-                    external_data=data_name if external_data else None,
-                    size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES,
-                )
+            if external_data:
+                with _lean_value_info(model):
+                    ir.save(
+                        model,
+                        tmp_model,
+                        external_data=data_name,
+                        size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES,
+                    )
+            else:
+                tmp_model.write_bytes(to_proto(model).SerializeToString())
         except OSError as exc:
             raise ModelSaveError(f"{label}: cannot write ({first_line(exc)})") from exc
         except Exception as exc:
@@ -370,7 +373,20 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
         # not know; inline them so the proto stands on its own.
         model = _inline_external(model)
     with _lean_value_info(model):
-        return ir.serde.serialize_model(model)
+        proto = ir.serde.serialize_model(model)
+    _drop_empty_domains(proto)
+    return proto
+
+
+def _drop_empty_domains(proto: onnx.ModelProto) -> None:
+    """onnx_ir writes ``domain: ""`` explicitly; unset, it means the same and costs nothing."""
+    for opset in proto.opset_import:
+        if opset.HasField("domain") and not opset.domain:
+            opset.ClearField("domain")
+    for function in proto.functions:
+        for opset in function.opset_import:
+            if opset.HasField("domain") and not opset.domain:
+                opset.ClearField("domain")
 
 
 def _inline_external(model: ir.Model) -> ir.Model:

@@ -143,7 +143,10 @@ def test_save_failure_leaves_nothing(tmp_path, mlp, monkeypatch):
     def explode(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ir, "save", explode)
+    import onnxsqueeze.io as io_module
+
+    monkeypatch.setattr(ir, "save", explode)  # the external-data path
+    monkeypatch.setattr(io_module, "to_proto", explode)  # the single-file path
     with pytest.raises(ModelSaveError, match="disk full"):
         save_model(model, tmp_path / "out.onnx")
     assert list(tmp_path.iterdir()) == []

@@ -32,7 +32,8 @@ TOOLS = {
     "onnxsim": "import onnx, onnxsim, sys; m, ok = onnxsim.simplify(onnx.load(sys.argv[1])); assert ok; onnx.save(m, sys.argv[2]); "
     + PEAK,
     "onnxslim": "import onnxslim, sys; onnxslim.slim(sys.argv[1], sys.argv[2]); " + PEAK,
-    "onnxsqueeze": "import sys; from onnxsqueeze.cli import main; rc = main([sys.argv[1], '-o', sys.argv[2], '--data', sys.argv[3], '-q']); "
+    "onnxsqueeze": "import sys; from onnxsqueeze.cli import main; "
+    "rc = main([sys.argv[1], '-o', sys.argv[2], '-q'] + (['--data', sys.argv[3]] if sys.argv[3] else [])); "
     + PEAK
     + "; sys.exit(rc)",
 }
@@ -82,10 +83,10 @@ def latency_ms(path: Path, feed: dict, runs: int) -> float:
     return statistics.median(times) * 1000
 
 
-def run_tool(tool: str, entry: corpus.CorpusModel, out: Path) -> dict:
+def run_tool(tool: str, model: Path, out: Path, data: str = "") -> dict:
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-c", TOOLS[tool], str(entry.path), str(out), str(entry.probe_dir)],
+        [sys.executable, "-c", TOOLS[tool], str(model), str(out), data],
         capture_output=True,
         text=True,
     )
@@ -106,7 +107,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks" / "simplify.md")
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument(
+        "--onnx-tests",
+        action="store_true",
+        help="instead: the onnx package's test models (summary)",
+    )
     args = parser.parse_args()
+    if args.onnx_tests:
+        onnx_tests(args.out.with_name("simplify_onnx_tests.md"))
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for entry in corpus.MODELS:
@@ -121,7 +130,7 @@ def main() -> None:
             results = {}
             for tool in TOOLS:
                 out = Path(tmp, f"{entry.name}.{tool}.onnx")
-                result = run_tool(tool, entry, out)
+                result = run_tool(tool, entry.path, out, str(entry.probe_dir))
                 if "error" not in result:
                     result["diff"] = max_abs_diff(entry.path, out, feeds)
                     result["latency"] = latency_ms(out, feeds[0], args.runs)
@@ -131,6 +140,80 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(render(rows, args.runs))
     print(args.out.read_text())
+
+
+def onnx_tests(out_path: Path) -> None:
+    """Every model of the onnx package's light/pytorch-*/simple suites through the three tools."""
+    import onnxsqueeze.runtime as runtime
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in corpus.onnx_test_cases():
+            proto = onnx.load(str(case.model))
+            inits = {t.name for t in proto.graph.initializer}
+            names = [i.name for i in proto.graph.input if i.name not in inits]
+            feed = dict(zip(names, case.inputs, strict=True)) if case.inputs else None
+            data = ""
+            if feed is not None and all(np.asarray(v).dtype != object for v in feed.values()):
+                data = str(Path(tmp, "feed.npz"))
+                np.savez(data, **feed)
+            row = {
+                "name": case.name,
+                "original": count_nodes(proto.graph),
+                "bytes": case.model.stat().st_size,
+            }
+            for tool in TOOLS:
+                out = Path(tmp, f"out.{tool}.onnx")
+                out.unlink(missing_ok=True)
+                result = run_tool(tool, case.model, out, data)
+                if "error" not in result and feed is not None:
+                    try:
+                        result["diff"] = max_abs_diff(case.model, out, [feed])
+                    except Exception as exc:  # a tool's output that onnxruntime cannot run
+                        result["diff_error"] = str(exc).splitlines()[0][:80]
+                row[tool] = result
+            rows.append(row)
+            print(
+                case.name, {t: row[t].get("nodes", row[t].get("error")) for t in TOOLS}, flush=True
+            )
+    del runtime
+    ok = [r for r in rows if all("nodes" in r[t] for t in TOOLS)]
+    le = [
+        r
+        for r in ok
+        if r["onnxsqueeze"]["nodes"] <= min(r["onnxsim"]["nodes"], r["onnxslim"]["nodes"])
+    ]
+
+    def grown(tool: str) -> int:
+        return sum(1 for r in rows if r[tool].get("bytes", 0) > r["bytes"])
+
+    lines = [
+        "# onnx package test models: onnxsim vs onnxslim vs onnxsqueeze",
+        "",
+        "`python tools/bench_simplify.py --onnx-tests` (light, pytorch-converted, pytorch-operator, simple).",
+        "diff = max abs output difference vs the original on the shipped inputs (onnxruntime).",
+        "",
+        f"- models: {len(rows)}; all three tools succeeded on {len(ok)}",
+        f"- onnxsqueeze node count <= min(onnxsim, onnxslim) on {len(le)} of those {len(ok)}",
+        f"- output larger than input: onnxsim {grown('onnxsim')}, onnxslim {grown('onnxslim')}, "
+        f"onnxsqueeze {grown('onnxsqueeze')} models",
+        "",
+        "nodes per tool, then file size (KB) per tool: a folded ConstantOfShape can inflate a file.",
+        "",
+        "| model | original | onnxsim | onnxslim | onnxsqueeze | KB orig / sim / slim / ours | diff onnxsqueeze |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = [str(r[t].get("nodes", "error: " + r[t].get("error", "")[:60])) for t in TOOLS]
+        diff = r["onnxsqueeze"].get("diff")
+        sizes = " / ".join(f"{r[t]['bytes'] / 1e3:.1f}" if "bytes" in r[t] else "-" for t in TOOLS)
+        lines.append(
+            f"| {r['name']} | {r['original']} | "
+            + " | ".join(cells)
+            + f" | {r['bytes'] / 1e3:.1f} / {sizes} | {'' if diff is None else f'{diff:.1e}'} |"
+        )
+    out_path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:8]))
 
 
 def render(rows, runs: int) -> str:
