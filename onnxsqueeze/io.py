@@ -380,13 +380,10 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
 
 def _drop_empty_domains(proto: onnx.ModelProto) -> None:
     """onnx_ir writes ``domain: ""`` explicitly; unset, it means the same and costs nothing."""
-    for opset in proto.opset_import:
+    imports = [proto.opset_import, *(f.opset_import for f in proto.functions)]
+    for opset in (o for group in imports for o in group):
         if opset.HasField("domain") and not opset.domain:
             opset.ClearField("domain")
-    for function in proto.functions:
-        for opset in function.opset_import:
-            if opset.HasField("domain") and not opset.domain:
-                opset.ClearField("domain")
 
 
 def _inline_external(model: ir.Model) -> ir.Model:

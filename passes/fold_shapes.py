@@ -96,10 +96,10 @@ def _worth_folding(node: ir.Node, out: ir.Value) -> bool:
 
 
 def _dtype(out: ir.Value, node: ir.Node) -> np.dtype:
-    if out.dtype is not None and out.dtype.numpy is not None:
+    if out.dtype is not None:
         try:
             return np.dtype(out.dtype.numpy())
-        except TypeError:
+        except TypeError:  # a dtype numpy cannot hold: fall back below
             pass
     if node.op_type == "Equal":
         return np.dtype(bool)

@@ -146,11 +146,7 @@ class FuseBatchnormPass(SqueezePass):
         new_bias = self._const(
             scope, b64.astype(weight.dtype), (conv.outputs[0].name or "conv") + "_bias", conv
         )
-        if len(conv.inputs) > 2:
-            conv.replace_input_with(2, new_bias)
-        else:
-            conv.resize_inputs(3)
-            conv.replace_input_with(2, new_bias)
+        _set_bias(conv, new_bias)
         return True
 
     def _into_gemm(
@@ -192,12 +188,17 @@ class FuseBatchnormPass(SqueezePass):
         new_c = self._const(
             scope, c64.astype(b.dtype), (gemm.outputs[0].name or "gemm") + "_bias", gemm
         )
-        if len(gemm.inputs) < 3:
-            gemm.resize_inputs(3)
-        gemm.replace_input_with(2, new_c)
+        _set_bias(gemm, new_c)
         for key in ("alpha", "beta"):
             gemm.attributes.pop(key, None)
         return True
+
+
+def _set_bias(node: ir.Node, bias: ir.Value) -> None:
+    """Conv and Gemm both take their bias as the optional third input."""
+    if len(node.inputs) < 3:
+        node.resize_inputs(3)
+    node.replace_input_with(2, bias)
 
 
 def _batchnorm_affine(node: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
