@@ -79,7 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     from onnxsqueeze.errors import PipelineConfigError, SqueezeError
+    from onnxsqueeze.lazy_imports import defer_heavy_imports
 
+    defer_heavy_imports()
     try:
         if args.list_passes:
             print(_list_passes())

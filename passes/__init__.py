@@ -46,8 +46,11 @@ def builtin_registry() -> PassRegistry:
         "strip-metadata",
     ]
     registry.add_preset("lossless", "exact rewrites plus verified fusions", lossless)
-    exact = [p for p in lossless if not p.startswith("fuse-")]
-    registry.add_preset("exact", "only rewrites that keep outputs within 1e-6 (no fusions)", exact)
+    exact_fusions = ("fuse-batchnorm", {"reassociate": False, "rtol": 1e-6})
+    exact = [exact_fusions if p == "fuse-batchnorm" else p for p in lossless if p != "fuse-gemm"]
+    registry.add_preset(
+        "exact", "only rewrites that round like the original (no weight scaling)", exact
+    )
     registry.add_preset("default", "what `onnxsqueeze model.onnx -o out.onnx` runs", lossless)
     return registry
 

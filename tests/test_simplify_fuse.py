@@ -114,6 +114,29 @@ def test_fuse_into_conv(body, key):
     _same(original, proto, {"x": _x(1, 3, 8, 8)}, rtol=1e-5)
 
 
+def test_fuse_into_grouped_conv_transpose():
+    """Output channels of ConvTranspose sit on the weight's axis 1, per group."""
+    weights = ", ".join(f"{v:.4f}" for v in np.random.default_rng(2).standard_normal(4 * 3 * 9))
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1, 4, 5, 5] x) => (float[1, 6, 9, 9] y)
+    <float[4, 3, 3, 3] w = {{{weights}}}, float[1, 6, 1, 1] bias = {{1, 2, 3, 4, 5, 6}},
+     float[6] gamma = {{1.5, 0.5, 2, 1, 0.7, 1.1}}, float[6] beta = {{0.1, -0.2, 0.3, 0, 1, 2}},
+     float[6] mean = {{0.2, 0.1, -0.3, 0.5, 0, 1}}, float[6] var = {{1.2, 0.8, 2.0, 0.5, 1, 3}},
+     float[6, 1, 1] s = {{0.5, 2, 3, 4, -1, 0.25}}>
+    {{
+      c = ConvTranspose <group = 2, strides = [2, 2]> (x, w)
+      a = Add(c, bias)
+      b = BatchNormalization(a, gamma, beta, mean, var)
+      y = Mul(b, s)
+    }}
+    """
+    original, proto, model, stats = _apply(FuseBatchnormPass, text)
+    assert [n.op_type for n in model.graph] == ["ConvTranspose"]
+    assert (stats["adds_fused"], stats["batchnorms_fused"], stats["muls_fused"]) == (1, 1, 1)
+    _same(original, proto, {"x": _x(1, 4, 5, 5)}, rtol=1e-5)
+
+
 def test_batchnorm_after_gemm_and_guards():
     text = """
     <ir_version: 8, opset_import: ["" : 17]>
@@ -147,14 +170,22 @@ def test_pipeline_allows_fusion_its_own_tolerance():
     assert SimplifyGraphPass().tolerance(1e-6) == 1e-6  # exact rewrites keep the base
 
 
-def test_exact_preset_has_no_fusions_and_is_bit_exact():
+@pytest.mark.parametrize(
+    "body, kept",
+    [
+        ("c = Conv(x, w)  y = BatchNormalization(c, gamma, beta, mean, var)", 2),  # scales w
+        ("c = Conv(x, w)  d = Mul(c, s)  y = Add(d, bias)", 3),  # the Mul scales w
+        ("c = Conv(x, w)  y = Add(c, bias)", 1),  # the Add becomes the bias: same rounding
+        ("c = Conv(x, w, b)  y = Add(c, bias)", 2),  # bias + bias would round differently
+    ],
+)
+def test_exact_preset_fuses_only_what_rounds_the_same(body, kept):
     weights = ", ".join(f"{v:.4f}" for v in np.random.default_rng(1).standard_normal(108))
-    text = CONV_BN.replace("WEIGHTS", weights).replace(
-        "BODY", "c = Conv(x, w)  y = BatchNormalization(c, gamma, beta, mean, var)"
-    )
+    text = CONV_BN.replace("WEIGHTS", weights).replace("BODY", body)
+    text = text.replace("float[1] s", "float[4] b = {0.1, 0.2, 0.3, 0.4}, float[1] s")
     original = parse(text)
     squeezed, report = onnxsqueeze.squeeze(original, preset="exact")
-    assert not any(p.name.startswith("fuse-") for p in report.passes)
-    assert [n.op_type for n in squeezed.graph.node] == ["Conv", "BatchNormalization"]
+    assert not any(p.name == "fuse-gemm" for p in report.passes)
+    assert len(squeezed.graph.node) == kept
     x = {"x": _x(1, 3, 8, 8)}
     np.testing.assert_array_equal(run_ort(squeezed, x)[0], run_ort(original, x)[0])
