@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "squeeze": "onnxsqueeze.api",
     "squeeze_file": "onnxsqueeze.api",
+    "calibrate": "onnxsqueeze.api",
     "Squeezed": "onnxsqueeze.api",
     "Report": "onnxsqueeze.report",
     "load_model": "onnxsqueeze.io",

@@ -142,3 +142,66 @@ def probe_feeds(model, data, shapes, count: int, seed: int) -> list[dict]:
 def _file_bytes(path: Path, data_files: set[Path]) -> int:
     """Size on disk of a model file plus its external data files."""
     return path.stat().st_size + sum(f.stat().st_size for f in data_files if f.is_file())
+
+
+def calibrate(
+    model: Any,
+    data: Any,
+    *,
+    method: str = "entropy",
+    samples: int | None = None,
+    cache: str | os.PathLike | None = None,
+    bins: int = 4096,
+    op_types: Sequence[str] | None = None,
+    providers: Sequence[str] | None = None,
+    progress: Any = None,
+) -> Any:
+    """Calibration statistics of ``model``'s float activations on ``data``.
+
+    Samples stream one at a time (memory does not grow with their number). With ``cache``,
+    an existing cache file that covers the model is loaded instead of running inference, and
+    a new one is written after collecting; one histogram serves every histogram method, so
+    re-quantizing with percentile after entropy needs no new inference.
+    """
+    from onnxsqueeze.calib.cache import Calibration
+    from onnxsqueeze.calib.collector import CollectOptions, Collector
+    from onnxsqueeze.calib.observers import HISTOGRAM_METHODS, METHODS
+    from onnxsqueeze.data import iter_feeds
+    from onnxsqueeze.errors import CalibrationError, PipelineConfigError
+    from onnxsqueeze.io import load_model
+    from onnxsqueeze.runtime import input_specs
+
+    if method not in METHODS:
+        raise PipelineConfigError(
+            f"unknown calibration method '{method}' (known: {', '.join(METHODS)})"
+        )
+    loaded = load_model(model)
+    options = CollectOptions(
+        method=method,
+        bins=bins,
+        op_types=tuple(op_types) if op_types else None,
+        providers=tuple(providers or ("cpu",)),
+    )
+    collector = Collector(loaded.model, options)
+    if cache is not None and Path(cache).is_file():
+        stored = Calibration.load(cache)
+        missing = [t for t in collector.tensors if t not in stored]
+        if stored.inputs != collector.inputs or missing:
+            raise CalibrationError(
+                f"{cache}: calibration cache does not match {loaded.label} "
+                f"({len(missing)} tensors missing); delete it or give another path"
+            )
+        if method in HISTOGRAM_METHODS and any(
+            o.kind != "histogram" for o in stored.observers.values()
+        ):
+            raise CalibrationError(
+                f"{cache}: cache holds min/max statistics only; '{method}' needs histograms"
+            )
+        return stored
+    if data is None:
+        raise CalibrationError(f"{loaded.label}: calibration needs data (--data)")
+    feeds = iter_feeds(data, input_specs(loaded.model), limit=samples)
+    result = collector.collect(feeds, total=samples, progress=progress)
+    if cache is not None:
+        result.save(cache)
+    return result

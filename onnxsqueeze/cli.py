@@ -48,6 +48,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="input shape NAME:1x128 or dynamic dim SYMBOL=128 for probe feeds (repeatable)",
     )
     parser.add_argument("--data", metavar="PATH", help="real inputs: .npz file or folder of .npz")
+    calib = parser.add_argument_group(
+        "calibration",
+        "statistics of activations on --data for quantization; with --calib-cache and no -o, "
+        "only calibrate and write the cache",
+    )
+    calib.add_argument(
+        "--calib-method",
+        choices=("entropy", "percentile", "mse", "minmax"),
+        default="entropy",
+        help="range method (default: %(default)s; one histogram serves all but minmax)",
+    )
+    calib.add_argument("--calib-samples", type=int, metavar="N", help="use at most N samples")
+    calib.add_argument(
+        "--calib-cache",
+        metavar="FILE",
+        help="reuse statistics from FILE if it exists, else collect and write them there",
+    )
     parser.add_argument(
         "--providers",
         default="cpu",
@@ -86,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.list_passes:
             print(_list_passes())
             return EXIT_OK
+        if args.model and not args.output and args.calib_cache:
+            return _calibrate(args)
         if not args.model or not args.output:
             parser.print_usage(sys.stderr)
             print("onnxsqueeze: error: MODEL and -o/--output are required", file=sys.stderr)
@@ -169,6 +188,75 @@ def _squeeze(args: argparse.Namespace) -> int:
         print(report.to_table())
         print(f"wrote {report.output}")
     return EXIT_OK
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import json
+    import time
+    from pathlib import Path
+
+    from onnxsqueeze.api import calibrate
+    from onnxsqueeze.errors import PipelineConfigError
+
+    if args.calib_samples is not None and args.calib_samples <= 0:
+        raise PipelineConfigError("--calib-samples must be a positive number")
+    started = time.perf_counter()
+    progress = _progress_bar() if sys.stderr.isatty() and not args.quiet else None
+    result = calibrate(
+        args.model,
+        args.data,
+        method=args.calib_method,
+        samples=args.calib_samples,
+        cache=args.calib_cache,
+        providers=[p.strip() for p in args.providers.split(",") if p.strip()],
+        progress=progress,
+    )
+    if progress is not None:
+        print(file=sys.stderr)
+    ranges = result.ranges(args.calib_method)
+    nonfinite = result.nonfinite()
+    if args.report:
+        from onnxsqueeze.io import atomic_write_text
+
+        report = {
+            "source": args.model,
+            "cache": args.calib_cache,
+            "method": args.calib_method,
+            "samples": result.samples,
+            "seconds": time.perf_counter() - started,
+            "ranges": {k: [float(lo), float(hi)] for k, (lo, hi) in ranges.items()},
+            "nonfinite": nonfinite,
+            "skipped": result.skipped,
+        }
+        atomic_write_text(Path(args.report), json.dumps(report, indent=2))
+    if not args.quiet:
+        print(
+            f"calibrated {len(ranges)} tensors on {result.samples} samples "
+            f"({args.calib_method}) in {time.perf_counter() - started:.1f} s; "
+            f"cache: {args.calib_cache}"
+        )
+        if nonfinite:
+            print(f"{len(nonfinite)} tensors held NaN/inf (ranges use their finite values):")
+            for name, counts in list(nonfinite.items())[:10]:
+                print(f"  {name}: {counts}")
+        if result.skipped:
+            print(f"{len(result.skipped)} tensors not calibrated (see --report for why)")
+    return EXIT_OK
+
+
+def _progress_bar():
+    """A one-line progress display on stderr (only when it is a terminal)."""
+
+    def show(done: int, total: int | None) -> None:
+        if total:
+            filled = int(30 * done / total)
+            bar = "#" * filled + "." * (30 - filled)
+            sys.stderr.write(f"\rcalibrating [{bar}] {done}/{total}")
+        else:
+            sys.stderr.write(f"\rcalibrating: {done} samples")
+        sys.stderr.flush()
+
+    return show
 
 
 def _list_passes() -> str:

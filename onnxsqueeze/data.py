@@ -21,14 +21,23 @@ Feed = dict[str, np.ndarray]
 
 def load_feeds(source: Any, specs: Sequence[InputSpec], *, limit: int | None = None) -> list[Feed]:
     """Read feeds from ``source`` (path or iterable of mappings), check them, cast safely."""
-    feeds = []
+    return list(iter_feeds(source, specs, limit=limit))
+
+
+def iter_feeds(
+    source: Any, specs: Sequence[InputSpec], *, limit: int | None = None
+) -> Iterator[Feed]:
+    """Checked feeds one at a time, so calibration holds one sample in memory, not all."""
+    count = 0
+    if limit is not None and limit <= 0:
+        raise CalibrationDataError(f"sample limit must be positive, got {limit}")
     for label, raw in _iter_source(source):
-        feeds.append(check_feed(raw, specs, label))
-        if limit is not None and len(feeds) >= limit:
-            break
-    if not feeds:
+        yield check_feed(raw, specs, label)
+        count += 1
+        if count == limit:
+            return
+    if not count:
         raise CalibrationDataError(f"{_describe(source)}: no samples found")
-    return feeds
 
 
 def _describe(source: Any) -> str:

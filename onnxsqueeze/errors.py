@@ -52,3 +52,7 @@ def first_line(exc: BaseException, limit: int = 400) -> str:
     text = str(exc).strip() or type(exc).__name__
     line = next((s.strip() for s in text.splitlines() if s.strip()), text)
     return line[:limit]
+
+
+class CalibrationError(SqueezeError):
+    """Calibration statistics cannot give a range (no finite value seen, bad cache)."""

@@ -81,6 +81,7 @@ class Session:
         optimize: bool = False,
         threads: int | None = None,
         backend: str = "onnxruntime",
+        prepack: bool = False,
     ) -> None:
         self.providers, self.dropped_providers = resolve_providers(providers)
         self.fallback_reason: str | None = None
@@ -91,7 +92,7 @@ class Session:
         else:
             try:
                 self._session = _make_session(
-                    model, _session_options(optimize, threads), self.providers
+                    model, _session_options(optimize, threads, prepack), self.providers
                 )
             except Exception as exc:
                 message = f"onnxruntime cannot load the model: {first_line(exc)}"
@@ -122,7 +123,7 @@ class Session:
         return [self.run(f) for f in feeds]
 
 
-def _session_options(optimize: bool, threads: int | None) -> Any:
+def _session_options(optimize: bool, threads: int | None, prepack: bool = False) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -132,7 +133,8 @@ def _session_options(optimize: bool, threads: int | None) -> Any:
         # a weight that becomes constant gets packed for MLAS, whose different summation
         # order moves results by ~1e-8 though the graph computes the same function.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.add_session_config_entry("session.disable_prepacking", "1")
+        if not prepack:
+            options.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         options.intra_op_num_threads = threads
     return options

@@ -173,3 +173,26 @@ def _feeds_from_signature(proto: onnx.ModelProto) -> dict:
     from onnxsqueeze.runtime import input_specs, random_feeds
 
     return random_feeds(input_specs(ir.serde.deserialize_model(proto)), count=1)[0]
+
+
+@pytest.mark.parametrize("name", ["minilm", "ppocr_det"])
+def test_calibration_with_variable_input_sizes(name: str, tmp_path: Path) -> None:
+    """Sentences of different lengths and images of different sizes: the histograms grow
+    and merge (onnxruntime's histogram calibrators crash on these)."""
+    import numpy as np
+
+    import onnxsqueeze
+
+    entry = corpus.get(name)
+    _require(entry)
+    feeds = [dict(np.load(p)) for p in sorted(entry.probe_dir.glob("*.npz"))]
+    shapes = {tuple(v.shape) for f in feeds for v in f.values()}
+    assert len(shapes) > 1
+    cache = tmp_path / "calib.npz"
+    result = onnxsqueeze.calibrate(str(entry.path), feeds, method="entropy", cache=cache)
+    assert result.samples == len(feeds) and len(result) > 100
+    for method in ("entropy", "percentile", "minmax"):
+        ranges = result.ranges(method)
+        assert all(np.isfinite(lo) and np.isfinite(hi) and lo <= hi for lo, hi in ranges.values())
+    again = onnxsqueeze.calibrate(str(entry.path), None, method="percentile", cache=cache)
+    assert again.ranges("percentile") == result.ranges("percentile")

@@ -36,6 +36,10 @@ TOOLS = {
     "rc = main([sys.argv[1], '-o', sys.argv[2], '-q'] + (['--data', sys.argv[3]] if sys.argv[3] else [])); "
     + PEAK
     + "; sys.exit(rc)",
+    "onnxsqueeze-exact": "import sys; from onnxsqueeze.cli import main; "
+    "rc = main([sys.argv[1], '-o', sys.argv[2], '-q', '--preset', 'exact'] + (['--data', sys.argv[3]] if sys.argv[3] else [])); "
+    + PEAK
+    + "; sys.exit(rc)",
 }
 
 
@@ -162,7 +166,7 @@ def onnx_tests(out_path: Path) -> None:
                 "original": count_nodes(proto.graph),
                 "bytes": case.model.stat().st_size,
             }
-            for tool in TOOLS:
+            for tool in ("onnxsim", "onnxslim", "onnxsqueeze"):
                 out = Path(tmp, f"out.{tool}.onnx")
                 out.unlink(missing_ok=True)
                 result = run_tool(tool, case.model, out, data)
@@ -224,6 +228,9 @@ def render(rows, runs: int) -> str:
         "this 2-core machine. nodes include subgraph nodes; diff = max abs output difference vs the",
         "original on the real probe inputs; latency = onnxruntime CPU median (ms) on one probe input.",
         "onnxsqueeze's wall time includes its verification runs on the probe inputs.",
+        "onnxsqueeze = the default (lossless) preset, whose fusions scale weights (float",
+        "reassociation, like the peers' BN fusion); onnxsqueeze-exact = `--preset exact`, only",
+        "rewrites that round like the original.",
         "",
         "| model | tool | nodes | file MB | wall s | peak RSS MiB | max abs diff | latency ms |",
         "|---|---|---|---|---|---|---|---|",
@@ -241,10 +248,13 @@ def render(rows, runs: int) -> str:
                 f"| {name} | {tool} | {r['nodes']} | {r['bytes'] / 1e6:.2f} | {r['wall']:.2f} | {r['peak']:.0f} | "
                 f"{r['diff']:.2e} | {r['latency']:.2f} |"
             )
-        ours, sim, slim = (results.get(t, {}) for t in ("onnxsqueeze", "onnxsim", "onnxslim"))
-        if all("nodes" in r for r in (ours, sim, slim)):
+        ours, exact, sim, slim = (
+            results.get(t, {}) for t in ("onnxsqueeze", "onnxsqueeze-exact", "onnxsim", "onnxslim")
+        )
+        if all("nodes" in r for r in (ours, exact, sim, slim)):
             summary.append(
-                f"| {name} | {ours['nodes']} vs {min(sim['nodes'], slim['nodes'])} | "
+                f"| {name} | {ours['nodes']} / {exact['nodes']} vs {min(sim['nodes'], slim['nodes'])} | "
+                f"{ours['diff']:.1e} / {exact['diff']:.1e} vs {min(sim['diff'], slim['diff']):.1e} | "
                 f"{ours['wall'] / slim['wall']:.2f} | {ours['peak'] / sim['peak']:.2f} | "
                 f"{ours['bytes'] / base['bytes']:.3f} |"
             )
@@ -252,8 +262,9 @@ def render(rows, runs: int) -> str:
         "",
         "## Ratios (same run)",
         "",
-        "| model | nodes: ours vs min(peers) | wall: ours / onnxslim | peak RSS: ours / onnxsim | file: ours / original |",
-        "|---|---|---|---|---|",
+        "| model | nodes: ours / exact vs min(peers) | max abs diff: ours / exact vs min(peers) "
+        "| wall: ours / onnxslim | peak RSS: ours / onnxsim | file: ours / original |",
+        "|---|---|---|---|---|---|",
         *summary,
     ]
     return "\n".join(lines) + "\n"

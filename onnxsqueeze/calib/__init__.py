@@ -1,0 +1,1 @@
+"""Calibration: observers over Numba kernels, a streaming collector, and a cache."""

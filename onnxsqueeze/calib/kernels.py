@@ -1,0 +1,249 @@
+"""Numba kernels behind the observers: one pass over a flat view, no temporary arrays.
+
+Histograms live on a canonical grid: B bins over [-t, t) where t is a power of two strictly
+above every finite |x| seen. Bin of x is floor(x * B / 2t) + B/2, exact in float64 for
+float32 data, so the histogram of a data set does not depend on how it was split into
+batches, and doubling t merges bins 2k, 2k+1 exactly (no count is lost or moved).
+
+Nothing here imports onnx or onnx_ir: the kernels are plain numeric code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+#: Indices into the stats vector that ``scan`` fills.
+MIN, MAX, NAN, POS_INF, NEG_INF, OUTSIDE, FINITE = range(7)
+N_STATS = 7
+
+
+#: Elements per block in ``scan``: its index buffer stays in L1 cache.
+BLOCK = 2048
+
+
+@njit(cache=True, nogil=True)
+def scan(flat, counts, t, stats):  # pragma: no cover - compiled
+    """Min/max, non-finite counts, and histogram counts of ``flat`` in one pass.
+
+    Values with |x| >= t are not binned but counted in ``stats[OUTSIDE]``; the caller grows
+    t and bins them with ``bin_outside``. ``t == 0`` bins nothing (first batch).
+
+    The bin is floor(x * per_unit) + offset: adding the offset before flooring would put a
+    tiny negative x into bin ``offset`` instead of ``offset - 1``.
+
+    Per block, a branch-free loop (which LLVM vectorises) computes bin indices, sending
+    anything not finite-and-inside (|NaN| < t and |inf| < t are false) to a spare bin; a
+    second loop increments. Only blocks whose spare bin filled are looked at again, to
+    tell NaN, +inf, -inf and out-of-grid values apart. 3.4 ns per value here, against 11 for
+    one loop that classifies and increments together.
+    """
+    bins = counts.shape[0]
+    offset = float(bins // 2)
+    per_unit = bins / (2.0 * t) if t > 0 else 0.0
+    index = np.empty(BLOCK, np.int64)
+    spare = bins
+    lo = math.inf
+    hi = -math.inf
+    nan = 0
+    pos_inf = 0
+    neg_inf = 0
+    outside = 0
+    n = flat.shape[0]
+    for start in range(0, n, BLOCK):
+        size = min(BLOCK, n - start)
+        misses = 0
+        for j in range(size):
+            x = float(flat[start + j])
+            inside = abs(x) < t
+            index[j] = int(math.floor(x * per_unit) + offset) if inside else spare
+            misses += 0 if inside else 1
+            lo = min(lo, x if inside else lo)
+            hi = max(hi, x if inside else hi)
+        for j in range(size):
+            k = index[j]
+            if k != spare:
+                counts[k] += 1
+        if misses:
+            for j in range(size):
+                x = float(flat[start + j])
+                if abs(x) < t:
+                    continue
+                if x != x:
+                    nan += 1
+                elif x == math.inf:
+                    pos_inf += 1
+                elif x == -math.inf:
+                    neg_inf += 1
+                else:
+                    outside += 1
+                    lo = min(lo, x)
+                    hi = max(hi, x)
+    stats[MIN] = lo
+    stats[MAX] = hi
+    stats[NAN] = nan
+    stats[POS_INF] = pos_inf
+    stats[NEG_INF] = neg_inf
+    stats[OUTSIDE] = outside
+    stats[FINITE] = n - nan - pos_inf - neg_inf
+
+
+@njit(cache=True, nogil=True)
+def bin_outside(flat, counts, old_t, t):  # pragma: no cover - compiled
+    """Bin the finite values that ``scan`` left out (|x| >= old_t) on the grown grid."""
+    bins = counts.shape[0]
+    half = float(bins // 2)
+    per_unit = bins / (2.0 * t)
+    for i in range(flat.shape[0]):
+        x = float(flat[i])
+        if x != x or x == math.inf or x == -math.inf:
+            continue
+        if abs(x) >= old_t:
+            counts[int(math.floor(x * per_unit) + half)] += 1
+
+
+@njit(cache=True, nogil=True)
+def regrid(counts, factor):  # pragma: no cover - compiled
+    """Counts of the same data on a grid ``factor`` (a power of two) times wider."""
+    bins = counts.shape[0]
+    half = bins // 2
+    out = np.zeros_like(counts)
+    for j in range(bins):
+        if counts[j]:
+            out[(j - half) // factor + half] += counts[j]
+    return out
+
+
+@njit(cache=True, nogil=True)
+def minmax_per_channel(view, lo, hi):  # pragma: no cover - compiled
+    """Running min/max per channel of a (outer, channels, inner) view; NaN/Inf skipped."""
+    outer, channels, inner = view.shape
+    for a in range(outer):
+        for c in range(channels):
+            for b in range(inner):
+                x = float(view[a, c, b])
+                if x != x or x == math.inf or x == -math.inf:
+                    continue
+                if x < lo[c]:
+                    lo[c] = x
+                if x > hi[c]:
+                    hi[c] = x
+
+
+@njit(cache=True, nogil=True)
+def kl_divergences(hist, quantized_bins):  # pragma: no cover - compiled
+    """KL(P || Q) for every candidate threshold of the TensorRT entropy calibration.
+
+    ``hist`` is a signed histogram with an even bin count whose middle edge is 0. Candidate
+    i keeps bins [mid - i, mid + i + 1) (outliers folded into the end bins) as P, and Q is
+    P's slice merged into ``quantized_bins`` bins and spread evenly over the bins where P is
+    non-zero. Both are smoothed (zeros get eps = 1e-4, taken evenly off the non-zero
+    entries, as TensorRT and MXNet do), normalised and compared. Returns one divergence per
+    i in [quantized_bins // 2, bins // 2]; inf where smoothing is impossible.
+
+    Smoothing moves no mass (eps * zeros = take * nonzeros), so the sums are known and each
+    candidate costs two passes over its slice with no allocation.
+    """
+    eps = 1e-4
+    bins = hist.shape[0]
+    mid = bins // 2
+    first = quantized_bins // 2
+    out = np.empty(mid - first + 1)
+    prefix = np.zeros(bins + 1)
+    for j in range(bins):
+        prefix[j + 1] = prefix[j] + hist[j]
+    total_all = prefix[bins]
+    amount = np.empty(quantized_bins)
+    nonzero = np.empty(quantized_bins, np.int64)
+    for i in range(first, mid + 1):
+        start = mid - i
+        stop = min(mid + i + 1, bins)
+        size = stop - start
+        merged = size // quantized_bins
+        left = prefix[start]
+        right = total_all - prefix[stop]
+        p_zeros = 0
+        p_min = math.inf
+        for k in range(quantized_bins):
+            lo = k * merged
+            hi = size if k == quantized_bins - 1 else lo + merged
+            amount[k] = prefix[start + hi] - prefix[start + lo]
+            count = 0
+            for j in range(lo, hi):
+                pj = hist[start + j]
+                if j == 0:
+                    pj += left
+                if j == size - 1:
+                    pj += right
+                if pj != 0:
+                    count += 1
+                    p_min = min(p_min, pj)
+            nonzero[k] = count
+            p_zeros += (hi - lo) - count
+        p_nonzero = size - p_zeros
+        q_zeros = p_zeros
+        q_min = math.inf
+        for k in range(quantized_bins):
+            if nonzero[k]:
+                share = amount[k] / nonzero[k]
+                if share == 0:
+                    q_zeros += nonzero[k]
+                else:
+                    q_min = min(q_min, share)
+        q_nonzero = size - q_zeros
+        if p_nonzero == 0 or q_nonzero == 0:
+            out[i - first] = math.inf
+            continue
+        p_take = eps * p_zeros / p_nonzero
+        q_take = eps * q_zeros / q_nonzero
+        if p_min - p_take <= 0 or q_min - q_take <= 0:
+            out[i - first] = math.inf
+            continue
+        p_sum = total_all
+        q_sum = 0.0
+        for k in range(quantized_bins):
+            if nonzero[k]:
+                q_sum += amount[k]
+        div = 0.0
+        for k in range(quantized_bins):
+            lo = k * merged
+            hi = size if k == quantized_bins - 1 else lo + merged
+            share = amount[k] / nonzero[k] if nonzero[k] else 0.0
+            for j in range(lo, hi):
+                pj = hist[start + j]
+                if j == 0:
+                    pj += left
+                if j == size - 1:
+                    pj += right
+                if pj != 0:
+                    a = (pj - p_take) / p_sum
+                    qj = share - q_take if share != 0 else eps
+                else:
+                    a = eps / p_sum
+                    qj = eps
+                div += a * math.log(a / (qj / q_sum))
+        out[i - first] = div
+    return out
+
+
+@njit(cache=True, nogil=True)
+def quantization_mse(hist, t, lo, hi, levels):  # pragma: no cover - compiled
+    """Expected squared error of quantizing the histogram's data to ``levels`` steps on
+    [lo, hi] (values outside clip), taking each bin's count at its centre."""
+    bins = hist.shape[0]
+    width = 2.0 * t / bins
+    step = (hi - lo) / (levels - 1)
+    if step <= 0:
+        return math.inf
+    err = 0.0
+    for j in range(bins):
+        c = hist[j]
+        if c == 0:
+            continue
+        x = -t + (j + 0.5) * width
+        y = min(max(x, lo), hi)
+        y = lo + round((y - lo) / step) * step
+        err += c * (x - y) * (x - y)
+    return err

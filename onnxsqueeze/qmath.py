@@ -1,0 +1,71 @@
+"""Quantization arithmetic shared by calibration and the quantization passes.
+
+Follows the ONNX QuantizeLinear definition (y = saturate(round(x / scale) + zero_point),
+round half to even), with the range widened to contain 0 so that zero, the padding value of
+every Conv and the masked value of attention, is exactly representable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+#: (qmin, qmax) per integer type name.
+QRANGES = {
+    "uint8": (0, 255),
+    "int8": (-128, 127),
+    "uint16": (0, 65535),
+    "int16": (-32768, 32767),
+    "int4": (-8, 7),
+    "uint4": (0, 15),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class QParams:
+    """Scale and zero point (scalars, or arrays along a channel axis)."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    dtype: str
+
+
+def qparams(
+    lo: float | np.ndarray, hi: float | np.ndarray, dtype: str = "uint8", symmetric: bool = False
+) -> QParams:
+    """Scale/zero point mapping [lo, hi] (widened to contain 0) onto ``dtype``'s range.
+
+    Symmetric: zero point at the middle of the type (0 for signed types) and the scale set
+    by max(|lo|, |hi|). A zero-width range gets scale 1 so no division by zero follows.
+    """
+    if dtype not in QRANGES:
+        raise ValueError(f"unsupported quantized type {dtype!r} (known: {', '.join(QRANGES)})")
+    qmin, qmax = QRANGES[dtype]
+    lo = np.minimum(np.asarray(lo, np.float64), 0.0)
+    hi = np.maximum(np.asarray(hi, np.float64), 0.0)
+    if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
+        raise ValueError("quantization range must be finite")
+    if symmetric:
+        bound = np.maximum(-lo, hi)
+        if qmin < 0:
+            scale = bound / min(-qmin, qmax)  # int8: ±127 (-128 unused, as ORT and TensorRT)
+            zero = np.zeros_like(scale)
+        else:
+            scale = 2 * bound / (qmax - qmin)
+            zero = np.full_like(scale, (qmax + qmin + 1) // 2)
+    else:
+        scale = (hi - lo) / (qmax - qmin)
+        safe = np.where(scale > 0, scale, 1.0)
+        zero = np.clip(np.round(qmin - lo / safe), qmin, qmax)
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    np_dtype = dtype if dtype not in ("int4", "uint4") else ("int8" if qmin < 0 else "uint8")
+    return QParams(scale, zero.astype(np_dtype), dtype)
+
+
+def fake_quantize(x: np.ndarray, params: QParams) -> np.ndarray:
+    """x quantized and dequantized again (what the model will compute), in float32."""
+    qmin, qmax = QRANGES[params.dtype]
+    zero = params.zero_point.astype(np.float64)
+    q = np.clip(np.round(x / params.scale.astype(np.float64)) + zero, qmin, qmax)
+    return ((q - zero) * params.scale).astype(np.float32)

@@ -1,0 +1,328 @@
+"""Calibration: observers (properties, NaN/Inf), kernels vs NumPy references, ORT agreement,
+the collector on real models, the cache."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from onnxsqueeze.calib import kernels
+from onnxsqueeze.calib.cache import Calibration
+from onnxsqueeze.calib.collector import CollectOptions, Collector
+from onnxsqueeze.calib.observers import (
+    HistogramObserver,
+    MinMaxObserver,
+    PerChannelMinMaxObserver,
+    entropy_threshold,
+)
+from onnxsqueeze.errors import CalibrationError
+
+REPO = Path(__file__).resolve().parent.parent
+DIGITS = REPO / "models" / "digits_cnn.onnx"
+
+finite_arrays = hnp.arrays(
+    np.float32,
+    hnp.array_shapes(min_dims=1, max_dims=3, max_side=40),
+    elements=st.floats(-1e6, 1e6, width=32, allow_subnormal=False),
+)
+
+
+def _hist(*chunks: np.ndarray, bins: int = 256) -> HistogramObserver:
+    obs = HistogramObserver(bins)
+    for chunk in chunks:
+        obs.update(chunk)
+    return obs
+
+
+def _same_hist(a: HistogramObserver, b: HistogramObserver) -> None:
+    assert a.t == b.t and (a.lo, a.hi, a.finite) == (b.lo, b.hi, b.finite)
+    np.testing.assert_array_equal(a.counts, b.counts)
+
+
+# ---------------------------------------------------------------------------- properties
+
+
+@settings(max_examples=60, deadline=None)
+@given(finite_arrays, finite_arrays)
+def test_update_a_then_b_equals_merging_observers_of_a_and_b(a, b):
+    _same_hist(_hist(a, b), _hist(a).merge(_hist(b)))
+    _same_hist(_hist(a, b), _hist(b).merge(_hist(a)))
+    mm = MinMaxObserver()
+    mm.update(a)
+    mm.update(b)
+    other = MinMaxObserver()
+    other.update(b)
+    merged = MinMaxObserver()
+    merged.update(a)
+    merged.merge(other)
+    assert mm.range() == merged.range()
+
+
+@settings(max_examples=60, deadline=None)
+@given(finite_arrays, st.integers(1, 7))
+def test_histogram_does_not_depend_on_batch_split(data, pieces):
+    flat = data.reshape(-1)
+    whole = _hist(flat)
+    split = _hist(*np.array_split(flat, pieces))
+    _same_hist(whole, split)
+    assert whole.counts.sum() == flat.size
+    assert abs(whole.hi) < whole.t and abs(whole.lo) < whole.t
+
+
+def test_histogram_counts_match_numpy_on_the_canonical_grid():
+    data = np.random.default_rng(3).standard_normal(10_000).astype(np.float32) * 3
+    obs = _hist(data[:100], data[100:] * 5, bins=512)  # the range grows after the first batch
+    both = np.concatenate([data[:100], data[100:] * 5])
+    expected, _ = np.histogram(both, bins=512, range=(-obs.t, obs.t))
+    np.testing.assert_array_equal(obs.counts, expected)
+    assert obs.t == 2.0 ** math.ceil(math.log2(np.abs(both).max() + 1e-30))
+
+
+@pytest.mark.parametrize("observer", [HistogramObserver, MinMaxObserver])
+def test_nonfinite_values_are_counted_not_binned(observer):
+    x = np.array([1.0, -2.0, np.nan, np.inf, -np.inf, -np.inf, 0.5], np.float32)
+    obs = observer()
+    obs.update(x)
+    assert (obs.nan, obs.pos_inf, obs.neg_inf, obs.finite) == (1, 1, 2, 3)
+    lo, hi = obs.range()
+    assert (lo, hi) == (-2.0, 1.0)
+    for method in ("percentile", "entropy", "mse") if observer is HistogramObserver else ():
+        lo, hi = obs.range(method)
+        assert math.isfinite(lo) and math.isfinite(hi)
+    scale = obs.qparams("uint8").scale
+    assert np.isfinite(scale).all() and (scale > 0).all()
+
+
+def test_all_nonfinite_tensor_raises_a_clear_error():
+    obs = HistogramObserver()
+    obs.update(np.array([np.nan, -np.inf], np.float32))
+    with pytest.raises(CalibrationError, match="mask: no finite value.*1 NaN.*1 -inf"):
+        obs.range("entropy", name="mask")
+
+
+def test_per_channel_minmax():
+    x = np.random.default_rng(0).standard_normal((4, 3, 5, 5)).astype(np.float32)
+    obs = PerChannelMinMaxObserver(axis=1)
+    obs.update(x[:2])
+    obs.update(x[2:])
+    lo, hi = obs.range()
+    np.testing.assert_array_equal(lo, x.min(axis=(0, 2, 3)))
+    np.testing.assert_array_equal(hi, x.max(axis=(0, 2, 3)))
+    assert obs.qparams("int8", symmetric=True).scale.shape == (3,)
+
+
+# ---------------------------------------------------------------------------- kernels vs references
+
+
+def _reference_kl(hist: np.ndarray, quantized_bins: int) -> np.ndarray:
+    """Straightforward NumPy version of the TensorRT entropy search (smooth, then KL)."""
+
+    def smooth(p):
+        zeros = p == 0
+        if zeros.all():
+            return None
+        take = 1e-4 * zeros.sum() / (~zeros).sum()
+        out = np.where(zeros, 1e-4, p - take)
+        return None if (out <= 0).any() else out
+
+    mid = hist.size // 2
+    result = []
+    for i in range(quantized_bins // 2, mid + 1):
+        start, stop = mid - i, min(mid + i + 1, hist.size)
+        sliced = hist[start:stop].astype(np.float64)
+        p = sliced.copy()
+        p[0] += hist[:start].sum()
+        p[-1] += hist[stop:].sum()
+        merged = sliced.size // quantized_bins
+        q = np.zeros_like(p)
+        for k in range(quantized_bins):
+            lo = k * merged
+            hi = sliced.size if k == quantized_bins - 1 else lo + merged
+            nonzero = p[lo:hi] != 0
+            if nonzero.any():
+                q[lo:hi][nonzero] = sliced[lo:hi].sum() / nonzero.sum()
+        ps, qs = smooth(p), smooth(q)
+        if ps is None or qs is None:
+            result.append(np.inf)
+            continue
+        ps, qs = ps / ps.sum(), qs / qs.sum()
+        result.append(float(np.sum(ps * np.log(ps / qs))))
+    return np.array(result)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_entropy_search_equals_numpy_reference(seed):
+    rng = np.random.default_rng(seed)
+    data = np.concatenate([rng.standard_normal(20_000), rng.laplace(size=500) * 6])
+    if seed % 2:
+        data = np.maximum(data, 0)  # after ReLU: half the histogram empty
+    obs = _hist(data.astype(np.float32), bins=1024)
+    counts, t = obs.entropy_histogram(512)
+    ours = kernels.kl_divergences(counts.astype(np.float64), 64)
+    ref = _reference_kl(counts, 64)
+    np.testing.assert_allclose(ours, ref, rtol=1e-9)
+    i = int(np.argmin(ref)) + 32
+    width = 2 * t / counts.size
+    expected = (-t + (counts.size // 2 - i) * width, -t + (counts.size // 2 + i + 1) * width)
+    assert entropy_threshold(counts, t, 64) == pytest.approx(expected)
+
+
+def test_entropy_histogram_merges_bins_exactly():
+    obs = _hist(np.random.default_rng(0).standard_normal(5000).astype(np.float32), bins=4096)
+    counts, t = obs.entropy_histogram(256)
+    assert counts.size <= 256 and counts.sum() == 5000
+    expected, _ = np.histogram(
+        np.random.default_rng(0).standard_normal(5000).astype(np.float32),
+        bins=counts.size,
+        range=(-t, t),
+    )
+    np.testing.assert_array_equal(counts, expected)
+
+
+# ---------------------------------------------------------------------------- vs onnxruntime
+
+
+def _digits_batches(count: int = 12, size: int = 30) -> list[dict]:
+    images = np.load(REPO / "models" / "digits_test.npz")["image"]
+    return [{"image": images[i * size : (i + 1) * size]} for i in range(count)]
+
+
+def _ort_ranges(tmp_path: Path, method: str, **extra) -> dict[str, tuple[float, float]]:
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    class Reader:
+        def __init__(self):
+            self.items = iter(_digits_batches())
+
+        def get_next(self):
+            return next(self.items, None)
+
+    calibrator = create_calibrator(
+        DIGITS,
+        augmented_model_path=str(tmp_path / "augmented.onnx"),
+        calibrate_method=getattr(CalibrationMethod, method),
+        extra_options=extra,
+    )
+    calibrator.collect_data(Reader())
+    data = calibrator.compute_data()
+    return {
+        k: tuple(float(np.asarray(r).reshape(-1)[0]) for r in v.range_value)
+        for k, v in data.data.items()
+    }
+
+
+def _ours(method: str) -> Calibration:
+    return Collector(ir.load(DIGITS), CollectOptions(method=method)).collect(_digits_batches())
+
+
+def test_minmax_ranges_identical_to_onnxruntime(tmp_path):
+    theirs = _ort_ranges(tmp_path, "MinMax")
+    ours = _ours("minmax").ranges("minmax")
+    shared = set(theirs) & set(ours)
+    assert len(shared) >= len(theirs) - 1 and len(shared) >= 8
+    for name in shared:
+        assert ours[name] == theirs[name], name
+
+
+def test_percentile_ranges_within_one_bin_of_onnxruntime(tmp_path):
+    theirs = _ort_ranges(tmp_path, "Percentile", num_bins=2048, percentile=99.9, symmetric=True)
+    calibration = _ours("percentile")
+    shared = set(theirs) & set(calibration.observers)
+    assert len(shared) >= 8
+    for name in shared:
+        obs = calibration.observers[name]
+        lo, hi = calibration.range(name, "percentile", percentile=99.9, symmetric=True)
+        bound = max(-obs.lo, obs.hi)
+        ort_bin = bound / 2048  # their abs-value histogram: 2048 bins up to max |x|
+        our_bin = 2 * obs.t / obs.bins
+        assert abs(hi - theirs[name][1]) <= max(ort_bin, our_bin), name
+
+
+# ---------------------------------------------------------------------------- collector and cache
+
+
+def test_cache_round_trip_and_shards_merge_to_the_same_result(tmp_path):
+    model = ir.load(DIGITS)
+    batches = _digits_batches()
+    whole = Collector(model, CollectOptions(method="entropy")).collect(batches)
+    first = Collector(model, CollectOptions(method="entropy")).collect(batches[:5])
+    second = Collector(model, CollectOptions(method="entropy")).collect(batches[5:])
+    first.save(tmp_path / "a.npz")
+    second.save(tmp_path / "b.npz")
+    merged = Calibration.load(tmp_path / "a.npz").merge(Calibration.load(tmp_path / "b.npz"))
+    assert merged.samples == whole.samples == len(batches)
+    for method in ("minmax", "percentile", "entropy", "mse"):
+        assert merged.ranges(method) == whole.ranges(method), method
+    assert not list(tmp_path.glob(".onnxsqueeze-calib-*"))
+
+
+def test_resume_collects_into_an_existing_calibration():
+    model = ir.load(DIGITS)
+    batches = _digits_batches()
+    collector = Collector(model, CollectOptions(method="percentile"))
+    partial = collector.collect(batches[:4])
+    resumed = collector.collect(batches[4:], into=partial)
+    assert resumed.samples == len(batches)
+    assert resumed.ranges("percentile") == _ours("percentile").ranges("percentile")
+
+
+def test_bad_cache_files_give_one_line_errors(tmp_path):
+    with pytest.raises(CalibrationError, match="not found"):
+        Calibration.load(tmp_path / "missing.npz")
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(CalibrationError, match="cannot read calibration cache"):
+        Calibration.load(bad)
+
+
+def test_tensor_groups_bound_what_one_run_exposes():
+    model = ir.load(DIGITS)
+    batches = _digits_batches(4)
+    small = Collector(model, CollectOptions(method="minmax", max_exposed_bytes=4096))
+    result = small.collect(batches)
+    assert len(small._sessions) > 1
+    assert result.ranges("minmax") == Collector(model, CollectOptions(method="minmax")).collect(
+        batches
+    ).ranges("minmax")
+
+
+def test_cli_calibrates_into_a_cache_and_reuses_it(tmp_path):
+    from onnxsqueeze.cli import main
+
+    cache, report = tmp_path / "calib.npz", tmp_path / "report.json"
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, batch in enumerate(_digits_batches(5)):
+        np.savez(data / f"{i}.npz", **batch)
+    args = [str(DIGITS), "--data", str(data), "--calib-cache", str(cache), "-q"]
+    assert main([*args, "--calib-samples", "3", "--report", str(report)]) == 0
+    import json
+
+    first = json.loads(report.read_text())
+    assert first["samples"] == 3 and first["method"] == "entropy" and len(first["ranges"]) >= 8
+    assert main([str(DIGITS), "--calib-cache", str(cache), "--calib-method", "mse", "-q"]) == 0
+    assert Calibration.load(cache).samples == 3  # reused, not recollected
+
+
+def test_cli_calibration_errors_are_one_line(tmp_path, capsys):
+    from onnxsqueeze.cli import main
+
+    cache = tmp_path / "calib.npz"
+    assert main([str(DIGITS), "--calib-cache", str(cache)]) == 1
+    assert "calibration needs data" in capsys.readouterr().err
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    assert main([str(DIGITS), "--calib-cache", str(tmp_path / "junk.npz")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot read calibration cache" in err
+    assert (
+        main([str(DIGITS), "--data", "x.npz", "--calib-cache", str(cache), "--calib-samples", "0"])
+        == 2
+    )
+    assert not cache.exists()

@@ -1,0 +1,234 @@
+"""Calibration: onnxruntime's MinMax/Entropy/Percentile calibrators vs onnxsqueeze's, side
+by side in one run, each run in its own process (peak RSS = that process's VmHWM).
+
+Samples are real and of one fixed shape per model (onnxruntime's histogram calibrators
+crash on mixed shapes): MiniLM sentences padded to 32 tokens, PP-OCR det pages at 256x256,
+PP-OCR cls text lines, magika features of real files. ORT runs with quantize_static's
+defaults (Entropy: 128 bins/128 quantized bins; Percentile: 2048 bins, 99.999). onnxsqueeze
+runs its defaults (4096-bin histogram, entropy search on 2048 bins / 128 quantized bins).
+The floor is plain fp32 inference over the same samples (default session).
+
+    python tools/bench_calib.py [--sizes 16 64 256] [--timeout 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "models"))
+import corpus  # noqa: E402
+
+METHODS = ("minmax", "entropy", "percentile")
+MEMORY_LIMIT = 16 << 30
+
+
+# ---------------------------------------------------------------------------- samples
+
+
+def make_samples(name: str, count: int, folder: Path) -> None:
+    import build_corpus as bc
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if name == "minilm":
+        import minilm_export
+
+        sentences = bc.english_sentences(count)
+        model_dir = corpus.corpus_dir() / "minilm" / "package"
+        for i, sentence in enumerate((sentences * count)[:count]):
+            feed = minilm_export.tokenize(model_dir, [sentence])
+            for key, value in feed.items():
+                padded = np.zeros((1, 32), np.int64)
+                padded[:, : min(32, value.shape[1])] = value[:, :32]
+                feed[key] = padded
+            np.savez(folder / f"{i:04d}.npz", **feed)
+    elif name in ("ppocr_det", "ppocr_cls"):
+        lines = [" ".join(s.split()[:6]) for s in bc.english_sentences(max(count, 64))]
+        for i in range(count):
+            if name == "ppocr_cls":
+                x = bc.ocr_cls_input(bc.render_line(lines[i % len(lines)]))
+            else:
+                page = bc.ocr_det_input([lines[(i + k) % len(lines)] for k in range(3)])
+                x = np.zeros((1, 3, 256, 256), np.float32)
+                h, w = min(256, page.shape[2]), min(256, page.shape[3])
+                x[..., :h, :w] = page[..., :h, :w]
+            np.savez(folder / f"{i:04d}.npz", x=x)
+    elif name == "magika":
+        files = bc.real_files(count)
+        for i in range(count):
+            feats = bc.magika_features(files[i % len(files)])[None]
+            np.savez(folder / f"{i:04d}.npz", bytes=feats)
+
+
+# ---------------------------------------------------------------------------- children
+
+CHILD_ORT = """
+import sys, glob, numpy as np, tempfile, os
+from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+model, data, n, method = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+files = sorted(glob.glob(data + '/*.npz'))[:n]
+class Reader:
+    def __init__(self): self.it = iter(files)
+    def get_next(self):
+        f = next(self.it, None)
+        return None if f is None else dict(np.load(f))
+with tempfile.TemporaryDirectory() as tmp:
+    cal = create_calibrator(model, augmented_model_path=os.path.join(tmp, 'aug.onnx'),
+        calibrate_method={'minmax': CalibrationMethod.MinMax, 'entropy': CalibrationMethod.Entropy,
+                          'percentile': CalibrationMethod.Percentile}[method])
+    cal.collect_data(Reader())
+    data = cal.compute_data()
+ranges = {k: [float(np.asarray(r).reshape(-1)[0]) for r in v.range_value] for k, v in data.data.items()}
+import json; open(sys.argv[5], 'w').write(json.dumps(ranges))
+"""
+
+CHILD_OURS = """
+import sys, json
+import onnxsqueeze
+model, data, n, method = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+result = onnxsqueeze.calibrate(model, data, method=method, samples=n)
+ranges = {k: [float(lo), float(hi)] for k, (lo, hi) in result.ranges(method).items()}
+open(sys.argv[5], 'w').write(json.dumps(ranges))
+"""
+
+PEAK = "\nhwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM')); print('PEAK_KIB', hwm.split()[1])\n"
+
+
+def _limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+
+def run_child(tool: str, model: Path, data: Path, n: int, method: str, timeout: int) -> dict:
+    code = (CHILD_ORT if tool == "ort" else CHILD_OURS) + PEAK
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-c", code, str(model), str(data), str(n), method, out.name],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                preexec_fn=_limit_memory,
+                cwd=tempfile.gettempdir(),
+            )
+        except subprocess.TimeoutExpired:
+            return {"error": f"timeout > {timeout} s"}
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["failed"])[-1][:100]
+            return {"error": last}
+        peak = int(proc.stdout.split("PEAK_KIB")[1].split()[0]) / 1024
+        return {"wall": wall, "peak": peak, "ranges": json.loads(Path(out.name).read_text())}
+
+
+def fp32_seconds(model: Path, data: Path, n: int) -> float:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    feeds = [dict(np.load(f)) for f in sorted(data.glob("*.npz"))[:n]]
+    session.run(None, feeds[0])
+    start = time.perf_counter()
+    for feed in feeds:
+        session.run(None, feed)
+    return time.perf_counter() - start
+
+
+def compare(ours: dict, theirs: dict) -> str:
+    shared = set(ours) & set(theirs)
+    if not shared:
+        return "-"
+    diff = max(max(abs(a - b) for a, b in zip(ours[k], theirs[k], strict=True)) for k in shared)
+    return f"{len(shared)} shared, max diff {diff:.2g}"
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument(
+        "--models", nargs="+", default=["ppocr_cls", "magika", "minilm", "ppocr_det"]
+    )
+    parser.add_argument("--timeout", type=int, default=300)
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks" / "calibration.md")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            entry = corpus.get(name)
+            if not entry.available():
+                print(f"{name}: not built, skipped", flush=True)
+                continue
+            data = Path(tmp, name)
+            make_samples(name, max(args.sizes), data)
+            for n in args.sizes:
+                floor = fp32_seconds(entry.path, data, n)
+                for method in METHODS:
+                    results = {
+                        tool: run_child(tool, entry.path, data, n, method, args.timeout)
+                        for tool in ("ort", "ours")
+                    }
+                    rows.append((name, n, method, floor, results))
+                    brief = {
+                        t: {k: v for k, v in r.items() if k != "ranges"} for t, r in results.items()
+                    }
+                    print(name, n, method, f"fp32 {floor:.2f}s", brief, flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render(rows, args))
+    print(args.out.read_text())
+
+
+def render(rows, args) -> str:
+    lines = [
+        "# Calibration: onnxruntime.quantization calibrators vs onnxsqueeze",
+        "",
+        f"`python tools/bench_calib.py --sizes {' '.join(map(str, args.sizes))}` (one run, 2-core "
+        "machine, each calibration in its own process, memory capped at 16 GiB, timeout "
+        f"{args.timeout} s). wall = whole process (imports, session, collection, range "
+        "computation); fp32 = plain inference over the same samples; RSS = peak of the process.",
+        "",
+        "| model | N | method | fp32 s | ORT wall s | ours wall s | speed-up | ours / fp32 "
+        "| ORT RSS MiB | ours RSS MiB | ranges ours vs ORT |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, n, method, floor, res in rows:
+        ort, ours = res["ort"], res["ours"]
+
+        def cell(r, key, fmt):
+            return format(r[key], fmt) if key in r else r.get("error", "-")
+
+        speed = f"{ort['wall'] / ours['wall']:.1f}x" if "wall" in ort and "wall" in ours else "-"
+        ratio = f"{ours['wall'] / floor:.1f}" if "wall" in ours else "-"
+        ranges = compare(ours.get("ranges", {}), ort.get("ranges", {}))
+        lines.append(
+            f"| {name} | {n} | {method} | {floor:.2f} | {cell(ort, 'wall', '.2f')} | "
+            f"{cell(ours, 'wall', '.2f')} | {speed} | {ratio} | {cell(ort, 'peak', '.0f')} | "
+            f"{cell(ours, 'peak', '.0f')} | {ranges} |"
+        )
+    lines += ["", "## Peak RSS growth, ours: N=max / N=min", ""]
+    sizes = sorted({n for _, n, *_ in rows})
+    for name in dict.fromkeys(r[0] for r in rows):
+        for method in METHODS:
+            peaks = {
+                n: res["ours"].get("peak")
+                for m_name, n, m, _, res in rows
+                if m_name == name and m == method
+            }
+            lo, hi = peaks.get(sizes[0]), peaks.get(sizes[-1])
+            if lo and hi:
+                lines.append(f"- {name} {method}: {hi / lo:.2f}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
