@@ -164,7 +164,7 @@ def calibrate(
     re-quantizing with percentile after entropy needs no new inference.
     """
     from onnxsqueeze.calib.cache import Calibration
-    from onnxsqueeze.calib.collector import CollectOptions, Collector
+    from onnxsqueeze.calib.collector import CollectOptions, Collector, select_tensors
     from onnxsqueeze.calib.observers import HISTOGRAM_METHODS, METHODS
     from onnxsqueeze.data import iter_feeds
     from onnxsqueeze.errors import CalibrationError, PipelineConfigError
@@ -182,11 +182,15 @@ def calibrate(
         op_types=tuple(op_types) if op_types else None,
         providers=tuple(providers or ("cpu",)),
     )
-    collector = Collector(loaded.model, options)
     if cache is not None and Path(cache).is_file():
         stored = Calibration.load(cache)
-        missing = [t for t in collector.tensors if t not in stored]
-        if stored.inputs != collector.inputs or missing:
+        missing = [t for t in select_tensors(loaded.model, options.op_types)[0] if t not in stored]
+        inputs = [
+            v.name
+            for v in loaded.model.graph.inputs
+            if v.name not in loaded.model.graph.initializers
+        ]
+        if stored.inputs != inputs or missing:
             raise CalibrationError(
                 f"{cache}: calibration cache does not match {loaded.label} "
                 f"({len(missing)} tensors missing); delete it or give another path"
@@ -201,7 +205,7 @@ def calibrate(
     if data is None:
         raise CalibrationError(f"{loaded.label}: calibration needs data (--data)")
     feeds = iter_feeds(data, input_specs(loaded.model), limit=samples)
-    result = collector.collect(feeds, total=samples, progress=progress)
+    result = Collector(loaded.model, options).collect(feeds, total=samples, progress=progress)
     if cache is not None:
         result.save(cache)
     return result

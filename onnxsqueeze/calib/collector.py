@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ from onnxsqueeze.shapes import inferred_shapes
 
 logger = logging.getLogger(__name__)
 
+MIN_SUFFIX, MAX_SUFFIX, SIZE_SUFFIX = "::onnxsqueeze.min", "::onnxsqueeze.max", "::onnxsqueeze.size"
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
 #: Default bound on the intermediate tensors one run may hand back (bytes).
 MAX_EXPOSED_BYTES = 1 << 30
@@ -44,7 +46,13 @@ class CollectOptions:
 def select_tensors(
     model: ir.Model, op_types: Sequence[str] | None = None
 ) -> tuple[list[str], dict[str, str]]:
-    """Float activations worth calibrating (main graph), and the ones left out with why.
+    """Float activations worth calibrating (main graph), and the ones left out with why."""
+    with inferred_shapes(model):
+        return _select(model, op_types)
+
+
+def _select(model: ir.Model, op_types: Sequence[str] | None) -> tuple[list[str], dict[str, str]]:
+    """As select_tensors, on a model whose types are already inferred.
 
     Constants are weights, not activations; values inside If/Loop/Scan bodies cannot be
     exposed as model outputs, so they are reported rather than silently ignored.
@@ -52,33 +60,32 @@ def select_tensors(
     chosen: dict[str, None] = {}
     skipped: dict[str, str] = {}
     graph = model.graph
-    with inferred_shapes(model):
-        for value in graph.inputs:
-            constant = value.const_value is not None or value.name in graph.initializers
-            if not constant and value.dtype in FLOAT_TYPES and not op_types:
+    for value in graph.inputs:
+        constant = value.const_value is not None or value.name in graph.initializers
+        if not constant and value.dtype in FLOAT_TYPES and not op_types:
+            chosen[value.name] = None
+    for node in graph:
+        if op_types and node.op_type not in op_types:
+            continue
+        for value in (*node.inputs, *node.outputs):
+            if value is None or not value.name or value.name in chosen:
+                continue
+            if value.const_value is not None or value.name in graph.initializers:
+                continue
+            producer = value.producer()
+            if producer is not None and producer.op_type == "Constant":
+                continue
+            if value.dtype in FLOAT_TYPES:
                 chosen[value.name] = None
-        for node in graph:
-            if op_types and node.op_type not in op_types:
-                continue
-            for value in (*node.inputs, *node.outputs):
-                if value is None or not value.name or value.name in chosen:
-                    continue
-                if value.const_value is not None or value.name in graph.initializers:
-                    continue
-                producer = value.producer()
-                if producer is not None and producer.op_type == "Constant":
-                    continue
-                if value.dtype in FLOAT_TYPES:
-                    chosen[value.name] = None
-                elif value.dtype is None:
-                    skipped[value.name] = "type unknown after shape inference"
-        for sub in model.graphs():
-            if sub is graph:
-                continue
-            for node in sub:
-                for value in node.outputs:
-                    if value.name:
-                        skipped[value.name] = "inside a subgraph (If/Loop/Scan body)"
+            elif value.dtype is None:
+                skipped[value.name] = "type unknown after shape inference"
+    for sub in model.graphs():
+        if sub is graph:
+            continue
+        for node in sub:
+            for value in node.outputs:
+                if value.name:
+                    skipped[value.name] = "inside a subgraph (If/Loop/Scan body)"
     return list(chosen), skipped
 
 
@@ -94,10 +101,11 @@ class Collector:
     ) -> None:
         self.model = model
         self.options = options or CollectOptions()
-        if tensors is None:
-            self.tensors, self.skipped = select_tensors(model, self.options.op_types)
-        else:
-            self.tensors, self.skipped = list(tensors), {}
+        #: Chosen at the first sample (one shape inference at its sizes serves the choice,
+        #: the size estimates and the exposed outputs' types), unless given here.
+        self.tensors: list[str] = list(tensors) if tensors is not None else []
+        self._given = tensors is not None
+        self.skipped: dict[str, str] = {}
         self.inputs = [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
         self._sessions: list[tuple[Any, list[str]]] | None = None
 
@@ -113,24 +121,29 @@ class Collector:
         progress: Progress | None = None,
     ) -> Calibration:
         """Update (or start) a Calibration with every sample of ``feeds``."""
-        result = into or Calibration(inputs=self.inputs, skipped=self.skipped)
-        for name in self.tensors:
-            if name not in result.observers:
-                result.observers[name] = self.new_observer()
+        result = into or Calibration(inputs=self.inputs)
         observers = result.observers
         input_names = set(self.inputs)
         done = 0
         for feed in feeds:
             if self._sessions is None:
-                self._sessions = self._build_sessions(feed)
+                self._prepare(feed)
+            if not done:
+                result.skipped.update(self.skipped)
+                for name in self.tensors:
+                    if name not in observers:
+                        observers[name] = self.new_observer()
             for name, array in feed.items():
                 if name in input_names and name in observers:
                     observers[name].update(array)
-            for session, names in self._sessions:
+            for session, full, reduced in list(self._sessions or []):
                 outputs = session.run(feed)
-                for name in names:
+                for name in full:
                     observers[name].update(outputs[name])
+                flagged = self._update_reduced(observers, reduced, outputs)
                 del outputs
+                if flagged:
+                    self._expose_fully(flagged, feed, observers)
             done += 1
             if progress is not None:
                 progress(done, total)
@@ -141,33 +154,117 @@ class Collector:
 
     # ------------------------------------------------------------------ sessions
 
-    def _build_sessions(self, feed: Mapping[str, np.ndarray]) -> list[tuple[Any, list[str]]]:
-        from onnxsqueeze.runtime import Session
+    def _prepare(self, feed: Mapping[str, np.ndarray]) -> None:
+        """Choose tensors, learn their types and sizes at this sample's input sizes (one
+        shape inference), and make the sessions."""
+        clone = self.model.clone()
+        for value in clone.graph.inputs:
+            if value.name in feed:
+                value.shape = ir.Shape(np.shape(feed[value.name]))
+        with inferred_shapes(clone):
+            if not self._given:
+                self.tensors, self.skipped = _select(clone, self.options.op_types)
+            produced = {v.name: v for node in clone.graph for v in node.outputs if v.name}
+            self._types = {n: produced[n].type for n in self.tensors if n in produced}
+            self._sizes = {n: _nbytes(produced[n]) for n in self._types}
+        unknown = [n for n in self.tensors if n not in produced and n not in self.inputs]
+        if unknown:
+            raise CalibrationError(f"no such tensor in the main graph: {', '.join(unknown[:5])}")
+        untyped = [n for n, t in self._types.items() if t is None]
+        if untyped:
+            raise CalibrationError(f"tensor '{untyped[0]}': element type unknown, cannot expose it")
+        self._present = [v.name for v in clone.graph.outputs if v.name in self._types]
+        computed = [n for n in self.tensors if n in self._types and n not in self._present]
+        if self.options.method == "minmax":
+            self._reduced, self._full = computed, []
+        else:
+            self._reduced, self._full = [], computed
+        self._sessions = self._make_sessions()
 
-        exposed = [n for n in self.tensors if n not in self.inputs]
-        groups = self._groups(exposed, feed)
+    def _make_sessions(self) -> list[tuple[Any, list[str], list[str]]]:
+        groups = self._groups(self._full, self._sizes)
         if len(groups) > 1:
             logger.info(
                 "calibration: %d tensors in %d groups (one run each per sample) to stay under %d MB",
-                len(exposed),
+                len(self._full),
                 len(groups),
                 self.options.max_exposed_bytes >> 20,
             )
+        groups = groups or [[]]
         sessions = []
-        for names in groups:
-            try:
-                # Unoptimised with prepacked weights, as onnxruntime's calibrators run:
-                # fusions would give each group's session different values for a tensor.
-                session = Session(
-                    _with_outputs(self.model, names), self.options.providers, prepack=True
-                )
-            except Exception as exc:
-                raise CalibrationError(f"cannot run the model for calibration: {exc}") from exc
-            sessions.append((session, names))
+        for index, names in enumerate(groups):
+            reduced = self._reduced if index == 0 else []
+            sessions.append((self._session(names, reduced), list(names), list(reduced)))
+        # tensors that are already model outputs come with every session's results
+        sessions[0][1].extend(self._present)
         return sessions
 
-    def _groups(self, names: list[str], feed: Mapping[str, np.ndarray]) -> list[list[str]]:
-        sizes = _estimated_bytes(self.model, names, feed)
+    def _session(self, full: Sequence[str], reduced: Sequence[str]) -> Any:
+        """A session on a copy of the model that returns ``full`` tensors whole and, for
+        ``reduced`` ones, only ReduceMin/ReduceMax/Size (what min/max calibration needs,
+        computed inside onnxruntime instead of copying the tensor out)."""
+        from onnxsqueeze.runtime import Session
+
+        clone = self.model.clone()
+        produced = {v.name: v for node in clone.graph for v in node.outputs if v.name}
+        for name in full:
+            value = produced[name]
+            value.type, value.shape = self._types[name], None  # outputs need a type only
+            clone.graph.outputs.append(value)
+        for name in reduced:
+            value = produced[name]
+            for op, key in (
+                ("ReduceMin", MIN_SUFFIX),
+                ("ReduceMax", MAX_SUFFIX),
+                ("Size", SIZE_SUFFIX),
+            ):
+                attributes = {"keepdims": 0} if op != "Size" else {}
+                node = ir.node(op, [value], attributes=attributes, name=name + key)
+                out = node.outputs[0]
+                out.name = name + key
+                dtype = ir.DataType.INT64 if op == "Size" else self._types[name].dtype
+                out.type, out.shape = ir.TensorType(dtype), ir.Shape([])
+                clone.graph.append(node)
+                clone.graph.outputs.append(out)
+        try:
+            # Unoptimised with prepacked weights, as onnxruntime's calibrators run:
+            # fusions would give each group's session different values for a tensor.
+            return Session(clone, self.options.providers, prepack=True)
+        except Exception as exc:
+            raise CalibrationError(f"cannot run the model for calibration: {exc}") from exc
+
+    @staticmethod
+    def _update_reduced(
+        observers: Mapping[str, Observer], names: Sequence[str], outputs: Mapping[str, Any]
+    ) -> list[str]:
+        """Fold per-sample extremes in; return tensors whose extremes were not finite."""
+        flagged = []
+        for name in names:
+            size = int(outputs[name + SIZE_SUFFIX])
+            if size == 0:
+                continue
+            lo, hi = float(outputs[name + MIN_SUFFIX]), float(outputs[name + MAX_SUFFIX])
+            if math.isfinite(lo) and math.isfinite(hi):
+                observers[name].update_extremes(lo, hi, size)  # type: ignore[attr-defined]
+            else:
+                flagged.append(name)
+        return flagged
+
+    def _expose_fully(
+        self, names: list[str], feed: Mapping[str, np.ndarray], observers: Mapping[str, Observer]
+    ) -> None:
+        """NaN/inf showed up in these tensors (attention masks): from now on they come out
+        whole, so the kernel can count them and keep the finite range; this sample is
+        re-run for them."""
+        logger.info("calibration: %d tensors hold NaN/inf; exposing them whole", len(names))
+        outputs = self._session(names, []).run(feed)
+        for name in names:
+            observers[name].update(outputs[name])
+        self._reduced = [n for n in self._reduced if n not in names]
+        self._full = self._full + names
+        self._sessions = self._make_sessions()
+
+    def _groups(self, names: list[str], sizes: Mapping[str, int | None]) -> list[list[str]]:
         known = [s for s in sizes.values() if s is not None]
         fallback = max(known) if known else 0
         budget = self.options.max_exposed_bytes
@@ -183,44 +280,8 @@ class Collector:
         return [g for g in groups if g]
 
 
-def _with_outputs(model: ir.Model, names: Sequence[str]) -> ir.Model:
-    """A copy of the model that also returns ``names`` (tensors are shared, not copied)."""
-    clone = model.clone()
-    wanted = set(names)
-    present = {v.name for v in clone.graph.outputs}
-    values = {}
-    with inferred_shapes(clone):  # values that become outputs keep their inferred types
-        for node in clone.graph:
-            for value in node.outputs:
-                if value.name in wanted and value.name not in present:
-                    values[value.name] = value
-        for name in names:
-            if name in values:
-                clone.graph.outputs.append(values[name])
-    for value in values.values():
-        if value.type is None:
-            raise CalibrationError(f"tensor '{value.name}': element type unknown, cannot expose it")
-    return clone
-
-
-def _estimated_bytes(
-    model: ir.Model, names: Sequence[str], feed: Mapping[str, np.ndarray]
-) -> dict[str, int | None]:
-    """Bytes of each tensor at this sample's input sizes (None where shapes stay unknown)."""
-    clone = model.clone()
-    for value in clone.graph.inputs:
-        if value.name in feed:
-            value.shape = ir.Shape(np.asarray(feed[value.name]).shape)
-    wanted = set(names)
-    sizes: dict[str, int | None] = {}
-    with inferred_shapes(clone):
-        for node in clone.graph:
-            for value in node.outputs:
-                if value.name not in wanted:
-                    continue
-                dims = value.shape.dims if value.shape is not None else None
-                if dims is None or not all(isinstance(d, int) for d in dims) or value.dtype is None:
-                    sizes[value.name] = None
-                else:
-                    sizes[value.name] = int(np.prod(dims, dtype=np.int64)) * value.dtype.itemsize
-    return sizes
+def _nbytes(value: ir.Value) -> int | None:
+    dims = value.shape.dims if value.shape is not None else None
+    if dims is None or value.dtype is None or not all(isinstance(d, int) for d in dims):
+        return None
+    return int(np.prod(dims, dtype=np.int64)) * value.dtype.itemsize

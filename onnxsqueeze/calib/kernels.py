@@ -91,6 +91,38 @@ def scan(flat, counts, t, stats):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
+def minmax(flat, stats):  # pragma: no cover - compiled
+    """``scan`` without a histogram: a branch-free (vectorised) min/max over finite values,
+    and a second look only when something was not finite."""
+    lo = math.inf
+    hi = -math.inf
+    misses = 0
+    n = flat.shape[0]
+    for i in range(n):
+        x = float(flat[i])
+        finite = abs(x) < math.inf
+        lo = min(lo, x if finite else lo)
+        hi = max(hi, x if finite else hi)
+        misses += 0 if finite else 1
+    nan = 0
+    pos_inf = 0
+    if misses:
+        for i in range(n):
+            x = float(flat[i])
+            if x != x:
+                nan += 1
+            elif x == math.inf:
+                pos_inf += 1
+    stats[MIN] = lo
+    stats[MAX] = hi
+    stats[NAN] = nan
+    stats[POS_INF] = pos_inf
+    stats[NEG_INF] = misses - nan - pos_inf
+    stats[OUTSIDE] = 0
+    stats[FINITE] = n - misses
+
+
+@njit(cache=True, nogil=True)
 def bin_outside(flat, counts, old_t, t):  # pragma: no cover - compiled
     """Bin the finite values that ``scan`` left out (|x| >= old_t) on the grown grid."""
     bins = counts.shape[0]

@@ -117,19 +117,21 @@ class MinMaxObserver(Observer):
         super().__init__()
         self.averaging = averaging
         self._stats = np.empty(kernels.N_STATS)
-        self._no_bins = np.zeros(2, np.int64)
 
     def update(self, array: Any) -> None:
         flat = _flat(array)
-        kernels.scan(flat, self._no_bins, 0.0, self._stats)
+        kernels.minmax(flat, self._stats)
         s = self._stats
         self.nan += int(s[kernels.NAN])
         self.pos_inf += int(s[kernels.POS_INF])
         self.neg_inf += int(s[kernels.NEG_INF])
         if s[kernels.FINITE] == 0:
             return
-        self.finite += int(s[kernels.FINITE])
-        lo, hi = float(s[kernels.MIN]), float(s[kernels.MAX])
+        self.update_extremes(float(s[kernels.MIN]), float(s[kernels.MAX]), int(s[kernels.FINITE]))
+
+    def update_extremes(self, lo: float, hi: float, count: int) -> None:
+        """A batch's finite min/max computed elsewhere (ReduceMin/ReduceMax in the graph)."""
+        self.finite += count
         if self.averaging is not None and self.batches:
             c = self.averaging
             self.lo += c * (lo - self.lo)
