@@ -69,3 +69,46 @@ def fake_quantize(x: np.ndarray, params: QParams) -> np.ndarray:
     zero = params.zero_point.astype(np.float64)
     q = np.clip(np.round(x / params.scale.astype(np.float64)) + zero, qmin, qmax)
     return ((q - zero) * params.scale).astype(np.float32)
+
+
+def quantize_weight(
+    weight: np.ndarray, bits: int, block_size: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric round-to-nearest of a [K, N] weight along K, per block of ``block_size``
+    rows (0: one block, i.e. per output channel). Returns (q as int8 values in
+    [-(2^(bits-1) - 1), 2^(bits-1) - 1], scales [n_blocks, N] float32).
+
+    Symmetric because zero must stay exactly zero and kernels (MLAS, MatMulNBits) are
+    fastest without zero points; the rows padding the last block are not stored.
+    """
+    if weight.ndim != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {weight.shape}")
+    k, n = weight.shape
+    size = block_size or k
+    blocks = -(-k // size)
+    padded = np.zeros((blocks * size, n), np.float64)
+    padded[:k] = weight
+    grouped = padded.reshape(blocks, size, n)
+    qmax = 2 ** (bits - 1) - 1
+    scales = np.abs(grouped).max(axis=1) / qmax
+    scales = np.where(scales > 0, scales, 1.0).astype(np.float32)
+    q = np.clip(np.round(grouped / scales[:, None, :].astype(np.float64)), -qmax, qmax)
+    return q.reshape(blocks * size, n)[:k].astype(np.int8), scales
+
+
+def dequantize_weight(q: np.ndarray, scales: np.ndarray, block_size: int = 0) -> np.ndarray:
+    """Float weight the quantized one stands for (the reference tests compare against)."""
+    size = block_size or q.shape[0]
+    rows = np.repeat(scales, size, axis=0)[: q.shape[0]]
+    return (q.astype(np.float32) * rows).astype(np.float32)
+
+
+def pack_matmul_nbits(q: np.ndarray, block_size: int) -> np.ndarray:
+    """onnxruntime's MatMulNBits 4-bit layout: [N, n_blocks, block_size / 2] uint8 of W^T,
+    values offset by 8 (its default zero point), low nibble first."""
+    k, n = q.shape
+    blocks = -(-k // block_size)
+    u = np.full((blocks * block_size, n), 8, np.uint8)
+    u[:k] = (q.astype(np.int16) + 8).astype(np.uint8)
+    u = u.T.reshape(n, blocks, block_size)
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)

@@ -82,6 +82,7 @@ class Session:
         threads: int | None = None,
         backend: str = "onnxruntime",
         prepack: bool = False,
+        config: Mapping[str, str] | None = None,
     ) -> None:
         self.providers, self.dropped_providers = resolve_providers(providers)
         self.fallback_reason: str | None = None
@@ -92,7 +93,7 @@ class Session:
         else:
             try:
                 self._session = _make_session(
-                    model, _session_options(optimize, threads, prepack), self.providers
+                    model, _session_options(optimize, threads, prepack, config), self.providers
                 )
             except Exception as exc:
                 message = f"onnxruntime cannot load the model: {first_line(exc)}"
@@ -123,7 +124,12 @@ class Session:
         return [self.run(f) for f in feeds]
 
 
-def _session_options(optimize: bool, threads: int | None, prepack: bool = False) -> Any:
+def _session_options(
+    optimize: bool,
+    threads: int | None,
+    prepack: bool = False,
+    config: Mapping[str, str] | None = None,
+) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -137,6 +143,8 @@ def _session_options(optimize: bool, threads: int | None, prepack: bool = False)
             options.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         options.intra_op_num_threads = threads
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     return options
 
 

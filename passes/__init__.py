@@ -17,6 +17,7 @@ def builtin_registry() -> PassRegistry:
     from onnxsqueeze.passes.fuse_batchnorm import FuseBatchnormPass
     from onnxsqueeze.passes.fuse_gemm import FuseGemmPass
     from onnxsqueeze.passes.inline_ifs import InlineIfsPass
+    from onnxsqueeze.passes.quantize_weights import QuantizeWeightsPass
     from onnxsqueeze.passes.simplify_graph import SimplifyGraphPass
     from onnxsqueeze.passes.strip_metadata import StripMetadataPass
 
@@ -30,6 +31,7 @@ def builtin_registry() -> PassRegistry:
         FuseBatchnormPass,
         FuseGemmPass,
         StripMetadataPass,
+        QuantizeWeightsPass,
     ):
         registry.register(cls)
     lossless = [

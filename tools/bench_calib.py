@@ -154,7 +154,12 @@ def run_child(tool: str, model: Path, data: Path, n: int, method: str, timeout: 
         wall = time.perf_counter() - start
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["failed"])[-1][:80]
-            if proc.returncode < 0 or "MemoryError" in last or "bad_alloc" in last:
+            if (
+                proc.returncode < 0
+                or "MemoryError" in last
+                or "bad_alloc" in last
+                or "Failed to allocate" in proc.stderr
+            ):
                 last = f"out of memory (> {MEMORY_LIMIT >> 30} GiB)"
             return {"error": last.replace("|", "/")}
         peak = int(proc.stdout.split("PEAK_KIB")[1].split()[0]) / 1024
@@ -256,7 +261,9 @@ def render(rows, args) -> str:
         ort, ours = res["ort"], res["ours"]
 
         def cell(r, key, fmt):
-            return format(r[key], fmt) if key in r else r.get("error", "-")
+            if key in r:
+                return format(r[key], fmt)
+            return r["error"][:60] if "error" in r and key == "wall" else "-"
 
         speed = (
             f"{ort['calib'] / ours['calib']:.1f}x" if "calib" in ort and "calib" in ours else "-"

@@ -13,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 MIN_SUFFIX, MAX_SUFFIX, SIZE_SUFFIX = "::onnxsqueeze.min", "::onnxsqueeze.max", "::onnxsqueeze.size"
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
+#: Below this many values per sample, threads cost more than they save.
+PARALLEL_ELEMENTS = 1 << 20
 #: Default bound on the intermediate tensors one run may hand back (bytes).
 MAX_EXPOSED_BYTES = 1 << 30
 
@@ -107,7 +111,8 @@ class Collector:
         self._given = tensors is not None
         self.skipped: dict[str, str] = {}
         self.inputs = [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
-        self._sessions: list[tuple[Any, list[str]]] | None = None
+        self._sessions: list[tuple[Any, list[str], list[str]]] | None = None
+        self._pool: ThreadPoolExecutor | None = None
 
     def new_observer(self) -> Observer:
         return observer_for(self.options.method, self.options.bins)
@@ -138,8 +143,7 @@ class Collector:
                     observers[name].update(array)
             for session, full, reduced in list(self._sessions or []):
                 outputs = session.run(feed)
-                for name in full:
-                    observers[name].update(outputs[name])
+                self._update(observers, full, outputs)
                 flagged = self._update_reduced(observers, reduced, outputs)
                 del outputs
                 if flagged:
@@ -147,10 +151,41 @@ class Collector:
             done += 1
             if progress is not None:
                 progress(done, total)
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         if done == 0:
             raise CalibrationDataError("calibration data holds no samples")
         result.samples += done
         return result
+
+    def _update(
+        self, observers: Mapping[str, Observer], names: Sequence[str], outputs: Mapping[str, Any]
+    ) -> None:
+        """Histogram updates of one sample, in threads when there is enough data: the
+        kernels release the GIL and each observer is touched by one thread only."""
+        total = sum(np.size(outputs[name]) for name in names)
+        if total < PARALLEL_ELEMENTS or (os.cpu_count() or 1) < 2:
+            for name in names:
+                observers[name].update(outputs[name])
+            return
+        workers = os.cpu_count() or 1
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=workers)
+        # One task per worker (a task per tensor costs more in locks than it saves),
+        # tensors dealt out biggest first to the least loaded worker.
+        shares: list[list[str]] = [[] for _ in range(workers)]
+        loads = [0] * workers
+        for name in sorted(names, key=lambda n: -np.size(outputs[n])):
+            least = loads.index(min(loads))
+            shares[least].append(name)
+            loads[least] += np.size(outputs[name])
+
+        def run(share: list[str]) -> None:
+            for name in share:
+                observers[name].update(outputs[name])
+
+        list(self._pool.map(run, shares))
 
     # ------------------------------------------------------------------ sessions
 
@@ -229,7 +264,14 @@ class Collector:
         try:
             # Unoptimised with prepacked weights, as onnxruntime's calibrators run:
             # fusions would give each group's session different values for a tensor.
-            return Session(clone, self.options.providers, prepack=True)
+            # No spinning: idle onnxruntime threads would take the cores the histogram
+            # updates run on between two samples.
+            return Session(
+                clone,
+                self.options.providers,
+                prepack=True,
+                config={"session.intra_op.allow_spinning": "0"},
+            )
         except Exception as exc:
             raise CalibrationError(f"cannot run the model for calibration: {exc}") from exc
 

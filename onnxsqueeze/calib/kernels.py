@@ -22,6 +22,8 @@ N_STATS = 7
 
 #: Elements per block in ``scan``: its index buffer stays in L1 cache.
 BLOCK = 2048
+#: ``scan`` counts into 32-bit local bins and flushes them before they could overflow.
+FLUSH = 1 << 30
 
 
 @njit(cache=True, nogil=True)
@@ -31,56 +33,94 @@ def scan(flat, counts, t, stats):  # pragma: no cover - compiled
     Values with |x| >= t are not binned but counted in ``stats[OUTSIDE]``; the caller grows
     t and bins them with ``bin_outside``. ``t == 0`` bins nothing (first batch).
 
-    The bin is floor(x * per_unit) + offset: adding the offset before flooring would put a
-    tiny negative x into bin ``offset`` instead of ``offset - 1``.
+    Per block of BLOCK values, a branch-free loop (which LLVM vectorises: float64 math, int32
+    indices, as AVX2 has no packed float64->int64 conversion) computes bin indices, sending
+    anything not finite-and-inside (|NaN| < t and |inf| < t are false) to a spare bin; the
+    block's lowest and highest bin come from an integer min/max (vectorised too); a third
+    loop increments 32-bit local counts. Exact float min/max are then read only in the
+    blocks holding the extreme bins, and only blocks whose spare bin filled are looked at
+    again, to tell NaN, +inf, -inf and out-of-grid values apart. Tracking float min/max in
+    the first loop instead stops it vectorising: 7.4 ns per value against 2.2 here.
 
-    Per block, a branch-free loop (which LLVM vectorises) computes bin indices, sending
-    anything not finite-and-inside (|NaN| < t and |inf| < t are false) to a spare bin; a
-    second loop increments. Only blocks whose spare bin filled are looked at again, to
-    tell NaN, +inf, -inf and out-of-grid values apart. 3.4 ns per value here, against 11 for
-    one loop that classifies and increments together.
+    The bin is trunc(x * per_unit + offset), exact for x >= 0 and for x <= -1/per_unit; a
+    tiny negative x whose sum rounds up to ``offset`` is put back into bin ``offset - 1``.
     """
     bins = counts.shape[0]
-    offset = float(bins // 2)
+    half = bins // 2
+    offset = float(half)
     per_unit = bins / (2.0 * t) if t > 0 else 0.0
-    index = np.empty(BLOCK, np.int64)
-    spare = bins
+    index = np.empty(BLOCK, np.int32)
+    local = np.zeros(bins + 1, np.uint32)
+    spare = np.int32(bins)
+    below = np.int32(half - 1)
+    none = np.int32(-1)
+    n = flat.shape[0]
+    blocks = (n + BLOCK - 1) // BLOCK
+    block_lo = np.empty(blocks, np.int32)
+    block_hi = np.empty(blocks, np.int32)
+    block_misses = np.zeros(blocks, np.int32)
+    pending = 0
+    for b in range(blocks):
+        start = b * BLOCK
+        size = min(BLOCK, n - start)
+        misses = 0
+        for j in range(size):
+            x = float(flat[start + j])
+            inside = abs(x) < t
+            k = np.int32(x * per_unit + offset)
+            k = min(k, below) if x < 0 else k
+            index[j] = k if inside else spare
+            misses += 0 if inside else 1
+        k_lo = spare
+        k_hi = none
+        for j in range(size):
+            k = index[j]
+            k_lo = min(k_lo, k)
+            k_hi = max(k_hi, k if k != spare else none)
+        block_lo[b] = k_lo
+        block_hi[b] = k_hi
+        block_misses[b] = misses
+        for j in range(size):
+            local[index[j]] += np.uint32(1)
+        pending += size
+        if pending >= FLUSH:
+            for j in range(bins):
+                counts[j] += local[j]
+                local[j] = 0
+            pending = 0
+    for j in range(bins):
+        counts[j] += local[j]
     lo = math.inf
     hi = -math.inf
     nan = 0
     pos_inf = 0
     neg_inf = 0
     outside = 0
-    n = flat.shape[0]
-    for start in range(0, n, BLOCK):
-        size = min(BLOCK, n - start)
-        misses = 0
-        for j in range(size):
-            x = float(flat[start + j])
-            inside = abs(x) < t
-            index[j] = int(math.floor(x * per_unit) + offset) if inside else spare
-            misses += 0 if inside else 1
-            lo = min(lo, x if inside else lo)
-            hi = max(hi, x if inside else hi)
-        for j in range(size):
-            k = index[j]
-            if k != spare:
-                counts[k] += 1
-        if misses:
-            for j in range(size):
-                x = float(flat[start + j])
-                if abs(x) < t:
-                    continue
-                if x != x:
-                    nan += 1
-                elif x == math.inf:
-                    pos_inf += 1
-                elif x == -math.inf:
-                    neg_inf += 1
-                else:
-                    outside += 1
+    lowest = block_lo.min() if blocks else spare
+    highest = block_hi.max() if blocks else none
+    for b in range(blocks):
+        extreme = (block_lo[b] == lowest and lowest != spare) or (
+            block_hi[b] == highest and highest != none
+        )
+        if not extreme and not block_misses[b]:
+            continue
+        start = b * BLOCK
+        for j in range(start, min(start + BLOCK, n)):
+            x = float(flat[j])
+            if abs(x) < t:
+                if extreme:
                     lo = min(lo, x)
                     hi = max(hi, x)
+            elif x != x:
+                nan += 1
+            elif x == math.inf:
+                pos_inf += 1
+            elif x == -math.inf:
+                neg_inf += 1
+            else:
+                outside += 1
+                lo = min(lo, x)
+                hi = max(hi, x)
     stats[MIN] = lo
     stats[MAX] = hi
     stats[NAN] = nan

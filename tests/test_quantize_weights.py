@@ -1,0 +1,127 @@
+"""quantize-weights: DequantizeLinear (per channel, block-wise, int4) and MatMulNBits forms,
+each checked against the float weight the quantized one stands for, in onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+import onnxsqueeze
+from onnxsqueeze.passes.quantize_weights import QuantizeWeightsPass
+from onnxsqueeze.qmath import dequantize_weight, pack_matmul_nbits, quantize_weight
+
+from conftest import run_ort
+
+RNG = np.random.default_rng(0)
+
+
+def _model(op: str, weight: np.ndarray, opset: int, trans_b: bool = False) -> onnx.ModelProto:
+    k = weight.shape[1] if trans_b else weight.shape[0]
+    n = weight.shape[0] if trans_b else weight.shape[1]
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3, k])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3, n])
+    attrs = {"transB": 1} if trans_b else {}
+    node = onnx.helper.make_node(op, ["x", "w"], ["y"], **attrs)
+    graph = onnx.helper.make_graph(
+        [node], "g", [x], [y], [onnx.numpy_helper.from_array(weight, "w")]
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    return model
+
+
+def _run_unoptimized(proto: onnx.ModelProto, feeds: dict) -> np.ndarray:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(
+        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    return session.run(None, feeds)[0]
+
+
+def _apply(proto: onnx.ModelProto, **options) -> tuple[onnx.ModelProto, dict]:
+    model = ir.serde.deserialize_model(proto)
+    result = QuantizeWeightsPass(**options)(model)
+    out = ir.serde.serialize_model(model)
+    onnx.checker.check_model(out)
+    return out, result.stats
+
+
+def test_quantize_weight_math_round_trips_within_half_a_step():
+    w = RNG.standard_normal((100, 7)).astype(np.float32)
+    for bits, block in ((8, 0), (4, 32), (4, 0)):
+        q, s = quantize_weight(w, bits, block)
+        back = dequantize_weight(q, s, block)
+        step = np.repeat(s, block or 100, axis=0)[:100]
+        assert np.all(np.abs(back - w) <= step / 2 + 1e-7)
+        assert np.abs(q).max() <= 2 ** (bits - 1) - 1
+
+
+@pytest.mark.parametrize(
+    "op, opset, bits, block, trans_b",
+    [
+        ("MatMul", 17, 8, 0, False),  # per output channel, opset 13+
+        ("Gemm", 17, 8, 0, True),
+        ("MatMul", 21, 4, 32, False),  # int4 block-wise needs opset 21
+        ("Gemm", 21, 8, 64, True),
+    ],
+)
+def test_dequantize_linear_form_computes_with_the_dequantized_weight(
+    op, opset, bits, block, trans_b
+):
+    weight = RNG.standard_normal((96, 80) if not trans_b else (80, 96)).astype(np.float32)
+    out, stats = _apply(
+        _model(op, weight, opset, trans_b),
+        bits=bits,
+        block_size=block,
+        format="dq",
+        min_elements=16,
+    )
+    ops = [n.op_type for n in out.graph.node]
+    assert ops == ["DequantizeLinear", op] and stats["weights_quantized"] == 1
+    assert stats["bytes_after"] < stats["bytes_before"] / (3.5 if bits == 8 else 6)
+    assert [i.name for i in out.graph.initializer if i.name == "w"] == []  # float copy gone
+    kn = weight.T if trans_b else weight
+    q, s = quantize_weight(kn, bits, block)
+    x = {"x": RNG.standard_normal((3, 96)).astype(np.float32)}
+    expected = x["x"] @ dequantize_weight(q, s, block)
+    # The graph's meaning (no rewrites). onnxruntime's extended optimisations turn an int8
+    # DQ weight + MatMul into dynamic quantization, which also rounds the activations.
+    np.testing.assert_allclose(_run_unoptimized(out, x), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_matmul_nbits_form_on_older_opsets():
+    weight = RNG.standard_normal((100, 48)).astype(np.float32)  # K not a multiple of the block
+    out, stats = _apply(_model("MatMul", weight, 17), bits=4, block_size=32, min_elements=16)
+    assert [n.op_type for n in out.graph.node] == ["MatMulNBits"]
+    assert [o.name for o in out.graph.output] == ["y"]
+    q, s = quantize_weight(weight, 4, 32)
+    assert pack_matmul_nbits(q, 32).shape == (48, 4, 16)
+    x = {"x": RNG.standard_normal((3, 100)).astype(np.float32)}
+    expected = x["x"] @ dequantize_weight(q, s, 32)
+    np.testing.assert_allclose(run_ort(out, x)[0], expected, rtol=1e-4, atol=1e-3)
+
+
+def test_small_shared_and_unsupported_weights_stay_float():
+    weight = RNG.standard_normal((8, 8)).astype(np.float32)
+    _, stats = _apply(_model("MatMul", weight, 17))  # 64 elements < min_elements
+    assert stats["weights_quantized"] == 0
+    big = RNG.standard_normal((96, 80)).astype(np.float32)
+    _, stats = _apply(_model("Gemm", big, 17, trans_b=False), bits=4, format="auto")
+    assert stats["weights_quantized"] == 0 and stats["skipped"] == 1  # no MatMulNBits for Gemm
+
+
+def test_lossy_pass_in_the_pipeline_reports_its_error():
+    weight = RNG.standard_normal((96, 80)).astype(np.float32)
+    squeezed, report = onnxsqueeze.squeeze(
+        _model("MatMul", weight, 17), passes=[("quantize-weights", {"min_elements": 16})]
+    )
+    assert report.passes[0].status == "applied" and not report.passes[0].lossless
+    assert report.verification_status == "passed"
+    assert 0 < report.verification["max_rel"] < 0.02
+    assert squeezed.graph.node[0].op_type == "DequantizeLinear"
