@@ -31,6 +31,13 @@ def test_wheel_contains_the_passes(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "onnxsqueeze/passes/__init__.py" in names
     assert "onnxsqueeze/passes/cleanup.py" in names
+    # every module of the engine and the passes, subpackages included (calib/ was once missed)
+    engine = {
+        f"onnxsqueeze/{p.relative_to(REPO / 'onnxsqueeze')}"
+        for p in (REPO / "onnxsqueeze").rglob("*.py")
+    }
+    passes = {f"onnxsqueeze/passes/{p.name}" for p in (REPO / "passes").glob("*.py")}
+    assert engine | passes <= names, sorted((engine | passes) - names)
     assert "onnxsqueeze/cli.py" in names and "onnxsqueeze/py.typed" in names
     assert not any(n.startswith(("passes/", "tests/", "models/", "tools/")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
