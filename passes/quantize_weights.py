@@ -1,12 +1,13 @@
-"""quantize-weights: weight-only int8/int4 for MatMul and Gemm (round to nearest, symmetric).
+"""quantize-weights: weight-only int8/int4 for MatMul, Gemm and Gather tables (symmetric RTN).
 
 Activations stay float, so no calibration data is needed and accuracy loss is small; the
 file shrinks about 4x (int8) or 8x (int4). Two forms:
 
 - ``dq``: the weight becomes ``DequantizeLinear(q, scale)`` feeding the unchanged
-  MatMul/Gemm. Per output channel for int8 (opset >= 13); block-wise along K or int4 needs
-  opset 21 (DequantizeLinear's ``block_size`` and int4). onnxruntime folds DQ + MatMul into
-  its quantized kernels where it has them.
+  MatMul/Gemm/Gather. Per output channel for int8 (opset >= 13); block-wise along K or int4
+  needs opset 21 (DequantizeLinear's ``block_size`` and int4). onnxruntime neither folds
+  these DQ nodes nor (for 3-D activations) fuses them into an integer kernel, so the CPU
+  dequantizes on every run: MiniLM int8 keeps cosine 0.9994 but runs at 0.35x fp32.
 - ``matmulnbits``: onnxruntime's ``com.microsoft.MatMulNBits`` (4 bits, blocks along K),
   which runs int4 directly and needs no opset 21. ``auto`` uses it for 4 bits when the model's
   opset is below 21.
@@ -96,8 +97,10 @@ class QuantizeWeightsPass(SqueezePass):
     def _quantize(self, scope: GraphLike, node: ir.Node) -> tuple[int, int] | None:
         """(bytes before, bytes after) if the node's weight was quantized, (0, 0) if it was a
         candidate left alone, None if not a candidate."""
-        if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm", "Gather"):
             return None
+        if node.op_type == "Gather":
+            return self._quantize_table(scope, node)
         if len(node.inputs) < 2 or node.inputs[1] is None:
             return None
         weight_value = node.inputs[1]
@@ -120,15 +123,33 @@ class QuantizeWeightsPass(SqueezePass):
             return self._to_matmul_nbits(scope, node, kn)
         return self._to_dq(scope, node, kn, trans_b)
 
+    def _quantize_table(self, scope: GraphLike, node: ir.Node) -> tuple[int, int] | None:
+        """An embedding table read by Gather(axis 0): one scale per row (or per block of a
+        row), through DequantizeLinear. onnxruntime does not constant-fold DQ nodes (it keeps
+        them for its QDQ fusions), so the table is dequantized on every run: a 4x smaller
+        file, a slower run (MiniLM: see docs/benchmarks/weights.md)."""
+        axis = node.attributes.get("axis")
+        table = constant_array(node.inputs[0])
+        if table is None or table.ndim != 2 or table.dtype != np.float32:
+            return None
+        if (axis is not None and axis.as_int() != 0) or table.size < self.options.min_elements:
+            return None
+        if any(user is not node for user, _ in node.inputs[0].uses()):
+            return (0, 0)
+        form = self._form()
+        if form != "dq":
+            return (0, 0)  # MatMulNBits has no Gather counterpart in the standard domain
+        return self._to_dq(scope, node, table.T, trans_b=True, index=0)
+
     def _const(self, scope: GraphLike, array: np.ndarray, base: str, before: ir.Node) -> ir.Value:
         return add_constant(self._model, scope, array, unique_name(self._names, base), before)
 
     def _to_dq(
-        self, scope: GraphLike, node: ir.Node, kn: np.ndarray, trans_b: bool
+        self, scope: GraphLike, node: ir.Node, kn: np.ndarray, trans_b: bool, index: int = 1
     ) -> tuple[int, int]:
         opts: QuantizeWeightsOptions = self.options
         q, scales = quantize_weight(kn, opts.bits, opts.block_size)
-        base = node.inputs[1].name or "weight"
+        base = node.inputs[index].name or "weight"
         if trans_b:
             q, scales = q.T, scales.T  # [N, K] and [N, blocks]
         attributes: dict[str, int] = {}
@@ -152,8 +173,8 @@ class QuantizeWeightsPass(SqueezePass):
         out.shape = ir.Shape(q.shape)
         scope.insert_before(node, dq)
         before = kn.nbytes
-        weight_value = node.inputs[1]
-        node.replace_input_with(1, out)
+        weight_value = node.inputs[index]
+        node.replace_input_with(index, out)
         _drop_if_unused(scope, weight_value)
         after = (q.size * opts.bits + 7) // 8 + scales.nbytes
         return before, after

@@ -125,3 +125,26 @@ def test_lossy_pass_in_the_pipeline_reports_its_error():
     assert report.verification_status == "passed"
     assert 0 < report.verification["max_rel"] < 0.02
     assert squeezed.graph.node[0].op_type == "DequantizeLinear"
+
+
+@pytest.mark.parametrize("opset, bits, block", [(17, 8, 0), (21, 4, 32)])
+def test_embedding_table_of_a_gather(opset, bits, block):
+    table = RNG.standard_normal((50, 96)).astype(np.float32)
+    ids = onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [4])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 96])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Gather", ["table", "ids"], ["y"])],
+        "g",
+        [ids],
+        [y],
+        [onnx.numpy_helper.from_array(table, "table")],
+    )
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    proto.ir_version = 10
+    out, stats = _apply(proto, bits=bits, block_size=block, format="dq", min_elements=16)
+    assert [n.op_type for n in out.graph.node] == ["DequantizeLinear", "Gather"]
+    assert stats["weights_quantized"] == 1
+    q, s = quantize_weight(table.T, bits, block)
+    rows = dequantize_weight(q, s, block).T  # the table the quantized one stands for
+    feed = {"ids": np.array([0, 7, 49, 7], np.int64)}
+    np.testing.assert_allclose(_run_unoptimized(out, feed), rows[feed["ids"]], rtol=1e-6)
