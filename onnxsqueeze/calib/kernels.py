@@ -204,6 +204,17 @@ def minmax_per_channel(view, lo, hi):  # pragma: no cover - compiled
                     hi[c] = x
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _reference_bin(hist, start, j, size, left, right):  # pragma: no cover - compiled
+    """Bin j of P, the candidate's slice with the outliers folded into its end bins."""
+    value = hist[start + j]
+    if j == 0:
+        value += left
+    if j == size - 1:
+        value += right
+    return value
+
+
 @njit(cache=True, nogil=True)
 def kl_divergences(hist, quantized_bins):  # pragma: no cover - compiled
     """KL(P || Q) for every candidate threshold of the TensorRT entropy calibration.
@@ -244,11 +255,7 @@ def kl_divergences(hist, quantized_bins):  # pragma: no cover - compiled
             amount[k] = prefix[start + hi] - prefix[start + lo]
             count = 0
             for j in range(lo, hi):
-                pj = hist[start + j]
-                if j == 0:
-                    pj += left
-                if j == size - 1:
-                    pj += right
+                pj = _reference_bin(hist, start, j, size, left, right)
                 if pj != 0:
                     count += 1
                     p_min = min(p_min, pj)
@@ -284,11 +291,7 @@ def kl_divergences(hist, quantized_bins):  # pragma: no cover - compiled
             hi = size if k == quantized_bins - 1 else lo + merged
             share = amount[k] / nonzero[k] if nonzero[k] else 0.0
             for j in range(lo, hi):
-                pj = hist[start + j]
-                if j == 0:
-                    pj += left
-                if j == size - 1:
-                    pj += right
+                pj = _reference_bin(hist, start, j, size, left, right)
                 if pj != 0:
                     a = (pj - p_take) / p_sum
                     qj = share - q_take if share != 0 else eps
