@@ -100,7 +100,10 @@ model, data, n, method = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 options = json.loads(sys.argv[6])
 start = time.perf_counter()
 result = onnxsqueeze.calibrate(model, data, method=method, samples=n)
-ranges = {k: [float(lo), float(hi)] for k, (lo, hi) in result.ranges(method, **options).items()}
+ranges = {
+    k: [float(lo), float(hi), max(-result.observers[k].lo, result.observers[k].hi)]
+    for k, (lo, hi) in result.ranges(method, **options).items()
+}
 print('CALIB_S', time.perf_counter() - start)
 open(sys.argv[5], 'w').write(json.dumps(ranges))
 """
@@ -186,19 +189,19 @@ def fp32_seconds(model: Path, data: Path, n: int) -> float:
 
 def compare(ours: dict, theirs: dict, method: str) -> str:
     """minmax: max |difference| of the ranges (must be 0). percentile (symmetric): the
-    bounds max(|lo|, |hi|) compared in units of ORT's bin (its 2048 bins up to max |x|).
-    entropy: max |difference| of the ranges, for information."""
+    bounds max(|lo|, |hi|) compared in units of ORT's bin (its 2048 bins of |x| reach max |x|,
+    which ours reports as a third number). entropy: max |difference| of the ranges."""
     shared = set(ours) & set(theirs)
     if not shared:
         return "-"
     if method == "percentile":
         worst = 0.0
         for k in shared:
-            mine, their = max(map(abs, ours[k])), max(map(abs, theirs[k]))
-            width = max(their, 1e-30) / 2048
+            mine, their = max(map(abs, ours[k][:2])), max(map(abs, theirs[k]))
+            width = max(ours[k][2], 1e-30) / 2048
             worst = max(worst, abs(mine - their) / width)
         return f"{len(shared)} shared, bounds within {worst:.2f} ORT bins"
-    diff = max(max(abs(a - b) for a, b in zip(ours[k], theirs[k], strict=True)) for k in shared)
+    diff = max(max(abs(a - b) for a, b in zip(ours[k][:2], theirs[k], strict=True)) for k in shared)
     return f"{len(shared)} shared, max diff {diff:.2g}"
 
 
@@ -212,6 +215,7 @@ def main() -> None:
         "--models", nargs="+", default=["ppocr_cls", "magika", "minilm", "ppocr_det"]
     )
     parser.add_argument("--timeout", type=int, default=300)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks" / "calibration.md")
     args = parser.parse_args()
     rows = []
@@ -225,7 +229,7 @@ def main() -> None:
             make_samples(name, max(args.sizes), data)
             for n in args.sizes:
                 floor = fp32_seconds(entry.path, data, n)
-                for method in METHODS:
+                for method in args.methods:
                     results = {
                         tool: run_child(tool, entry.path, data, n, method, args.timeout)
                         for tool in ("ort", "ours")
@@ -244,7 +248,8 @@ def render(rows, args) -> str:
     lines = [
         "# Calibration: onnxruntime.quantization calibrators vs onnxsqueeze",
         "",
-        f"`python tools/bench_calib.py --sizes {' '.join(map(str, args.sizes))}` (one run, 2-core "
+        f"`python tools/bench_calib.py --sizes {' '.join(map(str, args.sizes))} "
+        f"--methods {' '.join(args.methods)}` (one run, 2-core "
         "machine, each calibration in its own process, memory capped at 16 GiB, timeout "
         f"{args.timeout} s). wall = whole process (imports, session, collection, range "
         "computation); calib = inside the process, from creating the calibrator to having every "
@@ -279,7 +284,7 @@ def render(rows, args) -> str:
     lines += ["", "## Peak RSS growth, ours: N=max / N=min", ""]
     sizes = sorted({n for _, n, *_ in rows})
     for name in dict.fromkeys(r[0] for r in rows):
-        for method in METHODS:
+        for method in args.methods:
             peaks = {
                 n: res["ours"].get("peak")
                 for m_name, n, m, _, res in rows
