@@ -164,7 +164,7 @@ def calibrate(
     re-quantizing with percentile after entropy needs no new inference.
     """
     from onnxsqueeze.calib.cache import Calibration
-    from onnxsqueeze.calib.collector import CollectOptions, Collector, select_tensors
+    from onnxsqueeze.calib.collector import CollectOptions, Collector, feed_names, select_tensors
     from onnxsqueeze.calib.observers import HISTOGRAM_METHODS, METHODS
     from onnxsqueeze.data import iter_feeds
     from onnxsqueeze.errors import CalibrationError, PipelineConfigError
@@ -185,12 +185,7 @@ def calibrate(
     if cache is not None and Path(cache).is_file():
         stored = Calibration.load(cache)
         missing = [t for t in select_tensors(loaded.model, options.op_types)[0] if t not in stored]
-        inputs = [
-            v.name
-            for v in loaded.model.graph.inputs
-            if v.name not in loaded.model.graph.initializers
-        ]
-        if stored.inputs != inputs or missing:
+        if stored.inputs != feed_names(loaded.model) or missing:
             raise CalibrationError(
                 f"{cache}: calibration cache does not match {loaded.label} "
                 f"({len(missing)} tensors missing); delete it or give another path"

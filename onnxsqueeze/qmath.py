@@ -63,14 +63,6 @@ def qparams(
     return QParams(scale, zero.astype(np_dtype), dtype)
 
 
-def fake_quantize(x: np.ndarray, params: QParams) -> np.ndarray:
-    """x quantized and dequantized again (what the model will compute), in float32."""
-    qmin, qmax = QRANGES[params.dtype]
-    zero = params.zero_point.astype(np.float64)
-    q = np.clip(np.round(x / params.scale.astype(np.float64)) + zero, qmin, qmax)
-    return ((q - zero) * params.scale).astype(np.float32)
-
-
 def quantize_weight(
     weight: np.ndarray, bits: int, block_size: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -152,7 +152,6 @@ class QuantizeWeightsPass(SqueezePass):
         base = node.inputs[index].name or "weight"
         if trans_b:
             q, scales = q.T, scales.T  # [N, K] and [N, blocks]
-        attributes: dict[str, int] = {}
         if opts.block_size:
             attributes = {"axis": 1 if trans_b else 0, "block_size": opts.block_size}
         else:

@@ -24,7 +24,7 @@ import onnx_ir as ir
 from onnxsqueeze.calib.cache import Calibration
 from onnxsqueeze.calib.observers import Observer, observer_for
 from onnxsqueeze.errors import CalibrationDataError, CalibrationError
-from onnxsqueeze.shapes import inferred_shapes
+from onnxsqueeze.shapes import inferred_shapes, static_shape
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class Collector:
         self.tensors: list[str] = list(tensors) if tensors is not None else []
         self._given = tensors is not None
         self.skipped: dict[str, str] = {}
-        self.inputs = [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
+        self.inputs = feed_names(model)
         self._sessions: list[tuple[Any, list[str], list[str]]] | None = None
         self._pool: ThreadPoolExecutor | None = None
 
@@ -164,8 +164,8 @@ class Collector:
     ) -> None:
         """Histogram updates of one sample, in threads when there is enough data: the
         kernels release the GIL and each observer is touched by one thread only."""
-        total = sum(np.size(outputs[name]) for name in names)
-        if total < PARALLEL_ELEMENTS or (os.cpu_count() or 1) < 2:
+        sizes = {name: np.size(outputs[name]) for name in names}
+        if sum(sizes.values()) < PARALLEL_ELEMENTS or (os.cpu_count() or 1) < 2:
             for name in names:
                 observers[name].update(outputs[name])
             return
@@ -176,10 +176,10 @@ class Collector:
         # tensors dealt out biggest first to the least loaded worker.
         shares: list[list[str]] = [[] for _ in range(workers)]
         loads = [0] * workers
-        for name in sorted(names, key=lambda n: -np.size(outputs[n])):
+        for name in sorted(names, key=lambda n: -sizes[n]):
             least = loads.index(min(loads))
             shares[least].append(name)
-            loads[least] += np.size(outputs[name])
+            loads[least] += sizes[name]
 
         def run(share: list[str]) -> None:
             for name in share:
@@ -323,7 +323,12 @@ class Collector:
 
 
 def _nbytes(value: ir.Value) -> int | None:
-    dims = value.shape.dims if value.shape is not None else None
-    if dims is None or value.dtype is None or not all(isinstance(d, int) for d in dims):
+    shape = static_shape(value)
+    if shape is None or value.dtype is None:
         return None
-    return int(np.prod(dims, dtype=np.int64)) * value.dtype.itemsize
+    return int(np.prod(shape, dtype=np.int64)) * value.dtype.itemsize
+
+
+def feed_names(model: ir.Model) -> list[str]:
+    """Graph inputs a caller feeds (an initializer listed as input has its default)."""
+    return [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]

@@ -12,6 +12,7 @@ report can name the tensor. A tensor with no finite value raises CalibrationErro
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Any, ClassVar
 
@@ -42,7 +43,7 @@ def _power_of_two_above(value: float) -> float:
     return math.ldexp(1.0, exponent)
 
 
-class Observer:
+class Observer(abc.ABC):
     """Base: the counters every observer keeps."""
 
     kind: ClassVar[str] = ""
@@ -79,8 +80,20 @@ class Observer:
             )
             raise CalibrationError(f"{name}: no finite value to calibrate on ({seen})")
 
-    def range(self, method: str = "minmax", **options: Any) -> tuple[float, float]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def update(self, array: Any) -> None:
+        """Fold one batch of values in."""
+
+    @abc.abstractmethod
+    def range(self, method: str = "minmax", **options: Any) -> tuple[Any, Any]:
+        """The calibrated (lo, hi)."""
+
+    def _count_nonfinite(self, stats: np.ndarray) -> int:
+        """Add a kernel's NaN/inf counts; return how many finite values it saw."""
+        self.nan += int(stats[kernels.NAN])
+        self.pos_inf += int(stats[kernels.POS_INF])
+        self.neg_inf += int(stats[kernels.NEG_INF])
+        return int(stats[kernels.FINITE])
 
     def qparams(
         self, dtype: str = "uint8", symmetric: bool = False, method: str = "minmax", **options: Any
@@ -122,12 +135,9 @@ class MinMaxObserver(Observer):
         flat = _flat(array)
         kernels.minmax(flat, self._stats)
         s = self._stats
-        self.nan += int(s[kernels.NAN])
-        self.pos_inf += int(s[kernels.POS_INF])
-        self.neg_inf += int(s[kernels.NEG_INF])
-        if s[kernels.FINITE] == 0:
-            return
-        self.update_extremes(float(s[kernels.MIN]), float(s[kernels.MAX]), int(s[kernels.FINITE]))
+        finite = self._count_nonfinite(s)
+        if finite:
+            self.update_extremes(float(s[kernels.MIN]), float(s[kernels.MAX]), finite)
 
     def update_extremes(self, lo: float, hi: float, count: int) -> None:
         """A batch's finite min/max computed elsewhere (ReduceMin/ReduceMax in the graph)."""
@@ -199,10 +209,7 @@ class HistogramObserver(Observer):
         flat = _flat(array)
         s = self._stats
         kernels.scan(flat, self.counts, self.t, s)
-        self.nan += int(s[kernels.NAN])
-        self.pos_inf += int(s[kernels.POS_INF])
-        self.neg_inf += int(s[kernels.NEG_INF])
-        finite = int(s[kernels.FINITE])
+        finite = self._count_nonfinite(s)
         if finite == 0:
             return
         self.finite += finite
@@ -234,9 +241,6 @@ class HistogramObserver(Observer):
         return self
 
     # ------------------------------------------------------------------ ranges
-
-    def edges(self) -> np.ndarray:
-        return np.linspace(-self.t, self.t, self.bins + 1)
 
     def range(
         self,
