@@ -154,7 +154,7 @@ def ocr_det_input(lines: list[str]) -> np.ndarray:
     return ((img - mean) / std).astype(np.float32).transpose(2, 0, 1)[None]
 
 
-def real_files(limit: int = 240) -> list[Path]:
+def real_files(limit: int = 1000, per_type: int = 24) -> list[Path]:
     """Files of many types found on this machine (Python install, fonts, docs, binaries)."""
     roots = [Path(sys.prefix), Path(sys.base_prefix), Path("/usr/share"), Path("/usr/lib")]
     by_ext: dict[str, list[Path]] = {}
@@ -168,7 +168,7 @@ def real_files(limit: int = 240) -> list[Path]:
             except OSError:
                 continue
             bucket = by_ext.setdefault(path.suffix.lower() or "<none>", [])
-            if len(bucket) < 6:
+            if len(bucket) < per_type:
                 bucket.append(path)
     files = [p for ext in sorted(by_ext) for p in by_ext[ext]]
     np.random.default_rng(SEED).shuffle(files)

@@ -39,19 +39,34 @@ def squeeze(
     probe_samples: int = DEFAULT_PROBE_SAMPLES,
     seed: int = 0,
     strict: bool = True,
+    quantize: Any = None,
 ) -> Squeezed:
     """Run passes (names, ``(name, options)`` pairs or pass objects; default: ``preset``).
 
     ``data`` (npz path, folder, or iterable of feed dicts) drives verification; without it
     seeded random feeds shaped by the signature and ``shapes`` are used. With ``strict``, a
     final model whose outputs drift beyond the lossless tolerance raises AccuracyBudgetError.
+
+    ``quantize`` (a mode name such as ``"static"``/``"auto"``, or a ``QuantizeConfig``; see
+    ``onnxsqueeze.quantize``) quantizes the simplified model within its accuracy budget,
+    calibrating on ``data``; the report's ``quantization`` says what was chosen and why.
     """
     from onnxsqueeze.io import convert_back, load_model
 
     loaded = load_model(model)
     working = loaded.model.clone()
     result, report = _run(
-        working, passes, preset, data, shapes, providers, verify, registry, probe_samples, seed
+        working,
+        passes,
+        preset,
+        data,
+        shapes,
+        providers,
+        verify,
+        registry,
+        probe_samples,
+        seed,
+        quantize,
     )
     report.source = loaded.label
     if strict and report.verification_status == "failed":
@@ -102,6 +117,7 @@ def _run_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
         "registry": None,
         "probe_samples": DEFAULT_PROBE_SAMPLES,
         "seed": 0,
+        "quantize": None,
     }
     unknown = set(kwargs) - set(defaults)
     if unknown:
@@ -109,7 +125,9 @@ def _run_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {**defaults, **kwargs}
 
 
-def _run(model, passes, preset, data, shapes, providers, verify, registry, probe_samples, seed):
+def _run(
+    model, passes, preset, data, shapes, providers, verify, registry, probe_samples, seed, quantize
+):
     from onnxsqueeze.passes import builtin_registry
     from onnxsqueeze.pipeline import Pipeline, VerifyOptions
 
@@ -121,7 +139,25 @@ def _run(model, passes, preset, data, shapes, providers, verify, registry, probe
         verify=VerifyOptions(enabled=verify, providers=tuple(providers or ("cpu",))),
         feeds=feeds,
     )
-    return pipeline.run(model, Report())
+    model, report = pipeline.run(model, Report())
+    if quantize is not None and not verify:
+        from onnxsqueeze.errors import PipelineConfigError
+        from onnxsqueeze.quantize import QuantizeConfig
+
+        mode = quantize.mode if isinstance(quantize, QuantizeConfig) else str(quantize)
+        if mode not in ("auto", "none"):
+            raise PipelineConfigError(
+                f"quantization ({mode}) measures the result on data; it cannot run without "
+                "verification (drop --no-verify)"
+            )
+        if mode == "auto":
+            report.warnings.append("quantization skipped: verification is disabled")
+        return model, report
+    if quantize is not None:
+        from onnxsqueeze.quantize import run_quantize_stage
+
+        model = run_quantize_stage(model, report, quantize, data, shapes, providers, seed)
+    return model, report
 
 
 def probe_feeds(model, data, shapes, count: int, seed: int) -> list[dict]:

@@ -65,6 +65,46 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="reuse statistics from FILE if it exists, else collect and write them there",
     )
+    quant = parser.add_argument_group(
+        "quantization",
+        "after the lossless passes; the result must meet the accuracy budget on --data "
+        "(nodes that break it stay float) or the model stays float and the report says why",
+    )
+    quant.add_argument(
+        "--quantize",
+        choices=("auto", "none", "static", "weights-int8", "weights-int4"),
+        default="auto",
+        help="auto (default): static int8 with --data, weight-only int8 without; kept only "
+        "within the budget and if not slower than float. none: lossless passes only",
+    )
+    quant.add_argument("--max-error", type=float, metavar="X", help="max abs output error")
+    quant.add_argument(
+        "--min-cosine", type=float, metavar="C", help="min mean output cosine (default 0.99)"
+    )
+    quant.add_argument(
+        "--min-top1-agreement", type=float, metavar="A", help="min argmax agreement, 0..1"
+    )
+    quant.add_argument(
+        "--exclude-nodes", default="", metavar="A,B", help="node names to keep float"
+    )
+    quant.add_argument("--exclude-ops", default="", metavar="OP,OP", help="op types to keep float")
+    quant.add_argument(
+        "--activations",
+        choices=("uint8", "int8", "uint16", "int16"),
+        default="uint8",
+        help="activation type of static quantization (default: %(default)s)",
+    )
+    quant.add_argument(
+        "--reduce-range",
+        action="store_true",
+        help="7-bit weights even where not needed (default: only on AVX2 CPUs without VNNI, "
+        "whose u8s8 kernels saturate with full-range weights)",
+    )
+    quant.add_argument(
+        "--require-faster",
+        action="store_true",
+        help="time the result against float on --providers; keep float if it is slower",
+    )
     parser.add_argument(
         "--providers",
         default="cpu",
@@ -179,6 +219,7 @@ def _squeeze(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         external_data=external,
         overwrite_input=args.overwrite_input,
+        quantize=_quantize_config(args),
     )
     if args.report:
         from onnxsqueeze.io import atomic_write_text
@@ -188,6 +229,40 @@ def _squeeze(args: argparse.Namespace) -> int:
         print(report.to_table())
         print(f"wrote {report.output}")
     return EXIT_OK
+
+
+def _quantize_config(args: argparse.Namespace):
+    """The quantize stage's settings from the flags (None: lossless only)."""
+    import dataclasses
+
+    from onnxsqueeze.budget import DEFAULT_BUDGET, Budget
+    from onnxsqueeze.errors import PipelineConfigError
+    from onnxsqueeze.quantize import QuantizeConfig
+
+    if args.quantize == "none" or args.passes:
+        return None
+    limits = {
+        "max_error": args.max_error,
+        "min_cosine": args.min_cosine,
+        "min_top1_agreement": args.min_top1_agreement,
+    }
+    budget = Budget(**limits) if any(v is not None for v in limits.values()) else DEFAULT_BUDGET
+    if args.calib_samples is not None and args.calib_samples <= 0:
+        raise PipelineConfigError("--calib-samples must be a positive number")
+    config = QuantizeConfig(
+        mode=args.quantize,
+        method=args.calib_method,
+        activations=args.activations,
+        reduce_range=True if args.reduce_range else None,
+        exclude_nodes=tuple(n for n in args.exclude_nodes.split(",") if n),
+        exclude_ops=tuple(n for n in args.exclude_ops.split(",") if n),
+        budget=budget,
+        calib_samples=args.calib_samples,
+        calib_cache=args.calib_cache,
+    )
+    if args.require_faster:
+        config = dataclasses.replace(config, check_latency=True, require_faster=True)
+    return config
 
 
 def _calibrate(args: argparse.Namespace) -> int:

@@ -204,3 +204,15 @@ def replace_value(old: ir.Value, new: ir.Value) -> bool:
         new.shape = old.shape
     old.replace_all_uses_with(new, replace_graph_outputs=True)
     return True
+
+
+def drop_if_unused(scope: GraphLike, value: ir.Value) -> None:
+    """Remove a constant nothing reads any more (a replaced float weight), so the file shrinks."""
+    if value.uses() or value.is_graph_output() or value.is_graph_input():
+        return
+    if isinstance(scope, ir.Graph) and scope.initializers.get(value.name or "") is value:
+        del scope.initializers[value.name]
+        return
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant":
+        producer.graph.remove(producer, safe=True)

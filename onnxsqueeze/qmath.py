@@ -104,3 +104,42 @@ def pack_matmul_nbits(q: np.ndarray, block_size: int) -> np.ndarray:
     u[:k] = (q.astype(np.int16) + 8).astype(np.uint8)
     u = u.T.reshape(n, blocks, block_size)
     return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+
+
+def quantize_per_channel(
+    weight: np.ndarray, axis: int | None, dtype: str = "int8", reduce_range: bool = False
+) -> tuple[np.ndarray, QParams]:
+    """Symmetric weight quantization, one scale per slice along ``axis`` (None: per tensor).
+
+    ``reduce_range`` keeps int8 weights in [-63, 63] (7 bits): on AVX2 without VNNI the u8 x s8
+    kernels add pairs of products in int16 (VPMADDUBSW) and full-range weights can saturate.
+    """
+    w = np.asarray(weight, np.float64)
+    if axis is None:
+        bound = np.abs(w).max(initial=0.0)
+    else:
+        axis = axis % w.ndim
+        others = tuple(i for i in range(w.ndim) if i != axis)
+        bound = np.abs(w).max(axis=others, initial=0.0)
+    qmin, qmax = QRANGES[dtype]
+    limit = min(-qmin, qmax) if qmin < 0 else (qmax - qmin) // 2
+    if reduce_range:
+        limit = limit // 2
+    scale = np.where(bound > 0, bound / limit, 1.0).astype(np.float32)
+    shaped = scale if axis is None else np.expand_dims(scale, others)
+    q = np.clip(np.round(w / shaped.astype(np.float64)), -limit, limit)
+    zero = np.zeros_like(scale, dtype=np.int8 if qmin < 0 else np.uint8)
+    if qmin >= 0:  # unsigned weights: zero point at the middle of the type
+        zero = np.full_like(scale, (qmax + qmin + 1) // 2, dtype=np.uint8)
+        q = q + zero if axis is None else q + np.expand_dims(zero, others)
+    np_dtype = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16}[dtype]
+    return q.astype(np_dtype), QParams(scale, zero.astype(np_dtype), dtype)
+
+
+def quantize_bias(bias: np.ndarray, scale: np.ndarray) -> np.ndarray | None:
+    """int32 bias on the accumulator's scale (input scale x weight scale), as QLinear kernels
+    add it; None when a value would not fit in int32 (the bias then stays float)."""
+    q = np.round(np.asarray(bias, np.float64) / np.asarray(scale, np.float64))
+    if np.any(np.abs(q) > 2**31 - 1):
+        return None
+    return q.astype(np.int32)

@@ -63,6 +63,7 @@ class SqueezePass(ir.passes.InPlacePass):
             f"{f.name}={getattr(self.options, f.name)!r}"
             for f in dataclasses.fields(self.options)
             if getattr(self.options, f.name) != getattr(default, f.name)
+            and not f.metadata.get("hidden")
         ]
         return f"{self.name}({', '.join(changed)})" if changed else self.name
 

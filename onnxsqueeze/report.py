@@ -40,6 +40,8 @@ class Report:
     providers: list[str] = dataclasses.field(default_factory=list)
     verification_backend: str | None = None  # onnxruntime | reference
     warnings: list[str] = dataclasses.field(default_factory=list)
+    #: What the quantize stage chose, measured and kept float (None: not asked).
+    quantization: dict[str, Any] | None = None
     seconds: float = 0.0
     file_bytes_before: int | None = None
     file_bytes_after: int | None = None
@@ -76,12 +78,25 @@ class Report:
         )
         if self.file_bytes_before is not None and self.file_bytes_after is not None:
             lines.append(_delta("file", self.file_bytes_before, self.file_bytes_after, human=True))
+        if self.quantization is not None:
+            lines.append(_quantization_line(self.quantization))
         verdict = self.verification_status
         if self.verification:
             verdict += f" ({self.verification.get('summary', '')})"
         lines.append(f"verification: {verdict}")
         lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
+
+
+def _quantization_line(q: dict[str, Any]) -> str:
+    if not q.get("applied"):
+        return f"quantization: {q.get('mode')} not applied ({q.get('reason', '?')})"
+    text = f"quantization: {q.get('mode')}"
+    if "candidates" in q:
+        text += f", {q.get('quantized', 0)} of {q['candidates']} nodes quantized"
+    if q.get("speed_vs_float") is not None:
+        text += f", {q['speed_vs_float']:.2f}x float speed"
+    return text + f" ({q.get('measured', '')})"
 
 
 def _delta(label: str, before: int | None, after: int | None, human: bool = False) -> str:

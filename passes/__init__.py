@@ -17,6 +17,7 @@ def builtin_registry() -> PassRegistry:
     from onnxsqueeze.passes.fuse_batchnorm import FuseBatchnormPass
     from onnxsqueeze.passes.fuse_gemm import FuseGemmPass
     from onnxsqueeze.passes.inline_ifs import InlineIfsPass
+    from onnxsqueeze.passes.insert_qdq import InsertQdqPass
     from onnxsqueeze.passes.quantize_weights import QuantizeWeightsPass
     from onnxsqueeze.passes.simplify_graph import SimplifyGraphPass
     from onnxsqueeze.passes.strip_metadata import StripMetadataPass
@@ -32,6 +33,7 @@ def builtin_registry() -> PassRegistry:
         FuseGemmPass,
         StripMetadataPass,
         QuantizeWeightsPass,
+        InsertQdqPass,
     ):
         registry.register(cls)
     lossless = [

@@ -27,6 +27,7 @@ from onnxsqueeze.graphs import (
     add_constant,
     all_value_names,
     constant_array,
+    drop_if_unused,
     scopes,
     unique_name,
 )
@@ -174,7 +175,7 @@ class QuantizeWeightsPass(SqueezePass):
         before = kn.nbytes
         weight_value = node.inputs[index]
         node.replace_input_with(index, out)
-        _drop_if_unused(scope, weight_value)
+        drop_if_unused(scope, weight_value)
         after = (q.size * opts.bits + 7) // 8 + scales.nbytes
         return before, after
 
@@ -202,19 +203,7 @@ class QuantizeWeightsPass(SqueezePass):
         name = old.name
         old.replace_all_uses_with(new, replace_graph_outputs=True)
         scope.remove(node, safe=True)
-        _drop_if_unused(scope, weight_value)
+        drop_if_unused(scope, weight_value)
         new.name = name
         self._model.opset_imports.setdefault("com.microsoft", 1)
         return kn.nbytes, packed.nbytes + scales.nbytes
-
-
-def _drop_if_unused(scope: GraphLike, value: ir.Value) -> None:
-    """The float weight goes as soon as nothing reads it, so the file really shrinks."""
-    if value.uses() or value.is_graph_output() or value.is_graph_input():
-        return
-    if isinstance(scope, ir.Graph) and scope.initializers.get(value.name or "") is value:
-        del scope.initializers[value.name]
-        return
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Constant":
-        producer.graph.remove(producer, safe=True)

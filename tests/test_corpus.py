@@ -79,6 +79,8 @@ def test_corpus_model_through_cli(entry: corpus.CorpusModel, tmp_path: Path) -> 
             str(entry.probe_dir),
             "--report",
             str(report),
+            "--quantize",
+            "none",
             "-q",
         ]
     )

@@ -1,0 +1,63 @@
+"""The accuracy budget a lossy result must meet, measured on the user's data.
+
+A budget holds only the limits the user set; an unset limit is not checked. A user metric
+(API only) receives the float model's and the candidate's outputs on the evaluation samples
+and returns a score, higher is better (for example task accuracy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from onnxsqueeze.verify import Comparison
+
+Outputs = Sequence[Mapping[str, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    #: Largest absolute difference allowed on any output element.
+    max_error: float | None = None
+    #: Smallest mean cosine (per sample, then averaged) allowed on any output.
+    min_cosine: float | None = None
+    #: Smallest share of samples whose argmax (last axis) agrees, on outputs with classes.
+    min_top1_agreement: float | None = None
+    metric: Callable[[Outputs, Outputs], float] | None = None
+    min_metric: float | None = None
+
+    def is_set(self) -> bool:
+        return any(
+            v is not None
+            for v in (self.max_error, self.min_cosine, self.min_top1_agreement, self.min_metric)
+        )
+
+    def check(
+        self, comparison: Comparison, reference: Outputs, candidate: Outputs
+    ) -> tuple[bool, str]:
+        """(met, one-line summary of what was measured against which limit)."""
+        parts: list[str] = []
+        ok = not any(o.mismatch for o in comparison.outputs)
+        if self.max_error is not None:
+            ok &= comparison.max_abs <= self.max_error
+            parts.append(f"max error {comparison.max_abs:.3g} (limit {self.max_error:g})")
+        if self.min_cosine is not None:
+            ok &= comparison.min_cosine >= self.min_cosine
+            parts.append(f"cosine {comparison.min_cosine:.5f} (min {self.min_cosine:g})")
+        if self.min_top1_agreement is not None:
+            top1 = [o.top1_agreement for o in comparison.outputs if o.top1_agreement is not None]
+            value = min(top1) if top1 else 1.0
+            ok &= value >= self.min_top1_agreement
+            parts.append(f"top-1 agreement {value:.4f} (min {self.min_top1_agreement:g})")
+        if self.metric is not None and self.min_metric is not None:
+            score = float(self.metric(reference, candidate))
+            ok &= score >= self.min_metric
+            parts.append(f"metric {score:.4g} (min {self.min_metric:g})")
+        if not parts:
+            parts.append(comparison.summary())
+        return bool(ok), ", ".join(parts)
+
+
+#: What ``onnxsqueeze model.onnx -o small.onnx`` holds a quantized model to.
+DEFAULT_BUDGET = Budget(min_cosine=0.99)

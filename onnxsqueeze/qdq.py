@@ -1,0 +1,161 @@
+"""QDQ building blocks shared by the quantization passes: which ops quantize how, and how a
+QuantizeLinear/DequantizeLinear pair or a dequantized constant is added to a graph.
+
+The op roles follow what onnxruntime's QDQ fusions look for, because a QDQ model is only fast
+when the execution provider turns ``DQ -> op -> Q`` into an integer kernel:
+
+- weighted ops (Conv, ConvTranspose, MatMul, Gemm) become QLinearConv, QLinearMatMul /
+  MatMulIntegerToFloat, QGemm: inputs and output quantized, weights per channel, bias int32;
+- ops with their own output scale (Add, Mul, Concat, average pooling, Sigmoid, LeakyRelu,
+  Softmax) become QLinear* kernels;
+- data-movement ops (Reshape, Transpose, MaxPool, Resize, ...) run on the integers when their
+  output shares their input's scale, so they are quantized only after a quantized producer;
+- Relu and Clip right after a quantized op are absorbed into its output's range (onnxruntime
+  drops them when the zero point sits at the bottom of the range).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxsqueeze.graphs import GraphLike, add_constant, unique_name
+from onnxsqueeze.qmath import QParams
+
+#: op -> (weight input index, bias input index or None).
+WEIGHTED = {"Conv": (1, 2), "ConvTranspose": (1, 2), "MatMul": (1, None), "Gemm": (1, 2)}
+OWN_SCALE = frozenset(
+    {
+        "Add",
+        "Mul",
+        "Concat",
+        "AveragePool",
+        "GlobalAveragePool",
+        "Sigmoid",
+        "LeakyRelu",
+        "Softmax",
+    }
+)
+SAME_SCALE = frozenset(
+    {
+        "Reshape",
+        "Transpose",
+        "Squeeze",
+        "Unsqueeze",
+        "Flatten",
+        "MaxPool",
+        "GlobalMaxPool",
+        "Resize",
+        "Slice",
+        "Gather",
+        "Split",
+        "Identity",
+    }
+)
+FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})
+ALL_OPS = frozenset(WEIGHTED) | OWN_SCALE | SAME_SCALE
+
+ONNX_TYPES = {
+    "uint8": ir.DataType.UINT8,
+    "int8": ir.DataType.INT8,
+    "uint16": ir.DataType.UINT16,
+    "int16": ir.DataType.INT16,
+}
+
+
+def saturating_u8s8_cpu() -> bool:
+    """True on x86 CPUs whose u8 x s8 kernels add product pairs in int16 (AVX2 without VNNI):
+    full-range int8 weights can saturate there (measured: errors of several output units on
+    random data), so weights get 7 bits. The report names the choice; the result is meant
+    for CPUs like this one."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as info:
+            flags = next((line for line in info if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return "avx2" in flags and not any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def weight_axis(node: ir.Node, weight: np.ndarray) -> int | None:
+    """The weight axis that indexes output channels (None: per tensor only)."""
+    op = node.op_type
+    if op == "Conv":
+        return 0
+    if op == "ConvTranspose":
+        group = node.attributes.get("group")
+        return 1 if group is None or group.as_int() == 1 else None
+    if op == "Gemm":
+        trans_b = node.attributes.get("transB")
+        return 0 if trans_b is not None and trans_b.as_int() else 1
+    if op == "MatMul":
+        return 1 if weight.ndim == 2 else None
+    return None
+
+
+class QdqBuilder:
+    """Adds Q/DQ nodes and quantized constants to one model, with names unique model-wide."""
+
+    def __init__(self, model: ir.Model, names: set[str], domain: str = "") -> None:
+        self.model = model
+        self.names = names
+        #: "" (standard ops) or "com.microsoft" (16-bit Q/DQ before opset 21).
+        self.domain = domain
+
+    def constant(self, scope: GraphLike, array: np.ndarray, base: str, before: ir.Node) -> ir.Value:
+        return add_constant(self.model, scope, array, unique_name(self.names, base), before)
+
+    def dequantized(
+        self,
+        scope: GraphLike,
+        q: np.ndarray,
+        qp: QParams,
+        axis: int | None,
+        base: str,
+        before: ir.Node,
+    ) -> ir.Value:
+        """``DequantizeLinear(q, scale, zero_point)`` for a quantized constant."""
+        inputs = [
+            self.constant(scope, q, base + "_quantized", before),
+            self.constant(scope, np.asarray(qp.scale, np.float32), base + "_scale", before),
+            self.constant(scope, np.asarray(qp.zero_point), base + "_zero_point", before),
+        ]
+        attributes = {"axis": axis} if axis is not None and np.ndim(qp.scale) else {}
+        dq = ir.node("DequantizeLinear", inputs, attributes=attributes, domain=self.domain)
+        out = dq.outputs[0]
+        out.name = unique_name(self.names, base + "_dequantized")
+        out.type = ir.TensorType(ir.DataType.FLOAT)
+        out.shape = ir.Shape(q.shape)
+        scope.insert_before(before, dq)
+        return out
+
+    def pair(
+        self, scope: GraphLike, value: ir.Value, qp: QParams, anchor: ir.Node, after: bool
+    ) -> ir.Value:
+        """``DQ(Q(value))`` inserted after (or before) ``anchor``; returns the DQ output."""
+        base = value.name or "tensor"
+        position = anchor
+        scale = self.constant(scope, np.asarray(qp.scale, np.float32), base + "_scale", position)
+        zero = self.constant(scope, np.asarray(qp.zero_point), base + "_zero_point", position)
+        q = ir.node("QuantizeLinear", [value, scale, zero], domain=self.domain)
+        q.outputs[0].name = unique_name(self.names, base + "_quantized")
+        q.outputs[0].type = ir.TensorType(ONNX_TYPES[qp.dtype])
+        q.outputs[0].shape = value.shape
+        dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zero], domain=self.domain)
+        dq.outputs[0].name = unique_name(self.names, base + "_dequantized")
+        dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+        dq.outputs[0].shape = value.shape
+        if after:
+            scope.insert_after(anchor, [q, dq])
+        else:
+            scope.insert_before(anchor, [q, dq])
+        return dq.outputs[0]
+
+
+def first_reader(scope: GraphLike, value: ir.Value) -> ir.Node | None:
+    """The earliest node of ``scope`` that reads ``value`` (where a pair for it must go)."""
+    readers = {id(user) for user, _ in value.uses()}
+    return next((node for node in scope if id(node) in readers), None)

@@ -1,0 +1,389 @@
+"""The quantize stage: quantize a (simplified) float model within an accuracy budget.
+
+Static: calibrate the activations, insert QDQ everywhere it applies, and measure the result
+against the float model on evaluation samples *as onnxruntime will run it* (graph
+optimizations on, so the QDQ fusions that decide speed and numerics happen). If the budget
+is not met, every candidate node is scored (``onnxsqueeze.sensitivity``) and the fewest most
+damaging nodes are kept float, found by bisection over the ranking. Weight-only modes need no
+calibration and are measured the same way. The record says what was chosen and why, node by
+node.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import onnx_ir as ir
+
+from onnxsqueeze.budget import DEFAULT_BUDGET, Budget
+from onnxsqueeze.errors import SqueezeError, UnsupportedModelError, first_line
+from onnxsqueeze.graphs import opset_version, scopes
+from onnxsqueeze.qdq import OWN_SCALE, WEIGHTED
+from onnxsqueeze.verify import LOSSLESS_RTOL, compare_runs
+
+logger = logging.getLogger(__name__)
+
+MODES = ("static", "weights-int8", "weights-int4")
+#: auto: static with data, weight-only int8 without; kept only if within budget and not slower.
+CHOICES = ("auto", "none", *MODES)
+#: Nodes the budget search may keep float; data-movement ops follow their producer.
+CANDIDATE_OPS = (*WEIGHTED, *sorted(OWN_SCALE))
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeConfig:
+    mode: str = "static"
+    method: str = "entropy"
+    activations: str = "uint8"
+    weights: str = "int8"
+    per_channel: bool = True
+    reduce_range: bool | None = None
+    op_types: tuple[str, ...] | None = None
+    exclude_nodes: tuple[str, ...] = ()
+    exclude_ops: tuple[str, ...] = ()
+    #: see InsertQdqOptions.elementwise
+    elementwise: str = "linked"
+    budget: Budget = DEFAULT_BUDGET
+    providers: tuple[str, ...] = ("cpu",)
+    #: exact (one model per candidate), local (two runs), auto (exact up to max_exact nodes).
+    sensitivity: str = "auto"
+    max_exact: int = 40
+    sensitivity_samples: int = 4
+    #: Time the result against the float model; with require_faster, a slower result is dropped.
+    check_latency: bool = False
+    require_faster: bool = False
+    #: Calibration: at most this many samples of the data; a cache file to reuse / write.
+    calib_samples: int | None = None
+    calib_cache: str | None = None
+    #: Samples of the data the budget is judged on.
+    eval_samples: int = 32
+
+
+@dataclasses.dataclass
+class QuantizeOutcome:
+    model: ir.Model
+    record: dict[str, Any]
+
+
+def quantize_model(
+    model: ir.Model,
+    eval_feeds: Sequence[Mapping[str, Any]],
+    config: QuantizeConfig,
+    *,
+    calibration: Any = None,
+    calib_feeds: Iterable[Mapping[str, Any]] | None = None,
+    calib_samples: int | None = None,
+) -> QuantizeOutcome:
+    """Quantize ``model`` (not modified) per ``config``; ``eval_feeds`` judge the budget."""
+    if config.mode not in MODES:
+        raise SqueezeError(f"unknown quantization mode '{config.mode}' (known: {', '.join(MODES)})")
+    started = time.perf_counter()
+    stage = _Stage(model.clone(), list(eval_feeds), config)
+    if config.mode == "static":
+        outcome = stage.static(calibration, calib_feeds, calib_samples)
+    else:
+        outcome = stage.weight_only(4 if config.mode.endswith("int4") else 8)
+    if config.check_latency and outcome.record.get("applied"):
+        _latency(model, outcome, config)
+    outcome.record["seconds"] = round(time.perf_counter() - started, 3)
+    return outcome
+
+
+class _Stage:
+    def __init__(self, model: ir.Model, feeds: list[dict], config: QuantizeConfig) -> None:
+        from onnxsqueeze.runtime import Session
+
+        self.model = model
+        self.feeds = feeds
+        self.config = config
+        self.reference = Session(model, config.providers).run_all(feeds)
+        self.record: dict[str, Any] = {"mode": config.mode, "budget_met": False, "applied": False}
+
+    # -------------------------------------------------------------- measuring
+
+    def run(
+        self,
+        model: ir.Model,
+        feeds: Sequence[Mapping[str, Any]] | None = None,
+        optimize: bool = True,
+    ) -> list[dict]:
+        from onnxsqueeze.runtime import Session
+
+        return Session(model, self.config.providers, optimize=optimize).run_all(feeds or self.feeds)
+
+    def judge(self, model: ir.Model) -> tuple[bool, str]:
+        outputs = self.run(model)
+        comparison = compare_runs(self.reference, outputs)
+        return self.config.budget.check(comparison, self.reference, outputs)
+
+    # -------------------------------------------------------------- weight-only
+
+    def weight_only(self, bits: int) -> QuantizeOutcome:
+        from onnxsqueeze.passes.quantize_weights import QuantizeWeightsPass
+
+        candidate = self.model.clone()
+        options = {"bits": bits, "block_size": 32 if bits == 4 else 0}
+        result = QuantizeWeightsPass(**options)(candidate)
+        ok, summary = self.judge(candidate)
+        self.record.update(stats=result.stats, measured=summary, budget_met=ok)
+        if not ok or not result.modified:
+            self.record["reason"] = summary if not ok else "nothing to quantize"
+            return QuantizeOutcome(self.model, self.record)
+        self.record["applied"] = True
+        return QuantizeOutcome(candidate, self.record)
+
+    # -------------------------------------------------------------- static
+
+    def static(self, calibration, calib_feeds, calib_samples) -> QuantizeOutcome:
+        config = self.config
+        _name_nodes(self.model)
+        if config.per_channel and opset_version(self.model) < 13:
+            self._upgrade(13)
+        if calibration is None:
+            if calib_feeds is None:
+                raise SqueezeError("static quantization needs calibration data (--data)")
+            from onnxsqueeze.calib.collector import CollectOptions, Collector
+
+            options = CollectOptions(method=config.method, providers=config.providers)
+            calibration = Collector(self.model, options).collect(calib_feeds, total=calib_samples)
+        self.calibration = calibration
+        self.ranges = calibration.ranges(config.method)
+        self.record.update(method=config.method, calibration_samples=calibration.samples)
+        candidate, stats = self.build(())
+        names = [n for n in stats["quantized"] if n in self.candidates]
+        self.record["candidates"] = len(names)
+        if not names:
+            self.record["reason"] = "no node could be quantized"
+            self.record["kept_float"] = stats["kept_float"]
+            return QuantizeOutcome(self.model, self.record)
+        ok, summary = self.judge(candidate)
+        self.record["all_quantized"] = summary
+        scores: dict[str, float] = {}
+        excluded: list[str] = []
+        if not ok:
+            scores = self.scores(names, candidate)
+            order = sorted(names, key=lambda n: -scores[n])
+            k, candidate, summary = self.bisect(order)
+            ok = candidate is not None
+            excluded = order[:k] if ok else list(order)
+        self.record["budget_met"] = ok
+        self.record["measured"] = summary
+        self.record["nodes"] = [
+            {
+                "name": n,
+                "op": self.candidates[n].op_type,
+                "score": scores.get(n),
+                "decision": "float (budget)" if n in excluded else "quantized",
+            }
+            for n in names
+        ]
+        self.record["kept_float"] = {**stats["kept_float"], **dict.fromkeys(excluded, "budget")}
+        if not ok:
+            self.record["reason"] = (
+                f"budget not met even with every sensitive node float ({summary})"
+            )
+            return QuantizeOutcome(self.model, self.record)
+        self.record["applied"] = True
+        self.record["quantized"] = len(names) - len(excluded)
+        return QuantizeOutcome(candidate, self.record)
+
+    def _upgrade(self, target: int) -> None:
+        from onnxsqueeze.opsets import upgrade_opset
+
+        try:
+            upgraded = upgrade_opset(self.model, target)
+            same = compare_runs(self.reference, self.run(upgraded, optimize=False))
+        except (UnsupportedModelError, SqueezeError, Exception) as exc:  # noqa: BLE001
+            self.record["opset"] = f"kept {opset_version(self.model)}: {first_line(exc)}"
+            return
+        if not same.within(LOSSLESS_RTOL):
+            self.record["opset"] = f"kept {opset_version(self.model)}: upgrade changed outputs"
+            return
+        self.record["opset"] = f"{opset_version(self.model)} -> {target}"
+        self.model = upgraded
+
+    @property
+    def candidates(self) -> dict[str, ir.Node]:
+        if not hasattr(self, "_candidates"):
+            ops = set(self.config.op_types or CANDIDATE_OPS) & set(CANDIDATE_OPS)
+            self._candidates = {
+                n.name: n
+                for scope in scopes(self.model)
+                for n in scope
+                if n.op_type in ops and n.name
+            }
+        return self._candidates
+
+    def build(self, excluded: Sequence[str]) -> tuple[ir.Model, dict[str, Any]]:
+        from onnxsqueeze.passes.insert_qdq import DEFAULT_OPS, InsertQdqPass
+
+        config = self.config
+        candidate = self.model.clone()
+        result = InsertQdqPass(
+            ranges=self.ranges,
+            activations=config.activations,
+            weights=config.weights,
+            per_channel=config.per_channel,
+            reduce_range=config.reduce_range,
+            op_types=tuple(config.op_types or DEFAULT_OPS),
+            exclude_nodes=tuple(config.exclude_nodes) + tuple(excluded),
+            exclude_ops=tuple(config.exclude_ops),
+            elementwise=config.elementwise,
+        )(candidate)
+        return candidate, result.stats
+
+    def scores(self, names: list[str], quantized: ir.Model) -> dict[str, float]:
+        from onnxsqueeze.sensitivity import exact_scores, local_scores
+
+        config = self.config
+        feeds = self.feeds[: config.sensitivity_samples]
+        method = config.sensitivity
+        if method == "auto":
+            method = "exact" if len(names) <= config.max_exact else "local"
+        self.record["sensitivity"] = method
+        if method == "exact":
+            reference = self.reference[: len(feeds)]
+            return exact_scores(
+                names,
+                lambda excluded: self.build(excluded)[0],
+                lambda m: self.run(m, feeds, optimize=False),
+                reference,
+            )
+        nodes = {n: self.candidates[n] for n in names}
+        return local_scores(self.model, quantized, nodes, feeds, config.providers)
+
+    def bisect(self, order: list[str]) -> tuple[int, ir.Model | None, str]:
+        """Fewest leading nodes of ``order`` to keep float so the budget holds (bisection:
+        keeping more nodes float does not, in practice, make the error larger). At least the
+        least damaging node must stay quantized, or there is nothing to ship."""
+        last = len(order) - 1
+        candidate, _ = self.build(order[:last])
+        ok, summary = self.judge(candidate)
+        tries = 1
+        if not ok:
+            self.record["budget_tries"] = tries
+            return len(order), None, summary
+        lo, hi, best = 0, last, (candidate, summary)  # lo fails, hi passes
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            candidate, _ = self.build(order[:mid])
+            ok, summary = self.judge(candidate)
+            tries += 1
+            if ok:
+                hi, best = mid, (candidate, summary)
+            else:
+                lo = mid
+        self.record["budget_tries"] = tries
+        return hi, best[0], best[1]
+
+
+def _name_nodes(model: ir.Model) -> None:
+    """Every node gets a name (exclusions and the report refer to nodes by name)."""
+    taken = {n.name for scope in scopes(model) for n in scope if n.name}
+    count = 0
+    for scope in scopes(model):
+        for node in scope:
+            if not node.name:
+                while f"{node.op_type}_{count}" in taken:
+                    count += 1
+                node.name = f"{node.op_type}_{count}"
+                taken.add(node.name)
+
+
+def _latency(original: ir.Model, outcome: QuantizeOutcome, config: QuantizeConfig) -> None:
+    from onnxsqueeze.bench import compare_latency
+
+    speed = compare_latency(original, outcome.model, config.providers)
+    outcome.record["speed_vs_float"] = round(speed, 3)
+    if speed < 1.0:
+        outcome.record["slower"] = True
+        if config.require_faster:
+            outcome.record["applied"] = False
+            outcome.record["reason"] = (
+                f"quantized model runs at {speed:.2f}x float speed; kept float"
+            )
+            outcome.model = original
+
+
+def resolve_config(quantize: Any, has_data: bool) -> QuantizeConfig | None:
+    """A QuantizeConfig from what the caller gave: a mode name or a config (mode may be auto)."""
+    config = quantize if isinstance(quantize, QuantizeConfig) else None
+    mode = config.mode if config is not None else str(quantize)
+    if mode not in CHOICES:
+        raise SqueezeError(f"unknown quantization mode '{mode}' (known: {', '.join(CHOICES)})")
+    if mode == "none":
+        return None
+    config = config or QuantizeConfig()
+    if mode == "auto":
+        chosen = "static" if has_data else "weights-int8"
+        return dataclasses.replace(config, mode=chosen, check_latency=True, require_faster=True)
+    return dataclasses.replace(config, mode=mode)
+
+
+def run_quantize_stage(
+    model: ir.Model, report: Any, quantize: Any, data: Any, shapes: Any, providers: Any, seed: int
+) -> ir.Model:
+    """The stage as the API runs it after the lossless passes: feeds from ``data`` (or
+    generated), the record in ``report.quantization``, the verdict in the report."""
+    from onnxsqueeze.api import probe_feeds
+    from onnxsqueeze.errors import CalibrationError
+    from onnxsqueeze.io import model_stats
+
+    config = resolve_config(quantize, data is not None)
+    if config is None:
+        return model
+    auto = (quantize.mode if isinstance(quantize, QuantizeConfig) else str(quantize)) == "auto"
+    if providers:
+        config = dataclasses.replace(config, providers=tuple(providers))
+    if config.mode == "static" and data is None:
+        raise CalibrationError("static quantization needs calibration data (--data)")
+    feeds = probe_feeds(model, data, shapes, max(config.eval_samples, 2), seed)
+    feeds = feeds[: config.eval_samples]
+    calibration = calib_feeds = None
+    if config.mode == "static":
+        if config.calib_cache:
+            from onnxsqueeze.api import calibrate
+
+            calibration = calibrate(
+                model,
+                data,
+                method=config.method,
+                samples=config.calib_samples,
+                cache=config.calib_cache,
+                providers=config.providers,
+            )
+        else:
+            from onnxsqueeze.data import iter_feeds
+            from onnxsqueeze.runtime import input_specs
+
+            calib_feeds = iter_feeds(data, input_specs(model), limit=config.calib_samples)
+    from onnxsqueeze.errors import RuntimeSessionError
+
+    try:
+        outcome = quantize_model(
+            model,
+            feeds,
+            config,
+            calibration=calibration,
+            calib_feeds=calib_feeds,
+            calib_samples=config.calib_samples,
+        )
+    except RuntimeSessionError as exc:
+        if not auto:
+            raise
+        report.warnings.append(f"quantization skipped: the model does not run ({exc})")
+        return model
+    report.quantization = outcome.record
+    if not outcome.record.get("applied"):
+        report.warnings.append(
+            f"quantization ({config.mode}) not applied: {outcome.record.get('reason', '?')}"
+        )
+        return model
+    report.after = model_stats(outcome.model).as_dict()
+    report.verification = {"summary": f"{config.mode}: {outcome.record['measured']}"}
+    report.verification_status = "passed"
+    return outcome.model

@@ -1,0 +1,178 @@
+"""The quantize stage: the accuracy budget keeps the damaging node float, modes, API and CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+import onnxsqueeze
+from onnxsqueeze.budget import Budget
+from onnxsqueeze.quantize import QuantizeConfig, quantize_model
+
+RNG = np.random.default_rng(7)
+DIGITS = Path(__file__).resolve().parent.parent / "models" / "digits_cnn.onnx"
+
+SENSITIVE = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[4, 32] x) => (float[4, 32] y) {
+    h = MatMul (x, w1)
+    r = Relu (h)
+    m = MatMul (r, w2)
+    y = Add (m, c)
+}
+"""
+
+
+def _sensitive_model() -> ir.Model:
+    """Two ordinary MatMuls, then an Add of a constant with one huge element: quantizing the
+    Add (its constant and output on one uint8 scale) wipes out every ordinary value."""
+    proto = onnx.parser.parse_model(SENSITIVE)
+    c = RNG.standard_normal(32).astype(np.float32) * 0.1
+    c[3] = 2000.0
+    for name, array in (
+        ("w1", RNG.standard_normal((32, 32)).astype(np.float32) / 6),
+        ("w2", RNG.standard_normal((32, 32)).astype(np.float32) / 6),
+        ("c", c),
+    ):
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+    onnx.checker.check_model(proto)
+    return ir.serde.deserialize_model(proto)
+
+
+def _feeds(n: int) -> list[dict]:
+    return [{"x": RNG.standard_normal((4, 32)).astype(np.float32)} for _ in range(n)]
+
+
+def test_budget_keeps_the_sensitive_node_float_and_holds():
+    model = _sensitive_model()
+    config = QuantizeConfig(
+        method="minmax", budget=Budget(max_error=1.0), sensitivity="exact", elementwise="all"
+    )
+    outcome = quantize_model(model, _feeds(8), config, calib_feeds=_feeds(64))
+    record = outcome.record
+    assert record["applied"] and record["budget_met"]
+    assert "limit 1" in record["all_quantized"]  # everything quantized failed the budget
+    decisions = {n["op"] + ":" + n["name"]: n["decision"] for n in record["nodes"]}
+    floats = [k for k, v in decisions.items() if v != "quantized"]
+    assert floats == [k for k in decisions if k.startswith("Add")], decisions
+    ops = [n.op_type for n in outcome.model.graph]
+    assert ops.count("QuantizeLinear") >= 2
+    # measured again, independently: the budget holds on new samples
+    from onnxsqueeze.runtime import Session
+
+    feeds = _feeds(8)
+    want = Session(model).run_all(feeds)
+    got = Session(outcome.model, optimize=True).run_all(feeds)
+    from onnxsqueeze.verify import compare_runs
+
+    assert compare_runs(want, got).max_abs < 1.0
+    assert all(n["score"] is not None for n in record["nodes"])
+
+
+OUTLIER_INPUT = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[4, 32] x) => (float[4, 32] y) {
+    h = MatMul (x, w1)
+    r = Relu (h)
+    y = MatMul (r, w2)
+}
+"""
+
+
+def test_local_sensitivity_finds_the_node_whose_input_has_outliers():
+    """Feature 3 of x is huge and w1 ignores it: quantizing x on one scale wipes out the
+    features that matter, so MatMul_0 adds most of the error and must stay float."""
+    proto = onnx.parser.parse_model(OUTLIER_INPUT)
+    w1 = RNG.standard_normal((32, 32)).astype(np.float32) / 6
+    w1[3] = 0
+    for name, array in (("w1", w1), ("w2", RNG.standard_normal((32, 32)).astype(np.float32) / 6)):
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+    model = ir.serde.deserialize_model(proto)
+
+    def feeds(n):
+        out = _feeds(n)
+        for f in out:
+            f["x"][:, 3] = 3000.0
+        return out
+
+    config = QuantizeConfig(method="minmax", budget=Budget(min_cosine=0.999), sensitivity="local")
+    outcome = quantize_model(model, feeds(8), config, calib_feeds=feeds(64))
+    record = outcome.record
+    assert record["applied"] and record["budget_met"], record
+    assert record["sensitivity"] == "local"
+    decisions = {n["name"]: n["decision"] for n in record["nodes"]}
+    assert decisions == {"MatMul_0": "float (budget)", "MatMul_1": "quantized"}
+
+
+def test_budget_that_cannot_be_met_leaves_the_model_float():
+    model = _sensitive_model()
+    config = QuantizeConfig(method="minmax", budget=Budget(max_error=1e-9), elementwise="all")
+    outcome = quantize_model(model, _feeds(4), config, calib_feeds=_feeds(8))
+    assert not outcome.record["applied"]
+    assert "budget not met" in outcome.record["reason"]
+    assert not any(n.op_type == "QuantizeLinear" for n in outcome.model.graph)
+
+
+def test_api_weight_only_mode_and_report_record():
+    proto = onnx.parser.parse_model(
+        """<ir_version: 8, opset_import: ["" : 13]>
+        g (float[2, 128] x) => (float[2, 64] y) { y = MatMul (x, w) }"""
+    )
+    w = RNG.standard_normal((128, 64)).astype(np.float32)
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(w, "w"))
+    small, report = onnxsqueeze.squeeze(
+        proto, quantize=QuantizeConfig(mode="weights-int8", budget=Budget(min_cosine=0.99))
+    )
+    assert isinstance(small, onnx.ModelProto)
+    assert report.quantization["applied"], report.quantization
+    assert "cosine" in report.quantization["measured"]
+    assert [n.op_type for n in small.graph.node] == ["DequantizeLinear", "MatMul"]
+    assert "quantization: weights-int8" in report.to_table()
+
+
+def test_unknown_mode_is_a_clear_error():
+    with pytest.raises(onnxsqueeze.SqueezeError, match="unknown quantization mode"):
+        onnxsqueeze.squeeze(ir.serde.serialize_model(_sensitive_model()), quantize="int3")
+
+
+def test_cli_static_quantization_reports_its_choice(tmp_path):
+    from onnxsqueeze.cli import main
+
+    out, report = tmp_path / "q.onnx", tmp_path / "r.json"
+    data = DIGITS.with_name("digits_test.npz")
+    code = main(
+        [
+            str(DIGITS),
+            "-o",
+            str(out),
+            "--data",
+            str(data),
+            "--quantize",
+            "static",
+            "--report",
+            str(report),
+            "-q",
+        ]
+    )
+    assert code == 0
+    record = json.loads(report.read_text())["quantization"]
+    assert record["mode"] == "static" and record["budget_met"]
+    assert record["applied"]  # explicit mode: kept even if not faster (auto would check)
+    model = onnx.load(out)
+    onnx.checker.check_model(model)
+    assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) >= 2
+
+
+def test_cli_static_without_data_fails_cleanly(tmp_path, capsys):
+    from onnxsqueeze.cli import main
+
+    out = tmp_path / "q.onnx"
+    code = main([str(DIGITS), "-o", str(out), "--quantize", "static"])
+    assert code == 1 and not out.exists()
+    err = capsys.readouterr().err
+    assert "needs calibration data" in err and "Traceback" not in err
