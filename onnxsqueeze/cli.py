@@ -72,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quant.add_argument(
         "--quantize",
-        choices=("auto", "none", "static", "weights-int8", "weights-int4"),
+        choices=("auto", "none", "static", "dynamic", "weights-int8", "weights-int4"),
         default="auto",
-        help="auto (default): static int8 with --data, weight-only int8 without; kept only "
+        help="auto (default): static int8 with --data, dynamic int8 without; kept only "
         "within the budget and if not slower than float. none: lossless passes only",
     )
     quant.add_argument("--max-error", type=float, metavar="X", help="max abs output error")

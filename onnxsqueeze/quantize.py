@@ -27,8 +27,8 @@ from onnxsqueeze.verify import LOSSLESS_RTOL, compare_runs
 
 logger = logging.getLogger(__name__)
 
-MODES = ("static", "weights-int8", "weights-int4")
-#: auto: static with data, weight-only int8 without; kept only if within budget and not slower.
+MODES = ("static", "dynamic", "weights-int8", "weights-int4")
+#: auto: static with data, dynamic without; kept only if within budget and not slower.
 CHOICES = ("auto", "none", *MODES)
 #: Nodes the budget search may keep float; data-movement ops follow their producer.
 CANDIDATE_OPS = (*WEIGHTED, *sorted(OWN_SCALE))
@@ -83,8 +83,8 @@ def quantize_model(
         raise SqueezeError(f"unknown quantization mode '{config.mode}' (known: {', '.join(MODES)})")
     started = time.perf_counter()
     stage = _Stage(model.clone(), list(eval_feeds), config)
-    if config.mode == "static":
-        outcome = stage.static(calibration, calib_feeds, calib_samples)
+    if config.mode in ("static", "dynamic"):
+        outcome = stage.search(calibration, calib_feeds, calib_samples)
     else:
         outcome = stage.weight_only(4 if config.mode.endswith("int4") else 8)
     if config.check_latency and outcome.record.get("applied"):
@@ -138,21 +138,18 @@ class _Stage:
 
     # -------------------------------------------------------------- static
 
-    def static(self, calibration, calib_feeds, calib_samples) -> QuantizeOutcome:
+    def search(self, calibration, calib_feeds, calib_samples) -> QuantizeOutcome:
+        """Static or dynamic: quantize every candidate, then keep the most damaging float
+        until the budget holds."""
         config = self.config
         _name_nodes(self.model)
-        if config.per_channel and opset_version(self.model) < 13:
-            self._upgrade(13)
-        if calibration is None:
-            if calib_feeds is None:
-                raise SqueezeError("static quantization needs calibration data (--data)")
-            from onnxsqueeze.calib.collector import CollectOptions, Collector
-
-            options = CollectOptions(method=config.method, providers=config.providers)
-            calibration = Collector(self.model, options).collect(calib_feeds, total=calib_samples)
-        self.calibration = calibration
-        self.ranges = calibration.ranges(config.method)
-        self.record.update(method=config.method, calibration_samples=calibration.samples)
+        self.ranges = {}
+        if config.mode == "static":
+            if config.per_channel and opset_version(self.model) < 13:
+                self._upgrade(13)
+            calibration = self._calibrate(calibration, calib_feeds, calib_samples)
+            self.ranges = calibration.ranges(config.method)
+            self.record.update(method=config.method, calibration_samples=calibration.samples)
         candidate, stats = self.build(())
         names = [n for n in stats["quantized"] if n in self.candidates]
         self.record["candidates"] = len(names)
@@ -191,6 +188,16 @@ class _Stage:
         self.record["quantized"] = len(names) - len(excluded)
         return QuantizeOutcome(candidate, self.record)
 
+    def _calibrate(self, calibration, calib_feeds, calib_samples):
+        if calibration is not None:
+            return calibration
+        if calib_feeds is None:
+            raise SqueezeError("static quantization needs calibration data (--data)")
+        from onnxsqueeze.calib.collector import CollectOptions, Collector
+
+        options = CollectOptions(method=self.config.method, providers=self.config.providers)
+        return Collector(self.model, options).collect(calib_feeds, total=calib_samples)
+
     def _upgrade(self, target: int) -> None:
         from onnxsqueeze.opsets import upgrade_opset
 
@@ -220,9 +227,17 @@ class _Stage:
 
     def build(self, excluded: Sequence[str]) -> tuple[ir.Model, dict[str, Any]]:
         from onnxsqueeze.passes.insert_qdq import DEFAULT_OPS, InsertQdqPass
+        from onnxsqueeze.passes.quantize_dynamic import QuantizeDynamicPass
 
         config = self.config
         candidate = self.model.clone()
+        if config.mode == "dynamic":
+            result = QuantizeDynamicPass(
+                per_channel=config.per_channel,
+                reduce_range=config.reduce_range,
+                exclude_nodes=tuple(config.exclude_nodes) + tuple(excluded),
+            )(candidate)
+            return candidate, result.stats
         result = InsertQdqPass(
             ranges=self.ranges,
             activations=config.activations,
@@ -319,7 +334,7 @@ def resolve_config(quantize: Any, has_data: bool) -> QuantizeConfig | None:
         return None
     config = config or QuantizeConfig()
     if mode == "auto":
-        chosen = "static" if has_data else "weights-int8"
+        chosen = "static" if has_data else "dynamic"
         return dataclasses.replace(config, mode=chosen, check_latency=True, require_faster=True)
     return dataclasses.replace(config, mode=mode)
 

@@ -18,6 +18,7 @@ def builtin_registry() -> PassRegistry:
     from onnxsqueeze.passes.fuse_gemm import FuseGemmPass
     from onnxsqueeze.passes.inline_ifs import InlineIfsPass
     from onnxsqueeze.passes.insert_qdq import InsertQdqPass
+    from onnxsqueeze.passes.quantize_dynamic import QuantizeDynamicPass
     from onnxsqueeze.passes.quantize_weights import QuantizeWeightsPass
     from onnxsqueeze.passes.simplify_graph import SimplifyGraphPass
     from onnxsqueeze.passes.strip_metadata import StripMetadataPass
@@ -34,6 +35,7 @@ def builtin_registry() -> PassRegistry:
         StripMetadataPass,
         QuantizeWeightsPass,
         InsertQdqPass,
+        QuantizeDynamicPass,
     ):
         registry.register(cls)
     lossless = [

@@ -122,7 +122,7 @@ class InsertQdqPass(SqueezePass):
         opts: InsertQdqOptions = self.options
         if node.domain not in ("", "ai.onnx") or node.op_type not in opts.op_types:
             return False
-        if node.op_type in self._excluded_ops or (node.name or "") in self._excluded_nodes:
+        if node.op_type in self._excluded_ops or (node.name and node.name in self._excluded_nodes):
             self._stats["float"][node.name or node.op_type] = "excluded"
             return False
         return True

@@ -44,6 +44,7 @@ VARIANTS = [
     "ORT static percentile",
     "onnxsqueeze auto",
     "onnxsqueeze static",
+    "onnxsqueeze dynamic",
     "onnxsqueeze weights-int8",
 ]
 

@@ -1,0 +1,197 @@
+"""quantize-dynamic: int8 weights, activations quantized at run time (no calibration data).
+
+Embedding tables (Gather on a constant 2-D table) become int8 rows with one scale per row,
+dequantized after the lookup.
+
+Each MatMul (and plain Gemm) with a constant weight becomes
+``DynamicQuantizeLinear(x) -> MatMulInteger(xq, Wq, x_zp, w_zp) -> Cast -> Mul(x_scale *
+w_scale)`` (+ ``Add(bias)`` for Gemm), which onnxruntime fuses into one
+DynamicQuantizeMatMul kernel. The activation range is each run's own min/max, so nothing can
+fall outside it and no calibration is needed: the usual choice for transformers on CPU.
+Weights are per output column, symmetric (7-bit on CPUs whose u8s8 kernels saturate). One
+DynamicQuantizeLinear serves every MatMul that reads the same tensor (Q, K and V).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxsqueeze.graphs import (
+    GraphLike,
+    add_constant,
+    all_value_names,
+    constant_array,
+    drop_if_unused,
+    opset_version,
+    scopes,
+    unique_name,
+)
+from onnxsqueeze.io import count_nodes
+from onnxsqueeze.qdq import saturating_u8s8_cpu
+from onnxsqueeze.qmath import quantize_per_channel
+from onnxsqueeze.registry import SqueezePass, SqueezeResult
+
+FLOAT = ir.DataType.FLOAT
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeDynamicOptions:
+    op_types: tuple[str, ...] = ("MatMul", "Gemm", "Gather")
+    per_channel: bool = True
+    #: 7-bit weights; None: on CPUs whose u8s8 kernels saturate (AVX2 without VNNI).
+    reduce_range: bool | None = None
+    exclude_nodes: tuple[str, ...] = ()
+    #: Weights with fewer elements stay float (their run-time quantization costs more).
+    min_elements: int = 1024
+
+
+class QuantizeDynamicPass(SqueezePass):
+    """MatMul/Gemm with constant weights -> dynamic int8 (DynamicQuantizeLinear + MatMulInteger)."""
+
+    name = "quantize-dynamic"
+    summary = "int8 weights, activations quantized at run time (MatMulInteger; no calibration)"
+    lossless = False
+    Options = QuantizeDynamicOptions
+
+    def call(self, model: ir.Model) -> SqueezeResult:
+        opts: QuantizeDynamicOptions = self.options
+        if opset_version(model) < 11:
+            raise ValueError("quantize-dynamic needs opset >= 11 (DynamicQuantizeLinear)")
+        self._model = model
+        self._names = all_value_names(model)
+        self._reduce = opts.reduce_range if opts.reduce_range is not None else saturating_u8s8_cpu()
+        self._quantized: list[str] = []
+        self._skipped: dict[str, str] = {}
+        for scope in list(scopes(model)):
+            shared: dict[ir.Value, tuple[ir.Value, ir.Value, ir.Value]] = {}
+            for node in list(scope):
+                if node.op_type in opts.op_types and node.domain in ("", "ai.onnx"):
+                    reason = self._rewrite(scope, node, shared)
+                    if reason:
+                        self._skipped[node.name or node.op_type] = reason
+                    else:
+                        self._quantized.append(node.name or node.op_type)
+        stats = {
+            "nodes_quantized": len(self._quantized),
+            "quantized": self._quantized,
+            "kept_float": {k: v for k, v in self._skipped.items() if v != "not a weighted MatMul"},
+            "reduce_range": self._reduce,
+            "nodes": count_nodes(model),
+        }
+        return SqueezeResult(model, modified=bool(self._quantized), stats=stats)
+
+    def _rewrite(self, scope: GraphLike, node: ir.Node, shared: dict) -> str | None:
+        opts: QuantizeDynamicOptions = self.options
+        if node.name and node.name in opts.exclude_nodes:
+            return "excluded"
+        if node.op_type == "Gather":
+            return self._gather(scope, node)
+        if len(node.inputs) < 2 or node.inputs[0] is None:
+            return "not a weighted MatMul"
+        weight = constant_array(node.inputs[1])
+        x = node.inputs[0]
+        if weight is None or weight.ndim != 2 or weight.dtype != np.float32:
+            return "not a weighted MatMul"
+        if x.dtype not in (FLOAT, None) or constant_array(x) is not None:
+            return "not a weighted MatMul"
+        if weight.size < opts.min_elements:
+            return f"weight below {opts.min_elements} elements"
+        bias = None
+        if node.op_type == "Gemm":
+            attrs = {k: a.value for k, a in node.attributes.items()}
+            if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
+                return "Gemm with transA or alpha"
+            if attrs.get("transB", 0):
+                weight = weight.T
+            if len(node.inputs) > 2 and node.inputs[2] is not None:
+                bias = constant_array(node.inputs[2])
+                if bias is None or attrs.get("beta", 1.0) != 1.0:
+                    return "Gemm bias not constant or beta != 1"
+        axis = 1 if opts.per_channel else None
+        q, qp = quantize_per_channel(weight, axis, "int8", self._reduce)
+        base = node.inputs[1].name or "weight"
+        if x not in shared:
+            shared[x] = self._dynamic_quantize(scope, x, node)
+        xq, xs, xzp = shared[x]
+        wq = self._const(scope, np.ascontiguousarray(q), base + "_quantized", node)
+        wzp = self._const(scope, np.ascontiguousarray(qp.zero_point), base + "_zero_point", node)
+        ws = self._const(scope, np.asarray(qp.scale, np.float32), base + "_scale", node)
+        mmi = ir.node("MatMulInteger", [xq, wq, xzp, wzp])
+        cast = ir.node("Cast", [mmi.outputs[0]], attributes={"to": FLOAT.value})
+        scale = ir.node("Mul", [xs, ws])
+        out = ir.node("Mul", [cast.outputs[0], scale.outputs[0]])
+        new_nodes = [mmi, cast, scale, out]
+        result = out.outputs[0]
+        if bias is not None:
+            b = self._const(scope, bias.reshape(-1).astype(np.float32), base + "_bias", node)
+            add = ir.node("Add", [result, b])
+            new_nodes.append(add)
+            result = add.outputs[0]
+        for n in new_nodes:
+            n.outputs[0].name = unique_name(self._names, f"{node.name or base}_{n.op_type}")
+        scope.insert_before(node, new_nodes)
+        old = node.outputs[0]
+        result.type, result.shape = ir.TensorType(FLOAT), old.shape
+        weight_value = node.inputs[1]
+        bias_value = node.inputs[2] if bias is not None else None
+        name = old.name
+        old.replace_all_uses_with(result, replace_graph_outputs=True)
+        scope.remove(node, safe=True)
+        result.name = name
+        drop_if_unused(scope, weight_value)
+        if bias_value is not None:
+            drop_if_unused(scope, bias_value)
+        return None
+
+    def _gather(self, scope: GraphLike, node: ir.Node) -> str | None:
+        """An embedding table: int8 rows gathered first, then scaled by their own row scale
+        (``Gather(q) -> Cast -> Mul(Gather(scales))``), so only the looked-up rows are
+        dequantized, never the whole table."""
+        table = constant_array(node.inputs[0])
+        axis = node.attributes.get("axis")
+        if table is None or table.ndim != 2 or table.dtype != np.float32:
+            return "not a weighted MatMul"
+        if axis is not None and axis.as_int() != 0:
+            return "not a weighted MatMul"
+        if table.size < self.options.min_elements:
+            return f"table below {self.options.min_elements} elements"
+        if any(user is not node for user, _ in node.inputs[0].uses()):
+            return "table shared with other readers"
+        q, qp = quantize_per_channel(table, 0, "int8")  # rows: lookups never saturate
+        base = node.inputs[0].name or "table"
+        q_value = self._const(scope, q, base + "_quantized", node)
+        scales = self._const(scope, qp.scale.reshape(-1, 1), base + "_scale", node)
+        rows = ir.node("Gather", [q_value, node.inputs[1]], attributes={"axis": 0})
+        cast = ir.node("Cast", [rows.outputs[0]], attributes={"to": FLOAT.value})
+        row_scales = ir.node("Gather", [scales, node.inputs[1]], attributes={"axis": 0})
+        out = ir.node("Mul", [cast.outputs[0], row_scales.outputs[0]])
+        new_nodes = [rows, cast, row_scales, out]
+        for n in new_nodes:
+            n.outputs[0].name = unique_name(self._names, f"{node.name or base}_{n.op_type}")
+        scope.insert_before(node, new_nodes)
+        old, table_value = node.outputs[0], node.inputs[0]
+        out.outputs[0].type, out.outputs[0].shape = ir.TensorType(FLOAT), old.shape
+        name = old.name
+        old.replace_all_uses_with(out.outputs[0], replace_graph_outputs=True)
+        scope.remove(node, safe=True)
+        out.outputs[0].name = name
+        drop_if_unused(scope, table_value)
+        return None
+
+    def _dynamic_quantize(self, scope: GraphLike, x: ir.Value, before: ir.Node):
+        dql = ir.node("DynamicQuantizeLinear", [x], num_outputs=3)
+        base = x.name or "x"
+        for out, suffix in zip(dql.outputs, ("_quantized", "_scale", "_zero_point"), strict=True):
+            out.name = unique_name(self._names, base + suffix)
+        producer = x.producer()
+        if producer is not None and producer.graph is scope:
+            scope.insert_after(producer, dql)
+        else:
+            scope.insert_before(before, dql)
+        return tuple(dql.outputs)
+
+    def _const(self, scope: GraphLike, array: np.ndarray, base: str, before: ir.Node) -> ir.Value:
+        return add_constant(self._model, scope, array, unique_name(self._names, base), before)
