@@ -324,19 +324,26 @@ def _latency(original: ir.Model, outcome: QuantizeOutcome, config: QuantizeConfi
             outcome.model = original
 
 
-def resolve_config(quantize: Any, has_data: bool) -> QuantizeConfig | None:
-    """A QuantizeConfig from what the caller gave: a mode name or a config (mode may be auto)."""
+def resolve_configs(quantize: Any, has_data: bool) -> list[QuantizeConfig]:
+    """The configurations to try, from a mode name or a config (mode may be auto).
+
+    auto tries static (with data) and dynamic, each within the budget and not slower than
+    float, and keeps the faster; no configuration means lossless only.
+    """
     config = quantize if isinstance(quantize, QuantizeConfig) else None
     mode = config.mode if config is not None else str(quantize)
     if mode not in CHOICES:
         raise SqueezeError(f"unknown quantization mode '{mode}' (known: {', '.join(CHOICES)})")
     if mode == "none":
-        return None
+        return []
     config = config or QuantizeConfig()
     if mode == "auto":
-        chosen = "static" if has_data else "dynamic"
-        return dataclasses.replace(config, mode=chosen, check_latency=True, require_faster=True)
-    return dataclasses.replace(config, mode=mode)
+        modes = ["static", "dynamic"] if has_data else ["dynamic"]
+        return [
+            dataclasses.replace(config, mode=m, check_latency=True, require_faster=True)
+            for m in modes
+        ]
+    return [dataclasses.replace(config, mode=mode)]
 
 
 def run_quantize_stage(
@@ -345,19 +352,53 @@ def run_quantize_stage(
     """The stage as the API runs it after the lossless passes: feeds from ``data`` (or
     generated), the record in ``report.quantization``, the verdict in the report."""
     from onnxsqueeze.api import probe_feeds
-    from onnxsqueeze.errors import CalibrationError
+    from onnxsqueeze.errors import CalibrationError, RuntimeSessionError
     from onnxsqueeze.io import model_stats
 
-    config = resolve_config(quantize, data is not None)
-    if config is None:
+    configs = resolve_configs(quantize, data is not None)
+    if not configs:
         return model
-    auto = (quantize.mode if isinstance(quantize, QuantizeConfig) else str(quantize)) == "auto"
+    auto = len(configs) > 1 or (
+        (quantize.mode if isinstance(quantize, QuantizeConfig) else str(quantize)) == "auto"
+    )
     if providers:
-        config = dataclasses.replace(config, providers=tuple(providers))
-    if config.mode == "static" and data is None:
+        configs = [dataclasses.replace(c, providers=tuple(providers)) for c in configs]
+    if configs[0].mode == "static" and data is None:
         raise CalibrationError("static quantization needs calibration data (--data)")
-    feeds = probe_feeds(model, data, shapes, max(config.eval_samples, 2), seed)
-    feeds = feeds[: config.eval_samples]
+    feeds = probe_feeds(model, data, shapes, max(configs[0].eval_samples, 2), seed)
+    feeds = feeds[: configs[0].eval_samples]
+    outcomes = []
+    for config in configs:
+        try:
+            outcomes.append(_run_config(model, config, data, feeds))
+        except RuntimeSessionError as exc:
+            if not auto:
+                raise
+            report.warnings.append(f"quantization skipped: the model does not run ({exc})")
+            return model
+    applied = [o for o in outcomes if o.record.get("applied")]
+    best = max(applied, key=lambda o: o.record.get("speed_vs_float") or 0.0, default=outcomes[0])
+    if len(outcomes) > 1:
+        best.record["alternatives"] = [
+            {
+                k: o.record.get(k)
+                for k in ("mode", "applied", "measured", "speed_vs_float", "reason")
+            }
+            for o in outcomes
+        ]
+    report.quantization = best.record
+    mode = best.record["mode"]
+    if not best.record.get("applied"):
+        reasons = "; ".join(f"{o.record['mode']}: {o.record.get('reason', '?')}" for o in outcomes)
+        report.warnings.append(f"quantization not applied ({reasons})")
+        return model
+    report.after = model_stats(best.model).as_dict()
+    report.verification = {"summary": f"{mode}: {best.record['measured']}"}
+    report.verification_status = "passed"
+    return best.model
+
+
+def _run_config(model: ir.Model, config: QuantizeConfig, data: Any, feeds: list) -> QuantizeOutcome:
     calibration = calib_feeds = None
     if config.mode == "static":
         if config.calib_cache:
@@ -376,29 +417,11 @@ def run_quantize_stage(
             from onnxsqueeze.runtime import input_specs
 
             calib_feeds = iter_feeds(data, input_specs(model), limit=config.calib_samples)
-    from onnxsqueeze.errors import RuntimeSessionError
-
-    try:
-        outcome = quantize_model(
-            model,
-            feeds,
-            config,
-            calibration=calibration,
-            calib_feeds=calib_feeds,
-            calib_samples=config.calib_samples,
-        )
-    except RuntimeSessionError as exc:
-        if not auto:
-            raise
-        report.warnings.append(f"quantization skipped: the model does not run ({exc})")
-        return model
-    report.quantization = outcome.record
-    if not outcome.record.get("applied"):
-        report.warnings.append(
-            f"quantization ({config.mode}) not applied: {outcome.record.get('reason', '?')}"
-        )
-        return model
-    report.after = model_stats(outcome.model).as_dict()
-    report.verification = {"summary": f"{config.mode}: {outcome.record['measured']}"}
-    report.verification_status = "passed"
-    return outcome.model
+    return quantize_model(
+        model,
+        feeds,
+        config,
+        calibration=calibration,
+        calib_feeds=calib_feeds,
+        calib_samples=config.calib_samples,
+    )
