@@ -149,6 +149,8 @@ class InsertQdqPass(SqueezePass):
             if any(not is_constant(v) and v.dtype not in (FLOAT, None) for v in node.inputs[:1]):
                 continue  # integer data (Gather indices are input 1; input 0 decides)
             reason = self._plan_node(scope, node, planned, owned, slots)
+            if reason and node.op_type in SAME_SCALE:
+                continue  # followers: quantized only after a quantized producer, not a choice
             if reason:
                 self._stats["float"][label] = reason
             else:

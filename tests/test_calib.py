@@ -355,3 +355,36 @@ def test_cli_calibration_errors_are_one_line(tmp_path, capsys):
         == 2
     )
     assert not cache.exists()
+
+
+IF_MODEL = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[4] x, bool c) => (float[4] y) {
+    y = If (c) <
+        then_branch = t () => (float[4] ty) { ty = Mul (x, x) },
+        else_branch = e () => (float[4] ey) { ey = Neg (x) }
+    >
+}
+"""
+
+
+def test_values_inside_if_branches_are_calibrated_through_the_if():
+    """Each branch value is seen only on the samples that take its branch; the model the
+    caller gave is not changed."""
+    import onnx
+    import onnx_ir as ir
+
+    import onnxsqueeze
+
+    model = ir.serde.deserialize_model(onnx.parser.parse_model(IF_MODEL))
+    before = onnx.printer.to_text(ir.serde.serialize_model(model))
+    feeds = [
+        {"x": np.array([1, -2, 3, 0.5], np.float32), "c": np.array(True)},
+        {"x": np.array([4, 1, -1, 2], np.float32), "c": np.array(False)},
+    ]
+    for method in ("minmax", "entropy"):
+        result = onnxsqueeze.calibrate(model, feeds, method=method)
+        assert result.range("ty") == pytest.approx((0.25, 9.0))  # x*x of the first sample
+        assert result.range("ey") == pytest.approx((-4.0, 1.0))  # -x of the second
+        assert not result.skipped
+    assert onnx.printer.to_text(ir.serde.serialize_model(model)) == before

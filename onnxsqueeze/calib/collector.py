@@ -22,8 +22,10 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxsqueeze.calib.cache import Calibration
+from onnxsqueeze.calib.expose import branch_chain, expose
 from onnxsqueeze.calib.observers import Observer, observer_for
 from onnxsqueeze.errors import CalibrationDataError, CalibrationError
+from onnxsqueeze.graphs import all_value_names
 from onnxsqueeze.shapes import inferred_shapes, static_shape
 
 logger = logging.getLogger(__name__)
@@ -58,8 +60,9 @@ def select_tensors(
 def _select(model: ir.Model, op_types: Sequence[str] | None) -> tuple[list[str], dict[str, str]]:
     """As select_tensors, on a model whose types are already inferred.
 
-    Constants are weights, not activations; values inside If/Loop/Scan bodies cannot be
-    exposed as model outputs, so they are reported rather than silently ignored.
+    Constants are weights, not activations. Values inside If branches are brought out
+    through their Ifs (``expose``); values inside Loop/Scan bodies cannot be, so they are
+    reported rather than silently ignored.
     """
     chosen: dict[str, None] = {}
     skipped: dict[str, str] = {}
@@ -83,13 +86,26 @@ def _select(model: ir.Model, op_types: Sequence[str] | None) -> tuple[list[str],
                 chosen[value.name] = None
             elif value.dtype is None:
                 skipped[value.name] = "type unknown after shape inference"
+    branches = branch_chain(model) if not op_types or "If" not in op_types else {}
     for sub in model.graphs():
         if sub is graph:
             continue
         for node in sub:
             for value in node.outputs:
-                if value.name:
-                    skipped[value.name] = "inside a subgraph (If/Loop/Scan body)"
+                if not value.name:
+                    continue
+                if sub not in branches:
+                    skipped[value.name] = "inside a Loop/Scan body (per-iteration values)"
+                elif (
+                    op_types
+                    and node.op_type not in op_types
+                    and not any(user.op_type in op_types for user, _ in value.uses())
+                ):
+                    continue
+                elif value.dtype in FLOAT_TYPES and node.op_type != "Constant":
+                    chosen[value.name] = None
+                elif value.dtype is None:
+                    skipped[value.name] = "type unknown after shape inference"
     return list(chosen), skipped
 
 
@@ -199,9 +215,10 @@ class Collector:
         with inferred_shapes(clone):
             if not self._given:
                 self.tensors, self.skipped = _select(clone, self.options.op_types)
-            produced = {v.name: v for node in clone.graph for v in node.outputs if v.name}
+            produced = _produced(clone)
             self._types = {n: produced[n].type for n in self.tensors if n in produced}
             self._sizes = {n: _nbytes(produced[n]) for n in self._types}
+            self._nested = {n for n in self._types if produced[n].graph is not clone.graph}
         unknown = [n for n in self.tensors if n not in produced and n not in self.inputs]
         if unknown:
             raise CalibrationError(f"no such tensor in the main graph: {', '.join(unknown[:5])}")
@@ -211,7 +228,9 @@ class Collector:
         self._present = [v.name for v in clone.graph.outputs if v.name in self._types]
         computed = [n for n in self.tensors if n in self._types and n not in self._present]
         if self.options.method == "minmax":
-            self._reduced, self._full = computed, []
+            # values of If branches come out whole: a branch not taken gives an empty tensor
+            self._reduced = [n for n in computed if n not in self._nested]
+            self._full = [n for n in computed if n in self._nested]
         else:
             self._reduced, self._full = [], computed
         self._sessions = self._make_sessions()
@@ -241,11 +260,17 @@ class Collector:
         from onnxsqueeze.runtime import Session
 
         clone = self.model.clone()
-        produced = {v.name: v for node in clone.graph for v in node.outputs if v.name}
+        produced = _produced(clone)
+        chain = branch_chain(clone)
+        names = all_value_names(clone)
+        renamed = {}
         for name in full:
             value = produced[name]
             value.type, value.shape = self._types[name], None  # outputs need a type only
-            clone.graph.outputs.append(value)
+            if value.graph is clone.graph:
+                clone.graph.outputs.append(value)
+            else:
+                renamed[expose(clone, value, chain, names)] = name
         for name in reduced:
             value = produced[name]
             for op, key in (
@@ -266,11 +291,14 @@ class Collector:
             # fusions would give each group's session different values for a tensor.
             # No spinning: idle onnxruntime threads would take the cores the histogram
             # updates run on between two samples.
-            return Session(
-                clone,
-                self.options.providers,
-                prepack=True,
-                config={"session.intra_op.allow_spinning": "0"},
+            return _Renamed(
+                Session(
+                    clone,
+                    self.options.providers,
+                    prepack=True,
+                    config={"session.intra_op.allow_spinning": "0"},
+                ),
+                renamed,
             )
         except Exception as exc:
             raise CalibrationError(f"cannot run the model for calibration: {exc}") from exc
@@ -320,6 +348,26 @@ class Collector:
             groups[-1].append(name)
             used += size
         return [g for g in groups if g]
+
+
+class _Renamed:
+    """A session whose exposed branch values are returned under their own names."""
+
+    def __init__(self, session: Any, renamed: Mapping[str, str]) -> None:
+        self.session = session
+        self.renamed = dict(renamed)
+
+    def run(self, feed: Mapping[str, Any]) -> dict[str, Any]:
+        outputs = self.session.run(feed)
+        for exposed, name in self.renamed.items():
+            outputs[name] = outputs.pop(exposed)
+        return outputs
+
+
+def _produced(model: ir.Model) -> dict[str, ir.Value]:
+    """Node outputs by name in the main graph and in If branches reachable through Ifs."""
+    graphs = [model.graph, *branch_chain(model)]
+    return {v.name: v for graph in graphs for node in graph for v in node.outputs if v.name}
 
 
 def _nbytes(value: ir.Value) -> int | None:
