@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quant.add_argument(
         "--quantize",
-        choices=("auto", "none", "static", "dynamic", "weights-int8", "weights-int4"),
+        choices=("auto", "none", "static", "dynamic", "fp16", "weights-int8", "weights-int4"),
         default="auto",
         help="auto (default): static int8 with --data, dynamic int8 without; kept only "
         "within the budget and if not slower than float. none: lossless passes only",

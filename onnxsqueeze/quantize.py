@@ -27,7 +27,7 @@ from onnxsqueeze.verify import LOSSLESS_RTOL, compare_runs
 
 logger = logging.getLogger(__name__)
 
-MODES = ("static", "dynamic", "weights-int8", "weights-int4")
+MODES = ("static", "dynamic", "fp16", "weights-int8", "weights-int4")
 #: auto: static with data, dynamic without; kept only if within budget and not slower.
 CHOICES = ("auto", "none", *MODES)
 #: Nodes the budget search may keep float; data-movement ops follow their producer.
@@ -83,7 +83,7 @@ def quantize_model(
         raise SqueezeError(f"unknown quantization mode '{config.mode}' (known: {', '.join(MODES)})")
     started = time.perf_counter()
     stage = _Stage(model.clone(), list(eval_feeds), config)
-    if config.mode in ("static", "dynamic"):
+    if config.mode in ("static", "dynamic", "fp16"):
         outcome = stage.search(calibration, calib_feeds, calib_samples)
     else:
         outcome = stage.weight_only(4 if config.mode.endswith("int4") else 8)
@@ -215,6 +215,8 @@ class _Stage:
 
     @property
     def candidates(self) -> dict[str, ir.Node]:
+        if not hasattr(self, "_candidates") and self.config.mode == "fp16":
+            self._candidates = {n.name: n for n in self.model.graph if n.name}
         if not hasattr(self, "_candidates"):
             ops = set(self.config.op_types or CANDIDATE_OPS) & set(CANDIDATE_OPS)
             self._candidates = {
@@ -231,6 +233,17 @@ class _Stage:
 
         config = self.config
         candidate = self.model.clone()
+        if config.mode == "fp16":
+            from onnxsqueeze.passes.convert_fp16 import ConvertFp16Pass
+
+            result = ConvertFp16Pass(exclude_nodes=tuple(config.exclude_nodes) + tuple(excluded))(
+                candidate
+            )
+            return candidate, {
+                **result.stats,
+                "quantized": result.stats["converted_nodes"],
+                "kept_float": {},
+            }
         if config.mode == "dynamic":
             result = QuantizeDynamicPass(
                 per_channel=config.per_channel,

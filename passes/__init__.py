@@ -12,6 +12,7 @@ from onnxsqueeze.registry import PassRegistry
 def builtin_registry() -> PassRegistry:
     """A registry holding every built-in pass and the presets."""
     from onnxsqueeze.passes.cleanup import CleanupPass
+    from onnxsqueeze.passes.convert_fp16 import ConvertFp16Pass
     from onnxsqueeze.passes.fold_constants import FoldConstantsPass
     from onnxsqueeze.passes.fold_shapes import FoldShapesPass
     from onnxsqueeze.passes.fuse_batchnorm import FuseBatchnormPass
@@ -36,6 +37,7 @@ def builtin_registry() -> PassRegistry:
         QuantizeWeightsPass,
         InsertQdqPass,
         QuantizeDynamicPass,
+        ConvertFp16Pass,
     ):
         registry.register(cls)
     lossless = [

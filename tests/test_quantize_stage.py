@@ -176,3 +176,14 @@ def test_cli_static_without_data_fails_cleanly(tmp_path, capsys):
     assert code == 1 and not out.exists()
     err = capsys.readouterr().err
     assert "needs calibration data" in err and "Traceback" not in err
+
+
+def test_fp16_mode_through_the_api_meets_the_budget():
+    proto = onnx.load(DIGITS)
+    data = dict(np.load(DIGITS.with_name("digits_test.npz")))
+    small, report = onnxsqueeze.squeeze(proto, data=[data], quantize="fp16")
+    assert report.quantization["applied"], report.quantization
+    assert report.quantization["mode"] == "fp16"
+    types = {t.data_type for t in small.graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in types
+    onnx.checker.check_model(small)
