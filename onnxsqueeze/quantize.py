@@ -49,7 +49,8 @@ class QuantizeConfig:
     elementwise: str = "linked"
     budget: Budget = DEFAULT_BUDGET
     providers: tuple[str, ...] = ("cpu",)
-    #: exact (one model per candidate), local (two runs), auto (exact up to max_exact nodes).
+    #: exact (one model per candidate), local (two runs), local+exact (local ranking, then
+    #: exact scores for its max_exact worst), auto (exact up to max_exact nodes, else local+exact).
     sensitivity: str = "auto"
     max_exact: int = 40
     sensitivity_samples: int = 4
@@ -88,7 +89,7 @@ def quantize_model(
     else:
         outcome = stage.weight_only(4 if config.mode.endswith("int4") else 8)
     if config.check_latency and outcome.record.get("applied"):
-        _latency(model, outcome, config)
+        _latency(model, outcome, config, eval_feeds[0] if eval_feeds else None)
     outcome.record["seconds"] = round(time.perf_counter() - started, 3)
     return outcome
 
@@ -162,8 +163,7 @@ class _Stage:
         scores: dict[str, float] = {}
         excluded: list[str] = []
         if not ok:
-            scores = self.scores(names, candidate)
-            order = sorted(names, key=lambda n: -scores[n])
+            scores, order = self.scores(names, candidate)
             k, candidate, summary = self.bisect(order)
             ok = candidate is not None
             excluded = order[:k] if ok else list(order)
@@ -264,25 +264,51 @@ class _Stage:
         )(candidate)
         return candidate, result.stats
 
-    def scores(self, names: list[str], quantized: ir.Model) -> dict[str, float]:
+    def scores(self, names: list[str], quantized: ir.Model) -> tuple[dict[str, float], list[str]]:
+        """Each candidate's damage, and the order to keep them float in (worst first)."""
         from onnxsqueeze.sensitivity import exact_scores, local_scores
 
         config = self.config
         feeds = self.feeds[: config.sensitivity_samples]
         method = config.sensitivity
         if method == "auto":
-            method = "exact" if len(names) <= config.max_exact else "local"
+            method = "exact" if len(names) <= config.max_exact else "local+exact"
         self.record["sensitivity"] = method
+        reference = self.reference[: len(feeds)]
+
+        def exact(subset: list[str]) -> dict[str, float]:
+            outside = [n for n in names if n not in subset]
+
+            def only(excluded: Sequence[str]) -> ir.Model:
+                return self.build([*excluded, *outside])[0]
+
+            run = lambda m: self.run(m, feeds, optimize=False)  # noqa: E731
+            return exact_scores(subset, only, run, reference)
+
         if method == "exact":
-            reference = self.reference[: len(feeds)]
-            return exact_scores(
-                names,
-                lambda excluded: self.build(excluded)[0],
-                lambda m: self.run(m, feeds, optimize=False),
-                reference,
-            )
+            scores = exact(names)
+            return scores, sorted(names, key=lambda n: -scores[n])
         nodes = {n: self.candidates[n] for n in names}
-        return local_scores(self.model, quantized, nodes, feeds, config.providers)
+        local = local_scores(self.model, quantized, nodes, feeds, config.providers)
+        by_local = sorted(names, key=lambda n: -local[n])
+        if method == "local":
+            return local, by_local
+        # the local ranking picks the suspects, exact scores order them; the rest follow
+        suspects = exact(by_local[: config.max_exact])
+        order = sorted(suspects, key=lambda n: -suspects[n]) + by_local[config.max_exact :]
+        return {**local, **suspects}, order
+        local = local_scores(self.model, quantized, nodes, feeds, config.providers)
+        if method == "local":
+            return local
+        # local ranking picks the suspects, exact scores order them; the rest rank below
+        suspects = sorted(names, key=lambda n: -local[n])[: config.max_exact]
+        exact_part = exact(suspects)
+        top = max(exact_part.values(), default=0.0) + 1.0
+        floor = min(exact_part.values(), default=0.0)
+        return {
+            n: (top + exact_part[n] if n in exact_part else floor * local[n] / (1 + local[n]))
+            for n in names
+        }
 
     def bisect(self, order: list[str]) -> tuple[int, ir.Model | None, str]:
         """Fewest leading nodes of ``order`` to keep float so the budget holds (bisection:
@@ -322,10 +348,13 @@ def _name_nodes(model: ir.Model) -> None:
                 taken.add(node.name)
 
 
-def _latency(original: ir.Model, outcome: QuantizeOutcome, config: QuantizeConfig) -> None:
+def _latency(
+    original: ir.Model, outcome: QuantizeOutcome, config: QuantizeConfig, feed: Any
+) -> None:
+    """Timed on a real sample: generated inputs may take another branch or size."""
     from onnxsqueeze.bench import compare_latency
 
-    speed = compare_latency(original, outcome.model, config.providers)
+    speed = compare_latency(original, outcome.model, config.providers, feed)
     outcome.record["speed_vs_float"] = round(speed, 3)
     if speed < 1.0:
         outcome.record["slower"] = True
@@ -387,8 +416,9 @@ def run_quantize_stage(
         except RuntimeSessionError as exc:
             if not auto:
                 raise
-            report.warnings.append(f"quantization skipped: the model does not run ({exc})")
-            return model
+            report.warnings.append(f"quantization ({config.mode}) skipped: {exc}")
+    if not outcomes:
+        return model
     applied = [o for o in outcomes if o.record.get("applied")]
     best = max(applied, key=lambda o: o.record.get("speed_vs_float") or 0.0, default=outcomes[0])
     if len(outcomes) > 1:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -122,7 +121,10 @@ def worker(args: argparse.Namespace) -> None:
     except Exception as exc:  # a peer crashing is a result, not a benchmark failure
         record = {"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
     record["seconds"] = time.perf_counter() - started
-    record["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: an exec'd child inherits the parent's ru_maxrss high-water mark
+    with open("/proc/self/status") as status:
+        hwm = next(line for line in status if line.startswith("VmHWM"))
+    record["rss_mb"] = int(hwm.split()[1]) / 1024
     print("RESULT " + json.dumps(record))
 
 
