@@ -415,6 +415,12 @@ def run_quantize_stage(
         raise CalibrationError("static quantization needs calibration data (--data)")
     feeds = probe_feeds(model, data, shapes, max(configs[0].eval_samples, 2), seed)
     feeds = feeds[: configs[0].eval_samples]
+    top1 = configs[0].budget.min_top1_agreement
+    if top1 is not None and top1 > 0 and len(feeds) * (1 - top1) < 1:
+        report.warnings.append(
+            f"the top-1 budget ({top1:g}) is judged on {len(feeds)} samples, where one "
+            f"disagreement already costs {1 / len(feeds):.1%}: give more data to resolve it"
+        )
     outcomes = []
     for config in configs:
         try:

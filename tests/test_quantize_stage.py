@@ -187,3 +187,12 @@ def test_fp16_mode_through_the_api_meets_the_budget():
     types = {t.data_type for t in small.graph.initializer}
     assert onnx.TensorProto.FLOAT16 in types
     onnx.checker.check_model(small)
+
+
+def test_top1_budget_on_too_few_samples_is_flagged():
+    from onnxsqueeze.budget import Budget
+
+    data = dict(np.load(DIGITS.with_name("digits_test.npz")))
+    config = QuantizeConfig(mode="dynamic", budget=Budget(min_top1_agreement=0.99))
+    _, report = onnxsqueeze.squeeze(onnx.load(DIGITS), data=[data], quantize=config)
+    assert any("judged on 1 samples" in w for w in report.warnings), report.warnings
