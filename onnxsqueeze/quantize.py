@@ -375,8 +375,8 @@ def resolve_configs(quantize: Any, has_data: bool) -> list[QuantizeConfig]:
     """The configurations to try, from a mode name or a config (mode may be auto).
 
     auto tries static (with data) and dynamic, each within the budget and not slower than
-    float, and keeps the faster (the more accurate when their speeds are within 5 %); no
-    configuration means lossless only.
+    float, and keeps the faster (when their speeds are within 5 %, the smaller, then the more
+    accurate); no configuration means lossless only.
     """
     config = quantize if isinstance(quantize, QuantizeConfig) else None
     mode = config.mode if config is not None else str(quantize)
@@ -453,15 +453,20 @@ def run_quantize_stage(
     return best.model
 
 
-#: Speeds within this ratio of each other are a tie (timing noise): accuracy decides.
+#: Speeds within this ratio of each other are a tie (timing noise): size, then accuracy decide.
 SPEED_TIE = 0.95
 
 
 def _pick(applied: list[QuantizeOutcome]) -> QuantizeOutcome:
-    """The fastest alternative, unless a more accurate one is within timing noise of it."""
+    """The fastest alternative; among those within timing noise of it, the smallest file (both
+    already meet the budget, and size is what was asked for), then the more accurate."""
+    from onnxsqueeze.io import initializer_bytes
+
     fastest = max(o.record.get("speed_vs_float") or 0.0 for o in applied)
     close = [o for o in applied if (o.record.get("speed_vs_float") or 0.0) >= SPEED_TIE * fastest]
-    return max(close, key=lambda o: o.record.get("min_cosine") or 0.0)
+    for o in close:
+        o.record["weight_bytes"] = initializer_bytes(o.model)
+    return min(close, key=lambda o: (o.record["weight_bytes"], -(o.record.get("min_cosine") or 0)))
 
 
 def _run_config(model: ir.Model, config: QuantizeConfig, data: Any, feeds: list) -> QuantizeOutcome:
