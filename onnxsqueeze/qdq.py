@@ -159,3 +159,56 @@ def first_reader(scope: GraphLike, value: ir.Value) -> ir.Node | None:
     """The earliest node of ``scope`` that reads ``value`` (where a pair for it must go)."""
     readers = {id(user) for user, _ in value.uses()}
     return next((node for node in scope if id(node) in readers), None)
+
+
+def linked_nodes(nodes: list[ir.Node]) -> set[ir.Node]:
+    """Weighted nodes plus the elementwise/pooling nodes that sit between quantized nodes
+    (looking through data-movement ops and Relu/Clip), grown until nothing changes."""
+    chosen = {n for n in nodes if n.op_type in WEIGHTED}
+    pending = [n for n in nodes if n.op_type in OWN_SCALE]
+    passthrough = SAME_SCALE | FUSED_ACTIVATIONS
+    changed = True
+    while changed:
+        changed = False
+        for node in pending:
+            if node in chosen:
+                continue
+            if _reaches(node, chosen, passthrough, upstream=True) and _reaches(
+                node, chosen, passthrough, upstream=False
+            ):
+                chosen.add(node)
+                changed = True
+    return chosen
+
+
+def _reaches(node: ir.Node, chosen: set[ir.Node], passthrough, upstream: bool) -> bool:
+    """Does a chosen node feed (upstream) or read (downstream) ``node`` directly or through
+    ops that run on integers with their input's scale?"""
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if upstream:
+            neighbours = [v.producer() for v in current.inputs if v is not None]
+        else:
+            neighbours = [user for out in current.outputs for user, _ in out.uses()]
+        for other in neighbours:
+            if other is None or other is node:
+                continue
+            if other in chosen:
+                return True
+            if other.op_type in passthrough:
+                stack.append(other)
+    return False
+
+
+def hand_over_output(scope: GraphLike, value: ir.Value, dq: ir.Value, names: set[str]) -> None:
+    """The dequantized tensor becomes the graph output, under the output's name."""
+    name = value.name
+    value.name = unique_name(names, f"{name}_float")
+    dq.name = name
+    for i, out in enumerate(scope.outputs):
+        if out is value:
+            scope.outputs[i] = dq

@@ -27,7 +27,6 @@ from onnxsqueeze.graphs import (
     is_constant,
     opset_version,
     scopes,
-    unique_name,
 )
 from onnxsqueeze.io import count_nodes
 from onnxsqueeze.qdq import (
@@ -38,6 +37,8 @@ from onnxsqueeze.qdq import (
     WEIGHTED,
     QdqBuilder,
     first_reader,
+    hand_over_output,
+    linked_nodes,
     saturating_u8s8_cpu,
     weight_axis,
 )
@@ -140,7 +141,7 @@ class InsertQdqPass(SqueezePass):
         owned: set[ir.Value] = set()
         slots: list[tuple[ir.Node, int, ir.Value]] = []
         wanted = [node for node in scope if self._wanted(node)]
-        linked = _linked(wanted) if self.options.elementwise == "linked" else None
+        linked = linked_nodes(wanted) if self.options.elementwise == "linked" else None
         for node in wanted:
             label = node.name or node.op_type
             if linked is not None and node.op_type in OWN_SCALE and node not in linked:
@@ -281,7 +282,9 @@ class InsertQdqPass(SqueezePass):
         qp = qparams(
             float(array.min(initial=0)), float(array.max(initial=0)), self.options.activations
         )
-        q = np.clip(np.round(array / qp.scale) + qp.zero_point.astype(np.float64), *_limits(qp))
+        q = np.clip(
+            np.round(array / qp.scale) + qp.zero_point.astype(np.float64), *QRANGES[qp.dtype]
+        )
         dq = self._builder.dequantized(
             scope, q.astype(qp.zero_point.dtype), qp, None, value.name or "const", node
         )
@@ -304,65 +307,8 @@ class InsertQdqPass(SqueezePass):
                 if user is not q_node:
                     user.replace_input_with(index, dq)
             if value.is_graph_output():
-                _hand_over_output(scope, value, dq, self._builder.names)
+                hand_over_output(scope, value, dq, self._builder.names)
             return
         for node, index, source in slots:
             if source is value and node.inputs[index] is value:
                 node.replace_input_with(index, dq)
-
-
-def _linked(nodes: list[ir.Node]) -> set[ir.Node]:
-    """Weighted nodes plus the elementwise/pooling nodes that sit between quantized nodes
-    (looking through data-movement ops and Relu/Clip), grown until nothing changes."""
-    chosen = {n for n in nodes if n.op_type in WEIGHTED}
-    pending = [n for n in nodes if n.op_type in OWN_SCALE]
-    passthrough = SAME_SCALE | FUSED_ACTIVATIONS
-    changed = True
-    while changed:
-        changed = False
-        for node in pending:
-            if node in chosen:
-                continue
-            if _reaches(node, chosen, passthrough, upstream=True) and _reaches(
-                node, chosen, passthrough, upstream=False
-            ):
-                chosen.add(node)
-                changed = True
-    return chosen
-
-
-def _reaches(node: ir.Node, chosen: set[ir.Node], passthrough, upstream: bool) -> bool:
-    """Does a chosen node feed (upstream) or read (downstream) ``node`` directly or through
-    ops that run on integers with their input's scale?"""
-    stack, seen = [node], set()
-    while stack:
-        current = stack.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        if upstream:
-            neighbours = [v.producer() for v in current.inputs if v is not None]
-        else:
-            neighbours = [user for out in current.outputs for user, _ in out.uses()]
-        for other in neighbours:
-            if other is None or other is node:
-                continue
-            if other in chosen:
-                return True
-            if other.op_type in passthrough:
-                stack.append(other)
-    return False
-
-
-def _hand_over_output(scope: GraphLike, value: ir.Value, dq: ir.Value, names: set[str]) -> None:
-    """The dequantized tensor becomes the graph output, under the output's name."""
-    name = value.name
-    value.name = unique_name(names, f"{name}_float")
-    dq.name = name
-    for i, out in enumerate(scope.outputs):
-        if out is value:
-            scope.outputs[i] = dq
-
-
-def _limits(qp: QParams) -> tuple[int, int]:
-    return QRANGES[qp.dtype]
