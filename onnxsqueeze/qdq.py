@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxsqueeze.graphs import GraphLike, add_constant, unique_name
-from onnxsqueeze.qmath import QParams
+from onnxsqueeze.graphs import GraphLike, add_constant, constant_array, drop_if_unused, unique_name
+from onnxsqueeze.qmath import QRANGES, QParams, qparams
 
 #: op -> (weight input index, bias input index or None).
 WEIGHTED = {"Conv": (1, 2), "ConvTranspose": (1, 2), "MatMul": (1, None), "Gemm": (1, 2)}
@@ -131,6 +131,20 @@ class QdqBuilder:
         out.shape = ir.Shape(q.shape)
         scope.insert_before(before, dq)
         return out
+
+    def constant_operand(self, scope: GraphLike, node: ir.Node, index: int, dtype: str) -> None:
+        """A constant operand of Add/Mul: quantized with its own exact range."""
+        value = node.inputs[index]
+        array = constant_array(value)
+        if array is None or array.dtype != np.float32:
+            return
+        qp = qparams(float(array.min(initial=0)), float(array.max(initial=0)), dtype)
+        shifted = np.round(array / qp.scale) + qp.zero_point.astype(np.float64)
+        q = np.clip(shifted, *QRANGES[qp.dtype]).astype(qp.zero_point.dtype)
+        node.replace_input_with(
+            index, self.dequantized(scope, q, qp, None, value.name or "const", node)
+        )
+        drop_if_unused(scope, value)
 
     def pair(
         self, scope: GraphLike, value: ir.Value, qp: QParams, anchor: ir.Node, after: bool

@@ -42,7 +42,7 @@ from onnxsqueeze.qdq import (
     saturating_u8s8_cpu,
     weight_axis,
 )
-from onnxsqueeze.qmath import QRANGES, QParams, qparams, quantize_bias, quantize_per_channel
+from onnxsqueeze.qmath import QParams, qparams, quantize_bias, quantize_per_channel
 from onnxsqueeze.registry import SqueezePass, SqueezeResult
 from onnxsqueeze.shapes import inferred_shapes
 
@@ -202,7 +202,7 @@ class InsertQdqPass(SqueezePass):
             slots.append((node, index, value))
         for index, value in enumerate(node.inputs):
             if op in OWN_SCALE and index > 0 and is_constant(value) and value is not None:
-                self._quantize_constant_input(scope, node, index)
+                self._builder.constant_operand(scope, node, index, self.options.activations)
         if out_qp is not None:
             planned[output] = out_qp
             owned.add(output)
@@ -272,24 +272,6 @@ class InsertQdqPass(SqueezePass):
             drop_if_unused(scope, bias_value)
         self._stats["weights"] += 1
         return True
-
-    def _quantize_constant_input(self, scope: GraphLike, node: ir.Node, index: int) -> None:
-        """A constant operand of Add/Mul: quantized with its own exact range."""
-        value = node.inputs[index]
-        array = constant_array(value)
-        if array is None or array.dtype != np.float32:
-            return
-        qp = qparams(
-            float(array.min(initial=0)), float(array.max(initial=0)), self.options.activations
-        )
-        q = np.clip(
-            np.round(array / qp.scale) + qp.zero_point.astype(np.float64), *QRANGES[qp.dtype]
-        )
-        dq = self._builder.dequantized(
-            scope, q.astype(qp.zero_point.dtype), qp, None, value.name or "const", node
-        )
-        node.replace_input_with(index, dq)
-        drop_if_unused(scope, value)
 
     def _insert_pair(self, scope, value, qp, owned: bool, slots) -> None:
         producer = value.producer()

@@ -65,25 +65,18 @@ def _assert_same(reference: list, candidate: list, rtol: float = 1e-6) -> None:
             np.testing.assert_array_equal(a, b)
 
 
+def _squeeze_cli(entry: corpus.CorpusModel, out: Path, report: Path, *extra: str) -> int:
+    """The CLI on a corpus model with its probe data, quietly, with a JSON report."""
+    args = [str(entry.path), "-o", str(out), "--data", str(entry.probe_dir)]
+    return cli_main([*args, "--report", str(report), *extra, "-q"])
+
+
 @pytest.mark.parametrize("entry", corpus.MODELS, ids=lambda e: e.name)
 def test_corpus_model_through_cli(entry: corpus.CorpusModel, tmp_path: Path) -> None:
     _require(entry)
     out = tmp_path / "out.onnx"
     report = tmp_path / "report.json"
-    code = cli_main(
-        [
-            str(entry.path),
-            "-o",
-            str(out),
-            "--data",
-            str(entry.probe_dir),
-            "--report",
-            str(report),
-            "--quantize",
-            "none",
-            "-q",
-        ]
-    )
+    code = _squeeze_cli(entry, out, report, "--quantize", "none")
     assert code == 0
     import json
 
@@ -242,20 +235,7 @@ def test_static_quantization_of_corpus_models(name: str, tmp_path: Path) -> None
     _require(entry)
     out = tmp_path / "q.onnx"
     report = tmp_path / "r.json"
-    code = cli_main(
-        [
-            str(entry.path),
-            "-o",
-            str(out),
-            "--data",
-            str(entry.probe_dir),
-            "--quantize",
-            "static",
-            "--report",
-            str(report),
-            "-q",
-        ]  # fmt: skip
-    )
+    code = _squeeze_cli(entry, out, report, "--quantize", "static")
     assert code == 0
     record = json.loads(report.read_text())["quantization"]
     assert record["budget_met"] and record["applied"], record
