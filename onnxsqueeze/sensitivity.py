@@ -110,12 +110,11 @@ def _run_exposed(
     values = {v.name: v for n in graph for v in n.outputs if v.name}
     for name in names:
         value = values.get(name)
-        if value is not None and name not in present and value.type is not None:
-            graph.outputs.append(value)
-            present.add(name)
-        elif value is not None and value.type is None:
+        if value is None or name in present:
+            continue
+        if value.type is None:  # every exposed tensor is a quantizable (float) activation
             value.type = ir.TensorType(ir.DataType.FLOAT)
-            graph.outputs.append(value)
-            present.add(name)
+        graph.outputs.append(value)
+        present.add(name)
     session = Session(exposed, providers)
     return session.run_all(feeds)

@@ -130,20 +130,7 @@ class QuantizeDynamicPass(SqueezePass):
             add = ir.node("Add", [result, b])
             new_nodes.append(add)
             result = add.outputs[0]
-        for n in new_nodes:
-            n.outputs[0].name = unique_name(self._names, f"{node.name or base}_{n.op_type}")
-        scope.insert_before(node, new_nodes)
-        old = node.outputs[0]
-        result.type, result.shape = ir.TensorType(FLOAT), old.shape
-        weight_value = node.inputs[1]
-        bias_value = node.inputs[2] if bias is not None else None
-        name = old.name
-        old.replace_all_uses_with(result, replace_graph_outputs=True)
-        scope.remove(node, safe=True)
-        result.name = name
-        drop_if_unused(scope, weight_value)
-        if bias_value is not None:
-            drop_if_unused(scope, bias_value)
+        self._replace(scope, node, new_nodes, result, base)
         return None
 
     def _gather(self, scope: GraphLike, node: ir.Node) -> str | None:
@@ -168,18 +155,24 @@ class QuantizeDynamicPass(SqueezePass):
         cast = ir.node("Cast", [rows.outputs[0]], attributes={"to": FLOAT.value})
         row_scales = ir.node("Gather", [scales, node.inputs[1]], attributes={"axis": 0})
         out = ir.node("Mul", [cast.outputs[0], row_scales.outputs[0]])
-        new_nodes = [rows, cast, row_scales, out]
+        self._replace(scope, node, [rows, cast, row_scales, out], out.outputs[0], base)
+        return None
+
+    def _replace(self, scope, node: ir.Node, new_nodes, result: ir.Value, base: str) -> None:
+        """Put ``new_nodes`` in ``node``'s place; ``result`` takes over its output (and name),
+        and the float weights it read go once nothing else reads them."""
         for n in new_nodes:
             n.outputs[0].name = unique_name(self._names, f"{node.name or base}_{n.op_type}")
         scope.insert_before(node, new_nodes)
-        old, table_value = node.outputs[0], node.inputs[0]
-        out.outputs[0].type, out.outputs[0].shape = ir.TensorType(FLOAT), old.shape
+        old = node.outputs[0]
+        result.type, result.shape = ir.TensorType(FLOAT), old.shape
+        weights = [v for v in node.inputs if v is not None and constant_array(v) is not None]
         name = old.name
-        old.replace_all_uses_with(out.outputs[0], replace_graph_outputs=True)
+        old.replace_all_uses_with(result, replace_graph_outputs=True)
         scope.remove(node, safe=True)
-        out.outputs[0].name = name
-        drop_if_unused(scope, table_value)
-        return None
+        result.name = name
+        for value in weights:
+            drop_if_unused(scope, value)
 
     def _dynamic_quantize(self, scope: GraphLike, x: ir.Value, before: ir.Node):
         dql = ir.node("DynamicQuantizeLinear", [x], num_outputs=3)

@@ -86,7 +86,7 @@ def _select(model: ir.Model, op_types: Sequence[str] | None) -> tuple[list[str],
                 chosen[value.name] = None
             elif value.dtype is None:
                 skipped[value.name] = "type unknown after shape inference"
-    branches = branch_chain(model) if not op_types or "If" not in op_types else {}
+    branches = branch_chain(model)
     for sub in model.graphs():
         if sub is graph:
             continue
