@@ -187,7 +187,7 @@ def calibrate(
     method: str = "entropy",
     samples: int | None = None,
     cache: str | os.PathLike | None = None,
-    bins: int = 4096,
+    bins: int | None = None,
     op_types: Sequence[str] | None = None,
     providers: Sequence[str] | None = None,
     progress: Any = None,
@@ -197,11 +197,12 @@ def calibrate(
     Samples stream one at a time (memory does not grow with their number). With ``cache``,
     an existing cache file that covers the model is loaded instead of running inference, and
     a new one is written after collecting; one histogram serves every histogram method, so
-    re-quantizing with percentile after entropy needs no new inference.
+    re-quantizing with percentile after entropy needs no new inference. ``bins`` defaults
+    to the observers' DEFAULT_BINS (fine enough to match onnxruntime's percentile bins).
     """
     from onnxsqueeze.calib.cache import Calibration
     from onnxsqueeze.calib.collector import CollectOptions, Collector, feed_names, select_tensors
-    from onnxsqueeze.calib.observers import HISTOGRAM_METHODS, METHODS
+    from onnxsqueeze.calib.observers import DEFAULT_BINS, HISTOGRAM_METHODS, METHODS
     from onnxsqueeze.data import iter_feeds
     from onnxsqueeze.errors import CalibrationError, PipelineConfigError
     from onnxsqueeze.io import load_model
@@ -214,7 +215,7 @@ def calibrate(
     loaded = load_model(model)
     options = CollectOptions(
         method=method,
-        bins=bins,
+        bins=bins or DEFAULT_BINS,
         op_types=tuple(op_types) if op_types else None,
         providers=tuple(providers or ("cpu",)),
     )

@@ -194,7 +194,11 @@ def _digits_batches(count: int = 12, size: int = 30) -> list[dict]:
     return [{"image": images[i * size : (i + 1) * size]} for i in range(count)]
 
 
-def _ort_ranges(tmp_path: Path, method: str, **extra) -> dict[str, tuple[float, float]]:
+def _ort_ranges(
+    tmp_path: Path, method: str, *, widths: dict | None = None, **extra
+) -> dict[str, tuple[float, float]]:
+    """onnxruntime's ranges on the digits batches; ``widths`` receives its histogram bin
+    widths per tensor (histogram methods)."""
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
 
     class Reader:
@@ -212,6 +216,9 @@ def _ort_ranges(tmp_path: Path, method: str, **extra) -> dict[str, tuple[float, 
     )
     calibrator.collect_data(Reader())
     data = calibrator.compute_data()
+    if widths is not None:
+        for name, histogram in calibrator.collector.histogram_dict.items():
+            widths[name] = float(histogram[1][1] - histogram[1][0])
     return {
         k: tuple(float(np.asarray(r).reshape(-1)[0]) for r in v.range_value)
         for k, v in data.data.items()
@@ -231,19 +238,27 @@ def test_minmax_ranges_identical_to_onnxruntime(tmp_path):
         assert ours[name] == theirs[name], name
 
 
-def test_percentile_ranges_within_one_bin_of_onnxruntime(tmp_path):
-    theirs = _ort_ranges(tmp_path, "Percentile", num_bins=2048, percentile=99.9, symmetric=True)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_percentile_ranges_within_one_bin_of_onnxruntime(tmp_path, symmetric):
+    """Within one of *their* bins: ours are narrower (8192 over [-t, t), t < 2 max|x|) and
+    both take the lower edge of the bin where the cumulative mass reaches the percentile."""
+    widths: dict[str, float] = {}
+    theirs = _ort_ranges(
+        tmp_path, "Percentile", widths=widths, num_bins=2048, percentile=99.9, symmetric=symmetric
+    )
     calibration = _ours("percentile")
     shared = set(theirs) & set(calibration.observers)
     assert len(shared) >= 8
     for name in shared:
         obs = calibration.observers[name]
-        lo, hi = calibration.range(name, "percentile", percentile=99.9, symmetric=True)
-        # ORT clips each side to the observed min/max afterwards; the bound is what matters
-        theirs_bound = max(-theirs[name][0], theirs[name][1])
-        ort_bin = max(-obs.lo, obs.hi) / 2048  # their |x| histogram: 2048 bins up to max |x|
-        our_bin = 2 * obs.t / obs.bins
-        assert abs(hi - theirs_bound) <= max(ort_bin, our_bin), name
+        assert 2 * obs.t / obs.bins <= widths[name] * (1 + 1e-6), name
+        lo, hi = calibration.range(name, "percentile", percentile=99.9, symmetric=symmetric)
+        their_lo, their_hi = theirs[name]
+        if symmetric:  # ORT then clips each side to the observed min/max: compare bounds
+            hi, their_hi = max(-lo, hi), max(-their_lo, their_hi)
+            lo = their_lo = 0.0
+        assert abs(hi - their_hi) <= widths[name] * (1 + 1e-6), name
+        assert abs(lo - their_lo) <= widths[name] * (1 + 1e-6), name
 
 
 # ---------------------------------------------------------------------------- collector and cache
@@ -293,6 +308,37 @@ def test_tensor_groups_bound_what_one_run_exposes():
     assert len(whole.observers) == len(result.observers)
     for name, obs in whole.observers.items():
         np.testing.assert_array_equal(obs.counts, result.observers[name].counts)
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_rearranged_tensors_share_their_source_statistics_without_being_exposed(method):
+    """Reshape/Transpose outputs hold their input's values: the collector copies the input's
+    observer instead of copying the tensor out of onnxruntime and binning it again."""
+    from conftest import parse
+
+    model = ir.serde.deserialize_model(
+        parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2, 6] x) => (float[3, 2, 2] y)
+        <int64[3] shape = {2, 2, 3}>
+        { a = Exp(x)  r = Reshape(a, shape)  t = Transpose<perm = [2, 0, 1]>(r)  y = Relu(t) }
+        """)
+    )
+    rng = np.random.default_rng(0)
+    batches = [{"x": rng.standard_normal((2, 6)).astype(np.float32)} for _ in range(3)]
+    collector = Collector(model, CollectOptions(method=method))
+    result = collector.collect(batches)
+    assert collector._aliases == {"r": "a", "t": "a"}
+    exposed = {name for session, *_ in collector._sessions for name in session.session.output_names}
+    assert not any(name.startswith(("r", "t")) for name in exposed)
+    values = np.concatenate([np.exp(b["x"]).ravel() for b in batches])
+    for name in ("a", "r", "t"):
+        obs = result.observers[name]
+        assert obs.finite == values.size
+        assert (obs.lo, obs.hi) == pytest.approx((values.min(), values.max()), rel=1e-6)
+        if method == "percentile":
+            np.testing.assert_array_equal(obs.counts, result.observers["a"].counts)
+    assert result.observers["r"] is not result.observers["a"]
 
 
 def test_minmax_in_graph_reductions_fall_back_to_whole_tensors_on_nonfinite_values():

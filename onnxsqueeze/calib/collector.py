@@ -10,6 +10,7 @@ as its outputs have updated the observers, so memory does not grow with the samp
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -23,7 +24,7 @@ import onnx_ir as ir
 
 from onnxsqueeze.calib.cache import Calibration
 from onnxsqueeze.calib.expose import branch_chain, expose
-from onnxsqueeze.calib.observers import Observer, observer_for
+from onnxsqueeze.calib.observers import DEFAULT_BINS, Observer, observer_for
 from onnxsqueeze.errors import CalibrationDataError, CalibrationError
 from onnxsqueeze.graphs import all_value_names
 from onnxsqueeze.shapes import inferred_shapes, static_shape
@@ -36,6 +37,9 @@ FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.
 PARALLEL_ELEMENTS = 1 << 20
 #: Default bound on the intermediate tensors one run may hand back (bytes).
 MAX_EXPOSED_BYTES = 1 << 30
+#: Ops whose output holds exactly the values of their first input, rearranged: its
+#: statistics are a copy of the input's, so it is neither exposed nor observed.
+SAME_VALUES_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
 
 Progress = Callable[[int, int | None], None]
 
@@ -43,7 +47,7 @@ Progress = Callable[[int, int | None], None]
 @dataclasses.dataclass(frozen=True)
 class CollectOptions:
     method: str = "entropy"
-    bins: int = 4096
+    bins: int = DEFAULT_BINS
     op_types: tuple[str, ...] | None = None
     providers: tuple[str, ...] = ("cpu",)
     max_exposed_bytes: int = MAX_EXPOSED_BYTES
@@ -128,6 +132,7 @@ class Collector:
         self.skipped: dict[str, str] = {}
         self.inputs = feed_names(model)
         self._sessions: list[tuple[Any, list[str], list[str]]] | None = None
+        self._aliases: dict[str, str] = {}
         self._pool: ThreadPoolExecutor | None = None
 
     def new_observer(self) -> Observer:
@@ -167,6 +172,8 @@ class Collector:
             done += 1
             if progress is not None:
                 progress(done, total)
+        for alias, source in self._aliases.items():
+            observers[alias] = copy.deepcopy(observers[source])
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
@@ -226,7 +233,16 @@ class Collector:
         if untyped:
             raise CalibrationError(f"tensor '{untyped[0]}': element type unknown, cannot expose it")
         self._present = [v.name for v in clone.graph.outputs if v.name in self._types]
-        computed = [n for n in self.tensors if n in self._types and n not in self._present]
+        self._aliases = {
+            alias: source
+            for alias, source in same_values(clone, set(self.tensors)).items()
+            if alias not in self._present
+        }
+        computed = [
+            n
+            for n in self.tensors
+            if n in self._types and n not in self._present and n not in self._aliases
+        ]
         if self.options.method == "minmax":
             # values of If branches come out whole: a branch not taken gives an empty tensor
             self._reduced = [n for n in computed if n not in self._nested]
@@ -362,6 +378,20 @@ class _Renamed:
         for exposed, name in self.renamed.items():
             outputs[name] = outputs.pop(exposed)
         return outputs
+
+
+def same_values(model: ir.Model, names: set[str]) -> dict[str, str]:
+    """Tensors among ``names`` whose values are those of another tensor among them
+    (Reshape/Transpose/... chains in the main graph), mapped to that tensor."""
+    aliases: dict[str, str] = {}
+    for node in model.graph:  # topological: a chain resolves to its first tensor
+        if node.op_type not in SAME_VALUES_OPS or not node.inputs or node.inputs[0] is None:
+            continue
+        out, source = node.outputs[0].name, node.inputs[0].name
+        source = aliases.get(source, source)
+        if out in names and source in names and out != source:
+            aliases[out] = source
+    return aliases
 
 
 def _produced(model: ir.Model) -> dict[str, ir.Value]:

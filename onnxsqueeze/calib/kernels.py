@@ -88,7 +88,9 @@ def scan(flat, counts, t, stats):  # pragma: no cover - compiled
                 counts[j] += local[j]
                 local[j] = 0
             pending = 0
-    for j in range(bins):
+    lowest = block_lo.min() if blocks else spare
+    highest = block_hi.max() if blocks else none
+    for j in range(lowest, highest + 1):  # only the occupied span: small tensors, many bins
         counts[j] += local[j]
     lo = math.inf
     hi = -math.inf
@@ -96,8 +98,6 @@ def scan(flat, counts, t, stats):  # pragma: no cover - compiled
     pos_inf = 0
     neg_inf = 0
     outside = 0
-    lowest = block_lo.min() if blocks else spare
-    highest = block_hi.max() if blocks else none
     for b in range(blocks):
         extreme = (block_lo[b] == lowest and lowest != spare) or (
             block_hi[b] == highest and highest != none

@@ -25,7 +25,9 @@ from onnxsqueeze.qmath import QParams, qparams
 #: Calibration methods a histogram answers (minmax needs no histogram).
 HISTOGRAM_METHODS = ("percentile", "entropy", "mse")
 METHODS = ("minmax", *HISTOGRAM_METHODS)
-DEFAULT_BINS = 4096
+#: 8192 bins over [-t, t) with t < 2 max|x|: a bin is narrower than onnxruntime's (2048 bins
+#: of |x| up to max|x|), so a percentile lands within one of its bins.
+DEFAULT_BINS = 8192
 
 
 def _flat(array: Any) -> np.ndarray:
@@ -441,12 +443,15 @@ def entropy_threshold(
 
 
 def _quantile(counts: np.ndarray, fraction: float, start: float, width: float) -> float:
-    """Value below which ``fraction`` of the histogram's mass lies (linear within a bin)."""
-    cdf = np.cumsum(counts, dtype=np.float64)
-    total = cdf[-1]
-    target = fraction * total
-    k = int(np.searchsorted(cdf, target, side="left"))
-    k = min(k, counts.shape[0] - 1)
-    before = cdf[k - 1] if k else 0.0
-    inside = (target - before) / counts[k] if counts[k] else 1.0
-    return start + (k + min(max(inside, 0.0), 1.0)) * width
+    """Lower edge of the bin in which the cumulative mass reaches ``fraction``.
+
+    The same rule as onnxruntime's percentile calibrator, so the two agree to within one
+    of the wider of the two bins; a fraction of 1 (percentile 100) is the top edge of the
+    last occupied bin, which the caller clips to the observed maximum."""
+    cdf = np.cumsum(counts, dtype=np.int64)
+    total = int(cdf[-1])
+    if fraction >= 1.0:
+        k = int(np.flatnonzero(counts)[-1]) + 1
+    else:
+        k = int(np.searchsorted(cdf, fraction * total, side="left"))
+    return start + min(k, counts.shape[0]) * width
