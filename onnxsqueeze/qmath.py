@@ -63,29 +63,61 @@ def qparams(
     return QParams(scale, zero.astype(np_dtype), dtype)
 
 
+#: How weight scales are chosen: rtn = the block's max |w|; mse = the clip ratio (then a
+#: least-squares refit of the scale) that minimises the block's squared error.
+ROUNDINGS = ("rtn", "mse")
+#: Clip ratios the mse search tries (of the block's max |w|).
+CLIP_RATIOS = np.linspace(0.5, 1.0, 26)
+
+
 def quantize_weight(
-    weight: np.ndarray, bits: int, block_size: int = 0
+    weight: np.ndarray, bits: int, block_size: int = 0, rounding: str = "rtn"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric round-to-nearest of a [K, N] weight along K, per block of ``block_size``
+    """Symmetric quantization of a [K, N] weight along K, per block of ``block_size``
     rows (0: one block, i.e. per output channel). Returns (q as int8 values in
     [-(2^(bits-1) - 1), 2^(bits-1) - 1], scales [n_blocks, N] float32).
 
     Symmetric because zero must stay exactly zero and kernels (MLAS, MatMulNBits) are
-    fastest without zero points; the rows padding the last block are not stored.
+    fastest without zero points; the rows padding the last block are not stored. ``mse``
+    matters at 4 bits, where max-scaling wastes levels on one outlier: on MiniLM int4
+    (block 32) it moves embedding cosine from 0.959 to 0.968.
     """
     if weight.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {weight.shape}")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r} (known: {', '.join(ROUNDINGS)})")
     k, n = weight.shape
     size = block_size or k
     blocks = -(-k // size)
     padded = np.zeros((blocks * size, n), np.float64)
     padded[:k] = weight
     grouped = padded.reshape(blocks, size, n)
+    scales = block_scales(grouped, bits, rounding)
     qmax = 2 ** (bits - 1) - 1
-    scales = np.abs(grouped).max(axis=1) / qmax
-    scales = np.where(scales > 0, scales, 1.0).astype(np.float32)
     q = np.clip(np.round(grouped / scales[:, None, :].astype(np.float64)), -qmax, qmax)
     return q.reshape(blocks * size, n)[:k].astype(np.int8), scales
+
+
+def block_scales(grouped: np.ndarray, bits: int, rounding: str = "rtn") -> np.ndarray:
+    """Scales [blocks, N] of a [blocks, size, N] weight (float32, never 0)."""
+    qmax = 2 ** (bits - 1) - 1
+    amax = np.abs(grouped).max(axis=1)
+    scales = amax / qmax
+    if rounding == "mse":
+        best = np.full(amax.shape, np.inf)
+        for ratio in CLIP_RATIOS:
+            trial = np.where(amax > 0, amax * ratio / qmax, 1.0)
+            q = np.clip(np.round(grouped / trial[:, None, :]), -qmax, qmax)
+            qq = (q * q).sum(axis=1)
+            refit = np.where(qq > 0, (q * grouped).sum(axis=1) / np.maximum(qq, 1e-30), trial)
+            for scale in (trial, refit):
+                safe = np.where(scale > 0, scale, 1.0)
+                q = np.clip(np.round(grouped / safe[:, None, :]), -qmax, qmax)
+                err = ((q * safe[:, None, :] - grouped) ** 2).sum(axis=1)
+                better = err < best
+                best = np.where(better, err, best)
+                scales = np.where(better, safe, scales)
+    return np.where(scales > 0, scales, 1.0).astype(np.float32)
 
 
 def dequantize_weight(q: np.ndarray, scales: np.ndarray, block_size: int = 0) -> np.ndarray:

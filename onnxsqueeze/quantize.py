@@ -12,6 +12,7 @@ node.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,6 +29,8 @@ from onnxsqueeze.verify import LOSSLESS_RTOL, compare_runs
 logger = logging.getLogger(__name__)
 
 MODES = ("static", "dynamic", "fp16", "weights-int8", "weights-int4")
+#: Calibration samples GPTQ's Gram matrices are summed over, unless calib_samples says.
+GPTQ_SAMPLES = 128
 #: auto: static with data, dynamic without; kept only if within budget and not slower.
 CHOICES = ("auto", "none", *MODES)
 #: Nodes the budget search may keep float; data-movement ops follow their producer.
@@ -87,7 +90,8 @@ def quantize_model(
     if config.mode in ("static", "dynamic", "fp16"):
         outcome = stage.search(calibration, calib_feeds, calib_samples)
     else:
-        outcome = stage.weight_only(4 if config.mode.endswith("int4") else 8)
+        bits = 4 if config.mode.endswith("int4") else 8
+        outcome = stage.weight_only(bits, calib_feeds, calib_samples)
     if config.check_latency and outcome.record.get("applied"):
         _latency(model, outcome, config, eval_feeds[0] if eval_feeds else None)
     outcome.record["seconds"] = round(time.perf_counter() - started, 3)
@@ -126,12 +130,30 @@ class _Stage:
 
     # -------------------------------------------------------------- weight-only
 
-    def weight_only(self, bits: int) -> QuantizeOutcome:
+    def weight_only(
+        self,
+        bits: int,
+        calib_feeds: Iterable[Mapping[str, Any]] | None = None,
+        calib_samples: int | None = None,
+    ) -> QuantizeOutcome:
+        """RTN/mse rounding without data; with data, GPTQ on the Gram matrices of each
+        MatMul's input (see onnxsqueeze.gptq)."""
         from onnxsqueeze.passes.quantize_weights import QuantizeWeightsPass
 
         candidate = self.model.clone()
-        options = {"bits": bits, "block_size": 32 if bits == 4 else 0}
+        options: dict[str, Any] = {"bits": bits, "block_size": 32 if bits == 4 else 0}
+        if calib_feeds is not None:
+            from onnxsqueeze.calib.gram import gram_matrices
+
+            limit = calib_samples or GPTQ_SAMPLES
+            feeds = itertools.islice(calib_feeds, limit)
+            options["grams"] = gram_matrices(candidate, feeds, providers=self.config.providers)
         result = QuantizeWeightsPass(**options)(candidate)
+        self.record["rounding"] = (
+            f"gptq ({result.stats.get('gptq', 0)} weights)"
+            if options.get("grams")
+            else ("mse" if bits == 4 else "rtn")
+        )
         ok, summary = self.judge(candidate)
         self.record.update(stats=result.stats, measured=summary, budget_met=ok)
         if not ok or not result.modified:
@@ -471,7 +493,12 @@ def _pick(applied: list[QuantizeOutcome]) -> QuantizeOutcome:
 
 def _run_config(model: ir.Model, config: QuantizeConfig, data: Any, feeds: list) -> QuantizeOutcome:
     calibration = calib_feeds = None
-    if config.mode == "static":
+    if config.mode.startswith("weights-") and data is not None:
+        from onnxsqueeze.data import iter_feeds
+        from onnxsqueeze.runtime import input_specs
+
+        calib_feeds = iter_feeds(data, input_specs(model), limit=config.calib_samples)
+    elif config.mode == "static":
         if config.calib_cache:
             from onnxsqueeze.api import calibrate
 

@@ -9,8 +9,14 @@ file shrinks about 4x (int8) or 8x (int4). Two forms:
   these DQ nodes nor (for 3-D activations) fuses them into an integer kernel, so the CPU
   dequantizes on every run: MiniLM int8 keeps cosine 0.9994 but runs at 0.35x fp32.
 - ``matmulnbits``: onnxruntime's ``com.microsoft.MatMulNBits`` (4 bits, blocks along K),
-  which runs int4 directly and needs no opset 21. ``auto`` uses it for 4 bits when the model's
-  opset is below 21.
+  which runs int4 directly and needs no opset 21, and ``GatherBlockQuantized`` for embedding
+  tables, which dequantizes only the rows it looks up. ``auto`` uses them for 4 bits when
+  the model's opset is below 21.
+
+Rounding: ``mse`` picks each block's scale to minimise its squared error (``rtn``: max
+scaling); with ``grams`` (X^T X of a MatMul's input on calibration data, keyed by the
+activation's name) that MatMul's weight is rounded by GPTQ, which minimises the error of
+the product instead (see onnxsqueeze.gptq). ``auto`` = mse at 4 bits, rtn at 8.
 
 Lossy: the pipeline reports how far outputs moved instead of rolling the pass back.
 """
@@ -18,10 +24,12 @@ Lossy: the pipeline reports how far outputs moved instead of rolling the pass ba
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
 
+from onnxsqueeze.gptq import gptq_quantize
 from onnxsqueeze.graphs import (
     GraphLike,
     add_constant,
@@ -32,7 +40,7 @@ from onnxsqueeze.graphs import (
     unique_name,
 )
 from onnxsqueeze.io import count_nodes
-from onnxsqueeze.qmath import pack_matmul_nbits, quantize_weight
+from onnxsqueeze.qmath import ROUNDINGS, pack_matmul_nbits, quantize_weight
 from onnxsqueeze.registry import SqueezePass, SqueezeResult
 
 FORMATS = ("auto", "dq", "matmulnbits")
@@ -48,6 +56,10 @@ class QuantizeWeightsOptions:
     format: str = "auto"
     #: Weights with fewer elements stay float (their bytes do not matter, their error might).
     min_elements: int = 4096
+    #: auto | rtn | mse (see the module docstring)
+    rounding: str = "auto"
+    #: activation name -> X^T X on calibration data: its MatMul's weight gets GPTQ rounding
+    grams: Mapping[str, np.ndarray] | None = dataclasses.field(default=None, compare=False)
 
 
 class QuantizeWeightsPass(SqueezePass):
@@ -64,11 +76,14 @@ class QuantizeWeightsPass(SqueezePass):
             raise ValueError(f"quantize-weights.bits must be 4 or 8, got {opts.bits}")
         if opts.format not in FORMATS:
             raise ValueError(f"quantize-weights.format must be one of {', '.join(FORMATS)}")
+        if opts.rounding not in ("auto", *ROUNDINGS):
+            raise ValueError(f"quantize-weights.rounding must be auto, {', '.join(ROUNDINGS)}")
         if opts.block_size and (opts.block_size < 16 or opts.block_size & (opts.block_size - 1)):
             raise ValueError("quantize-weights.block_size must be 0 or a power of two >= 16")
         self._model = model
         self._names = all_value_names(model)
         self._opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+        self._gptq = 0
         stats = {"weights_quantized": 0, "bytes_before": 0, "bytes_after": 0, "skipped": 0}
         for scope in list(scopes(model)):
             for node in list(scope):
@@ -82,6 +97,7 @@ class QuantizeWeightsPass(SqueezePass):
                 stats["bytes_before"] += outcome[0]
                 stats["bytes_after"] += outcome[1]
         stats["nodes"] = count_nodes(model)
+        stats["gptq"] = self._gptq
         return SqueezeResult(model, modified=stats["weights_quantized"] > 0, stats=stats)
 
     def _form(self) -> str | None:
@@ -138,9 +154,60 @@ class QuantizeWeightsPass(SqueezePass):
         if any(user is not node for user, _ in node.inputs[0].uses()):
             return (0, 0)
         form = self._form()
+        if form == "matmulnbits":
+            if table.shape[1] % 2:
+                return (0, 0)  # two 4-bit values per byte along a row
+            return self._to_gather_block_quantized(scope, node, table)
         if form != "dq":
-            return (0, 0)  # MatMulNBits has no Gather counterpart in the standard domain
+            return (0, 0)
         return self._to_dq(scope, node, table.T, trans_b=True, index=0)
+
+    def _round(self, node: ir.Node, kn: np.ndarray, bits: int, block: int):
+        """(q, scales) of a [K, N] weight: GPTQ where the node's input has a Gram matrix."""
+        opts: QuantizeWeightsOptions = self.options
+        x = node.inputs[0] if node.op_type != "Gather" else None
+        gram = (opts.grams or {}).get(x.name) if x is not None else None
+        if gram is not None and gram.shape == (kn.shape[0], kn.shape[0]):
+            self._gptq += 1
+            return gptq_quantize(kn, gram, bits, block)
+        rounding = opts.rounding
+        if rounding == "auto":
+            rounding = "mse" if bits == 4 else "rtn"
+        return quantize_weight(kn, bits, block, rounding)
+
+    def _to_gather_block_quantized(
+        self, scope: GraphLike, node: ir.Node, table: np.ndarray
+    ) -> tuple[int, int]:
+        """Gather(table, ids) -> com.microsoft.GatherBlockQuantized: 4-bit rows in blocks
+        along the row, offset by 8 (its default zero point), two per byte low nibble first."""
+        block = self.options.block_size or DEFAULT_NBITS_BLOCK
+        q, scales = self._round(node, table.T, 4, block)
+        u = (q.T.astype(np.int16) + 8).astype(np.uint8)  # [rows, cols]
+        packed = np.ascontiguousarray(u[:, 0::2] | (u[:, 1::2] << 4))
+        base = node.inputs[0].name or "table"
+        data = self._const(scope, packed, base + "_nbits", node)
+        scale_value = self._const(scope, np.ascontiguousarray(scales.T), base + "_scale", node)
+        gather = ir.node(
+            "GatherBlockQuantized",
+            [data, node.inputs[1], scale_value],
+            attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": 4},
+            domain="com.microsoft",
+        )
+        self._replace(scope, node, gather, node.inputs[0])
+        return table.nbytes, packed.nbytes + scales.nbytes
+
+    def _replace(self, scope: GraphLike, node: ir.Node, new_node: ir.Node, weight: ir.Value):
+        """Put ``new_node`` in ``node``'s place (same output name) and drop the weight."""
+        scope.insert_before(node, new_node)
+        old = node.outputs[0]
+        new = new_node.outputs[0]
+        new.type, new.shape = old.type, old.shape
+        name = old.name
+        old.replace_all_uses_with(new, replace_graph_outputs=True)
+        scope.remove(node, safe=True)
+        drop_if_unused(scope, weight)
+        new.name = name
+        self._model.opset_imports.setdefault("com.microsoft", 1)
 
     def _const(self, scope: GraphLike, array: np.ndarray, base: str, before: ir.Node) -> ir.Value:
         return add_constant(self._model, scope, array, unique_name(self._names, base), before)
@@ -149,7 +216,7 @@ class QuantizeWeightsPass(SqueezePass):
         self, scope: GraphLike, node: ir.Node, kn: np.ndarray, trans_b: bool, index: int = 1
     ) -> tuple[int, int]:
         opts: QuantizeWeightsOptions = self.options
-        q, scales = quantize_weight(kn, opts.bits, opts.block_size)
+        q, scales = self._round(node, kn, opts.bits, opts.block_size)
         base = node.inputs[index].name or "weight"
         if trans_b:
             q, scales = q.T, scales.T  # [N, K] and [N, blocks]
@@ -181,7 +248,7 @@ class QuantizeWeightsPass(SqueezePass):
 
     def _to_matmul_nbits(self, scope: GraphLike, node: ir.Node, kn: np.ndarray) -> tuple[int, int]:
         block = self.options.block_size or DEFAULT_NBITS_BLOCK
-        q, scales = quantize_weight(kn, 4, block)
+        q, scales = self._round(node, kn, 4, block)
         k, n = kn.shape
         packed = pack_matmul_nbits(q, block)
         base = node.inputs[1].name or "weight"
@@ -195,15 +262,5 @@ class QuantizeWeightsPass(SqueezePass):
             attributes={"K": k, "N": n, "bits": 4, "block_size": block},
             domain="com.microsoft",
         )
-        scope.insert_before(node, nbits)
-        weight_value = node.inputs[1]
-        old = node.outputs[0]
-        new = nbits.outputs[0]
-        new.type, new.shape = old.type, old.shape
-        name = old.name
-        old.replace_all_uses_with(new, replace_graph_outputs=True)
-        scope.remove(node, safe=True)
-        drop_if_unused(scope, weight_value)
-        new.name = name
-        self._model.opset_imports.setdefault("com.microsoft", 1)
+        self._replace(scope, node, nbits, node.inputs[1])
         return kn.nbytes, packed.nbytes + scales.nbytes

@@ -15,6 +15,8 @@ from onnxsqueeze.qmath import dequantize_weight, pack_matmul_nbits, quantize_wei
 from conftest import run_ort
 
 RNG = np.random.default_rng(0)
+#: What rounding="auto" picks: scales searched for least squared error at 4 bits.
+_ROUNDING = {4: "mse", 8: "rtn"}
 
 
 def _model(op: str, weight: np.ndarray, opset: int, trans_b: bool = False) -> onnx.ModelProto:
@@ -42,6 +44,21 @@ def _run_unoptimized(proto: onnx.ModelProto, feeds: dict) -> np.ndarray:
         proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
     return session.run(None, feeds)[0]
+
+
+def _gather_model(table: np.ndarray, opset: int) -> onnx.ModelProto:
+    ids = onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [4])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, table.shape[1]])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Gather", ["table", "ids"], ["y"])],
+        "g",
+        [ids],
+        [y],
+        [onnx.numpy_helper.from_array(table, "table")],
+    )
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    proto.ir_version = 10
+    return proto
 
 
 def _apply(proto: onnx.ModelProto, **options) -> tuple[onnx.ModelProto, dict]:
@@ -87,7 +104,7 @@ def test_dequantize_linear_form_computes_with_the_dequantized_weight(
     assert stats["bytes_after"] < stats["bytes_before"] / (3.5 if bits == 8 else 6)
     assert [i.name for i in out.graph.initializer if i.name == "w"] == []  # float copy gone
     kn = weight.T if trans_b else weight
-    q, s = quantize_weight(kn, bits, block)
+    q, s = quantize_weight(kn, bits, block, _ROUNDING[bits])
     x = {"x": RNG.standard_normal((3, 96)).astype(np.float32)}
     expected = x["x"] @ dequantize_weight(q, s, block)
     # The graph's meaning (no rewrites). onnxruntime's extended optimisations turn an int8
@@ -100,7 +117,7 @@ def test_matmul_nbits_form_on_older_opsets():
     out, stats = _apply(_model("MatMul", weight, 17), bits=4, block_size=32, min_elements=16)
     assert [n.op_type for n in out.graph.node] == ["MatMulNBits"]
     assert [o.name for o in out.graph.output] == ["y"]
-    q, s = quantize_weight(weight, 4, 32)
+    q, s = quantize_weight(weight, 4, 32, "mse")
     assert pack_matmul_nbits(q, 32).shape == (48, 4, 16)
     x = {"x": RNG.standard_normal((3, 100)).astype(np.float32)}
     expected = x["x"] @ dequantize_weight(q, s, 32)
@@ -130,21 +147,64 @@ def test_lossy_pass_in_the_pipeline_reports_its_error():
 @pytest.mark.parametrize("opset, bits, block", [(17, 8, 0), (21, 4, 32)])
 def test_embedding_table_of_a_gather(opset, bits, block):
     table = RNG.standard_normal((50, 96)).astype(np.float32)
-    ids = onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [4])
-    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 96])
-    graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("Gather", ["table", "ids"], ["y"])],
-        "g",
-        [ids],
-        [y],
-        [onnx.numpy_helper.from_array(table, "table")],
-    )
-    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
-    proto.ir_version = 10
+    proto = _gather_model(table, opset)
     out, stats = _apply(proto, bits=bits, block_size=block, format="dq", min_elements=16)
     assert [n.op_type for n in out.graph.node] == ["DequantizeLinear", "Gather"]
     assert stats["weights_quantized"] == 1
-    q, s = quantize_weight(table.T, bits, block)
+    q, s = quantize_weight(table.T, bits, block, _ROUNDING[bits])
     rows = dequantize_weight(q, s, block).T  # the table the quantized one stands for
     feed = {"ids": np.array([0, 7, 49, 7], np.int64)}
     np.testing.assert_allclose(_run_unoptimized(out, feed), rows[feed["ids"]], rtol=1e-6)
+
+
+def test_int4_table_below_opset_21_becomes_gather_block_quantized():
+    """No int4 DequantizeLinear before opset 21: onnxruntime's GatherBlockQuantized reads the
+    4-bit rows directly and dequantizes only the rows looked up."""
+    table = RNG.standard_normal((50, 96)).astype(np.float32)
+    out, stats = _apply(_gather_model(table, 17), bits=4, block_size=32, min_elements=16)
+    assert [n.op_type for n in out.graph.node] == ["GatherBlockQuantized"]
+    assert stats["bytes_after"] < stats["bytes_before"] / 6
+    q, s = quantize_weight(table.T, 4, 32, "mse")
+    rows = dequantize_weight(q, s, 32).T
+    feed = {"ids": np.array([0, 7, 49, 7], np.int64)}
+    np.testing.assert_allclose(run_ort(out, feed)[0], rows[feed["ids"]], rtol=1e-6)
+
+
+def test_mse_scales_never_lose_to_max_scaling():
+    w = RNG.standard_normal((256, 64)).astype(np.float32)
+    errors = {}
+    for rounding in ("rtn", "mse"):
+        q, s = quantize_weight(w, 4, 32, rounding)
+        per_block = (dequantize_weight(q, s, 32) - w) ** 2
+        errors[rounding] = per_block.reshape(8, 32, 64).sum(axis=1)
+    assert np.all(errors["mse"] <= errors["rtn"] * (1 + 1e-6))  # max scaling is a candidate
+    assert errors["mse"].sum() < 0.92 * errors["rtn"].sum()
+
+
+def test_gptq_with_calibration_grams_lowers_the_output_error():
+    """Inputs that vary along few directions (as real activations do): GPTQ's error on
+    x @ W is well below rounding each weight alone; the pass uses it where a Gram matrix
+    is given."""
+    from onnxsqueeze.calib.gram import gram_matrices
+
+    k, n = 128, 48
+    mix = RNG.standard_normal((16, k)) * np.linspace(0.05, 1.0, k)
+
+    def sample() -> dict:
+        x = RNG.standard_normal((3, 16)) @ mix + 0.05 * RNG.standard_normal((3, k))
+        return {"x": x.astype(np.float32)}
+
+    calib = [sample() for _ in range(100)]
+    test = [sample() for _ in range(25)]
+    weight = RNG.standard_normal((k, n)).astype(np.float32)
+    proto = _model("MatMul", weight, 17)
+    grams = gram_matrices(ir.serde.deserialize_model(proto), calib)
+    assert set(grams) == {"x"} and grams["x"].shape == (k, k)
+    errors = {}
+    for label, options in (("mse", {}), ("gptq", {"grams": grams})):
+        out, stats = _apply(proto, bits=4, block_size=32, min_elements=16, **options)
+        assert stats["gptq"] == (1 if label == "gptq" else 0)
+        got = np.concatenate([run_ort(out, f)[0] for f in test])
+        want = np.concatenate([f["x"] @ weight for f in test])
+        errors[label] = float(np.mean((got - want) ** 2))
+    assert errors["gptq"] < 0.7 * errors["mse"], errors

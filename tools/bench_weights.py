@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO / "models"))
 import corpus  # noqa: E402
 
 
-def variants(src: Path, tmp: Path) -> dict[str, Path]:
+def variants(src: Path, tmp: Path, calibration: list[dict]) -> dict[str, Path]:
     """Every configuration, written to ``tmp``; each is built by its own tool's API."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -44,15 +44,59 @@ def variants(src: Path, tmp: Path) -> dict[str, Path]:
     path = tmp / "ort_int4.onnx"
     quantizer.model.save_model_to_file(str(path), use_external_data_format=False)
     out["ORT MatMulNBits int4 (RTN, block 32)"] = path
+    # the same with embedding tables too (GatherBlockQuantized), and ORT's HQQ rounding
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig
+
+    gather = {"op_types_to_quantize": ("MatMul", "Gather")}
+    for label, kwargs in (
+        (
+            "ORT int4 RTN + Gather (block 32)",
+            {"is_symmetric": True, **gather, "quant_axes": (("MatMul", 0), ("Gather", 1))},
+        ),
+        (  # its HQQ does not take Gather tables ("not supported yet")
+            "ORT int4 HQQ (block 32, MatMul only)",
+            {"algo_config": HQQWeightOnlyQuantConfig(block_size=32)},
+        ),
+    ):
+        try:
+            quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=32, **kwargs)
+            quantizer.process()
+            path = tmp / (label.split()[2] + "_int4.onnx")
+            quantizer.model.save_model_to_file(str(path), use_external_data_format=False)
+            out[label] = path
+        except Exception as exc:  # a peer's failure is a result, not a crash
+            print(f"{label}: {type(exc).__name__}: {exc}"[:200], flush=True)
     for label, options in (
         ("onnxsqueeze weights int8 (per channel)", {"bits": 8}),
-        ("onnxsqueeze weights int4 (block 32)", {"bits": 4, "block_size": 32}),
+        (
+            "onnxsqueeze weights int4 (block 32, RTN)",
+            {"bits": 4, "block_size": 32, "rounding": "rtn"},
+        ),
+        ("onnxsqueeze weights int4 (block 32, mse scales)", {"bits": 4, "block_size": 32}),
     ):
-        path = tmp / (label.split()[2] + ".onnx")
+        path = tmp / (
+            label.split("(")[1].split(")")[0].replace(" ", "_").replace(",", "") + ".onnx"
+        )
         onnxsqueeze.squeeze_file(
             str(src), str(path), passes=["default", ("quantize-weights", options)], strict=False
         )
         out[label] = path
+    # The CLI's `--quantize weights-int4 --data DIR --min-cosine 0.98`: GPTQ on calibration
+    # sentences that are neither probes nor held out.
+    from onnxsqueeze.budget import Budget
+    from onnxsqueeze.quantize import QuantizeConfig
+
+    path = tmp / "gptq.onnx"
+    report = onnxsqueeze.squeeze_file(
+        str(src),
+        str(path),
+        data=calibration,
+        quantize=QuantizeConfig(mode="weights-int4", budget=Budget(min_cosine=0.98)),
+    )
+    if report.quantization and report.quantization.get("applied"):
+        out["onnxsqueeze weights-int4 stage (GPTQ, 128 sentences)"] = path
+    else:
+        print("GPTQ stage not applied:", report.quantization, flush=True)
     return out
 
 
@@ -90,8 +134,10 @@ def main() -> None:
     sentences = (corpus.corpus_dir() / "minilm" / "sentences.txt").read_text().splitlines()
     held_out = sentences[20 : 20 + args.sentences]  # probes use the first 13
     feeds = [minilm_export.tokenize(model_dir, [s]) for s in held_out]
+    calib = sentences[20 + args.sentences :][:128]
+    calibration = [minilm_export.tokenize(model_dir, [s]) for s in calib]
     with tempfile.TemporaryDirectory() as tmp:
-        paths = variants(entry.path, Path(tmp))
+        paths = variants(entry.path, Path(tmp), calibration)
         reference = embed(paths["fp32"], feeds)
         ref_norm = reference / np.linalg.norm(reference, axis=1, keepdims=True)
         ref_sim = ref_norm @ ref_norm.T
