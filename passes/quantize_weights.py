@@ -1,4 +1,4 @@
-"""quantize-weights: weight-only int8/int4 for MatMul, Gemm and Gather tables (symmetric RTN).
+"""quantize-weights: weight-only int8/int4 for MatMul, Gemm, Conv filters and Gather tables.
 
 Activations stay float, so no calibration data is needed and accuracy loss is small; the
 file shrinks about 4x (int8) or 8x (int4). Two forms:
@@ -44,6 +44,7 @@ from onnxsqueeze.qmath import ROUNDINGS, pack_matmul_nbits, quantize_weight
 from onnxsqueeze.registry import SqueezePass, SqueezeResult
 
 FORMATS = ("auto", "dq", "matmulnbits")
+WEIGHT_OPS = ("MatMul", "Gemm", "Gather", "Conv")
 #: MatMulNBits needs a block; this is what onnxruntime's own int4 quantizer defaults to.
 DEFAULT_NBITS_BLOCK = 32
 
@@ -63,10 +64,10 @@ class QuantizeWeightsOptions:
 
 
 class QuantizeWeightsPass(SqueezePass):
-    """Constant 2-D MatMul/Gemm weights -> int8/int4 with float scales."""
+    """Constant MatMul/Gemm/Conv weights and Gather tables -> int8/int4 with float scales."""
 
     name = "quantize-weights"
-    summary = "weight-only int8/int4 (per channel or block-wise) for MatMul/Gemm weights"
+    summary = "weight-only int8/int4 for MatMul/Gemm/Conv weights and Gather tables"
     lossless = False
     Options = QuantizeWeightsOptions
 
@@ -114,10 +115,12 @@ class QuantizeWeightsPass(SqueezePass):
     def _quantize(self, scope: GraphLike, node: ir.Node) -> tuple[int, int] | None:
         """(bytes before, bytes after) if the node's weight was quantized, (0, 0) if it was a
         candidate left alone, None if not a candidate."""
-        if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm", "Gather"):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in WEIGHT_OPS:
             return None
         if node.op_type == "Gather":
             return self._quantize_table(scope, node)
+        if node.op_type == "Conv":
+            return self._quantize_conv(scope, node)
         if len(node.inputs) < 2 or node.inputs[1] is None:
             return None
         weight_value = node.inputs[1]
@@ -165,7 +168,7 @@ class QuantizeWeightsPass(SqueezePass):
     def _round(self, node: ir.Node, kn: np.ndarray, bits: int, block: int):
         """(q, scales) of a [K, N] weight: GPTQ where the node's input has a Gram matrix."""
         opts: QuantizeWeightsOptions = self.options
-        x = node.inputs[0] if node.op_type != "Gather" else None
+        x = node.inputs[0] if node.op_type in ("MatMul", "Gemm") else None
         gram = (opts.grams or {}).get(x.name) if x is not None else None
         if gram is not None and gram.shape == (kn.shape[0], kn.shape[0]):
             self._gptq += 1
@@ -217,7 +220,6 @@ class QuantizeWeightsPass(SqueezePass):
     ) -> tuple[int, int]:
         opts: QuantizeWeightsOptions = self.options
         q, scales = self._round(node, kn, opts.bits, opts.block_size)
-        base = node.inputs[index].name or "weight"
         if trans_b:
             q, scales = q.T, scales.T  # [N, K] and [N, blocks]
         if opts.block_size:
@@ -225,7 +227,40 @@ class QuantizeWeightsPass(SqueezePass):
         else:
             scales = scales.reshape(-1)
             attributes = {"axis": 0 if trans_b else 1}
-        if opts.bits == 4:
+        return self._insert_dq(scope, node, index, q, scales, attributes)
+
+    def _quantize_conv(self, scope: GraphLike, node: ir.Node) -> tuple[int, int] | None:
+        """A Conv's filters, one scale per output channel, through DequantizeLinear: the
+        convolution itself stays float. For a model whose size is one big Conv (magika: 84 %)
+        this is what makes the file small without static activation ranges, which a
+        heavy-tailed Conv input does not survive."""
+        weight = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        if weight is None or weight.ndim < 3 or weight.dtype != np.float32:
+            return None
+        if weight.size < self.options.min_elements:
+            return None
+        if any(user is not node for user, _ in node.inputs[1].uses()):
+            return (0, 0)
+        if self._opset < (21 if self.options.bits == 4 else 13):
+            return (0, 0)  # per-axis DequantizeLinear (int4: opset 21)
+        m = weight.shape[0]
+        q, scales = self._round(node, weight.reshape(m, -1).T, self.options.bits, 0)
+        q = q.T.reshape(weight.shape)
+        return self._insert_dq(scope, node, 1, q, scales.reshape(m), {"axis": 0})
+
+    def _insert_dq(
+        self,
+        scope: GraphLike,
+        node: ir.Node,
+        index: int,
+        q: np.ndarray,
+        scales: np.ndarray,
+        attributes: dict,
+    ) -> tuple[int, int]:
+        """Input ``index`` of ``node`` becomes DequantizeLinear(q, scales)."""
+        bits = self.options.bits
+        base = node.inputs[index].name or "weight"
+        if bits == 4:
             import ml_dtypes
 
             stored = q.astype(ml_dtypes.int4)
@@ -239,12 +274,11 @@ class QuantizeWeightsPass(SqueezePass):
         out.type = ir.TensorType(ir.DataType.FLOAT)
         out.shape = ir.Shape(q.shape)
         scope.insert_before(node, dq)
-        before = kn.nbytes
         weight_value = node.inputs[index]
+        before = constant_array(weight_value).nbytes
         node.replace_input_with(index, out)
         drop_if_unused(scope, weight_value)
-        after = (q.size * opts.bits + 7) // 8 + scales.nbytes
-        return before, after
+        return before, (q.size * bits + 7) // 8 + scales.nbytes
 
     def _to_matmul_nbits(self, scope: GraphLike, node: ir.Node, kn: np.ndarray) -> tuple[int, int]:
         block = self.options.block_size or DEFAULT_NBITS_BLOCK

@@ -208,3 +208,42 @@ def test_gptq_with_calibration_grams_lowers_the_output_error():
         want = np.concatenate([f["x"] @ weight for f in test])
         errors[label] = float(np.mean((got - want) ** 2))
     assert errors["gptq"] < 0.7 * errors["mse"], errors
+
+
+def test_conv_filters_per_output_channel():
+    """Conv weights: int8 per output channel through DequantizeLinear(axis 0); the conv
+    computes with the dequantized filters."""
+    filters = RNG.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8, 10, 10])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 16, 10, 10])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+        "g",
+        [x],
+        [y],
+        [onnx.numpy_helper.from_array(filters, "w")],
+    )
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    proto.ir_version = 8
+    out, stats = _apply(proto, bits=8, min_elements=16)
+    assert [n.op_type for n in out.graph.node] == ["DequantizeLinear", "Conv"]
+    assert stats["bytes_after"] < stats["bytes_before"] / 3.5
+    q, s = quantize_weight(filters.reshape(16, -1).T, 8, 0)
+    back = (q.T * s.reshape(16, 1)).reshape(filters.shape).astype(np.float32)
+    dq_proto = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [onnx.helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+            "g",
+            [x],
+            [y],
+            [onnx.numpy_helper.from_array(back, "w")],
+        ),
+        opset_imports=[onnx.helper.make_opsetid("", 13)],
+    )
+    feed = {"x": RNG.standard_normal((1, 8, 10, 10)).astype(np.float32)}
+    np.testing.assert_allclose(
+        _run_unoptimized(out, feed), _run_unoptimized(dq_proto, feed), rtol=1e-5, atol=1e-5
+    )
+    proto.opset_import[0].version = 11  # no per-axis DequantizeLinear: stays float
+    _, stats = _apply(proto, bits=8, min_elements=16)
+    assert stats["weights_quantized"] == 0 and stats["skipped"] == 1
