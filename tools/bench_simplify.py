@@ -33,11 +33,11 @@ TOOLS = {
     + PEAK,
     "onnxslim": "import onnxslim, sys; onnxslim.slim(sys.argv[1], sys.argv[2]); " + PEAK,
     "onnxsqueeze": "import sys; from onnxsqueeze.cli import main; "
-    "rc = main([sys.argv[1], '-o', sys.argv[2], '-q'] + (['--data', sys.argv[3]] if sys.argv[3] else [])); "
+    "rc = main([sys.argv[1], '-o', sys.argv[2], '-q', '--quantize', 'none'] + (['--data', sys.argv[3]] if sys.argv[3] else [])); "
     + PEAK
     + "; sys.exit(rc)",
     "onnxsqueeze-exact": "import sys; from onnxsqueeze.cli import main; "
-    "rc = main([sys.argv[1], '-o', sys.argv[2], '-q', '--preset', 'exact'] + (['--data', sys.argv[3]] if sys.argv[3] else [])); "
+    "rc = main([sys.argv[1], '-o', sys.argv[2], '-q', '--quantize', 'none', '--preset', 'exact'] + (['--data', sys.argv[3]] if sys.argv[3] else [])); "
     + PEAK
     + "; sys.exit(rc)",
 }
