@@ -21,37 +21,59 @@ from onnxsqueeze.qmath import block_scales
 #: Dampening added to H's diagonal, as a fraction of its mean: keeps the inverse stable when
 #: some input channels barely vary.
 DAMP = 0.01
+#: Rows whose error is applied to the remaining rows in one matrix product.
+LAZY_ROWS = 128
+
+
+def inverse_factor(gram: np.ndarray, damp: float = DAMP) -> tuple[np.ndarray, np.ndarray]:
+    """(U, dead): U the upper Cholesky factor of the dampened H^-1, whose row i says how
+    row i's rounding error moves the later rows; ``dead`` the inputs that never vary.
+    Weights that read the same activation (Q, K and V) share it."""
+    h = gram.astype(np.float64).copy()
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    h += damp * float(np.mean(np.diag(h))) * np.eye(h.shape[0])
+    return np.linalg.cholesky(np.linalg.inv(h)).T, dead
 
 
 def gptq_quantize(
-    weight: np.ndarray, gram: np.ndarray, bits: int, block_size: int = 0, damp: float = DAMP
+    weight: np.ndarray,
+    gram: np.ndarray,
+    bits: int,
+    block_size: int = 0,
+    damp: float = DAMP,
+    factor: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(q [K, N] int8, scales [n_blocks, N] float32), the same layout as
-    ``qmath.quantize_weight``, for y = x @ weight with x's Gram matrix ``gram`` [K, K]."""
+    ``qmath.quantize_weight``, for y = x @ weight with x's Gram matrix ``gram`` [K, K]
+    (or its ``inverse_factor``, when already computed)."""
     k, n = weight.shape
     if gram.shape != (k, k):
         raise ValueError(f"Gram matrix {gram.shape} does not match a weight of {k} rows")
     size = block_size or k
+    u, dead = factor if factor is not None else inverse_factor(gram, damp)
     w = weight.astype(np.float64).copy()
-    h = gram.astype(np.float64).copy()
-    dead = np.diag(h) == 0  # inputs that never vary: their rows do not matter
-    h[dead, dead] = 1.0
-    w[dead, :] = 0.0
-    h += damp * float(np.mean(np.diag(h))) * np.eye(k)
-    # Upper Cholesky factor of H^-1: row i holds how row i's error moves the later rows.
-    u = np.linalg.cholesky(np.linalg.inv(h)).T
+    w[dead, :] = 0.0  # their rows do not matter
     qmax = 2 ** (bits - 1) - 1
     q = np.zeros((k, n), np.int8)
     scales = np.zeros((-(-k // size), n), np.float32)
     scale = np.ones(n)
-    for i in range(k):
-        if i % size == 0:
-            block = w[i : i + size][None]
-            scales[i // size] = block_scales(block, bits, "mse")[0]
-            scale = scales[i // size].astype(np.float64)
-        row = w[i]
-        qi = np.clip(np.round(row / scale), -qmax, qmax)
-        q[i] = qi
-        err = (row - qi * scale) / u[i, i]
-        w[i + 1 :] -= np.outer(u[i, i + 1 :], err)
+    # Rows go in batches (whole blocks): within a batch the error is spread row by row, onto
+    # the rest of the weight once per batch, one matrix product instead of K outer products.
+    batch = size * max(1, LAZY_ROWS // size)
+    for start in range(0, k, batch):
+        stop = min(start + batch, k)
+        rows = w[start:stop].copy()
+        errors = np.zeros_like(rows)
+        for j in range(stop - start):
+            i = start + j
+            if i % size == 0:
+                scales[i // size] = block_scales(rows[j : j + size][None], bits, "mse")[0]
+                scale = scales[i // size].astype(np.float64)
+            qi = np.clip(np.round(rows[j] / scale), -qmax, qmax)
+            q[i] = qi
+            err = (rows[j] - qi * scale) / u[i, i]
+            rows[j + 1 :] -= np.outer(u[i, i + 1 : stop], err)
+            errors[j] = err
+        w[stop:] -= u[start:stop, stop:].T @ errors
     return q, scales

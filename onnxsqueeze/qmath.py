@@ -102,22 +102,42 @@ def block_scales(grouped: np.ndarray, bits: int, rounding: str = "rtn") -> np.nd
     """Scales [blocks, N] of a [blocks, size, N] weight (float32, never 0)."""
     qmax = 2 ** (bits - 1) - 1
     amax = np.abs(grouped).max(axis=1)
-    scales = amax / qmax
-    if rounding == "mse":
-        best = np.full(amax.shape, np.inf)
-        for ratio in CLIP_RATIOS:
-            trial = np.where(amax > 0, amax * ratio / qmax, 1.0)
-            q = np.clip(np.round(grouped / trial[:, None, :]), -qmax, qmax)
-            qq = (q * q).sum(axis=1)
-            refit = np.where(qq > 0, (q * grouped).sum(axis=1) / np.maximum(qq, 1e-30), trial)
-            for scale in (trial, refit):
-                safe = np.where(scale > 0, scale, 1.0)
-                q = np.clip(np.round(grouped / safe[:, None, :]), -qmax, qmax)
-                err = ((q * safe[:, None, :] - grouped) ** 2).sum(axis=1)
-                better = err < best
-                best = np.where(better, err, best)
-                scales = np.where(better, safe, scales)
-    return np.where(scales > 0, scales, 1.0).astype(np.float32)
+    if rounding != "mse":
+        scales = amax / qmax
+        return np.where(scales > 0, scales, 1.0).astype(np.float32)
+    # Column chunks that stay in cache: the search makes ~80 passes over its chunk (an
+    # embedding table has millions of columns).
+    out = np.empty(amax.shape, np.float32)
+    step = max(1, SEARCH_CHUNK // max(grouped.shape[0] * grouped.shape[1], 1))
+    for start in range(0, grouped.shape[2], step):
+        part = grouped[:, :, start : start + step].astype(np.float32)
+        out[:, start : start + step] = _mse_scales(part, amax[:, start : start + step], qmax)
+    return out
+
+
+#: Elements of a weight the mse search works on at once.
+SEARCH_CHUNK = 1 << 16
+
+
+def _mse_scales(grouped: np.ndarray, amax: np.ndarray, qmax: int) -> np.ndarray:
+    """Per (block, column): the clip ratio, or its least-squares refit, with the least
+    squared error; max scaling (ratio 1) is a candidate, so this never loses to rtn."""
+    amax = amax.astype(np.float32)
+    scales = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+    best = np.full(amax.shape, np.inf, np.float32)
+    for ratio in CLIP_RATIOS[::-1]:
+        trial = np.where(amax > 0, amax * np.float32(ratio / qmax), 1.0).astype(np.float32)
+        q = np.clip(np.rint(grouped / trial[:, None, :]), -qmax, qmax)
+        qq = (q * q).sum(axis=1)
+        refit = np.where(qq > 0, (q * grouped).sum(axis=1) / np.maximum(qq, 1e-30), trial)
+        for scale in (trial, refit.astype(np.float32)):
+            safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
+            q = np.clip(np.rint(grouped / safe[:, None, :]), -qmax, qmax)
+            err = np.square(q * safe[:, None, :] - grouped).sum(axis=1)
+            better = err < best
+            best = np.where(better, err, best)
+            scales = np.where(better, safe, scales)
+    return scales
 
 
 def dequantize_weight(q: np.ndarray, scales: np.ndarray, block_size: int = 0) -> np.ndarray:

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from onnxsqueeze.gptq import gptq_quantize
+from onnxsqueeze.gptq import gptq_quantize, inverse_factor
 from onnxsqueeze.graphs import (
     GraphLike,
     add_constant,
@@ -85,6 +85,7 @@ class QuantizeWeightsPass(SqueezePass):
         self._names = all_value_names(model)
         self._opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
         self._gptq = 0
+        self._factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         stats = {"weights_quantized": 0, "bytes_before": 0, "bytes_after": 0, "skipped": 0}
         for scope in list(scopes(model)):
             for node in list(scope):
@@ -172,7 +173,9 @@ class QuantizeWeightsPass(SqueezePass):
         gram = (opts.grams or {}).get(x.name) if x is not None else None
         if gram is not None and gram.shape == (kn.shape[0], kn.shape[0]):
             self._gptq += 1
-            return gptq_quantize(kn, gram, bits, block)
+            if x.name not in self._factors:
+                self._factors[x.name] = inverse_factor(gram)
+            return gptq_quantize(kn, gram, bits, block, factor=self._factors[x.name])
         rounding = opts.rounding
         if rounding == "auto":
             rounding = "mse" if bits == 4 else "rtn"
