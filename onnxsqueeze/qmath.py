@@ -147,14 +147,18 @@ def dequantize_weight(q: np.ndarray, scales: np.ndarray, block_size: int = 0) ->
     return (q.astype(np.float32) * rows).astype(np.float32)
 
 
-def pack_matmul_nbits(q: np.ndarray, block_size: int) -> np.ndarray:
-    """onnxruntime's MatMulNBits 4-bit layout: [N, n_blocks, block_size / 2] uint8 of W^T,
-    values offset by 8 (its default zero point), low nibble first."""
+def pack_matmul_nbits(q: np.ndarray, block_size: int, bits: int = 4) -> np.ndarray:
+    """onnxruntime's MatMulNBits layout: [N, n_blocks, block_size * bits / 8] uint8 of W^T,
+    values offset by 2^(bits-1) (its default zero point); 4 bits go two per byte, low
+    nibble first."""
     k, n = q.shape
     blocks = -(-k // block_size)
-    u = np.full((blocks * block_size, n), 8, np.uint8)
-    u[:k] = (q.astype(np.int16) + 8).astype(np.uint8)
+    offset = 1 << (bits - 1)
+    u = np.full((blocks * block_size, n), offset, np.uint8)
+    u[:k] = (q.astype(np.int16) + offset).astype(np.uint8)
     u = u.T.reshape(n, blocks, block_size)
+    if bits == 8:
+        return np.ascontiguousarray(u)
     return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
 
 

@@ -8,7 +8,7 @@ file shrinks about 4x (int8) or 8x (int4). Two forms:
   needs opset 21 (DequantizeLinear's ``block_size`` and int4). onnxruntime neither folds
   these DQ nodes nor (for 3-D activations) fuses them into an integer kernel, so the CPU
   dequantizes on every run: MiniLM int8 keeps cosine 0.9994 but runs at 0.35x fp32.
-- ``matmulnbits``: onnxruntime's ``com.microsoft.MatMulNBits`` (4 bits, blocks along K),
+- ``matmulnbits``: onnxruntime's ``com.microsoft.MatMulNBits`` (4 or 8 bits, blocks along K),
   which runs int4 directly and needs no opset 21, and ``GatherBlockQuantized`` for embedding
   tables, which dequantizes only the rows it looks up. ``auto`` uses them for 4 bits when
   the model's opset is below 21.
@@ -159,7 +159,7 @@ class QuantizeWeightsPass(SqueezePass):
             return (0, 0)
         form = self._form()
         if form == "matmulnbits":
-            if table.shape[1] % 2:
+            if table.shape[1] % 2 and self.options.bits == 4:
                 return (0, 0)  # two 4-bit values per byte along a row
             return self._to_gather_block_quantized(scope, node, table)
         if form != "dq":
@@ -186,17 +186,18 @@ class QuantizeWeightsPass(SqueezePass):
     ) -> tuple[int, int]:
         """Gather(table, ids) -> com.microsoft.GatherBlockQuantized: 4-bit rows in blocks
         along the row, offset by 8 (its default zero point), two per byte low nibble first."""
+        bits = self.options.bits
         block = self.options.block_size or DEFAULT_NBITS_BLOCK
-        q, scales = self._round(node, table.T, 4, block)
-        u = (q.T.astype(np.int16) + 8).astype(np.uint8)  # [rows, cols]
-        packed = np.ascontiguousarray(u[:, 0::2] | (u[:, 1::2] << 4))
+        q, scales = self._round(node, table.T, bits, block)
+        u = (q.T.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)  # [rows, cols]
+        packed = np.ascontiguousarray(u if bits == 8 else u[:, 0::2] | (u[:, 1::2] << 4))
         base = node.inputs[0].name or "table"
         data = self._const(scope, packed, base + "_nbits", node)
         scale_value = self._const(scope, np.ascontiguousarray(scales.T), base + "_scale", node)
         gather = ir.node(
             "GatherBlockQuantized",
             [data, node.inputs[1], scale_value],
-            attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": 4},
+            attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": bits},
             domain="com.microsoft",
         )
         self._replace(scope, node, gather, node.inputs[0])
@@ -284,10 +285,11 @@ class QuantizeWeightsPass(SqueezePass):
         return before, (q.size * bits + 7) // 8 + scales.nbytes
 
     def _to_matmul_nbits(self, scope: GraphLike, node: ir.Node, kn: np.ndarray) -> tuple[int, int]:
+        bits = self.options.bits
         block = self.options.block_size or DEFAULT_NBITS_BLOCK
-        q, scales = self._round(node, kn, 4, block)
+        q, scales = self._round(node, kn, bits, block)
         k, n = kn.shape
-        packed = pack_matmul_nbits(q, block)
+        packed = pack_matmul_nbits(q, block, bits)
         base = node.inputs[1].name or "weight"
         b_value = self._const(scope, packed, base + "_nbits", node)
         scale_value = self._const(
@@ -296,7 +298,7 @@ class QuantizeWeightsPass(SqueezePass):
         nbits = ir.node(
             "MatMulNBits",
             [node.inputs[0], b_value, scale_value],
-            attributes={"K": k, "N": n, "bits": 4, "block_size": block},
+            attributes={"K": k, "N": n, "bits": bits, "block_size": block},
             domain="com.microsoft",
         )
         self._replace(scope, node, nbits, node.inputs[1])

@@ -112,13 +112,20 @@ def test_dequantize_linear_form_computes_with_the_dequantized_weight(
     np.testing.assert_allclose(_run_unoptimized(out, x), expected, rtol=1e-5, atol=1e-4)
 
 
-def test_matmul_nbits_form_on_older_opsets():
+@pytest.mark.parametrize("bits", [4, 8])
+def test_matmul_nbits_form_on_older_opsets(bits):
     weight = RNG.standard_normal((100, 48)).astype(np.float32)  # K not a multiple of the block
-    out, stats = _apply(_model("MatMul", weight, 17), bits=4, block_size=32, min_elements=16)
+    out, stats = _apply(
+        _model("MatMul", weight, 17),
+        bits=bits,
+        block_size=32,
+        min_elements=16,
+        format="auto" if bits == 4 else "matmulnbits",
+    )
     assert [n.op_type for n in out.graph.node] == ["MatMulNBits"]
     assert [o.name for o in out.graph.output] == ["y"]
-    q, s = quantize_weight(weight, 4, 32, "mse")
-    assert pack_matmul_nbits(q, 32).shape == (48, 4, 16)
+    q, s = quantize_weight(weight, bits, 32, _ROUNDING[bits])
+    assert pack_matmul_nbits(q, 32, bits).shape == (48, 4, 32 * bits // 8)
     x = {"x": RNG.standard_normal((3, 100)).astype(np.float32)}
     expected = x["x"] @ dequantize_weight(q, s, 32)
     np.testing.assert_allclose(run_ort(out, x)[0], expected, rtol=1e-4, atol=1e-3)
@@ -157,14 +164,17 @@ def test_embedding_table_of_a_gather(opset, bits, block):
     np.testing.assert_allclose(_run_unoptimized(out, feed), rows[feed["ids"]], rtol=1e-6)
 
 
-def test_int4_table_below_opset_21_becomes_gather_block_quantized():
-    """No int4 DequantizeLinear before opset 21: onnxruntime's GatherBlockQuantized reads the
-    4-bit rows directly and dequantizes only the rows looked up."""
+@pytest.mark.parametrize("bits", [4, 8])
+def test_table_as_gather_block_quantized(bits):
+    """onnxruntime's GatherBlockQuantized reads the 4- or 8-bit rows directly and
+    dequantizes only the rows looked up (no int4 DequantizeLinear before opset 21)."""
     table = RNG.standard_normal((50, 96)).astype(np.float32)
-    out, stats = _apply(_gather_model(table, 17), bits=4, block_size=32, min_elements=16)
+    out, stats = _apply(
+        _gather_model(table, 17), bits=bits, block_size=32, min_elements=16, format="matmulnbits"
+    )
     assert [n.op_type for n in out.graph.node] == ["GatherBlockQuantized"]
-    assert stats["bytes_after"] < stats["bytes_before"] / 6
-    q, s = quantize_weight(table.T, 4, 32, "mse")
+    assert stats["bytes_after"] < stats["bytes_before"] / (6 if bits == 4 else 3.5)
+    q, s = quantize_weight(table.T, bits, 32, _ROUNDING[bits])
     rows = dequantize_weight(q, s, 32).T
     feed = {"ids": np.array([0, 7, 49, 7], np.int64)}
     np.testing.assert_allclose(run_ort(out, feed)[0], rows[feed["ids"]], rtol=1e-6)
