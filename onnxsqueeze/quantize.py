@@ -140,6 +140,8 @@ class _Stage:
         MatMul's input (see onnxsqueeze.gptq)."""
         from onnxsqueeze.passes.quantize_weights import QuantizeWeightsPass
 
+        if bits == 8 and opset_version(self.model) < 13:
+            self._upgrade(13)  # per-channel DequantizeLinear (Conv filters, MatMul weights)
         candidate = self.model.clone()
         options: dict[str, Any] = {"bits": bits, "block_size": 32 if bits == 4 else 0}
         if calib_feeds is not None:
@@ -149,10 +151,13 @@ class _Stage:
             feeds = itertools.islice(calib_feeds, limit)
             options["grams"] = gram_matrices(candidate, feeds, providers=self.config.providers)
         result = QuantizeWeightsPass(**options)(candidate)
+        plain = "mse" if bits == 4 else "rtn"
+        gptq = result.stats.get("gptq", 0)
+        others = result.stats.get("weights_quantized", 0) - gptq
         self.record["rounding"] = (
-            f"gptq ({result.stats.get('gptq', 0)} weights)"
-            if options.get("grams")
-            else ("mse" if bits == 4 else "rtn")
+            f"gptq ({gptq} weights)" + (f", {plain} ({others})" if others else "")
+            if gptq
+            else plain
         )
         ok, summary = self.judge(candidate)
         self.record.update(stats=result.stats, measured=summary, budget_met=ok)

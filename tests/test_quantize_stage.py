@@ -171,6 +171,26 @@ def test_weights_int4_with_data_rounds_by_gptq_and_is_more_accurate():
     assert errors["gptq"] < 0.6 * errors["mse"], errors
 
 
+def test_weights_int8_upgrades_an_old_opset_for_per_channel_filters():
+    """PP-OCR is opset 11: per-channel DequantizeLinear needs 13, so the stage upgrades the
+    model first (checking outputs are unchanged) and the Conv filters become int8."""
+    proto = onnx.parser.parse_model(
+        """<ir_version: 7, opset_import: ["" : 11]>
+        g (float[1, 16, 12, 12] x) => (float[1, 64, 12, 12] y) {
+            y = Conv <pads = [1, 1, 1, 1]> (x, w)
+        }"""
+    )
+    w = RNG.standard_normal((64, 16, 3, 3)).astype(np.float32)
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(w, "w"))
+    small, report = onnxsqueeze.squeeze(
+        proto, quantize=QuantizeConfig(mode="weights-int8", budget=Budget(min_cosine=0.99))
+    )
+    record = report.quantization
+    assert record["applied"] and record["opset"] == "11 -> 13", record
+    assert record["rounding"] == "rtn"
+    assert [n.op_type for n in small.graph.node] == ["DequantizeLinear", "Conv"]
+
+
 def test_unknown_mode_is_a_clear_error():
     with pytest.raises(onnxsqueeze.SqueezeError, match="unknown quantization mode"):
         onnxsqueeze.squeeze(ir.serde.serialize_model(_sensitive_model()), quantize="int3")
