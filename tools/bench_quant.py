@@ -46,6 +46,7 @@ VARIANTS = [
     "onnxsqueeze static top-1",
     "onnxsqueeze dynamic",
     "onnxsqueeze weights-int8",
+    "onnxsqueeze weights-int4",
 ]
 
 
@@ -215,7 +216,10 @@ def render(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
         "CLI default with --data (static int8 under the default budget, mean cosine >= 0.99 on "
         "the calibration data, kept only if not slower); onnxsqueeze static = same budget, no "
         "speed requirement; static top-1 = budget of >= 99 % argmax agreement on the calibration "
-        "data (per position for rec); dynamic = default budget, no speed requirement.",
+        "data (per position for rec); dynamic = default budget, no speed requirement; "
+        "weights-int8 / weights-int4 = weight-only (activations float) under the default budget, "
+        "MatMul weights rounded by GPTQ on the calibration data, int4 as MatMulNBits / "
+        "GatherBlockQuantized (block 32) below opset 21.",
         "",
     ]
     for model, rows in results.items():
