@@ -104,11 +104,16 @@ def build(model: str, variant: str, dest: Path, n_calib: int) -> dict:
         src, str(dest), data=task.calib, quantize=quantize, strict=False
     )
     q = report.quantization or {}
-    record["chose"] = (
-        f"{q.get('mode')}: {q.get('quantized', '-')}/{q.get('candidates', '-')} nodes"
-        if q.get("applied")
-        else f"float ({q.get('reason', 'not applied')})"
-    )
+    if not q.get("applied"):
+        record["chose"] = f"float ({q.get('reason', 'not applied')})"
+    elif "rounding" in q:  # weight-only: how many weights, rounded how
+        record["chose"] = (
+            f"{q.get('mode')}: {q['stats'].get('weights_quantized', 0)} weights, {q['rounding']}"
+        )
+    else:
+        record["chose"] = (
+            f"{q.get('mode')}: {q.get('quantized', '-')}/{q.get('candidates', '-')} nodes"
+        )
     if q.get("speed_vs_float") is not None:
         record["chose"] += f", measured {q['speed_vs_float']:.2f}x"
     return record
