@@ -26,6 +26,9 @@ from onnxsqueeze.graphs import opset_version, scopes
 from onnxsqueeze.qdq import OWN_SCALE, WEIGHTED
 from onnxsqueeze.verify import LOSSLESS_RTOL, compare_runs
 
+#: Ops whose constant weights weight-only modes quantize (see passes/quantize_weights.py).
+WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "Gather")
+
 logger = logging.getLogger(__name__)
 
 MODES = ("static", "dynamic", "fp16", "weights-int8", "weights-int4")
@@ -87,11 +90,7 @@ def quantize_model(
         raise SqueezeError(f"unknown quantization mode '{config.mode}' (known: {', '.join(MODES)})")
     started = time.perf_counter()
     stage = _Stage(model.clone(), list(eval_feeds), config)
-    if config.mode in ("static", "dynamic", "fp16"):
-        outcome = stage.search(calibration, calib_feeds, calib_samples)
-    else:
-        bits = 4 if config.mode.endswith("int4") else 8
-        outcome = stage.weight_only(bits, calib_feeds, calib_samples)
+    outcome = stage.search(calibration, calib_feeds, calib_samples)
     if config.check_latency and outcome.record.get("applied"):
         _latency(model, outcome, config, eval_feeds[0] if eval_feeds else None)
     outcome.record["seconds"] = round(time.perf_counter() - started, 3)
@@ -130,52 +129,43 @@ class _Stage:
 
     # -------------------------------------------------------------- weight-only
 
-    def weight_only(
-        self,
-        bits: int,
-        calib_feeds: Iterable[Mapping[str, Any]] | None = None,
-        calib_samples: int | None = None,
-    ) -> QuantizeOutcome:
-        """RTN/mse rounding without data; with data, GPTQ on the Gram matrices of each
-        MatMul's input (see onnxsqueeze.gptq)."""
-        from onnxsqueeze.passes.quantize_weights import QuantizeWeightsPass
-
+    def _weight_only_setup(self, calib_feeds, calib_samples) -> None:
+        """Bits and block of the weights-* mode; with data, the Gram matrices GPTQ rounds
+        by (see onnxsqueeze.gptq). Rounded weights are memoised: the budget search builds
+        many variants of the same model."""
+        bits = 4 if self.config.mode.endswith("int4") else 8
         if bits == 8 and opset_version(self.model) < 13:
             self._upgrade(13)  # per-channel DequantizeLinear (Conv filters, MatMul weights)
-        candidate = self.model.clone()
-        options: dict[str, Any] = {"bits": bits, "block_size": 32 if bits == 4 else 0}
+        self._weights: dict[str, Any] = {
+            "bits": bits,
+            "block_size": 32 if bits == 4 else 0,
+            "memo": {},
+        }
         if calib_feeds is not None:
             from onnxsqueeze.calib.gram import gram_matrices
 
-            limit = calib_samples or GPTQ_SAMPLES
-            feeds = itertools.islice(calib_feeds, limit)
-            options["grams"] = gram_matrices(candidate, feeds, providers=self.config.providers)
-        result = QuantizeWeightsPass(**options)(candidate)
-        plain = "mse" if bits == 4 else "rtn"
-        gptq = result.stats.get("gptq", 0)
-        others = result.stats.get("weights_quantized", 0) - gptq
-        self.record["rounding"] = (
-            f"gptq ({gptq} weights)" + (f", {plain} ({others})" if others else "")
-            if gptq
-            else plain
-        )
-        ok, summary = self.judge(candidate)
-        self.record.update(stats=result.stats, measured=summary, budget_met=ok)
-        if not ok or not result.modified:
-            self.record["reason"] = summary if not ok else "nothing to quantize"
-            return QuantizeOutcome(self.model, self.record)
-        self.record["applied"] = True
-        self.record["min_cosine"] = self.cosines.get(id(candidate))
-        return QuantizeOutcome(candidate, self.record)
+            feeds = itertools.islice(calib_feeds, calib_samples or GPTQ_SAMPLES)
+            grams = gram_matrices(self.model, feeds, providers=self.config.providers)
+            self._weights["grams"] = grams
+
+    def _rounding(self, stats: dict[str, Any]) -> str:
+        plain = "mse" if self._weights["bits"] == 4 else "rtn"
+        gptq = stats.get("gptq", 0)
+        others = stats.get("weights_quantized", 0) - gptq
+        if not gptq:
+            return plain
+        return f"gptq ({gptq} weights)" + (f", {plain} ({others})" if others else "")
 
     # -------------------------------------------------------------- static
 
     def search(self, calibration, calib_feeds, calib_samples) -> QuantizeOutcome:
-        """Static or dynamic: quantize every candidate, then keep the most damaging float
-        until the budget holds."""
+        """Quantize every candidate (static, dynamic, fp16 or weight-only), then keep the
+        most damaging float until the budget holds."""
         config = self.config
         _name_nodes(self.model)
         self.ranges = {}
+        if config.mode.startswith("weights-"):
+            self._weight_only_setup(calib_feeds, calib_samples)
         if config.mode == "static":
             if config.per_channel and opset_version(self.model) < 13:
                 self._upgrade(13)
@@ -183,6 +173,8 @@ class _Stage:
             self.ranges = calibration.ranges(config.method)
             self.record.update(method=config.method, calibration_samples=calibration.samples)
         candidate, stats = self.build(())
+        if config.mode.startswith("weights-"):
+            self.record["rounding"] = self._rounding(stats)
         names = [n for n in stats["quantized"] if n in self.candidates]
         self.record["candidates"] = len(names)
         if not names:
@@ -249,6 +241,13 @@ class _Stage:
     def candidates(self) -> dict[str, ir.Node]:
         if not hasattr(self, "_candidates") and self.config.mode == "fp16":
             self._candidates = {n.name: n for n in self.model.graph if n.name}
+        if not hasattr(self, "_candidates") and self.config.mode.startswith("weights-"):
+            self._candidates = {
+                n.name: n
+                for scope in scopes(self.model)
+                for n in scope
+                if n.op_type in WEIGHT_OPS and n.name
+            }
         if not hasattr(self, "_candidates"):
             ops = set(self.config.op_types or CANDIDATE_OPS) & set(CANDIDATE_OPS)
             self._candidates = {
@@ -265,6 +264,12 @@ class _Stage:
 
         config = self.config
         candidate = self.model.clone()
+        if config.mode.startswith("weights-"):
+            from onnxsqueeze.passes.quantize_weights import QuantizeWeightsPass
+
+            exclude = tuple(config.exclude_nodes) + tuple(excluded)
+            result = QuantizeWeightsPass(**self._weights, exclude_nodes=exclude)(candidate)
+            return candidate, result.stats
         if config.mode == "fp16":
             from onnxsqueeze.passes.convert_fp16 import ConvertFp16Pass
 

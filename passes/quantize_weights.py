@@ -61,6 +61,9 @@ class QuantizeWeightsOptions:
     rounding: str = "auto"
     #: activation name -> X^T X on calibration data: its MatMul's weight gets GPTQ rounding
     grams: Mapping[str, np.ndarray] | None = dataclasses.field(default=None, compare=False)
+    exclude_nodes: tuple[str, ...] = ()
+    #: (node, bits, block) -> (q, scales), kept by a caller that builds many variants
+    memo: dict | None = dataclasses.field(default=None, compare=False)
 
 
 class QuantizeWeightsPass(SqueezePass):
@@ -86,15 +89,21 @@ class QuantizeWeightsPass(SqueezePass):
         self._opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
         self._gptq = 0
         self._factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        stats = {"weights_quantized": 0, "bytes_before": 0, "bytes_after": 0, "skipped": 0}
+        stats: dict = {"weights_quantized": 0, "bytes_before": 0, "bytes_after": 0, "skipped": 0}
+        stats["quantized"], stats["kept_float"] = [], {}
         for scope in list(scopes(model)):
             for node in list(scope):
+                if node.name in opts.exclude_nodes:
+                    stats["kept_float"][node.name] = "excluded"
+                    continue
+                name = node.name
                 outcome = self._quantize(scope, node)
                 if outcome is None:
                     continue
                 if outcome == (0, 0):
                     stats["skipped"] += 1
                     continue
+                stats["quantized"].append(name)
                 stats["weights_quantized"] += 1
                 stats["bytes_before"] += outcome[0]
                 stats["bytes_after"] += outcome[1]
@@ -169,10 +178,23 @@ class QuantizeWeightsPass(SqueezePass):
     def _round(self, node: ir.Node, kn: np.ndarray, bits: int, block: int):
         """(q, scales) of a [K, N] weight: GPTQ where the node's input has a Gram matrix."""
         opts: QuantizeWeightsOptions = self.options
+        key = (node.name, bits, block)
+        if opts.memo is not None and node.name and key in opts.memo:
+            self._gptq += opts.memo[key][2]
+            return opts.memo[key][:2]
+        q, scales = self._round_anew(node, kn, bits, block)
+        if opts.memo is not None and node.name:
+            opts.memo[key] = (q, scales, int(self._gptq_last))
+        return q, scales
+
+    def _round_anew(self, node: ir.Node, kn: np.ndarray, bits: int, block: int):
+        opts: QuantizeWeightsOptions = self.options
+        self._gptq_last = False
         x = node.inputs[0] if node.op_type in ("MatMul", "Gemm") else None
         gram = (opts.grams or {}).get(x.name) if x is not None else None
         if gram is not None and gram.shape == (kn.shape[0], kn.shape[0]):
             self._gptq += 1
+            self._gptq_last = True
             if x.name not in self._factors:
                 self._factors[x.name] = inverse_factor(gram)
             return gptq_quantize(kn, gram, bits, block, factor=self._factors[x.name])

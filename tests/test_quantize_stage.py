@@ -191,6 +191,32 @@ def test_weights_int8_upgrades_an_old_opset_for_per_channel_filters():
     assert [n.op_type for n in small.graph.node] == ["DequantizeLinear", "Conv"]
 
 
+def test_weight_only_budget_keeps_the_most_damaging_weight_float():
+    """Weight-only modes go through the same search as static: when int4 everywhere misses
+    the budget, the weight whose int4 copy hurts most stays float and the budget holds."""
+    rng = np.random.default_rng(3)
+    proto = onnx.parser.parse_model(
+        """<ir_version: 8, opset_import: ["" : 13]>
+        g (float[4, 128] x) => (float[4, 128] y) { h = MatMul (x, w1)  y = MatMul (h, w2) }"""
+    )
+    w1 = rng.standard_normal((128, 128)).astype(np.float32) / 11
+    w2 = (rng.standard_normal((128, 128)) / 11).astype(np.float32)
+    w2[::32, :] = 40.0 * np.sign(rng.standard_normal((4, 128)))  # an outlier row per block
+    for name, array in (("w1", w1), ("w2", w2)):
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+    data = [{"x": rng.standard_normal((4, 128)).astype(np.float32)} for _ in range(16)]
+    config = QuantizeConfig(mode="weights-int4", budget=Budget(min_cosine=0.9995))
+    small, report = onnxsqueeze.squeeze(proto, data=data, quantize=config)
+    record = report.quantization
+    assert record["applied"] and record["budget_met"], record
+    assert float(record["all_quantized"].split()[1]) < 0.9995  # int4 everywhere misses it
+    decisions = {n["name"]: (n["decision"], n["score"]) for n in record["nodes"]}
+    kept = [name for name, (decision, _) in decisions.items() if decision == "float (budget)"]
+    assert len(kept) == 1
+    assert decisions[kept[0]][1] == max(score for _, score in decisions.values())
+    assert sorted(n.op_type for n in small.graph.node) == ["MatMul", "MatMulNBits"]
+
+
 def test_unknown_mode_is_a_clear_error():
     with pytest.raises(onnxsqueeze.SqueezeError, match="unknown quantization mode"):
         onnxsqueeze.squeeze(ir.serde.serialize_model(_sensitive_model()), quantize="int3")
