@@ -108,7 +108,8 @@ def build(model: str, variant: str, dest: Path, n_calib: int) -> dict:
         record["chose"] = f"float ({q.get('reason', 'not applied')})"
     elif "rounding" in q:  # weight-only: how many weights, rounded how
         record["chose"] = (
-            f"{q.get('mode')}: {q['stats'].get('weights_quantized', 0)} weights, {q['rounding']}"
+            f"{q.get('mode')}: {q.get('quantized', '-')}/{q.get('candidates', '-')} weights, "
+            f"{q['rounding']}"
         )
     else:
         record["chose"] = (
