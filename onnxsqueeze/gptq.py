@@ -14,9 +14,11 @@ compensated weights.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
-from onnxsqueeze.qmath import block_scales
+from onnxsqueeze.qmath import block_scales, quantize_weight
 
 #: Dampening added to H's diagonal, as a fraction of its mean: keeps the inverse stable when
 #: some input channels barely vary.
@@ -77,3 +79,49 @@ def gptq_quantize(
             errors[j] = err
         w[stop:] -= u[start:stop, stop:].T @ errors
     return q, scales
+
+
+class WeightRounder:
+    """How a weight's integers and scales are chosen: GPTQ where the Gram matrix of its
+    input is known, else ``rounding`` (auto = mse at 4 bits, rtn at 8). Results are memoised
+    per (node, bits, block) in ``memo`` when a caller builds many variants of one model;
+    ``gptq`` counts the weights GPTQ rounded."""
+
+    def __init__(
+        self,
+        rounding: str = "auto",
+        grams: Mapping[str, np.ndarray] | None = None,
+        memo: dict | None = None,
+    ) -> None:
+        self.rounding = rounding
+        self.grams = grams or {}
+        self.memo = memo
+        self.factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.gptq = 0
+
+    def round(
+        self, node: str, activation: str | None, kn: np.ndarray, bits: int, block: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(q, scales) of the [K, N] weight of ``node``, whose input is ``activation``."""
+        key = (node, bits, block)
+        if self.memo is not None and node and key in self.memo:
+            q, scales, by_gptq = self.memo[key]
+        else:
+            q, scales, by_gptq = self._fresh(activation, kn, bits, block)
+            if self.memo is not None and node:
+                self.memo[key] = (q, scales, by_gptq)
+        self.gptq += by_gptq
+        return q, scales
+
+    def _fresh(self, activation: str | None, kn: np.ndarray, bits: int, block: int):
+        gram = self.grams.get(activation) if activation else None
+        if gram is not None and gram.shape == (kn.shape[0], kn.shape[0]):
+            if activation not in self.factors:
+                self.factors[activation] = inverse_factor(gram)
+            q, scales = gptq_quantize(kn, gram, bits, block, factor=self.factors[activation])
+            return q, scales, True
+        rounding = self.rounding
+        if rounding == "auto":
+            rounding = "mse" if bits == 4 else "rtn"
+        q, scales = quantize_weight(kn, bits, block, rounding)
+        return q, scales, False

@@ -1,22 +1,19 @@
 """quantize-weights: weight-only int8/int4 for MatMul, Gemm, Conv filters and Gather tables.
 
-Activations stay float, so no calibration data is needed and accuracy loss is small; the
-file shrinks about 4x (int8) or 8x (int4). Two forms:
+Activations stay float and the file shrinks about 4x (int8) or 8x (int4). Two forms:
 
 - ``dq``: the weight becomes ``DequantizeLinear(q, scale)`` feeding the unchanged
-  MatMul/Gemm/Gather. Per output channel for int8 (opset >= 13); block-wise along K or int4
-  needs opset 21 (DequantizeLinear's ``block_size`` and int4). onnxruntime neither folds
-  these DQ nodes nor (for 3-D activations) fuses them into an integer kernel, so the CPU
-  dequantizes on every run: MiniLM int8 keeps cosine 0.9994 but runs at 0.35x fp32.
+  MatMul/Gemm/Conv/Gather. Per output channel for int8 (opset >= 13); block-wise or int4 needs
+  opset 21. onnxruntime neither folds these DQ nodes nor fuses them into an integer kernel,
+  so the CPU dequantizes on every run: MiniLM int8 keeps cosine 0.9994 at 0.35x fp32.
 - ``matmulnbits``: onnxruntime's ``com.microsoft.MatMulNBits`` (4 or 8 bits, blocks along K),
   which runs int4 directly and needs no opset 21, and ``GatherBlockQuantized`` for embedding
   tables, which dequantizes only the rows it looks up. ``auto`` uses them for 4 bits when
   the model's opset is below 21.
 
-Rounding: ``mse`` picks each block's scale to minimise its squared error (``rtn``: max
-scaling); with ``grams`` (X^T X of a MatMul's input on calibration data, keyed by the
-activation's name) that MatMul's weight is rounded by GPTQ, which minimises the error of
-the product instead (see onnxsqueeze.gptq). ``auto`` = mse at 4 bits, rtn at 8.
+Rounding (onnxsqueeze.gptq.WeightRounder): ``mse`` scales minimise each block's squared
+error, ``rtn`` is max scaling (``auto``: mse at 4 bits, rtn at 8); with ``grams`` (X^T X of a
+MatMul's input on calibration data) that weight is rounded by GPTQ instead.
 
 Lossy: the pipeline reports how far outputs moved instead of rolling the pass back.
 """
@@ -29,7 +26,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from onnxsqueeze.gptq import gptq_quantize, inverse_factor
+from onnxsqueeze.gptq import WeightRounder
 from onnxsqueeze.graphs import (
     GraphLike,
     add_constant,
@@ -40,7 +37,7 @@ from onnxsqueeze.graphs import (
     unique_name,
 )
 from onnxsqueeze.io import count_nodes
-from onnxsqueeze.qmath import ROUNDINGS, pack_matmul_nbits, quantize_weight
+from onnxsqueeze.qmath import ROUNDINGS, pack_matmul_nbits
 from onnxsqueeze.registry import SqueezePass, SqueezeResult
 
 FORMATS = ("auto", "dq", "matmulnbits")
@@ -87,28 +84,25 @@ class QuantizeWeightsPass(SqueezePass):
         self._model = model
         self._names = all_value_names(model)
         self._opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
-        self._gptq = 0
-        self._factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        stats: dict = {"weights_quantized": 0, "bytes_before": 0, "bytes_after": 0, "skipped": 0}
-        stats["quantized"], stats["kept_float"] = [], {}
+        self._rounder = WeightRounder(opts.rounding, opts.grams, opts.memo)
+        stats: dict = {"bytes_before": 0, "bytes_after": 0, "skipped": 0, "quantized": []}
+        stats["kept_float"] = {}
         for scope in list(scopes(model)):
             for node in list(scope):
                 if node.name in opts.exclude_nodes:
                     stats["kept_float"][node.name] = "excluded"
                     continue
-                name = node.name
                 outcome = self._quantize(scope, node)
                 if outcome is None:
                     continue
                 if outcome == (0, 0):
                     stats["skipped"] += 1
                     continue
-                stats["quantized"].append(name)
-                stats["weights_quantized"] += 1
+                stats["quantized"].append(node.name)
                 stats["bytes_before"] += outcome[0]
                 stats["bytes_after"] += outcome[1]
-        stats["nodes"] = count_nodes(model)
-        stats["gptq"] = self._gptq
+        stats["weights_quantized"] = len(stats["quantized"])
+        stats.update(nodes=count_nodes(model), gptq=self._rounder.gptq)
         return SqueezeResult(model, modified=stats["weights_quantized"] > 0, stats=stats)
 
     def _form(self) -> str | None:
@@ -177,31 +171,10 @@ class QuantizeWeightsPass(SqueezePass):
 
     def _round(self, node: ir.Node, kn: np.ndarray, bits: int, block: int):
         """(q, scales) of a [K, N] weight: GPTQ where the node's input has a Gram matrix."""
-        opts: QuantizeWeightsOptions = self.options
-        key = (node.name, bits, block)
-        if opts.memo is not None and node.name and key in opts.memo:
-            self._gptq += opts.memo[key][2]
-            return opts.memo[key][:2]
-        q, scales = self._round_anew(node, kn, bits, block)
-        if opts.memo is not None and node.name:
-            opts.memo[key] = (q, scales, int(self._gptq_last))
-        return q, scales
-
-    def _round_anew(self, node: ir.Node, kn: np.ndarray, bits: int, block: int):
-        opts: QuantizeWeightsOptions = self.options
-        self._gptq_last = False
         x = node.inputs[0] if node.op_type in ("MatMul", "Gemm") else None
-        gram = (opts.grams or {}).get(x.name) if x is not None else None
-        if gram is not None and gram.shape == (kn.shape[0], kn.shape[0]):
-            self._gptq += 1
-            self._gptq_last = True
-            if x.name not in self._factors:
-                self._factors[x.name] = inverse_factor(gram)
-            return gptq_quantize(kn, gram, bits, block, factor=self._factors[x.name])
-        rounding = opts.rounding
-        if rounding == "auto":
-            rounding = "mse" if bits == 4 else "rtn"
-        return quantize_weight(kn, bits, block, rounding)
+        return self._rounder.round(
+            node.name or "", x.name if x is not None else None, kn, bits, block
+        )
 
     def _to_gather_block_quantized(
         self, scope: GraphLike, node: ir.Node, table: np.ndarray
