@@ -210,8 +210,10 @@ def drop_if_unused(scope: GraphLike, value: ir.Value) -> None:
     """Remove a constant nothing reads any more (a replaced float weight), so the file shrinks."""
     if value.uses() or value.is_graph_output() or value.is_graph_input():
         return
-    if isinstance(scope, ir.Graph) and scope.initializers.get(value.name or "") is value:
-        del scope.initializers[value.name]
+    # A weight read inside a subgraph may be an initializer of an enclosing graph.
+    owner = value.graph if value.graph is not None else scope
+    if isinstance(owner, ir.Graph) and owner.initializers.get(value.name or "") is value:
+        del owner.initializers[value.name]
         return
     producer = value.producer()
     if producer is not None and producer.op_type == "Constant":
