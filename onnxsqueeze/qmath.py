@@ -125,18 +125,22 @@ def _mse_scales(grouped: np.ndarray, amax: np.ndarray, qmax: int) -> np.ndarray:
     amax = amax.astype(np.float32)
     scales = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
     best = np.full(amax.shape, np.inf, np.float32)
+
+    def consider(scale: np.ndarray, q: np.ndarray) -> None:
+        nonlocal best, scales
+        err = np.square(q * scale[:, None, :] - grouped).sum(axis=1)
+        better = err < best
+        best = np.where(better, err, best)
+        scales = np.where(better, scale, scales)
+
     for ratio in CLIP_RATIOS[::-1]:
         trial = np.where(amax > 0, amax * np.float32(ratio / qmax), 1.0).astype(np.float32)
         q = np.clip(np.rint(grouped / trial[:, None, :]), -qmax, qmax)
+        consider(trial, q)
         qq = (q * q).sum(axis=1)
         refit = np.where(qq > 0, (q * grouped).sum(axis=1) / np.maximum(qq, 1e-30), trial)
-        for scale in (trial, refit.astype(np.float32)):
-            safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
-            q = np.clip(np.rint(grouped / safe[:, None, :]), -qmax, qmax)
-            err = np.square(q * safe[:, None, :] - grouped).sum(axis=1)
-            better = err < best
-            best = np.where(better, err, best)
-            scales = np.where(better, safe, scales)
+        refit = np.where(refit > 0, refit, 1.0).astype(np.float32)
+        consider(refit, np.clip(np.rint(grouped / refit[:, None, :]), -qmax, qmax))
     return scales
 
 
@@ -148,18 +152,23 @@ def dequantize_weight(q: np.ndarray, scales: np.ndarray, block_size: int = 0) ->
 
 
 def pack_matmul_nbits(q: np.ndarray, block_size: int, bits: int = 4) -> np.ndarray:
-    """onnxruntime's MatMulNBits layout: [N, n_blocks, block_size * bits / 8] uint8 of W^T,
-    values offset by 2^(bits-1) (its default zero point); 4 bits go two per byte, low
-    nibble first."""
+    """onnxruntime's MatMulNBits layout: [N, n_blocks, block_size * bits / 8] uint8 of W^T
+    (see ``pack_rows``); the rows padding the last block hold the zero point."""
     k, n = q.shape
     blocks = -(-k // block_size)
-    offset = 1 << (bits - 1)
-    u = np.full((blocks * block_size, n), offset, np.uint8)
-    u[:k] = (q.astype(np.int16) + offset).astype(np.uint8)
-    u = u.T.reshape(n, blocks, block_size)
+    padded = np.zeros((blocks * block_size, n), np.int8)
+    padded[:k] = q
+    return pack_rows(padded.T.reshape(n, blocks, block_size), bits)
+
+
+def pack_rows(q: np.ndarray, bits: int) -> np.ndarray:
+    """onnxruntime's n-bit storage of signed values along the last axis: offset by
+    2^(bits-1) (its default zero point) into uint8; 4 bits go two per byte, low nibble
+    first (MatMulNBits, GatherBlockQuantized)."""
+    u = (q.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
     if bits == 8:
         return np.ascontiguousarray(u)
-    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+    return np.ascontiguousarray(u[..., 0::2] | (u[..., 1::2] << 4))
 
 
 def quantize_per_channel(

@@ -26,9 +26,6 @@ from onnxsqueeze.graphs import opset_version, scopes
 from onnxsqueeze.qdq import OWN_SCALE, WEIGHTED
 from onnxsqueeze.verify import LOSSLESS_RTOL, compare_runs
 
-#: Ops whose constant weights weight-only modes quantize (see passes/quantize_weights.py).
-WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "Gather")
-
 logger = logging.getLogger(__name__)
 
 MODES = ("static", "dynamic", "fp16", "weights-int8", "weights-int4")
@@ -129,6 +126,10 @@ class _Stage:
 
     # -------------------------------------------------------------- weight-only
 
+    @property
+    def weight_only(self) -> bool:
+        return self.config.mode.startswith("weights-")
+
     def _weight_only_setup(self, calib_feeds, calib_samples) -> None:
         """Bits and block of the weights-* mode; with data, the Gram matrices GPTQ rounds
         by (see onnxsqueeze.gptq). Rounded weights are memoised: the budget search builds
@@ -164,7 +165,7 @@ class _Stage:
         config = self.config
         _name_nodes(self.model)
         self.ranges = {}
-        if config.mode.startswith("weights-"):
+        if self.weight_only:
             self._weight_only_setup(calib_feeds, calib_samples)
         if config.mode == "static":
             if config.per_channel and opset_version(self.model) < 13:
@@ -173,7 +174,7 @@ class _Stage:
             self.ranges = calibration.ranges(config.method)
             self.record.update(method=config.method, calibration_samples=calibration.samples)
         candidate, stats = self.build(())
-        if config.mode.startswith("weights-"):
+        if self.weight_only:
             self.record["rounding"] = self._rounding(stats)
         names = [n for n in stats["quantized"] if n in self.candidates]
         self.record["candidates"] = len(names)
@@ -241,7 +242,9 @@ class _Stage:
     def candidates(self) -> dict[str, ir.Node]:
         if not hasattr(self, "_candidates") and self.config.mode == "fp16":
             self._candidates = {n.name: n for n in self.model.graph if n.name}
-        if not hasattr(self, "_candidates") and self.config.mode.startswith("weights-"):
+        if not hasattr(self, "_candidates") and self.weight_only:
+            from onnxsqueeze.passes.quantize_weights import WEIGHT_OPS
+
             self._candidates = {
                 n.name: n
                 for scope in scopes(self.model)
@@ -264,7 +267,7 @@ class _Stage:
 
         config = self.config
         candidate = self.model.clone()
-        if config.mode.startswith("weights-"):
+        if self.weight_only:
             from onnxsqueeze.passes.quantize_weights import QuantizeWeightsPass
 
             exclude = tuple(config.exclude_nodes) + tuple(excluded)

@@ -37,7 +37,7 @@ from onnxsqueeze.graphs import (
     unique_name,
 )
 from onnxsqueeze.io import count_nodes
-from onnxsqueeze.qmath import ROUNDINGS, pack_matmul_nbits
+from onnxsqueeze.qmath import ROUNDINGS, pack_matmul_nbits, pack_rows
 from onnxsqueeze.registry import SqueezePass, SqueezeResult
 
 FORMATS = ("auto", "dq", "matmulnbits")
@@ -85,8 +85,7 @@ class QuantizeWeightsPass(SqueezePass):
         self._names = all_value_names(model)
         self._opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
         self._rounder = WeightRounder(opts.rounding, opts.grams, opts.memo)
-        stats: dict = {"bytes_before": 0, "bytes_after": 0, "skipped": 0, "quantized": []}
-        stats["kept_float"] = {}
+        stats: dict = dict(bytes_before=0, bytes_after=0, skipped=0, quantized=[], kept_float={})
         for scope in list(scopes(model)):
             for node in list(scope):
                 if node.name in opts.exclude_nodes:
@@ -133,8 +132,8 @@ class QuantizeWeightsPass(SqueezePass):
             return None
         if weight.size < self.options.min_elements:
             return None
-        if any(user is not node for user, _ in weight_value.uses()):
-            return (0, 0)  # shared with another reader: the float copy would stay anyway
+        if _shared(weight_value, node):
+            return (0, 0)
         trans_b = False
         if node.op_type == "Gemm":
             attr = node.attributes.get("transB")
@@ -158,7 +157,7 @@ class QuantizeWeightsPass(SqueezePass):
             return None
         if (axis is not None and axis.as_int() != 0) or table.size < self.options.min_elements:
             return None
-        if any(user is not node for user, _ in node.inputs[0].uses()):
+        if _shared(node.inputs[0], node):
             return (0, 0)
         form = self._form()
         if form == "matmulnbits":
@@ -179,13 +178,11 @@ class QuantizeWeightsPass(SqueezePass):
     def _to_gather_block_quantized(
         self, scope: GraphLike, node: ir.Node, table: np.ndarray
     ) -> tuple[int, int]:
-        """Gather(table, ids) -> com.microsoft.GatherBlockQuantized: 4-bit rows in blocks
-        along the row, offset by 8 (its default zero point), two per byte low nibble first."""
+        """Gather(table, ids) -> com.microsoft.GatherBlockQuantized: n-bit rows in blocks."""
         bits = self.options.bits
         block = self.options.block_size or DEFAULT_NBITS_BLOCK
         q, scales = self._round(node, table.T, bits, block)
-        u = (q.T.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)  # [rows, cols]
-        packed = np.ascontiguousarray(u if bits == 8 else u[:, 0::2] | (u[:, 1::2] << 4))
+        packed = pack_rows(q.T, bits)  # [rows, cols * bits / 8]
         base = node.inputs[0].name or "table"
         data = self._const(scope, packed, base + "_nbits", node)
         scale_value = self._const(scope, np.ascontiguousarray(scales.T), base + "_scale", node)
@@ -226,26 +223,24 @@ class QuantizeWeightsPass(SqueezePass):
         else:
             scales = scales.reshape(-1)
             attributes = {"axis": 0 if trans_b else 1}
-        return self._insert_dq(scope, node, index, q, scales, attributes)
+        return self._insert_dq(scope, node, index, q, scales, attributes, kn.nbytes)
 
     def _quantize_conv(self, scope: GraphLike, node: ir.Node) -> tuple[int, int] | None:
-        """A Conv's filters, one scale per output channel, through DequantizeLinear: the
-        convolution itself stays float. For a model whose size is one big Conv (magika: 84 %)
-        this is what makes the file small without static activation ranges, which a
-        heavy-tailed Conv input does not survive."""
+        """A Conv's filters, one scale per output channel, through DequantizeLinear (the
+        convolution stays float: a heavy-tailed input, as magika's, needs no 8-bit range)."""
         weight = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
         if weight is None or weight.ndim < 3 or weight.dtype != np.float32:
             return None
         if weight.size < self.options.min_elements:
             return None
-        if any(user is not node for user, _ in node.inputs[1].uses()):
+        if _shared(node.inputs[1], node):
             return (0, 0)
         if self._opset < (21 if self.options.bits == 4 else 13):
             return (0, 0)  # per-axis DequantizeLinear (int4: opset 21)
         m = weight.shape[0]
         q, scales = self._round(node, weight.reshape(m, -1).T, self.options.bits, 0)
         q = q.T.reshape(weight.shape)
-        return self._insert_dq(scope, node, 1, q, scales.reshape(m), {"axis": 0})
+        return self._insert_dq(scope, node, 1, q, scales.reshape(m), {"axis": 0}, weight.nbytes)
 
     def _insert_dq(
         self,
@@ -255,8 +250,9 @@ class QuantizeWeightsPass(SqueezePass):
         q: np.ndarray,
         scales: np.ndarray,
         attributes: dict,
+        before: int,
     ) -> tuple[int, int]:
-        """Input ``index`` of ``node`` becomes DequantizeLinear(q, scales)."""
+        """Input ``index`` of ``node`` (``before`` bytes) becomes DequantizeLinear(q, scales)."""
         bits = self.options.bits
         base = node.inputs[index].name or "weight"
         if bits == 4:
@@ -274,7 +270,6 @@ class QuantizeWeightsPass(SqueezePass):
         out.shape = ir.Shape(q.shape)
         scope.insert_before(node, dq)
         weight_value = node.inputs[index]
-        before = constant_array(weight_value).nbytes
         node.replace_input_with(index, out)
         drop_if_unused(scope, weight_value)
         return before, (q.size * bits + 7) // 8 + scales.nbytes
@@ -298,3 +293,8 @@ class QuantizeWeightsPass(SqueezePass):
         )
         self._replace(scope, node, nbits, node.inputs[1])
         return kn.nbytes, packed.nbytes + scales.nbytes
+
+
+def _shared(weight: ir.Value, node: ir.Node) -> bool:
+    """Read by another node too: its float copy would stay, so quantizing saves nothing."""
+    return any(user is not node for user, _ in weight.uses())
