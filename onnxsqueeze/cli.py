@@ -74,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--quantize",
         choices=("auto", "none", "static", "dynamic", "fp16", "weights-int8", "weights-int4"),
         default="auto",
-        help="auto (default): static int8 with --data, dynamic int8 without; kept only "
-        "within the budget and if not slower than float. none: lossless passes only",
+        help="auto (default): static int8 with --data, dynamic int8 without, and weight-only "
+        "int8; the fastest within the budget and not slower than float (speed ties: the "
+        "smaller). none: lossless passes only",
     )
     quant.add_argument("--max-error", type=float, metavar="X", help="max abs output error")
     quant.add_argument(
@@ -99,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="7-bit weights even where not needed (default: only on AVX2 CPUs without VNNI, "
         "whose u8s8 kernels saturate with full-range weights)",
+    )
+    quant.add_argument(
+        "--weight-format",
+        choices=("auto", "fold", "dq", "matmulnbits"),
+        default="auto",
+        help="weights-int8/int4 storage. fold: codes expanded to float when the runtime loads "
+        "the model (float speed and memory, smaller file); dq: DequantizeLinear (opset 13, "
+        "int4: 21); matmulnbits: onnxruntime's MatMulNBits/GatherBlockQuantized (int4 kept "
+        "in memory). auto: fold on the CPU, else dq/matmulnbits",
     )
     quant.add_argument(
         "--require-faster",
@@ -259,6 +269,7 @@ def _quantize_config(args: argparse.Namespace):
         budget=budget,
         calib_samples=args.calib_samples,
         calib_cache=args.calib_cache,
+        weight_format=args.weight_format,
     )
     if args.require_faster:
         config = dataclasses.replace(config, check_latency=True, require_faster=True)

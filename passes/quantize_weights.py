@@ -1,15 +1,16 @@
 """quantize-weights: weight-only int8/int4 for MatMul, Gemm, Conv filters and Gather tables.
 
-Activations stay float and the file shrinks about 4x (int8) or 8x (int4). Two forms:
+Activations stay float and the file shrinks about 4x (int8) or 8x (int4). Forms:
 
-- ``dq``: the weight becomes ``DequantizeLinear(q, scale)`` feeding the unchanged
-  MatMul/Gemm/Conv/Gather. Per output channel for int8 (opset >= 13); block-wise or int4 needs
-  opset 21. onnxruntime neither folds these DQ nodes nor fuses them into an integer kernel,
-  so the CPU dequantizes on every run: MiniLM int8 keeps cosine 0.9994 at 0.35x fp32.
-- ``matmulnbits``: onnxruntime's ``com.microsoft.MatMulNBits`` (4 or 8 bits, blocks along K),
-  which runs int4 directly and needs no opset 21, and ``GatherBlockQuantized`` for embedding
-  tables, which dequantizes only the rows it looks up. ``auto`` uses them for 4 bits when
-  the model's opset is below 21.
+- ``fold``: codes and scales expanded by ``Cast -> Mul`` (int4: unpacked by float ops), all
+  constant, so the runtime folds them back to the float weight at load (onnxsqueeze.unpack):
+  float speed and memory, a small file, any opset from 6.
+- ``dq``: ``DequantizeLinear(q, scale)`` feeding the unchanged op; per output channel for int8
+  (opset >= 13), block-wise or int4 at opset 21. onnxruntime keeps these DQ nodes for its QDQ
+  fusions and, with float activations, dequantizes on every run (MiniLM int8: 0.35x fp32).
+- ``matmulnbits``: onnxruntime's ``com.microsoft.MatMulNBits`` (blocks along K) and
+  ``GatherBlockQuantized`` for tables, which keep n-bit weights in memory. ``auto``: ``dq``
+  where the opset allows, else these at 4 bits.
 
 Rounding (onnxsqueeze.gptq.WeightRounder): ``mse`` scales minimise each block's squared
 error, ``rtn`` is max scaling (``auto``: mse at 4 bits, rtn at 8); with ``grams`` (X^T X of a
@@ -26,6 +27,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
+from onnxsqueeze.calib.gram import conv_key
 from onnxsqueeze.gptq import WeightRounder
 from onnxsqueeze.graphs import (
     GraphLike,
@@ -39,8 +41,9 @@ from onnxsqueeze.graphs import (
 from onnxsqueeze.io import count_nodes
 from onnxsqueeze.qmath import ROUNDINGS, pack_matmul_nbits, pack_rows
 from onnxsqueeze.registry import SqueezePass, SqueezeResult
+from onnxsqueeze.unpack import MIN_OPSET, Unpacker, can_unpack, dq_layout, stored_bytes
 
-FORMATS = ("auto", "dq", "matmulnbits")
+FORMATS = ("auto", "dq", "matmulnbits", "fold")
 WEIGHT_OPS = ("MatMul", "Gemm", "Gather", "Conv")
 #: MatMulNBits needs a block; this is what onnxruntime's own int4 quantizer defaults to.
 DEFAULT_NBITS_BLOCK = 32
@@ -106,6 +109,8 @@ class QuantizeWeightsPass(SqueezePass):
 
     def _form(self) -> str | None:
         opts: QuantizeWeightsOptions = self.options
+        if opts.format == "fold":
+            return "fold" if self._opset >= MIN_OPSET else None
         dq_opset = 21 if (opts.bits == 4 or opts.block_size) else 13
         if opts.format == "dq":
             return "dq" if self._opset >= dq_opset else None
@@ -148,9 +153,8 @@ class QuantizeWeightsPass(SqueezePass):
 
     def _quantize_table(self, scope: GraphLike, node: ir.Node) -> tuple[int, int] | None:
         """An embedding table read by Gather(axis 0): one scale per row (or per block of a
-        row), through DequantizeLinear. onnxruntime does not constant-fold DQ nodes (it keeps
-        them for its QDQ fusions), so the table is dequantized on every run: a 4x smaller
-        file, a slower run (MiniLM: see docs/benchmarks/weights.md)."""
+        row). As DequantizeLinear the whole table is dequantized on every run (MiniLM: see
+        docs/benchmarks/weights.md); GatherBlockQuantized dequantizes only the rows read."""
         axis = node.attributes.get("axis")
         table = constant_array(node.inputs[0])
         if table is None or table.ndim != 2 or table.dtype != np.float32:
@@ -164,16 +168,17 @@ class QuantizeWeightsPass(SqueezePass):
             if table.shape[1] % 2 and self.options.bits == 4:
                 return (0, 0)  # two 4-bit values per byte along a row
             return self._to_gather_block_quantized(scope, node, table)
-        if form != "dq":
+        if form not in ("dq", "fold"):
             return (0, 0)
         return self._to_dq(scope, node, table.T, trans_b=True, index=0)
 
     def _round(self, node: ir.Node, kn: np.ndarray, bits: int, block: int):
         """(q, scales) of a [K, N] weight: GPTQ where the node's input has a Gram matrix."""
-        x = node.inputs[0] if node.op_type in ("MatMul", "Gemm") else None
-        return self._rounder.round(
-            node.name or "", x.name if x is not None else None, kn, bits, block
-        )
+        if node.op_type == "Conv":
+            key = conv_key(node)
+        else:
+            key = node.inputs[0].name if node.op_type in ("MatMul", "Gemm") else None
+        return self._rounder.round(node.name or "", key, kn, bits, block)
 
     def _to_gather_block_quantized(
         self, scope: GraphLike, node: ir.Node, table: np.ndarray
@@ -215,6 +220,8 @@ class QuantizeWeightsPass(SqueezePass):
         self, scope: GraphLike, node: ir.Node, kn: np.ndarray, trans_b: bool, index: int = 1
     ) -> tuple[int, int]:
         opts: QuantizeWeightsOptions = self.options
+        if self._cannot_fold(kn, opts.block_size):
+            return (0, 0)
         q, scales = self._round(node, kn, opts.bits, opts.block_size)
         if trans_b:
             q, scales = q.T, scales.T  # [N, K] and [N, blocks]
@@ -226,8 +233,8 @@ class QuantizeWeightsPass(SqueezePass):
         return self._insert_dq(scope, node, index, q, scales, attributes, kn.nbytes)
 
     def _quantize_conv(self, scope: GraphLike, node: ir.Node) -> tuple[int, int] | None:
-        """A Conv's filters, one scale per output channel, through DequantizeLinear (the
-        convolution stays float: a heavy-tailed input, as magika's, needs no 8-bit range)."""
+        """A Conv's filters, one scale per output channel (the convolution stays float: a
+        heavy-tailed input, as magika's, needs no 8-bit range)."""
         weight = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
         if weight is None or weight.ndim < 3 or weight.dtype != np.float32:
             return None
@@ -235,12 +242,22 @@ class QuantizeWeightsPass(SqueezePass):
             return None
         if _shared(node.inputs[1], node):
             return (0, 0)
-        if self._opset < (21 if self.options.bits == 4 else 13):
+        form = self._form()
+        if form != "fold" and self._opset < (21 if self.options.bits == 4 else 13):
             return (0, 0)  # per-axis DequantizeLinear (int4: opset 21)
+        if form is None or self._cannot_fold(weight, 0):
+            return (0, 0)
         m = weight.shape[0]
         q, scales = self._round(node, weight.reshape(m, -1).T, self.options.bits, 0)
         q = q.T.reshape(weight.shape)
         return self._insert_dq(scope, node, 1, q, scales.reshape(m), {"axis": 0}, weight.nbytes)
+
+    def _cannot_fold(self, kn: np.ndarray, block: int) -> bool:
+        """The fold form has no padding: the last block along K must be whole, and int4
+        codes must pair into bytes (checked before the costly rounding)."""
+        if self._form() != "fold":
+            return False
+        return bool(block and kn.shape[0] % block) or not can_unpack(kn, self.options.bits)
 
     def _insert_dq(
         self,
@@ -252,27 +269,36 @@ class QuantizeWeightsPass(SqueezePass):
         attributes: dict,
         before: int,
     ) -> tuple[int, int]:
-        """Input ``index`` of ``node`` (``before`` bytes) becomes DequantizeLinear(q, scales)."""
+        """Input ``index`` of ``node`` (``before`` bytes) becomes DequantizeLinear(q, scales),
+        or its load-time ``fold`` form."""
         bits = self.options.bits
         base = node.inputs[index].name or "weight"
-        if bits == 4:
-            import ml_dtypes
-
-            stored = q.astype(ml_dtypes.int4)
+        if self._form() == "fold":
+            folded = dq_layout(q, scales, attributes)
+            assert folded is not None  # _cannot_fold ruled partial blocks out
+            out = Unpacker(self._model, self._names).dequantized(
+                scope, node, q, folded[0], bits, base, folded[1]
+            )
+            stored = stored_bytes(q, bits)
         else:
-            stored = q
-        q_value = self._const(scope, np.ascontiguousarray(stored), base + "_quantized", node)
-        scale_value = self._const(scope, np.ascontiguousarray(scales), base + "_scale", node)
-        dq = ir.node("DequantizeLinear", [q_value, scale_value], attributes=attributes)
-        out = dq.outputs[0]
-        out.name = unique_name(self._names, base + "_dequantized")
-        out.type = ir.TensorType(ir.DataType.FLOAT)
-        out.shape = ir.Shape(q.shape)
-        scope.insert_before(node, dq)
+            array = q
+            if bits == 4:
+                import ml_dtypes
+
+                array = q.astype(ml_dtypes.int4)
+            q_value = self._const(scope, np.ascontiguousarray(array), base + "_quantized", node)
+            scale_value = self._const(scope, np.ascontiguousarray(scales), base + "_scale", node)
+            dq = ir.node("DequantizeLinear", [q_value, scale_value], attributes=attributes)
+            out = dq.outputs[0]
+            out.name = unique_name(self._names, base + "_dequantized")
+            out.type = ir.TensorType(ir.DataType.FLOAT)
+            out.shape = ir.Shape(q.shape)
+            scope.insert_before(node, dq)
+            stored = (q.size * bits + 7) // 8
         weight_value = node.inputs[index]
         node.replace_input_with(index, out)
         drop_if_unused(scope, weight_value)
-        return before, (q.size * bits + 7) // 8 + scales.nbytes
+        return before, stored + scales.nbytes
 
     def _to_matmul_nbits(self, scope: GraphLike, node: ir.Node, kn: np.ndarray) -> tuple[int, int]:
         bits = self.options.bits

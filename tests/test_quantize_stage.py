@@ -133,8 +133,13 @@ def test_api_weight_only_mode_and_report_record():
     assert isinstance(small, onnx.ModelProto)
     assert report.quantization["applied"], report.quantization
     assert "cosine" in report.quantization["measured"]
-    assert [n.op_type for n in small.graph.node] == ["DequantizeLinear", "MatMul"]
+    # On the CPU the int8 codes are stored to fold back to float at load (float kernels).
+    assert report.quantization["weight_format"] == "fold"
+    assert [n.op_type for n in small.graph.node] == ["Cast", "Mul", "MatMul"]
     assert "quantization: weights-int8" in report.to_table()
+    config = QuantizeConfig(mode="weights-int8", weight_format="dq", budget=Budget(min_cosine=0.99))
+    small, report = onnxsqueeze.squeeze(proto, quantize=config)
+    assert [n.op_type for n in small.graph.node] == ["DequantizeLinear", "MatMul"]
 
 
 def test_weights_int4_with_data_rounds_by_gptq_and_is_more_accurate():
@@ -182,13 +187,18 @@ def test_weights_int8_upgrades_an_old_opset_for_per_channel_filters():
     )
     w = RNG.standard_normal((64, 16, 3, 3)).astype(np.float32)
     proto.graph.initializer.append(onnx.numpy_helper.from_array(w, "w"))
-    small, report = onnxsqueeze.squeeze(
-        proto, quantize=QuantizeConfig(mode="weights-int8", budget=Budget(min_cosine=0.99))
-    )
+    budget = Budget(min_cosine=0.99)
+    config = QuantizeConfig(mode="weights-int8", weight_format="dq", budget=budget)
+    small, report = onnxsqueeze.squeeze(proto, quantize=config)
     record = report.quantization
     assert record["applied"] and record["opset"] == "11 -> 13", record
     assert record["rounding"] == "rtn"
     assert [n.op_type for n in small.graph.node] == ["DequantizeLinear", "Conv"]
+    # the load-time form needs no upgrade
+    small, report = onnxsqueeze.squeeze(proto, quantize=QuantizeConfig(mode="weights-int8"))
+    assert report.quantization["applied"] and "opset" not in report.quantization
+    assert small.opset_import[0].version == 11
+    assert [n.op_type for n in small.graph.node] == ["Cast", "Mul", "Conv"]
 
 
 def test_weight_only_budget_keeps_the_most_damaging_weight_float():
@@ -214,7 +224,11 @@ def test_weight_only_budget_keeps_the_most_damaging_weight_float():
     kept = [name for name, (decision, _) in decisions.items() if decision == "float (budget)"]
     assert len(kept) == 1
     assert decisions[kept[0]][1] == max(score for _, score in decisions.values())
-    assert sorted(n.op_type for n in small.graph.node) == ["MatMul", "MatMulNBits"]
+    # one MatMul keeps its float weight, the other reads int4 codes unpacked at load
+    weights = [n.input[1] for n in small.graph.node if n.op_type == "MatMul"]
+    floats = {i.name for i in small.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    assert sorted(w in floats for w in weights) == [False, True]
+    assert "Floor" in {n.op_type for n in small.graph.node}
 
 
 def test_unknown_mode_is_a_clear_error():

@@ -67,12 +67,17 @@ def variants(src: Path, tmp: Path, calibration: list[dict]) -> dict[str, Path]:
         except Exception as exc:  # a peer's failure is a result, not a crash
             print(f"{label}: {type(exc).__name__}: {exc}"[:200], flush=True)
     for label, options in (
-        ("onnxsqueeze weights int8 (per channel)", {"bits": 8}),
+        ("onnxsqueeze weights int8 (per channel, DequantizeLinear)", {"bits": 8, "format": "dq"}),
+        ("onnxsqueeze weights int8 (per channel, fold at load)", {"bits": 8, "format": "fold"}),
         (
-            "onnxsqueeze weights int4 (block 32, RTN)",
+            "onnxsqueeze weights int4 (block 32, RTN, MatMulNBits)",
             {"bits": 4, "block_size": 32, "rounding": "rtn"},
         ),
-        ("onnxsqueeze weights int4 (block 32, mse scales)", {"bits": 4, "block_size": 32}),
+        ("onnxsqueeze weights int4 (block 32, mse, MatMulNBits)", {"bits": 4, "block_size": 32}),
+        (
+            "onnxsqueeze weights int4 (block 32, mse, fold at load)",
+            {"bits": 4, "block_size": 32, "format": "fold"},
+        ),
     ):
         path = tmp / (
             label.split("(")[1].split(")")[0].replace(" ", "_").replace(",", "") + ".onnx"
@@ -86,17 +91,16 @@ def variants(src: Path, tmp: Path, calibration: list[dict]) -> dict[str, Path]:
     from onnxsqueeze.budget import Budget
     from onnxsqueeze.quantize import QuantizeConfig
 
-    path = tmp / "gptq.onnx"
-    report = onnxsqueeze.squeeze_file(
-        str(src),
-        str(path),
-        data=calibration,
-        quantize=QuantizeConfig(mode="weights-int4", budget=Budget(min_cosine=0.98)),
-    )
-    if report.quantization and report.quantization.get("applied"):
-        out["onnxsqueeze weights-int4 stage (GPTQ, 128 sentences)"] = path
-    else:
-        print("GPTQ stage not applied:", report.quantization, flush=True)
+    for form, label in (("auto", "fold at load"), ("matmulnbits", "MatMulNBits")):
+        path = tmp / f"gptq_{form}.onnx"
+        config = QuantizeConfig(
+            mode="weights-int4", budget=Budget(min_cosine=0.98), weight_format=form
+        )
+        report = onnxsqueeze.squeeze_file(str(src), str(path), data=calibration, quantize=config)
+        if report.quantization and report.quantization.get("applied"):
+            out[f"onnxsqueeze weights-int4 stage (GPTQ, 128 sentences, {label})"] = path
+        else:
+            print("GPTQ stage not applied:", report.quantization, flush=True)
     return out
 
 

@@ -1,15 +1,17 @@
-"""Gram matrices X^T X of the activations that feed constant MatMul/Gemm weights.
+"""Gram matrices X^T X of the activations that feed constant MatMul/Gemm/Conv weights.
 
 GPTQ needs, per weight, how its input channels co-vary on real data; that is a K x K
 matrix summed over every row of every sample, so memory stays constant in the sample
-count, as for the observers. Only main-graph MatMul/Gemm inputs are gathered, and only up
-to MAX_CHANNELS (a 8192 x 8192 float64 matrix is 512 MB).
+count, as for the observers. Only main-graph inputs are gathered, and only up to
+MAX_CHANNELS (a 8192 x 8192 float64 matrix is 512 MB). A Conv's rows are its input patches
+(im2col, K = channels x kernel), at most CONV_ROWS evenly spaced positions per sample: a
+detection map has 10^5 positions, and the Gram matrix converges long before.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx_ir as ir
@@ -20,11 +22,67 @@ from onnxsqueeze.shapes import inferred_shapes
 MAX_CHANNELS = 4096
 #: Activation rows gathered before they are folded into the sum.
 POOL_ROWS = 1024
+#: Patches of one Conv input per sample, at most.
+CONV_ROWS = 2048
+CONV_MARK = "#conv"
+
+
+class Geometry(NamedTuple):
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    pads: tuple[int, ...]
+    dilations: tuple[int, ...]
+
+
+def conv_geometry(node: ir.Node) -> Geometry | None:
+    """How a plain Conv (group 1, explicit pads, constant filters) cuts its input."""
+    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+        return None
+    attrs = {k: a.value for k, a in node.attributes.items()}
+    weight = constant_array(node.inputs[1])
+    if weight is None or weight.ndim < 3 or attrs.get("group", 1) != 1:
+        return None
+    if attrs.get("auto_pad", "NOTSET") != "NOTSET":
+        return None
+    spatial = weight.ndim - 2
+    return Geometry(
+        tuple(weight.shape[2:]),
+        tuple(attrs.get("strides", [1] * spatial)),
+        tuple(attrs.get("pads", [0] * 2 * spatial)),
+        tuple(attrs.get("dilations", [1] * spatial)),
+    )
+
+
+def conv_key(node: ir.Node) -> str | None:
+    """The Gram matrix key of a plain Conv: its input and the patch geometry (two Convs
+    reading one tensor may cut different patches)."""
+    geometry = conv_geometry(node)
+    if geometry is None or node.inputs[0] is None or not node.inputs[0].name:
+        return None
+    return f"{node.inputs[0].name}{CONV_MARK}{tuple(geometry)}"
+
+
+def _patches(x: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """[rows, C * prod(kernel)] input patches in the filters' (c, k...) order, at most
+    CONV_ROWS of them, evenly spaced."""
+    kernel, strides, pads, dilations = geometry
+    spatial = len(kernel)
+    x = np.pad(x, [(0, 0), (0, 0), *zip(pads[:spatial], pads[spatial:], strict=True)])
+    span = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
+    view = np.lib.stride_tricks.sliding_window_view(x, span, axis=tuple(range(2, 2 + spatial)))
+    view = view[(slice(None), slice(None), *(slice(None, None, s) for s in strides))]
+    view = view[(Ellipsis, *(slice(None, None, d) for d in dilations))]
+    # [N, C, out..., k...] -> [N, out..., C, k...]
+    order = (0, *range(2, 2 + spatial), 1, *range(2 + spatial, 2 + 2 * spatial))
+    rows = view.transpose(order).reshape(-1, x.shape[1] * int(np.prod(kernel)))
+    step = -(-rows.shape[0] // CONV_ROWS)
+    return np.asarray(rows[::step], np.float64)
 
 
 def weighted_inputs(model: ir.Model) -> dict[str, int]:
-    """Activation name -> K for each main-graph MatMul/Gemm with a constant 2-D weight
-    (Gemm only without transA, whose rows are then samples)."""
+    """Key -> K for each main-graph MatMul/Gemm with a constant 2-D weight (key: the
+    activation's name; Gemm only without transA, whose rows are then samples) and each plain
+    Conv (key: ``conv_key``)."""
     found: dict[str, int] = {}
     for node in model.graph:
         if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
@@ -42,6 +100,13 @@ def weighted_inputs(model: ir.Model) -> dict[str, int]:
         k = weight.shape[1] if trans_b is not None and trans_b.as_int() else weight.shape[0]
         if k <= MAX_CHANNELS:
             found[x.name] = k
+    for node in model.graph:
+        key = conv_key(node)
+        if key is None or constant_array(node.inputs[0]) is not None:
+            continue
+        k = int(np.prod(constant_array(node.inputs[1]).shape[1:]))
+        if k <= MAX_CHANNELS:
+            found[key] = k
     return found
 
 
@@ -65,7 +130,7 @@ def gram_matrices(
     produced = {v.name: v for node in clone.graph for v in node.outputs}
     present = {v.name for v in clone.graph.outputs}
     with inferred_shapes(clone):
-        for name in wanted:
+        for name in {key.split(CONV_MARK)[0] for key in wanted}:
             if name in produced and name not in present:
                 value = produced[name]
                 if value.type is None:
@@ -73,6 +138,7 @@ def gram_matrices(
                 value.shape = None
                 clone.graph.outputs.append(value)
     session = Session(clone, providers)
+    geometries = {conv_key(n): conv_geometry(n) for n in model.graph if conv_key(n) in wanted}
     grams = {n: np.zeros((k, k)) for n, k in wanted.items()}
     # Rows are pooled before each product: a sentence has a dozen rows, and a product per
     # sample would read and write the whole K x K sum for each (MiniLM: 36 s -> 2 s).
@@ -88,10 +154,14 @@ def gram_matrices(
     for feed in feeds:
         outputs = session.run(feed)
         for name, k in wanted.items():
-            array = outputs.get(name) if name not in graph_inputs else feed.get(name)
+            source = name.split(CONV_MARK)[0]
+            array = outputs.get(source) if source not in graph_inputs else feed.get(source)
             if array is None:
                 continue
-            rows = np.asarray(array, np.float64).reshape(-1, k)
+            if name in geometries:
+                rows = _patches(np.asarray(array), geometries[name])
+            else:
+                rows = np.asarray(array, np.float64).reshape(-1, k)
             pending[name].append(rows)
             pooled[name] += rows.shape[0]
             if pooled[name] >= POOL_ROWS:
