@@ -7,8 +7,11 @@ by the ratio of their medians; absolute times are only reported next to that rat
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
@@ -47,3 +50,36 @@ def compare_latency(
         base.append(median_ms(sessions[0], feed, runs))
         cand.append(median_ms(sessions[1], feed, runs))
     return statistics.median(base) / statistics.median(cand)
+
+
+def loaded_op_types(model: ir.Model, providers: Sequence[str]) -> Counter:
+    """Op types of the graph onnxruntime keeps after its load-time rewrites at the basic
+    level (constant folding among them), main graph and subgraphs alike.
+
+    Two models with the same counts run the same kernels on the same shapes: a weight-only
+    model stored to fold at load (onnxsqueeze.unpack) against its float original is compared
+    this way, without timing noise."""
+    import onnx
+    import onnxruntime as ort
+
+    from onnxsqueeze.runtime import _make_session, _session_options, resolve_providers
+
+    with tempfile.TemporaryDirectory(prefix="onnxsqueeze-loaded-") as tmp:
+        path = Path(tmp) / "loaded.onnx"
+        options = _session_options(True, None)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(path)
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", "loaded.data"
+        )
+        _make_session(model, options, resolve_providers(providers)[0])
+        proto = onnx.load(str(path), load_external_data=False)
+    counts: Counter = Counter()
+    graphs = [proto.graph]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            counts[(node.domain, node.op_type)] += 1
+            graphs += [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+            graphs += [g for a in node.attribute for g in a.graphs]
+    return counts

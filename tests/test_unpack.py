@@ -133,3 +133,20 @@ def test_partial_blocks_and_odd_int4_sizes_stay_float():
     odd = RNG.standard_normal((7, 5, 3, 3)).astype(np.float32)  # 315 codes
     _, stats = _fold(_model("Conv", odd, 17, [1, 5, 6, 6]), 4, 0)
     assert stats["weights_quantized"] == 0 and stats["skipped"] == 1
+
+
+def test_a_folded_model_loads_to_the_float_graph():
+    """What the stage's latency check relies on instead of timing: after onnxruntime's
+    load-time folding the fold form has the float model's kernels; DequantizeLinear keeps
+    its own node and is timed."""
+    from onnxsqueeze.bench import loaded_op_types
+
+    weight = RNG.standard_normal((96, 80)).astype(np.float32)
+    proto = _model("MatMul", weight, 17, [3, 96])
+    folded, _ = _fold(proto, 4, 32)
+    as_dq = ir.serde.deserialize_model(proto)
+    QuantizeWeightsPass(bits=8, format="dq", min_elements=16)(as_dq)
+    float_ops = loaded_op_types(ir.serde.deserialize_model(proto), ["cpu"])
+    assert float_ops == {("", "MatMul"): 1}
+    assert loaded_op_types(ir.serde.deserialize_model(folded), ["cpu"]) == float_ops
+    assert loaded_op_types(as_dq, ["cpu"]) != float_ops
