@@ -116,14 +116,20 @@ class QdqBuilder:
         axis: int | None,
         base: str,
         before: ir.Node,
+        block_size: int = 0,
     ) -> ir.Value:
-        """``DequantizeLinear(q, scale, zero_point)`` for a quantized constant."""
+        """``DequantizeLinear(q, scale, zero_point)`` for a quantized constant (no zero point
+        input when ``qp.zero_point`` is None: symmetric)."""
         inputs = [
             self.constant(scope, q, base + "_quantized", before),
             self.constant(scope, np.asarray(qp.scale, np.float32), base + "_scale", before),
-            self.constant(scope, np.asarray(qp.zero_point), base + "_zero_point", before),
         ]
+        if qp.zero_point is not None:
+            zero = self.constant(scope, np.asarray(qp.zero_point), base + "_zero_point", before)
+            inputs.append(zero)
         attributes = {"axis": axis} if axis is not None and np.ndim(qp.scale) else {}
+        if block_size:
+            attributes["block_size"] = block_size
         dq = ir.node("DequantizeLinear", inputs, attributes=attributes, domain=self.domain)
         out = dq.outputs[0]
         out.name = unique_name(self.names, base + "_dequantized")

@@ -157,10 +157,16 @@ class _Stage:
             grams = gram_matrices(self.model, feeds, providers=self.config.providers)
             self._weights["grams"] = grams
 
-    def _rounding(self, stats: dict[str, Any]) -> str:
-        plain = "mse" if self._weights["bits"] == 4 else "rtn"
-        gptq = stats.get("gptq", 0)
-        others = stats.get("weights_quantized", 0) - gptq
+    def _rounding(self, quantized: Sequence[str]) -> str:
+        """How the shipped weights were rounded (the memo knows which went through GPTQ)."""
+        bits, block, memo = (
+            self._weights["bits"],
+            self._weights["block_size"],
+            self._weights["memo"],
+        )
+        plain = "mse" if bits == 4 else "rtn"
+        gptq = sum(1 for n in quantized if memo.get((n, bits, block), (0, 0, False))[2])
+        others = len(quantized) - gptq
         if not gptq:
             return plain
         return f"gptq ({gptq} weights)" + (f", {plain} ({others})" if others else "")
@@ -182,8 +188,6 @@ class _Stage:
             self.ranges = calibration.ranges(config.method)
             self.record.update(method=config.method, calibration_samples=calibration.samples)
         candidate, stats = self.build(())
-        if self.weight_only:
-            self.record["rounding"] = self._rounding(stats)
         names = [n for n in stats["quantized"] if n in self.candidates]
         self.record["candidates"] = len(names)
         if not names:
@@ -218,6 +222,8 @@ class _Stage:
             return QuantizeOutcome(self.model, self.record)
         self.record["applied"] = True
         self.record["quantized"] = len(names) - len(excluded)
+        if self.weight_only:
+            self.record["rounding"] = self._rounding([n for n in names if n not in excluded])
         self.record["min_cosine"] = self.cosines.get(id(candidate))
         return QuantizeOutcome(candidate, self.record)
 

@@ -31,15 +31,15 @@ from onnxsqueeze.calib.gram import conv_key
 from onnxsqueeze.gptq import WeightRounder
 from onnxsqueeze.graphs import (
     GraphLike,
-    add_constant,
     all_value_names,
     constant_array,
     drop_if_unused,
     scopes,
-    unique_name,
 )
 from onnxsqueeze.io import count_nodes
-from onnxsqueeze.qmath import ROUNDINGS, pack_matmul_nbits, pack_rows
+from onnxsqueeze.nbits import to_gather_block_quantized, to_matmul_nbits
+from onnxsqueeze.qdq import QdqBuilder
+from onnxsqueeze.qmath import ROUNDINGS, QParams
 from onnxsqueeze.registry import SqueezePass, SqueezeResult
 from onnxsqueeze.unpack import MIN_OPSET, Unpacker, can_unpack, dq_layout, stored_bytes
 
@@ -183,38 +183,11 @@ class QuantizeWeightsPass(SqueezePass):
     def _to_gather_block_quantized(
         self, scope: GraphLike, node: ir.Node, table: np.ndarray
     ) -> tuple[int, int]:
-        """Gather(table, ids) -> com.microsoft.GatherBlockQuantized: n-bit rows in blocks."""
         bits = self.options.bits
         block = self.options.block_size or DEFAULT_NBITS_BLOCK
         q, scales = self._round(node, table.T, bits, block)
-        packed = pack_rows(q.T, bits)  # [rows, cols * bits / 8]
-        base = node.inputs[0].name or "table"
-        data = self._const(scope, packed, base + "_nbits", node)
-        scale_value = self._const(scope, np.ascontiguousarray(scales.T), base + "_scale", node)
-        gather = ir.node(
-            "GatherBlockQuantized",
-            [data, node.inputs[1], scale_value],
-            attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": bits},
-            domain="com.microsoft",
-        )
-        self._replace(scope, node, gather, node.inputs[0])
-        return table.nbytes, packed.nbytes + scales.nbytes
-
-    def _replace(self, scope: GraphLike, node: ir.Node, new_node: ir.Node, weight: ir.Value):
-        """Put ``new_node`` in ``node``'s place (same output name) and drop the weight."""
-        scope.insert_before(node, new_node)
-        old = node.outputs[0]
-        new = new_node.outputs[0]
-        new.type, new.shape = old.type, old.shape
-        name = old.name
-        old.replace_all_uses_with(new, replace_graph_outputs=True)
-        scope.remove(node, safe=True)
-        drop_if_unused(scope, weight)
-        new.name = name
-        self._model.opset_imports.setdefault("com.microsoft", 1)
-
-    def _const(self, scope: GraphLike, array: np.ndarray, base: str, before: ir.Node) -> ir.Value:
-        return add_constant(self._model, scope, array, unique_name(self._names, base), before)
+        args = (self._model, self._names, scope, node, q.T, scales.T, block, bits)
+        return table.nbytes, to_gather_block_quantized(*args)
 
     def _to_dq(
         self, scope: GraphLike, node: ir.Node, kn: np.ndarray, trans_b: bool, index: int = 1
@@ -281,19 +254,19 @@ class QuantizeWeightsPass(SqueezePass):
             )
             stored = stored_bytes(q, bits)
         else:
-            array = q
             if bits == 4:
                 import ml_dtypes
 
-                array = q.astype(ml_dtypes.int4)
-            q_value = self._const(scope, np.ascontiguousarray(array), base + "_quantized", node)
-            scale_value = self._const(scope, np.ascontiguousarray(scales), base + "_scale", node)
-            dq = ir.node("DequantizeLinear", [q_value, scale_value], attributes=attributes)
-            out = dq.outputs[0]
-            out.name = unique_name(self._names, base + "_dequantized")
-            out.type = ir.TensorType(ir.DataType.FLOAT)
-            out.shape = ir.Shape(q.shape)
-            scope.insert_before(node, dq)
+                q = q.astype(ml_dtypes.int4)
+            out = QdqBuilder(self._model, self._names).dequantized(
+                scope,
+                np.ascontiguousarray(q),
+                QParams(np.ascontiguousarray(scales), None, f"int{bits}"),
+                attributes["axis"],
+                base,
+                node,
+                attributes.get("block_size", 0),
+            )
             stored = (q.size * bits + 7) // 8
         weight_value = node.inputs[index]
         node.replace_input_with(index, out)
@@ -304,21 +277,8 @@ class QuantizeWeightsPass(SqueezePass):
         bits = self.options.bits
         block = self.options.block_size or DEFAULT_NBITS_BLOCK
         q, scales = self._round(node, kn, bits, block)
-        k, n = kn.shape
-        packed = pack_matmul_nbits(q, block, bits)
-        base = node.inputs[1].name or "weight"
-        b_value = self._const(scope, packed, base + "_nbits", node)
-        scale_value = self._const(
-            scope, np.ascontiguousarray(scales.T.reshape(-1)), base + "_scale", node
-        )
-        nbits = ir.node(
-            "MatMulNBits",
-            [node.inputs[0], b_value, scale_value],
-            attributes={"K": k, "N": n, "bits": bits, "block_size": block},
-            domain="com.microsoft",
-        )
-        self._replace(scope, node, nbits, node.inputs[1])
-        return kn.nbytes, packed.nbytes + scales.nbytes
+        args = (self._model, self._names, scope, node, q, scales, block, bits)
+        return kn.nbytes, to_matmul_nbits(*args)
 
 
 def _shared(weight: ir.Value, node: ir.Node) -> bool:

@@ -224,6 +224,7 @@ def test_weight_only_budget_keeps_the_most_damaging_weight_float():
     kept = [name for name, (decision, _) in decisions.items() if decision == "float (budget)"]
     assert len(kept) == 1
     assert decisions[kept[0]][1] == max(score for _, score in decisions.values())
+    assert record["rounding"] == "gptq (1 weights)"  # the weight shipped, not every candidate
     # one MatMul keeps its float weight, the other reads int4 codes unpacked at load
     weights = [n.input[1] for n in small.graph.node if n.op_type == "MatMul"]
     floats = {i.name for i in small.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}

@@ -150,3 +150,17 @@ def test_a_folded_model_loads_to_the_float_graph():
     assert float_ops == {("", "MatMul"): 1}
     assert loaded_op_types(ir.serde.deserialize_model(folded), ["cpu"]) == float_ops
     assert loaded_op_types(as_dq, ["cpu"]) != float_ops
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_squeezing_a_folded_model_again_keeps_it_compressed(bits):
+    """fold-constants' size guard: expanding the codes would grow the file 4-8x."""
+    import onnxsqueeze
+
+    weight = RNG.standard_normal((256, 512)).astype(np.float32)  # 512 KB float
+    folded, _ = _fold(_model("MatMul", weight, 17, [3, 256]), bits, 32 if bits == 4 else 0)
+    again, report = onnxsqueeze.squeeze(folded)
+    assert report.verification_status == "passed"
+    stored = sum(onnx.numpy_helper.to_array(i).nbytes for i in again.graph.initializer)
+    assert stored < weight.nbytes / (3.3 if bits == 8 else 5.5)
+    assert "Cast" in {n.op_type for n in again.graph.node}
