@@ -29,6 +29,8 @@ from onnxsqueeze.verify import LOSSLESS_RTOL, compare_runs
 logger = logging.getLogger(__name__)
 
 MODES = ("static", "dynamic", "fp16", "weights-int8", "weights-int4")
+#: Smallest weight the weight-only stage quantizes in the fold form.
+FOLD_MIN_ELEMENTS = 256
 #: Calibration samples GPTQ's Gram matrices are summed over, unless calib_samples says.
 GPTQ_SAMPLES = 128
 #: auto: static with data, dynamic without; kept only if within budget and not slower.
@@ -149,6 +151,10 @@ class _Stage:
             "format": form,
             "memo": {},
         }
+        if form == "fold":
+            # Folded weights cost nothing at run time, so small ones are worth their bytes in
+            # a small model's file (PP-OCR cls: 0.51x -> 0.33x); the budget guards accuracy.
+            self._weights["min_elements"] = FOLD_MIN_ELEMENTS
         self.record["weight_format"] = form
         if calib_feeds is not None:
             from onnxsqueeze.calib.gram import gram_matrices

@@ -64,8 +64,9 @@ class Unpacker:
         bits: int,
         base: str,
         view: tuple[int, ...] | None = None,
+        shape: tuple[int, ...] | None = None,
     ) -> ir.Value:
-        """Float32 value ``q * scales`` computed before ``before``.
+        """Float32 value ``q * scales``, of ``shape`` (default: q's), computed before ``before``.
 
         ``q`` holds signed codes (int8 values within ``bits``); ``scales`` broadcasts against
         ``q`` viewed as ``view`` (a block-wise weight splits its blocked axis in two).
@@ -77,14 +78,15 @@ class Unpacker:
             codes = self._op("Cast", [self._const(q.astype(np.int8), "_quantized")], to=1)
         else:
             codes = self._unpack_int4(q)
-        shape = view or q.shape
         if bits == 4 or view is not None:
-            codes = self._op("Reshape", [codes, self._const(np.array(shape, np.int64), "_view")])
+            viewed = np.array(view or q.shape, np.int64)
+            codes = self._op("Reshape", [codes, self._const(viewed, "_view")])
         scale = self._const(np.ascontiguousarray(scales, dtype=np.float32), "_scale")
         out = self._op("Mul", [codes, scale])
-        if view is not None:
-            out = self._op("Reshape", [out, self._const(np.array(q.shape, np.int64), "_shape")])
-        out.shape = ir.Shape(q.shape)
+        shape = tuple(shape or q.shape)
+        if view is not None or shape != q.shape:
+            out = self._op("Reshape", [out, self._const(np.array(shape, np.int64), "_shape")])
+        out.shape = ir.Shape(shape)
         return out
 
     def _unpack_int4(self, q: np.ndarray) -> ir.Value:

@@ -206,8 +206,9 @@ class QuantizeWeightsPass(SqueezePass):
         return self._insert_dq(scope, node, index, q, scales, attributes, kn.nbytes)
 
     def _quantize_conv(self, scope: GraphLike, node: ir.Node) -> tuple[int, int] | None:
-        """A Conv's filters, one scale per output channel (the convolution stays float: a
-        heavy-tailed input, as magika's, needs no 8-bit range)."""
+        """A Conv's filters, one scale per output channel, or in the fold form per block of
+        ``block_size`` along channels x kernel where that divides (the convolution stays
+        float: a heavy-tailed input, as magika's, needs no 8-bit range)."""
         weight = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
         if weight is None or weight.ndim < 3 or weight.dtype != np.float32:
             return None
@@ -218,10 +219,17 @@ class QuantizeWeightsPass(SqueezePass):
         form = self._form()
         if form != "fold" and self._opset < (21 if self.options.bits == 4 else 13):
             return (0, 0)  # per-axis DequantizeLinear (int4: opset 21)
-        if form is None or self._cannot_fold(weight, 0):
-            return (0, 0)
         m = weight.shape[0]
-        q, scales = self._round(node, weight.reshape(m, -1).T, self.options.bits, 0)
+        kn = weight.reshape(m, -1).T
+        block = self.options.block_size if form == "fold" else 0
+        block = block if block and kn.shape[0] % block == 0 else 0
+        if form is None or self._cannot_fold(kn, block):
+            return (0, 0)
+        q, scales = self._round(node, kn, self.options.bits, block)
+        if block:  # [M, K] codes by blocks of K, reshaped to the filters after scaling
+            attributes = {"axis": 1, "block_size": block}
+            args = (q.T, scales.T, attributes, weight.nbytes, weight.shape)
+            return self._insert_dq(scope, node, 1, *args)
         q = q.T.reshape(weight.shape)
         return self._insert_dq(scope, node, 1, q, scales.reshape(m), {"axis": 0}, weight.nbytes)
 
@@ -241,6 +249,7 @@ class QuantizeWeightsPass(SqueezePass):
         scales: np.ndarray,
         attributes: dict,
         before: int,
+        shape: tuple[int, ...] | None = None,
     ) -> tuple[int, int]:
         """Input ``index`` of ``node`` (``before`` bytes) becomes DequantizeLinear(q, scales),
         or its load-time ``fold`` form."""
@@ -250,7 +259,7 @@ class QuantizeWeightsPass(SqueezePass):
             folded = dq_layout(q, scales, attributes)
             assert folded is not None  # _cannot_fold ruled partial blocks out
             out = Unpacker(self._model, self._names).dequantized(
-                scope, node, q, folded[0], bits, base, folded[1]
+                scope, node, q, folded[0], bits, base, folded[1], shape
             )
             stored = stored_bytes(q, bits)
         else:

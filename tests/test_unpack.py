@@ -96,18 +96,19 @@ def test_matmul_weights_fold_to_the_dequantized_weight(op, bits, block, trans_b,
     np.testing.assert_allclose(got, x["x"] @ dequantize_weight(q, s, block), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_conv_filters_fold_at_any_opset(bits, tmp_path):
-    """Per output channel; int4 Conv filters need opset 21 as DequantizeLinear, not here."""
-    weight = RNG.standard_normal((16, 8, 3, 3)).astype(np.float32)
-    out, stats = _fold(_model("Conv", weight, 11, [1, 8, 10, 10]), bits, 0)
+@pytest.mark.parametrize("bits, block", [(8, 0), (4, 0), (4, 32)])
+def test_conv_filters_fold_at_any_opset(bits, block, tmp_path):
+    """Per output channel, or per block of 32 along channels x kernel (int4 Conv filters as
+    DequantizeLinear need opset 21, and blocks there would cut along channels only)."""
+    weight = RNG.standard_normal((16, 32, 3, 3)).astype(np.float32)
+    out, stats = _fold(_model("Conv", weight, 11, [1, 32, 10, 10]), bits, block)
     assert stats["weights_quantized"] == 1
     m = weight.shape[0]
-    q, s = quantize_weight(weight.reshape(m, -1).T, bits, 0, _ROUNDING[bits])
-    expected_w = dequantize_weight(q, s).T.reshape(weight.shape)
-    x = {"x": RNG.standard_normal((1, 8, 10, 10)).astype(np.float32)}
+    q, s = quantize_weight(weight.reshape(m, -1).T, bits, block, _ROUNDING[bits])
+    expected_w = dequantize_weight(q, s, block).T.reshape(weight.shape)
+    x = {"x": RNG.standard_normal((1, 32, 10, 10)).astype(np.float32)}
     got = _check_folded_at_load(out, "Conv", x, tmp_path)
-    reference = _model("Conv", expected_w, 11, [1, 8, 10, 10])
+    reference = _model("Conv", expected_w, 11, [1, 32, 10, 10])
     want = _session(reference, ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(None, x)[0]
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
