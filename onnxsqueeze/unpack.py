@@ -15,6 +15,8 @@ Concat: all exact on integers below 256), so any opset from 6 on can hold them.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import onnx_ir as ir
 
@@ -22,6 +24,8 @@ from onnxsqueeze.graphs import GraphLike, add_constant, unique_name
 
 #: The oldest default-domain opset whose Reshape takes its shape as an input.
 MIN_OPSET = 6
+#: Slice with starts/ends/axes as inputs (a partial last block is sliced off).
+SLICE_OPSET = 10
 
 
 def can_unpack(q: np.ndarray, bits: int) -> bool:
@@ -33,19 +37,34 @@ def stored_bytes(q: np.ndarray, bits: int) -> int:
     return q.size if bits == 8 else q.size // 2
 
 
-def dq_layout(q: np.ndarray, scales: np.ndarray, attributes: dict):
-    """(scales shaped to broadcast, view of q or None) from DequantizeLinear's ``axis`` and
-    ``block_size`` attributes; None when the last block is partial (DQ pads it, Mul cannot)."""
+class Layout(NamedTuple):
+    """How codes are stored and scaled: ``codes`` zero-padded to whole blocks, ``scales``
+    broadcasting against ``codes`` viewed as ``view``, and ``trim`` = (axis, length) to slice
+    the padding off after scaling."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+    view: tuple[int, ...] | None
+    trim: tuple[int, int] | None
+
+
+def dq_layout(q: np.ndarray, scales: np.ndarray, attributes: dict) -> Layout:
+    """The fold layout of DequantizeLinear(q, scales) with its ``axis`` / ``block_size``."""
     axis = attributes["axis"] % q.ndim
     block = attributes.get("block_size", 0)
     if not block:
         shape = [1] * q.ndim
         shape[axis] = q.shape[axis]
-        return scales.reshape(shape), None
-    if q.shape[axis] % block:
-        return None
-    view = (*q.shape[:axis], q.shape[axis] // block, block, *q.shape[axis + 1 :])
-    return np.expand_dims(scales, axis + 1), view
+        return Layout(q, scales.reshape(shape), None, None)
+    length = q.shape[axis]
+    blocks = -(-length // block)
+    codes, trim = q, None
+    if length % block:  # DequantizeLinear pads the last block implicitly; Mul needs it stored
+        pad = [(0, 0)] * q.ndim
+        pad[axis] = (0, blocks * block - length)
+        codes, trim = np.pad(q, pad), (axis, length)
+    view = (*q.shape[:axis], blocks, block, *q.shape[axis + 1 :])
+    return Layout(codes, np.expand_dims(scales, axis + 1), view, trim)
 
 
 class Unpacker:
@@ -59,18 +78,14 @@ class Unpacker:
         self,
         scope: GraphLike,
         before: ir.Node,
-        q: np.ndarray,
-        scales: np.ndarray,
+        layout: Layout,
         bits: int,
         base: str,
-        view: tuple[int, ...] | None = None,
         shape: tuple[int, ...] | None = None,
     ) -> ir.Value:
-        """Float32 value ``q * scales``, of ``shape`` (default: q's), computed before ``before``.
-
-        ``q`` holds signed codes (int8 values within ``bits``); ``scales`` broadcasts against
-        ``q`` viewed as ``view`` (a block-wise weight splits its blocked axis in two).
-        """
+        """Float32 value of ``layout``'s codes times scales, padding sliced off, reshaped to
+        ``shape`` (default: the unpadded codes'), computed before ``before``."""
+        q = layout.codes
         if not can_unpack(q, bits):
             raise ValueError(f"{q.size} int4 codes cannot be paired into bytes")
         self._scope, self._before, self._base = scope, before, base
@@ -78,16 +93,26 @@ class Unpacker:
             codes = self._op("Cast", [self._const(q.astype(np.int8), "_quantized")], to=1)
         else:
             codes = self._unpack_int4(q)
-        if bits == 4 or view is not None:
-            viewed = np.array(view or q.shape, np.int64)
+        if bits == 4 or layout.view is not None:
+            viewed = np.array(layout.view or q.shape, np.int64)
             codes = self._op("Reshape", [codes, self._const(viewed, "_view")])
-        scale = self._const(np.ascontiguousarray(scales, dtype=np.float32), "_scale")
+        scale = self._const(np.ascontiguousarray(layout.scales, dtype=np.float32), "_scale")
         out = self._op("Mul", [codes, scale])
-        shape = tuple(shape or q.shape)
-        if view is not None or shape != q.shape:
-            out = self._op("Reshape", [out, self._const(np.array(shape, np.int64), "_shape")])
-        out.shape = ir.Shape(shape)
+        current = tuple(layout.view or q.shape)
+        natural = tuple(q.shape)
+        if layout.trim is not None:  # back to the padded codes' shape, then the padding off
+            axis, length = layout.trim
+            bounds = [self._const(np.array([v], np.int64), "_slice") for v in (0, length, axis)]
+            out = self._op("Slice", [self._reshape(out, q.shape), *bounds])
+            natural = current = (*q.shape[:axis], length, *q.shape[axis + 1 :])
+        target = tuple(shape or natural)
+        if target != current:
+            out = self._reshape(out, target)
+        out.shape = ir.Shape(target)
         return out
+
+    def _reshape(self, value: ir.Value, shape: tuple[int, ...]) -> ir.Value:
+        return self._op("Reshape", [value, self._const(np.array(shape, np.int64), "_shape")])
 
     def _unpack_int4(self, q: np.ndarray) -> ir.Value:
         """Flat float codes in [-8, 7] from two-per-byte storage."""

@@ -41,7 +41,14 @@ from onnxsqueeze.nbits import to_gather_block_quantized, to_matmul_nbits
 from onnxsqueeze.qdq import QdqBuilder
 from onnxsqueeze.qmath import ROUNDINGS, QParams
 from onnxsqueeze.registry import SqueezePass, SqueezeResult
-from onnxsqueeze.unpack import MIN_OPSET, Unpacker, can_unpack, dq_layout, stored_bytes
+from onnxsqueeze.unpack import (
+    MIN_OPSET,
+    SLICE_OPSET,
+    Unpacker,
+    can_unpack,
+    dq_layout,
+    stored_bytes,
+)
 
 FORMATS = ("auto", "dq", "matmulnbits", "fold")
 WEIGHT_OPS = ("MatMul", "Gemm", "Gather", "Conv")
@@ -222,7 +229,8 @@ class QuantizeWeightsPass(SqueezePass):
         m = weight.shape[0]
         kn = weight.reshape(m, -1).T
         block = self.options.block_size if form == "fold" else 0
-        block = block if block and kn.shape[0] % block == 0 else 0
+        if block and kn.shape[0] % block and self._opset < SLICE_OPSET:
+            block = 0  # per output channel rather than float
         if form is None or self._cannot_fold(kn, block):
             return (0, 0)
         q, scales = self._round(node, kn, self.options.bits, block)
@@ -234,11 +242,14 @@ class QuantizeWeightsPass(SqueezePass):
         return self._insert_dq(scope, node, 1, q, scales.reshape(m), {"axis": 0}, weight.nbytes)
 
     def _cannot_fold(self, kn: np.ndarray, block: int) -> bool:
-        """The fold form has no padding: the last block along K must be whole, and int4
-        codes must pair into bytes (checked before the costly rounding)."""
+        """In the fold form a partial last block along K is padded and sliced off (Slice
+        with inputs: opset 10), and int4 codes must pair into bytes (checked before the costly
+        rounding)."""
         if self._form() != "fold":
             return False
-        return bool(block and kn.shape[0] % block) or not can_unpack(kn, self.options.bits)
+        if block and kn.shape[0] % block:
+            return self._opset < SLICE_OPSET
+        return not can_unpack(kn, self.options.bits)
 
     def _insert_dq(
         self,
@@ -256,12 +267,10 @@ class QuantizeWeightsPass(SqueezePass):
         bits = self.options.bits
         base = node.inputs[index].name or "weight"
         if self._form() == "fold":
-            folded = dq_layout(q, scales, attributes)
-            assert folded is not None  # _cannot_fold ruled partial blocks out
-            out = Unpacker(self._model, self._names).dequantized(
-                scope, node, q, folded[0], bits, base, folded[1], shape
-            )
-            stored = stored_bytes(q, bits)
+            layout = dq_layout(q, scales, attributes)
+            unpacker = Unpacker(self._model, self._names)
+            out = unpacker.dequantized(scope, node, layout, bits, base, shape)
+            stored = stored_bytes(layout.codes, bits)
         else:
             if bits == 4:
                 import ml_dtypes

@@ -41,7 +41,11 @@ def test_squeeze_shipped_model_with_report(tmp_path):
     data = json.loads(report.read_text())
     assert data["verification_status"] == "passed"
     assert data["passes"][0]["name"] == "cleanup"
-    assert data["after"]["nodes"] <= data["before"]["nodes"]
+    quantization = data.get("quantization") or {}
+    if quantization.get("applied"):  # int8 in whichever form was fastest: a quarter the bytes
+        assert data["after"]["weight_bytes"] < 0.35 * data["before"]["weight_bytes"]
+    else:
+        assert data["after"]["nodes"] <= data["before"]["nodes"]
     assert _digest(DIGITS) == before
     import onnx
 

@@ -15,7 +15,7 @@ from onnxsqueeze.qmath import dequantize_weight, quantize_weight
 
 RNG = np.random.default_rng(7)
 _ROUNDING = {4: "mse", 8: "rtn"}
-FOLD_OPS = {"Cast", "Mul", "Floor", "Sub", "Concat", "Reshape"}
+FOLD_OPS = {"Cast", "Mul", "Floor", "Sub", "Concat", "Reshape", "Slice"}
 
 
 def _model(op: str, weight: np.ndarray, opset: int, x_shape: list[int], **attrs):
@@ -96,19 +96,21 @@ def test_matmul_weights_fold_to_the_dequantized_weight(op, bits, block, trans_b,
     np.testing.assert_allclose(got, x["x"] @ dequantize_weight(q, s, block), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("bits, block", [(8, 0), (4, 0), (4, 32)])
-def test_conv_filters_fold_at_any_opset(bits, block, tmp_path):
+@pytest.mark.parametrize(
+    "bits, block, channels", [(8, 0, 32), (4, 0, 32), (4, 32, 32), (4, 32, 24)]
+)
+def test_conv_filters_fold_at_any_opset(bits, block, channels, tmp_path):
     """Per output channel, or per block of 32 along channels x kernel (int4 Conv filters as
     DequantizeLinear need opset 21, and blocks there would cut along channels only)."""
-    weight = RNG.standard_normal((16, 32, 3, 3)).astype(np.float32)
-    out, stats = _fold(_model("Conv", weight, 11, [1, 32, 10, 10]), bits, block)
+    weight = RNG.standard_normal((16, channels, 3, 3)).astype(np.float32)  # 24: K = 216
+    out, stats = _fold(_model("Conv", weight, 11, [1, channels, 10, 10]), bits, block)
     assert stats["weights_quantized"] == 1
     m = weight.shape[0]
     q, s = quantize_weight(weight.reshape(m, -1).T, bits, block, _ROUNDING[bits])
     expected_w = dequantize_weight(q, s, block).T.reshape(weight.shape)
-    x = {"x": RNG.standard_normal((1, 32, 10, 10)).astype(np.float32)}
+    x = {"x": RNG.standard_normal((1, channels, 10, 10)).astype(np.float32)}
     got = _check_folded_at_load(out, "Conv", x, tmp_path)
-    reference = _model("Conv", expected_w, 11, [1, 32, 10, 10])
+    reference = _model("Conv", expected_w, 11, [1, channels, 10, 10])
     want = _session(reference, ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(None, x)[0]
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
@@ -125,11 +127,18 @@ def test_gather_table_folds_row_wise(bits, block, tmp_path):
     np.testing.assert_array_equal(got, rows[feed["x"]])
 
 
-def test_partial_blocks_and_odd_int4_sizes_stay_float():
-    """A last block shorter than the others would need padding, which Mul cannot broadcast;
-    an odd number of int4 codes cannot pair into bytes. Both stay float and are counted."""
-    weight = RNG.standard_normal((100, 48)).astype(np.float32)  # 100 rows: 3 blocks + 4
-    _, stats = _fold(_model("MatMul", weight, 17, [3, 100]), 4, 32)
+def test_a_partial_last_block_is_padded_and_sliced_off(tmp_path):
+    """K = 100 with blocks of 32: the codes are stored padded to 128 rows and the padding is
+    sliced off after scaling (Slice with inputs: opset 10); older opsets keep the weight
+    float, as they do an odd number of int4 codes, which cannot pair into bytes."""
+    weight = RNG.standard_normal((100, 48)).astype(np.float32)
+    out, stats = _fold(_model("MatMul", weight, 17, [3, 100]), 4, 32)
+    assert stats["weights_quantized"] == 1 and "Slice" in {n.op_type for n in out.graph.node}
+    q, s = quantize_weight(weight, 4, 32, "mse")
+    x = {"x": RNG.standard_normal((3, 100)).astype(np.float32)}
+    got = _check_folded_at_load(out, "MatMul", x, tmp_path)
+    np.testing.assert_allclose(got, x["x"] @ dequantize_weight(q, s, 32), rtol=1e-5, atol=1e-5)
+    _, stats = _fold(_model("MatMul", weight, 9, [3, 100]), 4, 32)
     assert stats["weights_quantized"] == 0 and stats["skipped"] == 1
     odd = RNG.standard_normal((7, 5, 3, 3)).astype(np.float32)  # 315 codes
     _, stats = _fold(_model("Conv", odd, 17, [1, 5, 6, 6]), 4, 0)
