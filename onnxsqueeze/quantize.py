@@ -110,6 +110,8 @@ class _Stage:
         self.record: dict[str, Any] = {"mode": config.mode, "budget_met": False, "applied": False}
         #: min output cosine of each judged candidate (auto prefers accuracy within noise)
         self.cosines: dict[int, float] = {}
+        #: class-score outputs whose argmax the candidate changed: name -> agreement
+        self.flips: dict[int, dict[str, float]] = {}
 
     # -------------------------------------------------------------- measuring
 
@@ -127,6 +129,11 @@ class _Stage:
         outputs = self.run(model)
         comparison = compare_runs(self.reference, outputs)
         self.cosines[id(model)] = comparison.min_cosine
+        self.flips[id(model)] = {
+            o.name: o.top1_agreement
+            for o in comparison.outputs
+            if o.distribution and o.top1_agreement is not None and o.top1_agreement < 1
+        }
         return self.config.budget.check(comparison, self.reference, outputs)
 
     # -------------------------------------------------------------- weight-only
@@ -231,6 +238,8 @@ class _Stage:
         if self.weight_only:
             self.record["rounding"] = self._rounding([n for n in names if n not in excluded])
         self.record["min_cosine"] = self.cosines.get(id(candidate))
+        if self.flips.get(id(candidate)):
+            self.record["top1_agreement"] = self.flips[id(candidate)]
         return QuantizeOutcome(candidate, self.record)
 
     def _calibrate(self, calibration, calib_feeds, calib_samples):
@@ -505,6 +514,14 @@ def run_quantize_stage(
         reasons = "; ".join(f"{o.record['mode']}: {o.record.get('reason', '?')}" for o in outcomes)
         report.warnings.append(f"quantization not applied ({reasons})")
         return model
+    flips = best.record.get("top1_agreement") or {}
+    if flips and configs[0].budget.min_top1_agreement is None:
+        for name, agreement in flips.items():
+            report.warnings.append(
+                f"{mode} changes the top class of output '{name}' on {1 - agreement:.1%} of "
+                f"{len(feeds)} evaluation samples (within the budget); "
+                "--min-top1-agreement 1 keeps every answer"
+            )
     report.after = model_stats(best.model).as_dict()
     report.verification = {"summary": f"{mode}: {best.record['measured']}"}
     report.verification_status = "passed"

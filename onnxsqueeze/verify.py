@@ -27,6 +27,9 @@ class OutputMetrics:
     cosine: float = 1.0
     sqnr_db: float = math.inf
     top1_agreement: float | None = None
+    #: Every reference sample is a probability distribution over the last axis (softmax-like:
+    #: class scores, where a changed argmax is a changed answer).
+    distribution: bool | None = None
     exact: bool = True
     mismatch: str | None = None  # shape/dtype/structure difference
 
@@ -160,4 +163,11 @@ def _accumulate(m: OutputMetrics, a: Any, b: Any, cos_sums: dict, top1: dict) ->
     )
     m.sqnr_db = min(m.sqnr_db, sqnr)
     if a.ndim >= 1 and a.shape[-1] > 1:
+        m.distribution = m.distribution is not False and _is_distribution(a64)
         top1[m.name].append(float(np.mean(np.argmax(a, axis=-1) == np.argmax(b, axis=-1))))
+
+
+def _is_distribution(a: np.ndarray) -> bool:
+    if a.size == 0 or not np.all(np.isfinite(a)) or a.min() < 0 or a.max() > 1:
+        return False
+    return bool(np.allclose(a.sum(axis=-1), 1.0, atol=1e-3))

@@ -293,3 +293,43 @@ def test_top1_budget_on_too_few_samples_is_flagged():
     config = QuantizeConfig(mode="dynamic", budget=Budget(min_top1_agreement=0.99))
     _, report = onnxsqueeze.squeeze(onnx.load(DIGITS), data=[data], quantize=config)
     assert any("judged on 1 samples" in w for w in report.warnings), report.warnings
+
+
+def test_changed_answers_of_a_classifier_are_reported_even_within_the_budget():
+    """Where two classes nearly tie, int8 weights flip the top class on about half the samples
+    while the probabilities keep a cosine near 1: within the default budget, so shipped, but
+    the report names the output and how often its answer changed."""
+    rng = np.random.default_rng(5)
+    proto = onnx.parser.parse_model(
+        """<ir_version: 8, opset_import: ["" : 13]>
+        g (float[1, 64] x) => (float[1, 4] y) { h = MatMul (x, w)  y = Softmax <axis = -1> (h) }"""
+    )
+    w = rng.standard_normal((64, 4))
+    w[:, 2:] *= 0.1
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(w.astype(np.float32), "w"))
+    tie = (w[:, 0] - w[:, 1]) / np.linalg.norm(w[:, 0] - w[:, 1])
+    lead = (w[:, 0] + w[:, 1]) / np.linalg.norm(w[:, 0] + w[:, 1])
+
+    def sample() -> dict:
+        x = rng.standard_normal(64) + 3 * lead  # classes 0 and 1 on top...
+        x += (rng.choice([-1.0, 1.0]) * 1e-4 - x @ tie) * tie  # ...tied up to a hair
+        return {"x": x[None].astype(np.float32)}
+
+    data = [sample() for _ in range(32)]
+    small, report = onnxsqueeze.squeeze(proto, data=data, quantize="weights-int8")
+    record = report.quantization
+    assert record["applied"] and record["min_cosine"] > 0.99, record
+    assert 0.2 < record["top1_agreement"]["y"] < 0.9
+    assert any("top class of output 'y'" in w for w in report.warnings), report.warnings
+
+
+def test_only_probability_outputs_count_as_class_scores():
+    from onnxsqueeze.verify import compare_runs
+
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.5, 0.4]], np.float32)
+    swapped = np.array([[0.2, 0.7, 0.1], [0.1, 0.5, 0.4]], np.float32)  # first answer changed
+    embedding = np.array([[0.3, -0.2, 0.9]], np.float32)
+    comparison = compare_runs([{"p": probs, "e": embedding}], [{"p": swapped, "e": -embedding}])
+    by_name = {o.name: o for o in comparison.outputs}
+    assert by_name["p"].distribution and by_name["p"].top1_agreement == 0.5
+    assert by_name["e"].distribution is False

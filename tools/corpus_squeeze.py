@@ -57,7 +57,17 @@ def run_one(entry: corpus.CorpusModel, repeat: int) -> dict:
         "nodes": (data["before"]["nodes"], data["after"]["nodes"]),
         "bytes": (data["file_bytes_before"], data["file_bytes_after"]),
         "verification": f"{data['verification_status']} ({data['verification']['summary']})",
+        "quantization": _chosen(data.get("quantization") or {}),
     }
+
+
+def _chosen(record: dict) -> str:
+    """What the default's quantize stage shipped, as the CLI's summary line says it."""
+    if not record:
+        return "none"
+    if not record.get("applied"):
+        return f"float ({record.get('reason', '?')})"
+    return f"{record['mode']}, {record.get('quantized', '?')}/{record.get('candidates', '?')}"
 
 
 def main() -> None:
@@ -69,23 +79,28 @@ def main() -> None:
     args = parser.parse_args()
     rows = [run_one(e, args.repeat) for e in corpus.MODELS if e.available()]
     lines = [
-        "# onnxsqueeze default preset on the corpus",
+        "# onnxsqueeze's default on the corpus",
         "",
-        f"`python tools/corpus_squeeze.py --repeat {args.repeat}`; wall time and peak RSS are medians "
-        "of the runs (whole CLI process: Python start-up, load, passes, verification on the probe "
-        "inputs with onnxruntime, save).",
+        f"`python tools/corpus_squeeze.py --repeat {args.repeat}`: `onnxsqueeze MODEL -o OUT --data "
+        "PROBES`, i.e. the default preset and the auto quantize stage judged on the corpus probe "
+        "inputs (2-4 samples each, so its budget is checked on few samples; "
+        "docs/benchmarks/quantization.md measures task accuracy on held-out data). Wall time and "
+        "peak RSS are medians of the runs (whole CLI process: Python start-up, load, passes, "
+        "verification, quantization, save).",
         "",
-        "| model | nodes before → after | file before → after | wall s | peak RSS MiB | verification |",
-        "|---|---|---|---|---|---|",
+        "| model | nodes before → after | file before → after | wall s | peak RSS MiB | quantization "
+        "| verification |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | error: {r['error']} | | | | |")
+            lines.append(f"| {r['model']} | error: {r['error']} | | | | | |")
             continue
         (nb, na), (bb, ba) = r["nodes"], r["bytes"]
         lines.append(
             f"| {r['model']} | {nb} → {na} ({(na - nb) / nb:+.1%}) | {bb / 1e6:.2f} MB → {ba / 1e6:.2f} MB "
-            f"({(ba - bb) / bb:+.1%}) | {r['wall_s']:.2f} | {r['peak_mib']:.0f} | {r['verification']} |"
+            f"({(ba - bb) / bb:+.1%}) | {r['wall_s']:.2f} | {r['peak_mib']:.0f} | "
+            f"{r['quantization']} | {r['verification']} |"
         )
     text = "\n".join(lines) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
