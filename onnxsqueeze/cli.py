@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument(
         "--require-faster",
         action="store_true",
-        help="time the result against float on --providers; keep float if it is slower",
+        help="time the result against float on --providers; a slower static/dynamic result "
+        "falls back to weight-only int8 stored to fold at load, else float",
     )
     parser.add_argument(
         "--providers",

@@ -67,6 +67,11 @@ class QuantizeConfig:
     calib_cache: str | None = None
     #: Samples of the data the budget is judged on.
     eval_samples: int = 32
+
+    @property
+    def weight_only(self) -> bool:
+        return self.mode.startswith("weights-")
+
     #: Weight-only storage (quantize-weights.format); auto: fold on the CPU, whose kernels
     #: take neither a DequantizeLinear'd weight nor MatMulNBits faster than float.
     weight_format: str = "auto"
@@ -140,7 +145,7 @@ class _Stage:
 
     @property
     def weight_only(self) -> bool:
-        return self.config.mode.startswith("weights-")
+        return self.config.weight_only
 
     def _weight_only_setup(self, calib_feeds, calib_samples) -> None:
         """Bits and block of the weights-* mode; with data, the Gram matrices GPTQ rounds
@@ -498,6 +503,14 @@ def run_quantize_stage(
             report.warnings.append(f"quantization ({config.mode}) skipped: {exc}")
     if not outcomes:
         return model
+    slow = outcomes[0].record
+    if not auto and slow.get("slower") and not slow.get("applied") and not configs[0].weight_only:
+        # --require-faster on an integer-kernel mode that runs slower here: the faster format
+        # for the same weights is weight-only int8 stored to fold at load (float kernels).
+        fallback = dataclasses.replace(configs[0], mode="weights-int8")
+        outcome = _run_config(model, fallback, data, feeds)
+        outcome.record["fallback_from"] = f"{slow['mode']} ({slow.get('reason')})"
+        outcomes.append(outcome)
     applied = [o for o in outcomes if o.record.get("applied")]
     best = _pick(applied) if applied else outcomes[0]
     if len(outcomes) > 1:

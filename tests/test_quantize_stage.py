@@ -333,3 +333,26 @@ def test_only_probability_outputs_count_as_class_scores():
     by_name = {o.name: o for o in comparison.outputs}
     assert by_name["p"].distribution and by_name["p"].top1_agreement == 0.5
     assert by_name["e"].distribution is False
+
+
+def test_require_faster_falls_back_to_the_faster_format(monkeypatch):
+    """Static int8 measured slower than float (forced here: timing is the machine's) with
+    --require-faster: the stage ships the same weights as weight-only int8 stored to fold at
+    load, which runs the float kernels, and says what it fell back from."""
+    import onnxsqueeze.bench
+
+    monkeypatch.setattr(onnxsqueeze.bench, "compare_latency", lambda *a, **k: 0.5)
+    proto = onnx.parser.parse_model(
+        """<ir_version: 8, opset_import: ["" : 13]>
+        g (float[4, 128] x) => (float[4, 64] y) { y = MatMul (x, w) }"""
+    )
+    w = RNG.standard_normal((128, 64)).astype(np.float32)
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(w, "w"))
+    data = [{"x": RNG.standard_normal((4, 128)).astype(np.float32)} for _ in range(16)]
+    config = QuantizeConfig(mode="static", check_latency=True, require_faster=True)
+    small, report = onnxsqueeze.squeeze(proto, data=data, quantize=config)
+    record = report.quantization
+    assert record["mode"] == "weights-int8" and record["applied"], record
+    assert record["fallback_from"].startswith("static (quantized model runs at 0.50x")
+    assert record["speed_basis"].startswith("the float graph")
+    assert [n.op_type for n in small.graph.node] == ["Cast", "Mul", "MatMul"]
