@@ -68,13 +68,13 @@ class QuantizeConfig:
     #: Samples of the data the budget is judged on.
     eval_samples: int = 32
 
-    @property
-    def weight_only(self) -> bool:
-        return self.mode.startswith("weights-")
-
     #: Weight-only storage (quantize-weights.format); auto: fold on the CPU, whose kernels
     #: take neither a DequantizeLinear'd weight nor MatMulNBits faster than float.
     weight_format: str = "auto"
+
+    @property
+    def weight_only(self) -> bool:
+        return self.mode.startswith("weights-")
 
 
 @dataclasses.dataclass
@@ -177,11 +177,8 @@ class _Stage:
 
     def _rounding(self, quantized: Sequence[str]) -> str:
         """How the shipped weights were rounded (the memo knows which went through GPTQ)."""
-        bits, block, memo = (
-            self._weights["bits"],
-            self._weights["block_size"],
-            self._weights["memo"],
-        )
+        bits, block = self._weights["bits"], self._weights["block_size"]
+        memo = self._weights["memo"]
         plain = "mse" if bits == 4 else "rtn"
         gptq = sum(1 for n in quantized if memo.get((n, bits, block), (0, 0, False))[2])
         others = len(quantized) - gptq

@@ -29,13 +29,7 @@ import onnx_ir as ir
 
 from onnxsqueeze.calib.gram import conv_key
 from onnxsqueeze.gptq import WeightRounder
-from onnxsqueeze.graphs import (
-    GraphLike,
-    all_value_names,
-    constant_array,
-    drop_if_unused,
-    scopes,
-)
+from onnxsqueeze.graphs import GraphLike, all_value_names, constant_array, drop_if_unused, scopes
 from onnxsqueeze.io import count_nodes
 from onnxsqueeze.nbits import to_gather_block_quantized, to_matmul_nbits
 from onnxsqueeze.qdq import QdqBuilder
