@@ -45,3 +45,22 @@ def run_ort(model: onnx.ModelProto | str | Path, feeds: dict) -> list:
 
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(source, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def weighted_model(
+    op: str, weight, x_shape: list[int], opset: int = 13, ir_version: int = 8, **attrs
+) -> onnx.ModelProto:
+    """``y = op(x, w)`` with the constant weight ``w`` (a Gather reads it as its table, with
+    int64 ids ``x``); shapes inferred."""
+    import onnx.numpy_helper
+
+    gather = op == "Gather"
+    x_type = onnx.TensorProto.INT64 if gather else onnx.TensorProto.FLOAT
+    x = onnx.helper.make_tensor_value_info("x", x_type, x_shape)
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    node = onnx.helper.make_node(op, ["w", "x"] if gather else ["x", "w"], ["y"], **attrs)
+    weights = [onnx.numpy_helper.from_array(weight, "w")]
+    graph = onnx.helper.make_graph([node], "g", [x], [y], weights)
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    proto.ir_version = ir_version
+    return onnx.shape_inference.infer_shapes(proto, strict_mode=True)

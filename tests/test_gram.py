@@ -10,24 +10,13 @@ import pytest
 from onnxsqueeze.calib.gram import _patches, conv_geometry, conv_key, gram_matrices
 from onnxsqueeze.passes.quantize_weights import QuantizeWeightsPass
 
-from conftest import run_ort
+from conftest import run_ort, weighted_model
 
 RNG = np.random.default_rng(11)
 
 
 def _conv(weight: np.ndarray, x_shape: list[int], **attrs) -> onnx.ModelProto:
-    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)
-    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
-    graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("Conv", ["x", "w"], ["y"], **attrs)],
-        "g",
-        [x],
-        [y],
-        [onnx.numpy_helper.from_array(weight, "w")],
-    )
-    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
-    proto.ir_version = 8
-    return proto
+    return weighted_model("Conv", weight, x_shape, **attrs)
 
 
 @pytest.mark.parametrize(

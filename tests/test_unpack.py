@@ -13,27 +13,15 @@ import pytest
 from onnxsqueeze.passes.quantize_weights import QuantizeWeightsPass
 from onnxsqueeze.qmath import dequantize_weight, quantize_weight
 
+from conftest import weighted_model
+
 RNG = np.random.default_rng(7)
 _ROUNDING = {4: "mse", 8: "rtn"}
 FOLD_OPS = {"Cast", "Mul", "Floor", "Sub", "Concat", "Reshape", "Slice"}
 
 
 def _model(op: str, weight: np.ndarray, opset: int, x_shape: list[int], **attrs):
-    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)
-    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
-    inputs = ["w", "x"] if op == "Gather" else ["x", "w"]
-    if op == "Gather":
-        x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.INT64, x_shape)
-    graph = onnx.helper.make_graph(
-        [onnx.helper.make_node(op, inputs, ["y"], **attrs)],
-        "g",
-        [x],
-        [y],
-        [onnx.numpy_helper.from_array(weight, "w")],
-    )
-    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
-    proto.ir_version = 7
-    return onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+    return weighted_model(op, weight, x_shape, opset, ir_version=7, **attrs)
 
 
 def _fold(proto: onnx.ModelProto, bits: int, block: int) -> tuple[onnx.ModelProto, dict]:
