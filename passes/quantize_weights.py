@@ -31,7 +31,7 @@ from onnxsqueeze.calib.gram import conv_key
 from onnxsqueeze.gptq import WeightRounder
 from onnxsqueeze.graphs import GraphLike, all_value_names, constant_array, drop_if_unused, scopes
 from onnxsqueeze.io import count_nodes
-from onnxsqueeze.nbits import to_gather_block_quantized, to_matmul_nbits
+from onnxsqueeze.nbits import NBitsBuilder
 from onnxsqueeze.qdq import QdqBuilder
 from onnxsqueeze.qmath import ROUNDINGS, QParams
 from onnxsqueeze.registry import SqueezePass, SqueezeResult
@@ -187,8 +187,8 @@ class QuantizeWeightsPass(SqueezePass):
         bits = self.options.bits
         block = self.options.block_size or DEFAULT_NBITS_BLOCK
         q, scales = self._round(node, table.T, bits, block)
-        args = (self._model, self._names, scope, node, q.T, scales.T, block, bits)
-        return table.nbytes, to_gather_block_quantized(*args)
+        builder = NBitsBuilder(self._model, self._names, bits, block)
+        return table.nbytes, builder.gather(scope, node, q.T, scales.T)
 
     def _to_dq(
         self, scope: GraphLike, node: ir.Node, kn: np.ndarray, trans_b: bool, index: int = 1
@@ -289,8 +289,8 @@ class QuantizeWeightsPass(SqueezePass):
         bits = self.options.bits
         block = self.options.block_size or DEFAULT_NBITS_BLOCK
         q, scales = self._round(node, kn, bits, block)
-        args = (self._model, self._names, scope, node, q, scales, block, bits)
-        return kn.nbytes, to_matmul_nbits(*args)
+        builder = NBitsBuilder(self._model, self._names, bits, block)
+        return kn.nbytes, builder.matmul(scope, node, q, scales)
 
 
 def _shared(weight: ir.Value, node: ir.Node) -> bool:

@@ -28,10 +28,16 @@ CONV_MARK = "#conv"
 
 
 class Geometry(NamedTuple):
+    channels: int
     kernel: tuple[int, ...]
     strides: tuple[int, ...]
     pads: tuple[int, ...]
     dilations: tuple[int, ...]
+
+    @property
+    def k(self) -> int:
+        """Length of one patch: the filters' input channels x kernel."""
+        return self.channels * int(np.prod(self.kernel))
 
 
 def conv_geometry(node: ir.Node) -> Geometry | None:
@@ -46,6 +52,7 @@ def conv_geometry(node: ir.Node) -> Geometry | None:
         return None
     spatial = weight.ndim - 2
     return Geometry(
+        weight.shape[1],
         tuple(weight.shape[2:]),
         tuple(attrs.get("strides", [1] * spatial)),
         tuple(attrs.get("pads", [0] * 2 * spatial)),
@@ -53,10 +60,10 @@ def conv_geometry(node: ir.Node) -> Geometry | None:
     )
 
 
-def conv_key(node: ir.Node) -> str | None:
+def conv_key(node: ir.Node, geometry: Geometry | None = None) -> str | None:
     """The Gram matrix key of a plain Conv: its input and the patch geometry (two Convs
     reading one tensor may cut different patches)."""
-    geometry = conv_geometry(node)
+    geometry = geometry or conv_geometry(node)
     if geometry is None or node.inputs[0] is None or not node.inputs[0].name:
         return None
     return f"{node.inputs[0].name}{CONV_MARK}{tuple(geometry)}"
@@ -65,7 +72,7 @@ def conv_key(node: ir.Node) -> str | None:
 def _patches(x: np.ndarray, geometry: Geometry) -> np.ndarray:
     """[rows, C * prod(kernel)] input patches in the filters' (c, k...) order, at most
     CONV_ROWS of them, evenly spaced."""
-    kernel, strides, pads, dilations = geometry
+    _, kernel, strides, pads, dilations = geometry
     spatial = len(kernel)
     x = np.pad(x, [(0, 0), (0, 0), *zip(pads[:spatial], pads[spatial:], strict=True)])
     span = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
@@ -83,9 +90,23 @@ def weighted_inputs(model: ir.Model) -> dict[str, int]:
     """Key -> K for each main-graph MatMul/Gemm with a constant 2-D weight (key: the
     activation's name; Gemm only without transA, whose rows are then samples) and each plain
     Conv (key: ``conv_key``)."""
-    found: dict[str, int] = {}
+    return {key: k for key, (k, _) in _sources(model).items()}
+
+
+def _sources(model: ir.Model) -> dict[str, tuple[int, Geometry | None]]:
+    """``weighted_inputs`` with each Conv's patch geometry (None: the activation's own rows);
+    every weight is read once."""
+    found: dict[str, tuple[int, Geometry | None]] = {}
     for node in model.graph:
-        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type == "Conv":
+            geometry = conv_geometry(node)
+            key = conv_key(node, geometry) if geometry is not None else None
+            if key and constant_array(node.inputs[0]) is None and geometry.k <= MAX_CHANNELS:
+                found[key] = (geometry.k, geometry)
+            continue
+        if node.op_type not in ("MatMul", "Gemm"):
             continue
         if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
             continue
@@ -99,14 +120,7 @@ def weighted_inputs(model: ir.Model) -> dict[str, int]:
         trans_b = node.attributes.get("transB")
         k = weight.shape[1] if trans_b is not None and trans_b.as_int() else weight.shape[0]
         if k <= MAX_CHANNELS:
-            found[x.name] = k
-    for node in model.graph:
-        key = conv_key(node)
-        if key is None or constant_array(node.inputs[0]) is not None:
-            continue
-        k = int(np.prod(constant_array(node.inputs[1]).shape[1:]))
-        if k <= MAX_CHANNELS:
-            found[key] = k
+            found[x.name] = (k, None)
     return found
 
 
@@ -120,7 +134,8 @@ def gram_matrices(
     (default: every ``weighted_inputs``), X = the activation with its last axis as channels."""
     from onnxsqueeze.runtime import Session
 
-    wanted = dict(weighted_inputs(model))
+    sources = _sources(model)
+    wanted = {key: k for key, (k, _) in sources.items()}
     if names is not None:
         wanted = {n: k for n, k in wanted.items() if n in set(names)}
     if not wanted:
@@ -138,7 +153,7 @@ def gram_matrices(
                 value.shape = None
                 clone.graph.outputs.append(value)
     session = Session(clone, providers)
-    geometries = {conv_key(n): conv_geometry(n) for n in model.graph if conv_key(n) in wanted}
+    geometries = {key: sources[key][1] for key in wanted if sources[key][1] is not None}
     grams = {n: np.zeros((k, k)) for n, k in wanted.items()}
     # Rows are pooled before each product: a sentence has a dozen rows, and a product per
     # sample would read and write the whole K x K sum for each (MiniLM: 36 s -> 2 s).
