@@ -273,6 +273,55 @@ def has_external_tensors(model: ir.Model) -> bool:
     return bool(external_data_files(model))
 
 
+#: Element types onnxruntime takes from numpy as they are (OrtValue.ortvalue_from_numpy).
+_PLAIN_DTYPES = frozenset(
+    getattr(ir.DataType, name)
+    for name in (
+        "FLOAT", "FLOAT16", "DOUBLE", "INT8", "INT16", "INT32", "INT64",
+        "UINT8", "UINT16", "UINT32", "UINT64", "BOOL",
+    )
+)  # fmt: skip
+PLACEHOLDER_LOCATION = "onnxsqueeze-detached-weight"
+
+
+@contextlib.contextmanager
+def weightless(model: ir.Model, min_bytes: int = 4096) -> Iterator[dict[str, Any]]:
+    """Within the block, the main graph's big in-memory weights are placeholders.
+
+    Each such initializer points at external data that does not exist; the block gets its
+    array by name. Serialising the model then copies no weights, which is most of the time
+    the checker and onnxruntime sessions cost on a large model (the session takes the arrays
+    through ``add_external_initializers``). The weights are back when the block ends.
+    """
+    detached: dict[str, Any] = {}
+    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    try:
+        for value in model.graph.initializers.values():
+            tensor = value.const_value
+            if (
+                tensor is None
+                or isinstance(tensor, ir.ExternalTensor)
+                or tensor.dtype not in _PLAIN_DTYPES
+                or tensor.nbytes < min_bytes
+                or not value.name
+            ):
+                continue
+            detached[value.name] = tensor.numpy()
+            swapped.append((value, tensor))
+            value.const_value = ir.ExternalTensor(
+                PLACEHOLDER_LOCATION,
+                0,
+                tensor.nbytes,
+                tensor.dtype,
+                shape=ir.Shape(tensor.shape),
+                name=value.name,
+            )
+        yield detached
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
+
+
 def release_weights(model: ir.Model) -> None:
     """Unmap memory-mapped weights so their pages leave the process (RSS)."""
     for graph in model.graphs():

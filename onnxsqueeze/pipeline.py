@@ -18,7 +18,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxsqueeze.errors import RuntimeSessionError, VerificationError
-from onnxsqueeze.io import has_external_tensors, initializer_bytes, model_stats
+from onnxsqueeze.io import has_external_tensors, initializer_bytes, model_stats, weightless
 from onnxsqueeze.registry import SqueezePass, SqueezeResult
 from onnxsqueeze.report import PassRecord, Report
 from onnxsqueeze.verify import LOSSLESS_RTOL, compare_runs
@@ -238,9 +238,12 @@ def structural_problem(model: ir.Model) -> str | None:
     if not has_external_tensors(model) and initializer_bytes(model) > 1_800_000_000:
         logger.info("structural check skipped: weights above 2 GB are held in memory")
         return None
-    proto = ir.serde.serialize_model(model)
+    # Big in-memory weights are checked as external data too: the checker then reads no
+    # weight bytes, which are most of its time on a large model.
+    with weightless(model) as detached:
+        proto = ir.serde.serialize_model(model)
     try:
-        if has_external_tensors(model):
+        if has_external_tensors(model) or detached:
             _check_with_stand_ins(proto)
         else:
             onnx.checker.check_model(proto)

@@ -159,10 +159,18 @@ def _make_reference(model: ir.Model) -> Any:
 def _make_session(model: ir.Model, options: Any, providers: list[str]) -> Any:
     import onnxruntime as ort
 
-    from onnxsqueeze.io import has_external_tensors, initializer_bytes
+    from onnxsqueeze.io import has_external_tensors, initializer_bytes, weightless
 
     if not has_external_tensors(model) and initializer_bytes(model) < INLINE_SESSION_LIMIT:
-        data = ir.serde.serialize_model(model).SerializeToString()
+        # The weights go over as arrays, not inside the serialised model: protobuf would
+        # copy each one twice (serialise, parse), onnxruntime copies them once.
+        with weightless(model) as detached:
+            data = ir.serde.serialize_model(model).SerializeToString()
+        if detached:
+            values = [
+                ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in detached.values()
+            ]
+            options.add_external_initializers(list(detached), values)
         return ort.InferenceSession(data, options, providers=providers)
     # Large or externally stored weights: write them next to a temporary model file;
     # onnxruntime maps them at creation, so the directory can go right after.

@@ -117,6 +117,19 @@ def test_dedup_only_hashes_same_shape_groups_and_handles_strings():
     assert tensor_digest(s1) != tensor_digest(s3)  # length-prefixed: "a","b" != "ab",""
 
 
+def test_dedup_tells_apart_tensors_alike_at_start_middle_and_end():
+    """Same-shape weights are first compared on samples; a difference elsewhere still keeps
+    them apart, and equal ones still merge."""
+    graph = ir.Graph([], [], nodes=[], name="g")
+    base = np.arange(4096, dtype=np.float32)
+    other = base.copy()
+    other[1000] = -1.0  # outside the sampled bytes
+    for name, data in (("a", base), ("b", other), ("c", base.copy()), ("d", base[::-1].copy())):
+        graph.register_initializer(ir.Value(name=name, const_value=ir.tensor(data, name=name)))
+    assert dedup_initializers(graph) == 1  # c merged into a; b and d differ
+    assert set(graph.initializers) == {"a", "b", "d"}
+
+
 def test_options_switch_parts_off(mlp):
     _, report = onnxsqueeze.squeeze(
         parse(MESSY), passes=[("cleanup", {"lift_constants": False, "dedup_initializers": False})]

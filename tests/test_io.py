@@ -169,3 +169,27 @@ def test_external_data_kept_and_forced(tmp_path, mlp):
     assert isinstance(reloaded.graph.initializers["W"].const_value, ir.ExternalTensor)
     small = save_model(load_model(mlp).model, tmp_path / "forced.onnx", external_data=False)
     assert not Path(str(small) + ".data").exists()
+
+
+def test_weightless_sessions_and_checks_see_the_same_model():
+    """Sessions and the structural check take big weights as detached arrays; the model is
+    whole again afterwards, results are unchanged and a broken graph is still reported."""
+    from conftest import weighted_model
+
+    from onnxsqueeze.io import weightless
+    from onnxsqueeze.pipeline import structural_problem
+    from onnxsqueeze.runtime import Session
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 48)).astype(np.float32)
+    model = ir.from_proto(weighted_model("MatMul", w, [3, 64]))
+    with weightless(model) as detached:
+        assert list(detached) == ["w"]
+        assert isinstance(model.graph.initializers["w"].const_value, ir.ExternalTensor)
+    assert not isinstance(model.graph.initializers["w"].const_value, ir.ExternalTensor)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    np.testing.assert_allclose(Session(model).run({"x": x})["y"], x @ w, rtol=1e-5, atol=1e-5)
+    assert structural_problem(model) is None
+    model.graph[0].attributes["bogus"] = ir.AttrInt64("bogus", 1)
+    assert structural_problem(model) is not None
+    np.testing.assert_array_equal(model.graph.initializers["w"].const_value.numpy(), w)
