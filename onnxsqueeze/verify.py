@@ -47,8 +47,12 @@ class Comparison:
     outputs: list[OutputMetrics]
     samples: int
 
-    def within(self, rtol: float = LOSSLESS_RTOL) -> bool:
-        return all(o.mismatch is None and o.max_rel <= rtol for o in self.outputs)
+    def within(self, rtol: float = LOSSLESS_RTOL, floor: Mapping[str, float] | None = None) -> bool:
+        """Every output within ``rtol`` of its scale, or within its absolute ``floor``."""
+        return all(
+            o.mismatch is None and (o.max_rel <= rtol or o.max_abs <= (floor or {}).get(o.name, -1))
+            for o in self.outputs
+        )
 
     @property
     def max_rel(self) -> float:

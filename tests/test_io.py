@@ -174,11 +174,11 @@ def test_external_data_kept_and_forced(tmp_path, mlp):
 def test_weightless_sessions_and_checks_see_the_same_model():
     """Sessions and the structural check take big weights as detached arrays; the model is
     whole again afterwards, results are unchanged and a broken graph is still reported."""
-    from conftest import weighted_model
-
     from onnxsqueeze.io import weightless
     from onnxsqueeze.pipeline import structural_problem
     from onnxsqueeze.runtime import Session
+
+    from conftest import weighted_model
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((64, 48)).astype(np.float32)

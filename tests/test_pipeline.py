@@ -154,3 +154,83 @@ def test_no_verify_reports_it(mlp):
     _, report = onnxsqueeze.squeeze(mlp, verify=False)
     assert report.verification_status == "skipped"
     assert any("verification disabled" in w for w in report.warnings)
+
+
+@dataclasses.dataclass(frozen=True)
+class _NudgeOpts:
+    factor: float = 1.0 + 1e-6
+    rtol: float | None = 1e-4  # None: an exact pass
+
+
+class NudgeWeightsPass(SqueezePass):
+    """Scales one weight, as a fusion that reassociates float math would move it."""
+
+    name = "nudge"
+    summary = "test only"
+    Options = _NudgeOpts
+
+    def call(self, model: ir.Model) -> SqueezeResult:
+        value = model.graph.initializers["w"]
+        value.const_value = ir.Tensor(value.const_value.numpy() * self.options.factor, name="w")
+        return SqueezeResult(model, modified=True)
+
+
+#: Two equal products subtracted: the output is 0, its scale is pure rounding noise.
+CANCELS = """
+<ir_version: 8, opset_import: ["" : 17]>
+cancels (float[2, 4] x) => (float[2, 3] y)
+<float[4, 3] w = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12},
+ float[4, 3] v = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}>
+{
+  a = MatMul(x, w)
+  b = MatMul(x, v)
+  y = Sub(a, b)
+}
+"""
+
+
+@pytest.mark.parametrize(
+    ("options", "applied"),
+    [
+        ({}, True),  # reassociating, change far below the floor
+        ({"rtol": None}, False),  # exact passes get no floor
+        ({"factor": 1.5}, False),  # a real change, far above the floor
+    ],
+)
+def test_noise_floor_only_admits_reassociation_at_rounding_scale(monkeypatch, options, applied):
+    """Where an output is ~0 on the probe feeds, a fusion's relative change is unbounded;
+    a reassociating pass is then held to what onnxruntime's own optimizer moves it."""
+    from onnxsqueeze.pipeline import Pipeline
+
+    from conftest import parse
+
+    monkeypatch.setattr(Pipeline, "_runtime_noise", lambda self: {"y": 1e-4})
+    _, report = onnxsqueeze.squeeze(
+        parse(CANCELS),
+        passes=[("nudge", options)],
+        registry=_registry(NudgeWeightsPass),
+    )
+    record = report.passes[0]
+    assert (record.status == "applied") is applied, record.reason
+    assert report.verification_status == "passed"
+    if applied:
+        assert record.verification["max_rel"] > 1e-4  # the relative bar alone would refuse
+        assert "optimizer" in record.verification["summary"]
+
+
+def test_runtime_noise_measures_onnxruntime_optimizations():
+    """The floor comes from running the original with onnxruntime's optimizations on the
+    probe feeds: one finite amount per output, measured only when asked for."""
+    from onnxsqueeze.pipeline import Pipeline
+
+    from conftest import parse
+
+    rng = np.random.default_rng(0)
+    model = ir.from_proto(parse(CANCELS))
+    feeds = [{"x": rng.standard_normal((2, 4)).astype(np.float32)}]
+    pipeline = Pipeline([], feeds=feeds)
+    _, report = pipeline.run(model)
+    assert pipeline._noise is None  # no pass needed it
+    noise = pipeline._runtime_noise()
+    assert set(noise) == {"y"} and 0 <= noise["y"] < 1e-3
+    assert report.verification_status == "passed"
