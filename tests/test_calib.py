@@ -434,3 +434,102 @@ def test_values_inside_if_branches_are_calibrated_through_the_if():
         assert result.range("ey") == pytest.approx((-4.0, 1.0))  # -x of the second
         assert not result.skipped
     assert onnx.printer.to_text(ir.serde.serialize_model(model)) == before
+
+
+# ---------------------------------------------------------------------------- stacking
+
+
+def _count_runs(monkeypatch) -> list[int]:
+    """Rows fed to onnxruntime per calibration run (first input's axis 0)."""
+    from onnxsqueeze.calib import collector
+
+    rows: list[int] = []
+    original = collector._Renamed.run
+
+    def run(self, feed):
+        rows.append(len(next(iter(feed.values()))))
+        return original(self, feed)
+
+    monkeypatch.setattr(collector._Renamed, "run", run)
+    return rows
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_stacked_samples_give_the_statistics_of_one_run_each(monkeypatch, method):
+    """Samples of one shape go through onnxruntime several at a time once two of them were
+    shown to give the same extremes stacked; the statistics equal one run per sample."""
+    from onnxsqueeze.calib import stacking
+
+    batches = _digits_batches(12, size=5)
+    rows = _count_runs(monkeypatch)
+    Collector(ir.load(DIGITS), CollectOptions(method=method)).collect(batches)
+    # by default only histograms stack: min/max ranges stay bit-identical to one run each
+    assert (max(rows) > 5) is (method != "minmax")
+    rows.clear()
+    options = CollectOptions(method=method, stack=True)
+    stacked = Collector(ir.load(DIGITS), options).collect(batches)
+    assert max(rows) > 5  # several samples in one run
+    monkeypatch.setattr(stacking, "MAX_STACK", 1)
+    rows.clear()
+    single = Collector(ir.load(DIGITS), CollectOptions(method=method)).collect(batches)
+    assert max(rows) == 5 and stacked.samples == single.samples == 12
+    for name, obs in single.observers.items():
+        other = stacked.observers[name]
+        assert (other.lo, other.hi) == pytest.approx((obs.lo, obs.hi), rel=1e-6), name
+        if method == "percentile":
+            assert other.finite == obs.finite
+            assert np.abs(other.counts.astype(np.int64) - obs.counts).sum() <= 1e-4 * obs.finite
+
+
+def test_models_that_mix_samples_are_calibrated_one_sample_per_run(monkeypatch):
+    """A Reshape that folds the batch into one row makes Softmax compare values of different
+    samples: stacked, the statistics would change, so the check keeps one run per sample."""
+    from conftest import parse
+
+    model = ir.serde.deserialize_model(
+        parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 4] x) => (float[1, M] y)
+        <int64[2] shape = {1, -1}>
+        { r = Reshape(x, shape)  y = Softmax<axis = -1>(r) }
+        """)
+    )
+    rng = np.random.default_rng(0)
+    batches = [{"x": rng.standard_normal((1, 4)).astype(np.float32)} for _ in range(6)]
+    rows = _count_runs(monkeypatch)
+    collector = Collector(model, CollectOptions(method="minmax", stack=True))
+    result = collector.collect(batches)
+    assert collector._stacks_agree is False
+    assert rows.count(1) >= 6 and result.samples == 6
+    softmax = [np.exp(b["x"]) / np.exp(b["x"]).sum() for b in batches]
+    expected = (min(s.min() for s in softmax), max(s.max() for s in softmax))
+    assert (result.observers["y"].lo, result.observers["y"].hi) == pytest.approx(expected, rel=1e-6)
+
+
+def test_fixed_batch_inputs_and_shape_changes_are_not_stacked(monkeypatch):
+    from conftest import parse
+
+    fixed = ir.serde.deserialize_model(
+        parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 4] x) => (float[1, 4] y) { y = Relu(x) }
+        """)
+    )
+    rng = np.random.default_rng(0)
+    rows = _count_runs(monkeypatch)
+    Collector(fixed, CollectOptions(method="minmax", stack=True)).collect(
+        [{"x": rng.standard_normal((1, 4)).astype(np.float32)} for _ in range(4)]
+    )
+    assert rows == [1, 1, 1, 1]
+    free = ir.serde.deserialize_model(
+        parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, L] x) => (float[N, L] y) { y = Relu(x) }
+        """)
+    )
+    rows.clear()
+    lengths = [3, 3, 3, 5, 5, 3]  # variable sequence length: stacks of one length each
+    result = Collector(free, CollectOptions(method="minmax", stack=True)).collect(
+        [{"x": rng.standard_normal((1, n)).astype(np.float32)} for n in lengths]
+    )
+    assert result.samples == 6 and max(rows) == 3 and sum(rows) >= 6

@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from onnxsqueeze.calib import stacking
 from onnxsqueeze.calib.cache import Calibration
 from onnxsqueeze.calib.expose import branch_chain, expose
-from onnxsqueeze.calib.observers import DEFAULT_BINS, Observer, observer_for
+from onnxsqueeze.calib.observers import DEFAULT_BINS, HISTOGRAM_METHODS, Observer, observer_for
 from onnxsqueeze.errors import CalibrationDataError, CalibrationError
 from onnxsqueeze.graphs import all_value_names
 from onnxsqueeze.shapes import inferred_shapes, static_shape
@@ -51,6 +52,10 @@ class CollectOptions:
     op_types: tuple[str, ...] | None = None
     providers: tuple[str, ...] = ("cpu",)
     max_exposed_bytes: int = MAX_EXPOSED_BYTES
+    #: Several samples per onnxruntime run where that gives the same statistics (see
+    #: calib.stacking). None: for histogram methods only, so min/max ranges stay exactly
+    #: those of one run per sample (onnxruntime's calibrators), bit for bit.
+    stack: bool | None = None
 
 
 def select_tensors(
@@ -134,6 +139,10 @@ class Collector:
         self._sessions: list[tuple[Any, list[str], list[str]]] | None = None
         self._aliases: dict[str, str] = {}
         self._pool: ThreadPoolExecutor | None = None
+        #: Samples per run, chosen at the first sample; whether stacking was checked to
+        #: give the same statistics (None: not checked yet).
+        self._stack = 1
+        self._stacks_agree: bool | None = None
 
     def new_observer(self) -> Observer:
         return observer_for(self.options.method, self.options.bins)
@@ -149,27 +158,28 @@ class Collector:
         """Update (or start) a Calibration with every sample of ``feeds``."""
         result = into or Calibration(inputs=self.inputs)
         observers = result.observers
-        input_names = set(self.inputs)
         done = 0
+        pending: list[Mapping[str, np.ndarray]] = []
         for feed in feeds:
             if self._sessions is None:
                 self._prepare(feed)
-            if not done:
+            if not done and not pending:
                 result.skipped.update(self.skipped)
                 for name in self.tensors:
                     if name not in observers:
                         observers[name] = self.new_observer()
-            for name, array in feed.items():
-                if name in input_names and name in observers:
-                    observers[name].update(array)
-            for session, full, reduced in list(self._sessions or []):
-                outputs = session.run(feed)
-                self._update(observers, full, outputs)
-                flagged = self._update_reduced(observers, reduced, outputs)
-                del outputs
-                if flagged:
-                    self._expose_fully(flagged, feed, observers)
-            done += 1
+                self._stack = self._stack_size(feed, observers)
+            if pending and (
+                len(pending) >= self._stack
+                or stacking.signature(feed) != stacking.signature(pending[0])
+            ):
+                done += self._observe(pending, observers)
+                pending = []
+                if progress is not None:
+                    progress(done, total)
+            pending.append(feed)
+        if pending:
+            done += self._observe(pending, observers)
             if progress is not None:
                 progress(done, total)
         for alias, source in self._aliases.items():
@@ -181,6 +191,82 @@ class Collector:
             raise CalibrationDataError("calibration data holds no samples")
         result.samples += done
         return result
+
+    def _observe(
+        self, feeds: list[Mapping[str, np.ndarray]], observers: Mapping[str, Observer]
+    ) -> int:
+        """Update the observers with samples of one signature: stacked into one run once
+        stacking has been shown to give the same statistics, else one run each."""
+        if len(feeds) > 1 and self._stacks_agree is None:
+            self._stacks_agree = self._check_stacking(feeds[:2])
+        if len(feeds) > 1 and not self._stacks_agree:
+            self._stack = 1
+            for feed in feeds:
+                self._observe([feed], observers)
+            return len(feeds)
+        feed = feeds[0] if len(feeds) == 1 else stacking.stack(feeds)
+        for name, array in feed.items():
+            if name in self.inputs and name in observers:
+                observers[name].update(array)
+        for session, full, reduced in list(self._sessions or []):
+            outputs = session.run(feed)
+            self._update(observers, full, outputs)
+            flagged = self._update_reduced(observers, reduced, outputs)
+            del outputs
+            if flagged:
+                self._expose_fully(flagged, feed, observers)
+        return len(feeds)
+
+    def _stack_size(self, feed: Mapping[str, np.ndarray], observers: Mapping[str, Observer]) -> int:
+        """How many samples one run may take (1: stacking cannot apply to this model)."""
+        wanted = self.options.stack
+        if wanted is None:
+            wanted = self.options.method in HISTOGRAM_METHODS
+        if (
+            not wanted
+            or stacking.signature(feed) is None
+            or not stacking.batch_axis_is_free(self.model, list(feed))
+            or any(getattr(o, "averaging", None) for o in observers.values())
+        ):
+            return 1
+        known = [size for size in self._sizes.values() if size is not None]
+        fallback = max(known, default=0)
+        sample = sum(size or fallback for size in self._sizes.values())
+        exposed = max(
+            (
+                sum(self._sizes.get(n) or fallback for n in full)
+                for _, full, _ in self._sessions or []
+            ),
+            default=0,
+        )
+        return stacking.stack_size(sample, exposed, self.options.max_exposed_bytes)
+
+    def _check_stacking(self, feeds: list[Mapping[str, np.ndarray]]) -> bool:
+        """Run two samples alone and stacked; stacking holds if nothing differs."""
+        singles = [self._extremes(feed) for feed in feeds]
+        reason = stacking.disagreement(singles, self._extremes(stacking.stack(feeds)))
+        if reason:
+            logger.info("calibration: one sample per run (stacking changes values: %s)", reason)
+        return reason is None
+
+    def _extremes(
+        self, feed: Mapping[str, np.ndarray]
+    ) -> tuple[dict[str, tuple[float, float]], dict[str, Any]]:
+        """Every calibrated tensor's finite extremes and the model outputs for one feed."""
+        ranges: dict[str, tuple[float, float]] = {}
+        outputs: dict[str, Any] = {}
+        wanted = {v.name for v in self.model.graph.outputs}
+        for session, full, reduced in self._sessions or []:
+            results = session.run(feed)
+            for name in full:
+                ranges[name] = stacking.extremes(results[name])
+            for name in reduced:
+                ranges[name] = (
+                    float(results[name + MIN_SUFFIX]),
+                    float(results[name + MAX_SUFFIX]),
+                )
+            outputs.update({k: v for k, v in results.items() if k in wanted})
+        return ranges, outputs
 
     def _update(
         self, observers: Mapping[str, Observer], names: Sequence[str], outputs: Mapping[str, Any]
