@@ -210,6 +210,13 @@ class HistogramObserver(Observer):
     def update(self, array: Any) -> None:
         flat = _flat(array)
         s = self._stats
+        if self.t == 0:
+            # First values: size the grid from their extremes (a vectorised pass) before
+            # binning, instead of binning nothing and then every value out of grid
+            # (bin_outside, ~10x slower per value).
+            kernels.minmax(flat, s)
+            if s[kernels.FINITE]:
+                self._grow(_power_of_two_above(max(-s[kernels.MIN], s[kernels.MAX])))
         kernels.scan(flat, self.counts, self.t, s)
         finite = self._count_nonfinite(s)
         if finite == 0:
