@@ -201,8 +201,9 @@ def calibrate(
     to the observers' DEFAULT_BINS (fine enough to match onnxruntime's percentile bins).
     """
     from onnxsqueeze.calib.cache import Calibration
-    from onnxsqueeze.calib.collector import CollectOptions, Collector, feed_names, select_tensors
+    from onnxsqueeze.calib.collector import CollectOptions, Collector
     from onnxsqueeze.calib.observers import DEFAULT_BINS, HISTOGRAM_METHODS, METHODS
+    from onnxsqueeze.calib.tensors import feed_names, select_tensors
     from onnxsqueeze.data import iter_feeds
     from onnxsqueeze.errors import CalibrationError, PipelineConfigError
     from onnxsqueeze.io import load_model

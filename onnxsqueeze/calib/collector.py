@@ -4,8 +4,9 @@ The tensors are exposed as extra outputs of an in-memory copy of the model (noth
 written next to the user's files). When exposing all of them at once would hold more than
 ``max_exposed_bytes`` per run (estimated from shapes inferred at the first sample's input
 sizes), they are split into groups and each group gets its own session: every tensor still
-sees every sample, at the price of one extra run per group. Each sample is released as soon
-as its outputs have updated the observers, so memory does not grow with the sample count.
+sees every sample, at the price of one extra run per group. Samples of one shape may share a
+run (``stacking``). A run's outputs are released once they have updated the observers, so
+memory does not grow with the sample count. Which tensors are observed: ``calib.tensors``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -26,21 +27,24 @@ from onnxsqueeze.calib import stacking
 from onnxsqueeze.calib.cache import Calibration
 from onnxsqueeze.calib.expose import branch_chain, expose
 from onnxsqueeze.calib.observers import DEFAULT_BINS, HISTOGRAM_METHODS, Observer, observer_for
+from onnxsqueeze.calib.tensors import (
+    feed_names,
+    produced_values,
+    same_values,
+    select_inferred,
+    static_nbytes,
+)
 from onnxsqueeze.errors import CalibrationDataError, CalibrationError
 from onnxsqueeze.graphs import all_value_names
-from onnxsqueeze.shapes import inferred_shapes, static_shape
+from onnxsqueeze.shapes import inferred_shapes
 
 logger = logging.getLogger(__name__)
 
 MIN_SUFFIX, MAX_SUFFIX, SIZE_SUFFIX = "::onnxsqueeze.min", "::onnxsqueeze.max", "::onnxsqueeze.size"
-FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
 #: Below this many values per sample, threads cost more than they save.
 PARALLEL_ELEMENTS = 1 << 20
 #: Default bound on the intermediate tensors one run may hand back (bytes).
 MAX_EXPOSED_BYTES = 1 << 30
-#: Ops whose output holds exactly the values of their first input, rearranged: its
-#: statistics are a copy of the input's, so it is neither exposed nor observed.
-SAME_VALUES_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
 
 Progress = Callable[[int, int | None], None]
 
@@ -56,66 +60,6 @@ class CollectOptions:
     #: calib.stacking). None: for histogram methods only, so min/max ranges stay exactly
     #: those of one run per sample (onnxruntime's calibrators), bit for bit.
     stack: bool | None = None
-
-
-def select_tensors(
-    model: ir.Model, op_types: Sequence[str] | None = None
-) -> tuple[list[str], dict[str, str]]:
-    """Float activations worth calibrating (main graph), and the ones left out with why."""
-    with inferred_shapes(model):
-        return _select(model, op_types)
-
-
-def _select(model: ir.Model, op_types: Sequence[str] | None) -> tuple[list[str], dict[str, str]]:
-    """As select_tensors, on a model whose types are already inferred.
-
-    Constants are weights, not activations. Values inside If branches are brought out
-    through their Ifs (``expose``); values inside Loop/Scan bodies cannot be, so they are
-    reported rather than silently ignored.
-    """
-    chosen: dict[str, None] = {}
-    skipped: dict[str, str] = {}
-    graph = model.graph
-    for value in graph.inputs:
-        constant = value.const_value is not None or value.name in graph.initializers
-        if not constant and value.dtype in FLOAT_TYPES and not op_types:
-            chosen[value.name] = None
-    for node in graph:
-        if op_types and node.op_type not in op_types:
-            continue
-        for value in (*node.inputs, *node.outputs):
-            if value is None or not value.name or value.name in chosen:
-                continue
-            if value.const_value is not None or value.name in graph.initializers:
-                continue
-            producer = value.producer()
-            if producer is not None and producer.op_type == "Constant":
-                continue
-            if value.dtype in FLOAT_TYPES:
-                chosen[value.name] = None
-            elif value.dtype is None:
-                skipped[value.name] = "type unknown after shape inference"
-    branches = branch_chain(model)
-    for sub in model.graphs():
-        if sub is graph:
-            continue
-        for node in sub:
-            for value in node.outputs:
-                if not value.name:
-                    continue
-                if sub not in branches:
-                    skipped[value.name] = "inside a Loop/Scan body (per-iteration values)"
-                elif (
-                    op_types
-                    and node.op_type not in op_types
-                    and not any(user.op_type in op_types for user, _ in value.uses())
-                ):
-                    continue
-                elif value.dtype in FLOAT_TYPES and node.op_type != "Constant":
-                    chosen[value.name] = None
-                elif value.dtype is None:
-                    skipped[value.name] = "type unknown after shape inference"
-    return list(chosen), skipped
 
 
 class Collector:
@@ -159,55 +103,65 @@ class Collector:
         result = into or Calibration(inputs=self.inputs)
         observers = result.observers
         done = 0
-        pending: list[Mapping[str, np.ndarray]] = []
-        for feed in feeds:
-            if self._sessions is None:
-                self._prepare(feed)
-            if not done and not pending:
-                result.skipped.update(self.skipped)
-                for name in self.tensors:
-                    if name not in observers:
-                        observers[name] = self.new_observer()
-                self._stack = self._stack_size(feed, observers)
-            if pending and (
-                len(pending) >= self._stack
-                or stacking.signature(feed) != stacking.signature(pending[0])
-            ):
-                done += self._observe(pending, observers)
-                pending = []
+        try:
+            for feed, count in self._runs(feeds, result):
+                self._observe(feed, observers)
+                done += count
                 if progress is not None:
                     progress(done, total)
-            pending.append(feed)
-        if pending:
-            done += self._observe(pending, observers)
-            if progress is not None:
-                progress(done, total)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
         for alias, source in self._aliases.items():
             observers[alias] = copy.deepcopy(observers[source])
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
         if done == 0:
             raise CalibrationDataError("calibration data holds no samples")
         result.samples += done
         return result
 
-    def _observe(
-        self, feeds: list[Mapping[str, np.ndarray]], observers: Mapping[str, Observer]
-    ) -> int:
-        """Update the observers with samples of one signature: stacked into one run once
-        stacking has been shown to give the same statistics, else one run each."""
+    def _runs(
+        self, feeds: Iterable[Mapping[str, np.ndarray]], result: Calibration
+    ) -> Iterator[tuple[Mapping[str, np.ndarray], int]]:
+        """The feed of each onnxruntime run and its sample count: samples of one signature
+        stacked (once stacking has been shown to give the same statistics), else one each."""
+        pending: list[Mapping[str, np.ndarray]] = []
+        first = True
+        for feed in feeds:
+            if self._sessions is None:
+                self._prepare(feed)
+            if first:
+                first = False
+                result.skipped.update(self.skipped)
+                for name in self.tensors:
+                    if name not in result.observers:
+                        result.observers[name] = self.new_observer()
+                self._stack = self._stack_size(feed, result.observers)
+            if pending and (
+                len(pending) >= self._stack
+                or stacking.signature(feed) != stacking.signature(pending[0])
+            ):
+                yield from self._stacked(pending)
+                pending = []
+            pending.append(feed)
+        if pending:
+            yield from self._stacked(pending)
+
+    def _stacked(
+        self, feeds: list[Mapping[str, np.ndarray]]
+    ) -> Iterator[tuple[Mapping[str, np.ndarray], int]]:
         if len(feeds) > 1 and self._stacks_agree is None:
             self._stacks_agree = self._check_stacking(feeds[:2])
-        if len(feeds) > 1 and not self._stacks_agree:
+        if len(feeds) == 1 or not self._stacks_agree:
             self._stack = 1
-            for feed in feeds:
-                self._observe([feed], observers)
-            return len(feeds)
-        feed = feeds[0] if len(feeds) == 1 else stacking.stack(feeds)
-        for name, array in feed.items():
-            if name in self.inputs and name in observers:
-                observers[name].update(array)
+            yield from ((feed, 1) for feed in feeds)
+        else:
+            yield stacking.stack(feeds), len(feeds)
+
+    def _observe(self, feed: Mapping[str, np.ndarray], observers: Mapping[str, Observer]) -> None:
+        """One run per tensor group, each group's outputs released before the next group
+        runs (what bounds memory when the tensors are split into groups)."""
+        self._update_inputs(feed, observers)
         for session, full, reduced in list(self._sessions or []):
             outputs = session.run(feed)
             self._update(observers, full, outputs)
@@ -215,31 +169,36 @@ class Collector:
             del outputs
             if flagged:
                 self._expose_fully(flagged, feed, observers)
-        return len(feeds)
+
+    def _update_inputs(
+        self, feed: Mapping[str, np.ndarray], observers: Mapping[str, Observer]
+    ) -> None:
+        for name, array in feed.items():
+            if name in self.inputs and name in observers:
+                observers[name].update(array)
 
     def _stack_size(self, feed: Mapping[str, np.ndarray], observers: Mapping[str, Observer]) -> int:
         """How many samples one run may take (1: stacking cannot apply to this model)."""
-        wanted = self.options.stack
-        if wanted is None:
-            wanted = self.options.method in HISTOGRAM_METHODS
-        if (
-            not wanted
-            or stacking.signature(feed) is None
-            or not stacking.batch_axis_is_free(self.model, list(feed))
-            or any(getattr(o, "averaging", None) for o in observers.values())
-        ):
-            return 1
         known = [size for size in self._sizes.values() if size is not None]
         fallback = max(known, default=0)
         sample = sum(size or fallback for size in self._sizes.values())
+        sessions = self._sessions or []
         exposed = max(
-            (
-                sum(self._sizes.get(n) or fallback for n in full)
-                for _, full, _ in self._sessions or []
-            ),
+            (sum(self._sizes.get(n) or fallback for n in full) for _, full, _ in sessions),
             default=0,
         )
-        return stacking.stack_size(sample, exposed, self.options.max_exposed_bytes)
+        wanted = self.options.stack
+        if wanted is None:
+            wanted = self.options.method in HISTOGRAM_METHODS
+        stack = 1
+        if (
+            wanted
+            and stacking.signature(feed) is not None
+            and stacking.batch_axis_is_free(self.model, list(feed))
+            and not any(getattr(o, "averaging", None) for o in observers.values())
+        ):
+            stack = stacking.stack_size(sample, exposed, self.options.max_exposed_bytes)
+        return stack
 
     def _check_stacking(self, feeds: list[Mapping[str, np.ndarray]]) -> bool:
         """Run two samples alone and stacked; stacking holds if nothing differs."""
@@ -307,10 +266,10 @@ class Collector:
                 value.shape = ir.Shape(np.shape(feed[value.name]))
         with inferred_shapes(clone):
             if not self._given:
-                self.tensors, self.skipped = _select(clone, self.options.op_types)
-            produced = _produced(clone)
+                self.tensors, self.skipped = select_inferred(clone, self.options.op_types)
+            produced = produced_values(clone)
             self._types = {n: produced[n].type for n in self.tensors if n in produced}
-            self._sizes = {n: _nbytes(produced[n]) for n in self._types}
+            self._sizes = {n: static_nbytes(produced[n]) for n in self._types}
             self._nested = {n for n in self._types if produced[n].graph is not clone.graph}
         unknown = [n for n in self.tensors if n not in produced and n not in self.inputs]
         if unknown:
@@ -362,7 +321,7 @@ class Collector:
         from onnxsqueeze.runtime import Session
 
         clone = self.model.clone()
-        produced = _produced(clone)
+        produced = produced_values(clone)
         chain = branch_chain(clone)
         names = all_value_names(clone)
         renamed = {}
@@ -464,35 +423,3 @@ class _Renamed:
         for exposed, name in self.renamed.items():
             outputs[name] = outputs.pop(exposed)
         return outputs
-
-
-def same_values(model: ir.Model, names: set[str]) -> dict[str, str]:
-    """Tensors among ``names`` whose values are those of another tensor among them
-    (Reshape/Transpose/... chains in the main graph), mapped to that tensor."""
-    aliases: dict[str, str] = {}
-    for node in model.graph:  # topological: a chain resolves to its first tensor
-        if node.op_type not in SAME_VALUES_OPS or not node.inputs or node.inputs[0] is None:
-            continue
-        out, source = node.outputs[0].name, node.inputs[0].name
-        source = aliases.get(source, source)
-        if out in names and source in names and out != source:
-            aliases[out] = source
-    return aliases
-
-
-def _produced(model: ir.Model) -> dict[str, ir.Value]:
-    """Node outputs by name in the main graph and in If branches reachable through Ifs."""
-    graphs = [model.graph, *branch_chain(model)]
-    return {v.name: v for graph in graphs for node in graph for v in node.outputs if v.name}
-
-
-def _nbytes(value: ir.Value) -> int | None:
-    shape = static_shape(value)
-    if shape is None or value.dtype is None:
-        return None
-    return int(np.prod(shape, dtype=np.int64)) * value.dtype.itemsize
-
-
-def feed_names(model: ir.Model) -> list[str]:
-    """Graph inputs a caller feeds (an initializer listed as input has its default)."""
-    return [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
