@@ -24,13 +24,24 @@ class Budget:
     min_cosine: float | None = None
     #: Smallest share of samples whose argmax (last axis) agrees, on outputs with classes.
     min_top1_agreement: float | None = None
+    #: As min_top1_agreement, on outputs whose every reference sample is a probability
+    #: distribution over its last axis (softmax class scores) only: a classifier's answers.
+    #: The default budget sets it, because a cosine near 1 can hide changed answers where
+    #: the top two classes are close.
+    min_class_agreement: float | None = None
     metric: Callable[[Outputs, Outputs], float] | None = None
     min_metric: float | None = None
 
     def is_set(self) -> bool:
         return any(
             v is not None
-            for v in (self.max_error, self.min_cosine, self.min_top1_agreement, self.min_metric)
+            for v in (
+                self.max_error,
+                self.min_cosine,
+                self.min_top1_agreement,
+                self.min_class_agreement,
+                self.min_metric,
+            )
         )
 
     def check(
@@ -50,6 +61,17 @@ class Budget:
             value = min(top1) if top1 else 1.0
             ok &= value >= self.min_top1_agreement
             parts.append(f"top-1 agreement {value:.4f} (min {self.min_top1_agreement:g})")
+        if self.min_class_agreement is not None:
+            classes = [
+                o.top1_agreement
+                for o in comparison.outputs
+                if o.distribution and o.top1_agreement is not None
+            ]
+            if classes:
+                ok &= min(classes) >= self.min_class_agreement
+                parts.append(
+                    f"class agreement {min(classes):.4f} (min {self.min_class_agreement:g})"
+                )
         if self.metric is not None and self.min_metric is not None:
             score = float(self.metric(reference, candidate))
             ok &= score >= self.min_metric
@@ -60,4 +82,5 @@ class Budget:
 
 
 #: What ``onnxsqueeze model.onnx -o small.onnx`` holds a quantized model to.
-DEFAULT_BUDGET = Budget(min_cosine=0.99)
+#: Classifiers also keep 99 % of their answers.
+DEFAULT_BUDGET = Budget(min_cosine=0.99, min_class_agreement=0.99)

@@ -80,7 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quant.add_argument("--max-error", type=float, metavar="X", help="max abs output error")
     quant.add_argument(
-        "--min-cosine", type=float, metavar="C", help="min mean output cosine (default 0.99)"
+        "--min-cosine",
+        type=float,
+        metavar="C",
+        help="min mean output cosine (default budget: 0.99, and 0.99 top-1 agreement on "
+        "softmax-like class outputs)",
     )
     quant.add_argument(
         "--min-top1-agreement", type=float, metavar="A", help="min argmax agreement, 0..1"

@@ -295,10 +295,9 @@ def test_top1_budget_on_too_few_samples_is_flagged():
     assert any("judged on 1 samples" in w for w in report.warnings), report.warnings
 
 
-def test_changed_answers_of_a_classifier_are_reported_even_within_the_budget():
-    """Where two classes nearly tie, int8 weights flip the top class on about half the samples
-    while the probabilities keep a cosine near 1: within the default budget, so shipped, but
-    the report names the output and how often its answer changed."""
+def _near_tie_classifier() -> tuple[onnx.ModelProto, list[dict]]:
+    """Two classes nearly tie on every sample: int8 weights flip the top class on about half
+    of them while the probabilities keep a cosine near 1."""
     rng = np.random.default_rng(5)
     proto = onnx.parser.parse_model(
         """<ir_version: 8, opset_import: ["" : 13]>
@@ -315,8 +314,26 @@ def test_changed_answers_of_a_classifier_are_reported_even_within_the_budget():
         x += (rng.choice([-1.0, 1.0]) * 1e-4 - x @ tie) * tie  # ...tied up to a hair
         return {"x": x[None].astype(np.float32)}
 
-    data = [sample() for _ in range(32)]
+    return proto, [sample() for _ in range(32)]
+
+
+def test_the_default_budget_keeps_a_classifiers_answers():
+    """The default budget holds softmax-like outputs to 99 % top-1 agreement too: a cosine
+    near 1 does not let int8 change half of a classifier's answers."""
+    proto, data = _near_tie_classifier()
     small, report = onnxsqueeze.squeeze(proto, data=data, quantize="weights-int8")
+    record = report.quantization
+    assert not record["applied"], record
+    assert "class agreement" in record["reason"], record
+    assert [n.op_type for n in small.graph.node] == ["MatMul", "Softmax"]
+
+
+def test_changed_answers_of_a_classifier_are_reported_even_within_the_budget():
+    """A budget the user set without a top-1 limit ships the flips, and the report names
+    the output and how often its answer changed."""
+    proto, data = _near_tie_classifier()
+    config = QuantizeConfig(mode="weights-int8", budget=Budget(min_cosine=0.99))
+    small, report = onnxsqueeze.squeeze(proto, data=data, quantize=config)
     record = report.quantization
     assert record["applied"] and record["min_cosine"] > 0.99, record
     assert 0.2 < record["top1_agreement"]["y"] < 0.9
@@ -333,6 +350,12 @@ def test_only_probability_outputs_count_as_class_scores():
     by_name = {o.name: o for o in comparison.outputs}
     assert by_name["p"].distribution and by_name["p"].top1_agreement == 0.5
     assert by_name["e"].distribution is False
+    # the class limit reads class-score outputs only: an embedding's argmax is no answer
+    limit = Budget(min_class_agreement=0.99)
+    met, summary = limit.check(comparison, [], [])
+    assert not met and "class agreement 0.5000" in summary
+    only_embedding = compare_runs([{"e": embedding}], [{"e": embedding[:, ::-1].copy()}])
+    assert limit.check(only_embedding, [], [])[0]
 
 
 def test_require_faster_falls_back_to_the_faster_format(monkeypatch):
