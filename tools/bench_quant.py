@@ -222,7 +222,7 @@ def render(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
         "this one's, batch 1, default session, timed alternately in the same window. "
         "ORT static = QDQ, uint8 activations, int8 per-channel weights. onnxsqueeze auto = the "
         "CLI default with --data (static int8, dynamic int8 and weight-only int8, each under "
-        "the default budget of mean cosine >= 0.99 on the calibration data; the fastest not "
+        "the default budget of mean cosine >= 0.99 and, on softmax outputs, top-1 agreement >= 0.99 on the calibration data; the fastest not "
         "slower than float, speed ties within 5 % going to the smaller); onnxsqueeze static = same budget, no "
         "speed requirement; static top-1 = budget of >= 99 % argmax agreement on the calibration "
         "data (per position for rec); dynamic = default budget, no speed requirement; "
