@@ -152,10 +152,10 @@ def dedup_initializers(graph: ir.Graph) -> int:
         if len(values) < 2:
             continue
         seen: dict[bytes, ir.Value] = {}
-        samples = Counter(_sample(v.const_value) for v in values)
-        for value in values:
-            sample = _sample(value.const_value)
-            if sample is not None and samples[sample] < 2:
+        samples = [_sample(v.const_value) for v in values]
+        alike = Counter(samples)
+        for value, sample in zip(values, samples, strict=True):
+            if sample is not None and alike[sample] < 2:
                 continue  # no other tensor starts, middles and ends alike: no need to hash
             digest = tensor_digest(value.const_value)
             keep = seen.setdefault(digest, value)

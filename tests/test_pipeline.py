@@ -228,9 +228,9 @@ def test_runtime_noise_measures_onnxruntime_optimizations():
     rng = np.random.default_rng(0)
     model = ir.from_proto(parse(CANCELS))
     feeds = [{"x": rng.standard_normal((2, 4)).astype(np.float32)}]
-    pipeline = Pipeline([], feeds=feeds)
+    pipeline = Pipeline([NudgeWeightsPass(factor=1.0)], feeds=feeds)  # may reassociate
     _, report = pipeline.run(model)
-    assert pipeline._noise is None  # no pass needed it
+    assert pipeline._noise is None  # the relative bar held: no floor was needed
     noise = pipeline._runtime_noise()
     assert set(noise) == {"y"} and 0 <= noise["y"] < 1e-3
     assert report.verification_status == "passed"

@@ -161,7 +161,9 @@ class Collector:
     def _observe(self, feed: Mapping[str, np.ndarray], observers: Mapping[str, Observer]) -> None:
         """One run per tensor group, each group's outputs released before the next group
         runs (what bounds memory when the tensors are split into groups)."""
-        self._update_inputs(feed, observers)
+        for name, array in feed.items():
+            if name in self.inputs and name in observers:
+                observers[name].update(array)
         for session, full, reduced in list(self._sessions or []):
             outputs = session.run(feed)
             self._update(observers, full, outputs)
@@ -170,21 +172,11 @@ class Collector:
             if flagged:
                 self._expose_fully(flagged, feed, observers)
 
-    def _update_inputs(
-        self, feed: Mapping[str, np.ndarray], observers: Mapping[str, Observer]
-    ) -> None:
-        for name, array in feed.items():
-            if name in self.inputs and name in observers:
-                observers[name].update(array)
-
     def _stack_size(self, feed: Mapping[str, np.ndarray], observers: Mapping[str, Observer]) -> int:
         """How many samples one run may take (1: stacking cannot apply to this model)."""
-        known = [size for size in self._sizes.values() if size is not None]
-        fallback = max(known, default=0)
-        sample = sum(size or fallback for size in self._sizes.values())
-        sessions = self._sessions or []
+        sample = sum(self._sizes.values())
         exposed = max(
-            (sum(self._sizes.get(n) or fallback for n in full) for _, full, _ in sessions),
+            (sum(self._sizes.get(n, 0) for n in full) for _, full, _ in self._sessions or []),
             default=0,
         )
         wanted = self.options.stack
@@ -269,7 +261,10 @@ class Collector:
                 self.tensors, self.skipped = select_inferred(clone, self.options.op_types)
             produced = produced_values(clone)
             self._types = {n: produced[n].type for n in self.tensors if n in produced}
-            self._sizes = {n: static_nbytes(produced[n]) for n in self._types}
+            sizes = {n: static_nbytes(produced[n]) for n in self._types}
+            # a tensor of unknown size is budgeted as the largest known one
+            largest = max((b for b in sizes.values() if b is not None), default=0)
+            self._sizes = {n: largest if b is None else b for n, b in sizes.items()}
             self._nested = {n for n in self._types if produced[n].graph is not clone.graph}
         unknown = [n for n in self.tensors if n not in produced and n not in self.inputs]
         if unknown:
@@ -395,14 +390,12 @@ class Collector:
         self._full = self._full + names
         self._sessions = self._make_sessions()
 
-    def _groups(self, names: list[str], sizes: Mapping[str, int | None]) -> list[list[str]]:
-        known = [s for s in sizes.values() if s is not None]
-        fallback = max(known) if known else 0
+    def _groups(self, names: list[str], sizes: Mapping[str, int]) -> list[list[str]]:
         budget = self.options.max_exposed_bytes
         groups: list[list[str]] = [[]]
         used = 0
         for name in names:
-            size = sizes.get(name) or fallback
+            size = sizes.get(name, 0)
             if groups[-1] and used + size > budget:
                 groups.append([])
                 used = 0

@@ -105,7 +105,7 @@ def disagreement(
         if joined.shape != value.shape:
             return f"output '{name}' is {list(value.shape)} stacked, {list(joined.shape)} joined"
         if joined.dtype.kind in "fc":
-            scale = float(np.nanmax(np.abs(joined[np.isfinite(joined)]), initial=0.0))
+            scale = float(np.abs(joined[np.isfinite(joined)]).max(initial=0.0))
             if not np.allclose(value, joined, rtol=RTOL, atol=RTOL * scale, equal_nan=True):
                 return f"output '{name}' differs stacked"
         elif not np.array_equal(value, joined):
