@@ -113,6 +113,11 @@ class _Stage:
         self.config = config
         self.reference = Session(model, config.providers).run_all(feeds)
         self.record: dict[str, Any] = {"mode": config.mode, "budget_met": False, "applied": False}
+        classes = [
+            o.name for o in compare_runs(self.reference, self.reference).outputs if o.distribution
+        ]
+        if classes:  # softmax-like outputs: what a class-agreement limit reads
+            self.record["class_outputs"] = classes
         #: min output cosine of each judged candidate (auto prefers accuracy within noise)
         self.cosines: dict[int, float] = {}
         #: class-score outputs whose argmax the candidate changed: name -> agreement
@@ -484,12 +489,7 @@ def run_quantize_stage(
         raise CalibrationError("static quantization needs calibration data (--data)")
     feeds = probe_feeds(model, data, shapes, max(configs[0].eval_samples, 2), seed)
     feeds = feeds[: configs[0].eval_samples]
-    top1 = configs[0].budget.min_top1_agreement
-    if top1 is not None and top1 > 0 and len(feeds) * (1 - top1) < 1:
-        report.warnings.append(
-            f"the top-1 budget ({top1:g}) is judged on {len(feeds)} samples, where one "
-            f"disagreement already costs {1 / len(feeds):.1%}: give more data to resolve it"
-        )
+    _warn_if_unresolvable("top-1 budget", configs[0].budget.min_top1_agreement, feeds, report)
     outcomes = []
     for config in configs:
         try:
@@ -524,6 +524,9 @@ def run_quantize_stage(
         reasons = "; ".join(f"{o.record['mode']}: {o.record.get('reason', '?')}" for o in outcomes)
         report.warnings.append(f"quantization not applied ({reasons})")
         return model
+    if best.record.get("class_outputs"):
+        limit = configs[0].budget.min_class_agreement
+        _warn_if_unresolvable("class-agreement limit", limit, feeds, report)
     flips = best.record.get("top1_agreement") or {}
     if flips and configs[0].budget.min_top1_agreement is None:
         for name, agreement in flips.items():
@@ -540,6 +543,15 @@ def run_quantize_stage(
 
 #: Speeds within this ratio of each other are a tie (timing noise): size, then accuracy decide.
 SPEED_TIE = 0.95
+
+
+def _warn_if_unresolvable(what: str, limit: float | None, feeds: list, report: Any) -> None:
+    """An agreement limit that one disagreement on these few samples already breaks."""
+    if limit is not None and limit > 0 and len(feeds) * (1 - limit) < 1:
+        report.warnings.append(
+            f"the {what} ({limit:g}) is judged on {len(feeds)} samples, where one "
+            f"disagreement already costs {1 / len(feeds):.1%}: give more data to resolve it"
+        )
 
 
 def _pick(applied: list[QuantizeOutcome]) -> QuantizeOutcome:

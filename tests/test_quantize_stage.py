@@ -328,6 +328,22 @@ def test_the_default_budget_keeps_a_classifiers_answers():
     assert [n.op_type for n in small.graph.node] == ["MatMul", "Softmax"]
 
 
+def test_a_class_limit_judged_on_few_samples_is_flagged():
+    """Eight samples cannot resolve 99 % agreement (one flip costs 12.5 %): when the default
+    budget's class limit passes on so few, the report says so."""
+    rng = np.random.default_rng(1)
+    proto = onnx.parser.parse_model(
+        """<ir_version: 8, opset_import: ["" : 13]>
+        g (float[1, 64] x) => (float[1, 4] y) { h = MatMul (x, w)  y = Softmax <axis = -1> (h) }"""
+    )
+    w = rng.standard_normal((64, 4)).astype(np.float32)
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(w, "w"))
+    data = [{"x": rng.standard_normal((1, 64)).astype(np.float32)} for _ in range(8)]
+    _, report = onnxsqueeze.squeeze(proto, data=data, quantize="weights-int8")
+    assert report.quantization["applied"] and report.quantization["class_outputs"] == ["y"]
+    assert any("class-agreement limit (0.99) is judged on 8" in w for w in report.warnings)
+
+
 def test_changed_answers_of_a_classifier_are_reported_even_within_the_budget():
     """A budget the user set without a top-1 limit ships the flips, and the report names
     the output and how often its answer changed."""
