@@ -24,7 +24,7 @@ from onnxsqueeze.budget import DEFAULT_BUDGET, Budget
 from onnxsqueeze.errors import SqueezeError, UnsupportedModelError, first_line
 from onnxsqueeze.graphs import opset_version, scopes
 from onnxsqueeze.qdq import OWN_SCALE, WEIGHTED
-from onnxsqueeze.verify import LOSSLESS_RTOL, compare_runs
+from onnxsqueeze.verify import LOSSLESS_RTOL, compare_runs, is_distribution
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,9 @@ class _Stage:
         self.reference = Session(model, config.providers).run_all(feeds)
         self.record: dict[str, Any] = {"mode": config.mode, "budget_met": False, "applied": False}
         classes = [
-            o.name for o in compare_runs(self.reference, self.reference).outputs if o.distribution
+            name
+            for name in (self.reference[0] if self.reference else {})
+            if all(is_distribution(r[name]) for r in self.reference)
         ]
         if classes:  # softmax-like outputs: what a class-agreement limit reads
             self.record["class_outputs"] = classes

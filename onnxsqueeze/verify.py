@@ -167,11 +167,14 @@ def _accumulate(m: OutputMetrics, a: Any, b: Any, cos_sums: dict, top1: dict) ->
     )
     m.sqnr_db = min(m.sqnr_db, sqnr)
     if a.ndim >= 1 and a.shape[-1] > 1:
-        m.distribution = m.distribution is not False and _is_distribution(a64)
+        m.distribution = m.distribution is not False and is_distribution(a64)
         top1[m.name].append(float(np.mean(np.argmax(a, axis=-1) == np.argmax(b, axis=-1))))
 
 
-def _is_distribution(a: np.ndarray) -> bool:
+def is_distribution(a: Any) -> bool:
+    """A float tensor whose rows over the last axis are probability distributions."""
+    if not isinstance(a, np.ndarray) or a.dtype.kind != "f" or a.ndim < 1 or a.shape[-1] < 2:
+        return False
     if a.size == 0 or not np.all(np.isfinite(a)) or a.min() < 0 or a.max() > 1:
         return False
     return bool(np.allclose(a.sum(axis=-1), 1.0, atol=1e-3))
