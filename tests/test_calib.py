@@ -85,6 +85,26 @@ def test_histogram_counts_match_numpy_on_the_canonical_grid():
     assert obs.t == 2.0 ** math.ceil(math.log2(np.abs(both).max() + 1e-30))
 
 
+@pytest.mark.parametrize("scale", [1e-30, 1e-3, 1.0, 3e5, 1e37])
+def test_float32_binning_is_the_exact_float64_grid(scale):
+    """count() bins float32 data in float32 arithmetic; it must give the bins of exact
+    (float64) arithmetic, also at bin edges, for tiny negatives, and at extreme scales."""
+    rng = np.random.default_rng(5)
+    bins = 1024
+    data = rng.standard_normal(50_000) * scale
+    t = 2.0 ** math.ceil(math.log2(np.abs(data).max() * 1.0001))
+    edges = (np.arange(-bins // 2, bins // 2) * (2 * t / bins)).astype(np.float32)
+    tiny = np.float32(np.nextafter(np.float32(0), np.float32(1)))
+    data = np.concatenate(
+        [data.astype(np.float32), edges, np.nextafter(edges, np.float32(-np.inf)), [-tiny, tiny]]
+    ).astype(np.float32)
+    data = data[np.abs(data.astype(np.float64)) < t]
+    counts = np.zeros(bins, np.int64)
+    kernels.count(data, counts, t)
+    exact = np.floor(data.astype(np.float64) * (bins / (2 * t))).astype(np.int64) + bins // 2
+    np.testing.assert_array_equal(counts, np.bincount(exact, minlength=bins))
+
+
 @pytest.mark.parametrize("observer", [HistogramObserver, MinMaxObserver])
 def test_nonfinite_values_are_counted_not_binned(observer):
     x = np.array([1.0, -2.0, np.nan, np.inf, -np.inf, -np.inf, 0.5], np.float32)

@@ -265,6 +265,35 @@ def test_cli_static_quantization_reports_its_choice(tmp_path):
     assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) >= 2
 
 
+def test_static_calibrates_only_what_insert_qdq_reads(monkeypatch):
+    """The stage observes the activations insert-qdq asks ranges for (the MatMul output
+    that Relu follows is fused, never read) and quantizes exactly as with every tensor
+    calibrated."""
+    from onnxsqueeze.calib.collector import Collector
+
+    observed: list[list[str]] = []
+    collect = Collector.collect
+
+    def spy(self, *args, **kwargs):
+        result = collect(self, *args, **kwargs)
+        observed.append(sorted(result.observers))
+        return result
+
+    monkeypatch.setattr(Collector, "collect", spy)
+    model, calib = _sensitive_model(), _feeds(16)
+    config = QuantizeConfig(method="minmax", budget=Budget(max_error=1e9), elementwise="all")
+    lean = quantize_model(model, _feeds(4), config, calib_feeds=calib)
+    everything = onnxsqueeze.calibrate(ir.serde.serialize_model(model), calib, method="minmax")
+    full = quantize_model(model, _feeds(4), config, calibration=everything)
+    assert "h" not in observed[0] and {"x", "r", "m"} <= set(observed[0])
+    assert set(observed[0]) < set(everything.observers)
+    assert lean.record["quantized"] == full.record["quantized"] >= 3
+    lean_proto = ir.serde.serialize_model(lean.model)
+    assert (
+        lean_proto.SerializeToString() == ir.serde.serialize_model(full.model).SerializeToString()
+    )
+
+
 def test_cli_static_without_data_fails_cleanly(tmp_path, capsys):
     from onnxsqueeze.cli import main
 

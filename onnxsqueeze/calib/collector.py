@@ -56,6 +56,9 @@ class CollectOptions:
     op_types: tuple[str, ...] | None = None
     providers: tuple[str, ...] = ("cpu",)
     max_exposed_bytes: int = MAX_EXPOSED_BYTES
+    #: Observe only these among the selected tensors (what a quantizer will read; see
+    #: tensors.RangesAsked). None: every selected tensor.
+    only: frozenset[str] | None = None
     #: Several samples per onnxruntime run where that gives the same statistics (see
     #: calib.stacking). None: for histogram methods only, so min/max ranges stay exactly
     #: those of one run per sample (onnxruntime's calibrators), bit for bit.
@@ -259,6 +262,10 @@ class Collector:
         with inferred_shapes(clone):
             if not self._given:
                 self.tensors, self.skipped = select_inferred(clone, self.options.op_types)
+            only = self.options.only
+            if only is not None:
+                self.tensors = [n for n in self.tensors if n in only]
+                self.skipped = {n: why for n, why in self.skipped.items() if n in only}
             produced = produced_values(clone)
             self._types = {n: produced[n].type for n in self.tensors if n in produced}
             sizes = {n: static_nbytes(produced[n]) for n in self._types}

@@ -1,8 +1,8 @@
 """Numba kernels behind the observers: one pass over a flat view, no temporary arrays.
 
 Histograms live on a canonical grid: B bins over [-t, t) where t is a power of two strictly
-above every finite |x| seen. Bin of x is floor(x * B / 2t) + B/2, exact in float64 for
-float32 data, so the histogram of a data set does not depend on how it was split into
+above every finite |x| seen. Bin of x is floor(x * B / 2t) + B/2, exact (a product by a
+power of two), so the histogram of a data set does not depend on how it was split into
 batches, and doubling t merges bins 2k, 2k+1 exactly (no count is lost or moved).
 
 Nothing here imports onnx or onnx_ir: the kernels are plain numeric code.
@@ -20,120 +20,94 @@ MIN, MAX, NAN, POS_INF, NEG_INF, OUTSIDE, FINITE = range(7)
 N_STATS = 7
 
 
-#: Elements per block in ``scan``: its index buffer stays in L1 cache.
+#: Elements per block in ``count``: its index buffer stays in L1 cache.
 BLOCK = 2048
-#: ``scan`` counts into 32-bit local bins and flushes them before they could overflow.
+#: ``count`` keeps 32-bit local counts and flushes them before they could overflow.
 FLUSH = 1 << 30
+#: float32 bin arithmetic is exact only while the grid's scale is a normal float32.
+_F32_SCALES = (2.0**-125, 2.0**126)
+
+
+def extremes(flat: np.ndarray, stats: np.ndarray) -> None:
+    """Finite min/max and non-finite counts of ``flat`` into ``stats`` (MIN..FINITE).
+
+    NumPy's min and max are SIMD loops (about 0.2 ns per value each here, against 1.5 for a
+    select-based loop, which LLVM does not vectorise without fast-math). They propagate NaN
+    and return inf, so a finite answer from both proves every value finite; anything else
+    takes the exact count in ``minmax``.
+    """
+    if flat.size:
+        lo, hi = flat.min(), flat.max()
+        if math.isfinite(lo) and math.isfinite(hi):
+            stats[MIN], stats[MAX] = lo, hi
+            stats[NAN] = stats[POS_INF] = stats[NEG_INF] = stats[OUTSIDE] = 0
+            stats[FINITE] = flat.size
+            return
+    minmax(flat, stats)
+
+
+def count(flat: np.ndarray, counts: np.ndarray, t: float) -> None:
+    """Add the histogram counts of the values of ``flat`` with |x| < t (NaN, inf and
+    anything beyond are left out: the caller grows t over the finite extremes first).
+
+    On float32 data the bin arithmetic runs in float32 (eight values per AVX2 instruction
+    instead of four): x * bins / 2t is a product by a power of two, so it is exact whenever
+    that scale is a normal float32, and floor() of it is the same bin float64 would give.
+    """
+    scale = counts.shape[0] / (2.0 * t)
+    dtype = flat.dtype if _F32_SCALES[0] < scale < _F32_SCALES[1] else np.float64
+    half = counts.shape[0] // 2
+    with np.errstate(over="ignore"):  # t = 2**128 is inf in float32: still right for float32 data
+        params = np.array([scale, t, half, half - 1], dtype)
+    _count(flat, counts, params)
 
 
 @njit(cache=True, nogil=True)
-def scan(flat, counts, t, stats):  # pragma: no cover - compiled
-    """Min/max, non-finite counts, and histogram counts of ``flat`` in one pass.
+def _count(flat, counts, params):  # pragma: no cover - compiled
+    """``count``'s loop. Per block of BLOCK values, a branch-free loop (vectorised) turns
+    values into bins, anything not finite-and-inside (|NaN| < t and |inf| < t are false)
+    into a spare bin; a second loop increments two interleaved sets of 32-bit local counts,
+    so runs of one bin (ReLU zeros) do not wait on their own last store.
 
-    Values with |x| >= t are not binned but counted in ``stats[OUTSIDE]``; the caller grows
-    t and bins them with ``bin_outside``. ``t == 0`` bins nothing (first batch).
-
-    Per block of BLOCK values, a branch-free loop (which LLVM vectorises: float64 math, int32
-    indices, as AVX2 has no packed float64->int64 conversion) computes bin indices, sending
-    anything not finite-and-inside (|NaN| < t and |inf| < t are false) to a spare bin; the
-    block's lowest and highest bin come from an integer min/max (vectorised too); a third
-    loop increments 32-bit local counts. Exact float min/max are then read only in the
-    blocks holding the extreme bins, and only blocks whose spare bin filled are looked at
-    again, to tell NaN, +inf, -inf and out-of-grid values apart. Tracking float min/max in
-    the first loop instead stops it vectorising: 7.4 ns per value against 2.2 here.
-
-    The bin is trunc(x * per_unit + offset), exact for x >= 0 and for x <= -1/per_unit; a
-    tiny negative x whose sum rounds up to ``offset`` is put back into bin ``offset - 1``.
+    A tiny negative x whose scaled value underflows to -0 would floor into bin ``half``; it
+    is put back into ``half - 1``.
     """
     bins = counts.shape[0]
-    half = bins // 2
-    offset = float(half)
-    per_unit = bins / (2.0 * t) if t > 0 else 0.0
-    index = np.empty(BLOCK, np.int32)
-    local = np.zeros(bins + 1, np.uint32)
+    scale, t, half, below = params[0], params[1], params[2], params[3]
+    zero = scale - scale
+    stride = bins + 1
     spare = np.int32(bins)
-    below = np.int32(half - 1)
-    none = np.int32(-1)
+    index = np.empty(BLOCK, np.int32)
+    local = np.zeros(2 * stride, np.uint32)
     n = flat.shape[0]
-    blocks = (n + BLOCK - 1) // BLOCK
-    block_lo = np.empty(blocks, np.int32)
-    block_hi = np.empty(blocks, np.int32)
-    block_misses = np.zeros(blocks, np.int32)
     pending = 0
-    for b in range(blocks):
-        start = b * BLOCK
+    for start in range(0, n, BLOCK):
         size = min(BLOCK, n - start)
-        misses = 0
         for j in range(size):
-            x = float(flat[start + j])
-            inside = abs(x) < t
-            k = np.int32(x * per_unit + offset)
+            x = flat[start + j] + zero  # float64 parameters promote float32 data
+            k = np.floor(x * scale) + half  # small integers: exact in float32
             k = min(k, below) if x < 0 else k
-            index[j] = k if inside else spare
-            misses += 0 if inside else 1
-        k_lo = spare
-        k_hi = none
-        for j in range(size):
-            k = index[j]
-            k_lo = min(k_lo, k)
-            k_hi = max(k_hi, k if k != spare else none)
-        block_lo[b] = k_lo
-        block_hi[b] = k_hi
-        block_misses[b] = misses
-        for j in range(size):
+            index[j] = np.int32(k) if abs(x) < t else spare
+        j = 0
+        while j + 1 < size:
+            local[index[j]] += np.uint32(1)
+            local[stride + index[j + 1]] += np.uint32(1)
+            j += 2
+        if j < size:
             local[index[j]] += np.uint32(1)
         pending += size
-        if pending >= FLUSH:
+        if pending >= FLUSH or start + size >= n:
             for j in range(bins):
-                counts[j] += local[j]
+                counts[j] += local[j] + local[stride + j]
                 local[j] = 0
+                local[stride + j] = 0
             pending = 0
-    lowest = block_lo.min() if blocks else spare
-    highest = block_hi.max() if blocks else none
-    for j in range(lowest, highest + 1):  # only the occupied span: small tensors, many bins
-        counts[j] += local[j]
-    lo = math.inf
-    hi = -math.inf
-    nan = 0
-    pos_inf = 0
-    neg_inf = 0
-    outside = 0
-    for b in range(blocks):
-        extreme = (block_lo[b] == lowest and lowest != spare) or (
-            block_hi[b] == highest and highest != none
-        )
-        if not extreme and not block_misses[b]:
-            continue
-        start = b * BLOCK
-        for j in range(start, min(start + BLOCK, n)):
-            x = float(flat[j])
-            if abs(x) < t:
-                if extreme:
-                    lo = min(lo, x)
-                    hi = max(hi, x)
-            elif x != x:
-                nan += 1
-            elif x == math.inf:
-                pos_inf += 1
-            elif x == -math.inf:
-                neg_inf += 1
-            else:
-                outside += 1
-                lo = min(lo, x)
-                hi = max(hi, x)
-    stats[MIN] = lo
-    stats[MAX] = hi
-    stats[NAN] = nan
-    stats[POS_INF] = pos_inf
-    stats[NEG_INF] = neg_inf
-    stats[OUTSIDE] = outside
-    stats[FINITE] = n - nan - pos_inf - neg_inf
 
 
 @njit(cache=True, nogil=True)
 def minmax(flat, stats):  # pragma: no cover - compiled
-    """``scan`` without a histogram: a branch-free (vectorised) min/max over finite values,
-    and a second look only when something was not finite."""
+    """Finite min/max and exact NaN/+inf/-inf counts, for data that holds non-finite values
+    (``extremes`` takes the fast path otherwise)."""
     lo = math.inf
     hi = -math.inf
     misses = 0
@@ -160,20 +134,6 @@ def minmax(flat, stats):  # pragma: no cover - compiled
     stats[NEG_INF] = misses - nan - pos_inf
     stats[OUTSIDE] = 0
     stats[FINITE] = n - misses
-
-
-@njit(cache=True, nogil=True)
-def bin_outside(flat, counts, old_t, t):  # pragma: no cover - compiled
-    """Bin the finite values that ``scan`` left out (|x| >= old_t) on the grown grid."""
-    bins = counts.shape[0]
-    half = float(bins // 2)
-    per_unit = bins / (2.0 * t)
-    for i in range(flat.shape[0]):
-        x = float(flat[i])
-        if x != x or x == math.inf or x == -math.inf:
-            continue
-        if abs(x) >= old_t:
-            counts[int(math.floor(x * per_unit) + half)] += 1
 
 
 @njit(cache=True, nogil=True)

@@ -135,7 +135,7 @@ class MinMaxObserver(Observer):
 
     def update(self, array: Any) -> None:
         flat = _flat(array)
-        kernels.minmax(flat, self._stats)
+        kernels.extremes(flat, self._stats)
         s = self._stats
         finite = self._count_nonfinite(s)
         if finite:
@@ -210,24 +210,17 @@ class HistogramObserver(Observer):
     def update(self, array: Any) -> None:
         flat = _flat(array)
         s = self._stats
-        if self.t == 0:
-            # First values: size the grid from their extremes (a vectorised pass) before
-            # binning, instead of binning nothing and then every value out of grid
-            # (bin_outside, ~10x slower per value).
-            kernels.minmax(flat, s)
-            if s[kernels.FINITE]:
-                self._grow(_power_of_two_above(max(-s[kernels.MIN], s[kernels.MAX])))
-        kernels.scan(flat, self.counts, self.t, s)
+        kernels.extremes(flat, s)
         finite = self._count_nonfinite(s)
         if finite == 0:
             return
         self.finite += finite
         self.lo, self.hi = min(self.lo, float(s[kernels.MIN])), max(self.hi, float(s[kernels.MAX]))
         self.batches += 1
-        if s[kernels.OUTSIDE]:
-            old_t = self.t
-            self._grow(_power_of_two_above(max(-self.lo, self.hi)))
-            kernels.bin_outside(flat, self.counts, old_t, self.t)
+        # the grid grows over the batch's extremes before it is binned, so every finite
+        # value lands inside it
+        self._grow(_power_of_two_above(max(-self.lo, self.hi)))
+        kernels.count(flat, self.counts, self.t)
 
     def _grow(self, t: float) -> None:
         if t <= self.t:

@@ -6,7 +6,7 @@ Reshape/Transpose-like outputs share their source's statistics instead of being 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -112,3 +112,22 @@ def static_nbytes(value: ir.Value) -> int | None:
 def feed_names(model: ir.Model) -> list[str]:
     """Graph inputs a caller feeds (an initializer listed as input has its default)."""
     return [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
+
+
+class RangesAsked(Mapping[str, tuple[float, float]]):
+    """A stand-in for calibrated ranges that answers every name with a placeholder and
+    remembers which names were asked: a quantizer run against it tells which tensors
+    calibration needs to observe (see ``CollectOptions.only``)."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+
+    def __getitem__(self, name: str) -> tuple[float, float]:
+        self.names.add(name)
+        return (-1.0, 1.0)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
