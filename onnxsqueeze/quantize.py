@@ -20,6 +20,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from onnxsqueeze.alternatives import NOT_SLOWER, check_latency, pick
 from onnxsqueeze.budget import DEFAULT_BUDGET, Budget
 from onnxsqueeze.errors import SqueezeError, UnsupportedModelError, first_line
 from onnxsqueeze.graphs import opset_version, scopes
@@ -99,7 +100,7 @@ def quantize_model(
     stage = _Stage(model.clone(), list(eval_feeds), config)
     outcome = stage.search(calibration, calib_feeds, calib_samples)
     if config.check_latency and outcome.record.get("applied"):
-        _latency(model, outcome, config, eval_feeds[0] if eval_feeds else None)
+        check_latency(model, outcome, config, eval_feeds[0] if eval_feeds else None)
     outcome.record["seconds"] = round(time.perf_counter() - started, 3)
     return outcome
 
@@ -206,7 +207,10 @@ class _Stage:
         if config.mode == "static":
             if config.per_channel and opset_version(self.model) < 13:
                 self._upgrade(13)
-            calibration = self._calibrate(calibration, calib_feeds, calib_samples)
+            draft, asked = self._draft()
+            if self._integer_kernels_lose(draft):  # before calibrating: ranges cannot help
+                return QuantizeOutcome(self.model, self.record)
+            calibration = self._calibrate(calibration, calib_feeds, calib_samples, asked)
             self.ranges = calibration.ranges(config.method)
             self.record.update(method=config.method, calibration_samples=calibration.samples)
         candidate, stats = self.build(())
@@ -215,6 +219,8 @@ class _Stage:
         if not names:
             self.record["reason"] = "no node could be quantized"
             self.record["kept_float"] = stats["kept_float"]
+            return QuantizeOutcome(self.model, self.record)
+        if config.mode == "dynamic" and self._integer_kernels_lose(candidate):
             return QuantizeOutcome(self.model, self.record)
         ok, summary = self.judge(candidate)
         self.record["all_quantized"] = summary
@@ -251,7 +257,31 @@ class _Stage:
             self.record["top1_agreement"] = self.flips[id(candidate)]
         return QuantizeOutcome(candidate, self.record)
 
-    def _calibrate(self, calibration, calib_feeds, calib_samples):
+    def _integer_kernels_lose(self, candidate: ir.Model) -> bool:
+        """When a mode must not be slower than float (auto), time its fully quantized model
+        before the sensitivity search, which is most of the stage's time: integer kernels
+        that lose with every node quantized (convolutions on CPUs without VNNI) rarely win
+        with fewer, so the search is skipped and the report says why."""
+        from onnxsqueeze.bench import compare_latency
+
+        config = self.config
+        if not (config.check_latency and config.require_faster) or self.weight_only:
+            return False
+        if config.mode not in ("static", "dynamic"):
+            return False
+        feed = self.feeds[0] if self.feeds else None
+        speed = compare_latency(self.model, candidate, config.providers, feed)
+        if speed >= NOT_SLOWER:
+            return False
+        self.record.update(
+            speed_vs_float=round(speed, 3),
+            slower=True,
+            reason=f"every node quantized runs at {speed:.2f}x float speed here; not searched "
+            "further (an explicit --quantize searches anyway)",
+        )
+        return True
+
+    def _calibrate(self, calibration, calib_feeds, calib_samples, asked: set[str]):
         if calibration is not None:
             return calibration
         if calib_feeds is None:
@@ -259,24 +289,22 @@ class _Stage:
         from onnxsqueeze.calib.collector import CollectOptions, Collector
 
         options = CollectOptions(
-            method=self.config.method,
-            providers=self.config.providers,
-            only=frozenset(self._ranges_read()),
+            method=self.config.method, providers=self.config.providers, only=frozenset(asked)
         )
         return Collector(self.model, options).collect(calib_feeds, total=calib_samples)
 
-    def _ranges_read(self) -> set[str]:
-        """The activations insert-qdq reads a range for, found by one build against
-        placeholder ranges: calibration observes those alone (on the corpus 7-63 % of the
-        float activations), so it runs and bins less than calibrating every tensor."""
+    def _draft(self) -> tuple[ir.Model, set[str]]:
+        """The fully quantized model built against placeholder ranges, and the activations
+        insert-qdq read a range for: calibration observes those alone (7-63 % of the float
+        activations on the corpus), and the draft times like the real model would."""
         from onnxsqueeze.calib.tensors import RangesAsked
 
         self.ranges = asked = RangesAsked()
         try:
-            self.build(())
+            draft, _ = self.build(())
         finally:
             self.ranges = {}
-        return asked.names
+        return draft, asked.names
 
     def _upgrade(self, target: int) -> None:
         from onnxsqueeze.opsets import upgrade_opset
@@ -431,36 +459,6 @@ def _name_nodes(model: ir.Model) -> None:
                 taken.add(node.name)
 
 
-def _latency(
-    original: ir.Model, outcome: QuantizeOutcome, config: QuantizeConfig, feed: Any
-) -> None:
-    """Timed on a real sample: generated inputs may take another branch or size. A model
-    whose weights fold back to float at load runs the float graph: compared, not timed."""
-    from onnxsqueeze.bench import compare_latency, loaded_op_types
-
-    if outcome.record.get("weight_format") == "fold" and loaded_op_types(
-        original, config.providers
-    ) == loaded_op_types(outcome.model, config.providers):
-        outcome.record["speed_vs_float"] = 1.0
-        outcome.record["speed_basis"] = "the float graph once its weights fold at load"
-        return
-    speed = compare_latency(original, outcome.model, config.providers, feed)
-    outcome.record["speed_vs_float"] = round(speed, 3)
-    if speed < NOT_SLOWER:
-        outcome.record["slower"] = True
-        if config.require_faster:
-            outcome.record["applied"] = False
-            outcome.record["reason"] = (
-                f"quantized model runs at {speed:.2f}x float speed; kept float"
-            )
-            outcome.model = original
-
-
-#: Measured speed ratios from here up count as "not slower": timing noise on an idle machine
-#: (a model whose weights fold back to float at load measures 0.97-1.03x).
-NOT_SLOWER = 0.97
-
-
 def resolve_configs(quantize: Any, has_data: bool) -> list[QuantizeConfig]:
     """The configurations to try, from a mode name or a config (mode may be auto).
 
@@ -528,7 +526,7 @@ def run_quantize_stage(
         outcome.record["fallback_from"] = f"{slow['mode']} ({slow.get('reason')})"
         outcomes.append(outcome)
     applied = [o for o in outcomes if o.record.get("applied")]
-    best = _pick(applied) if applied else outcomes[0]
+    best = pick(applied) if applied else outcomes[0]
     if len(outcomes) > 1:
         best.record["alternatives"] = [
             {
@@ -560,10 +558,6 @@ def run_quantize_stage(
     return best.model
 
 
-#: Speeds within this ratio of each other are a tie (timing noise): size, then accuracy decide.
-SPEED_TIE = 0.95
-
-
 def _warn_if_unresolvable(what: str, limit: float | None, feeds: list, report: Any) -> None:
     """An agreement limit that one disagreement on these few samples already breaks."""
     if limit is not None and limit > 0 and len(feeds) * (1 - limit) < 1:
@@ -571,18 +565,6 @@ def _warn_if_unresolvable(what: str, limit: float | None, feeds: list, report: A
             f"the {what} ({limit:g}) is judged on {len(feeds)} samples, where one "
             f"disagreement already costs {1 / len(feeds):.1%}: give more data to resolve it"
         )
-
-
-def _pick(applied: list[QuantizeOutcome]) -> QuantizeOutcome:
-    """The fastest alternative; among those within timing noise of it, the smallest file (both
-    already meet the budget, and size is what was asked for), then the more accurate."""
-    from onnxsqueeze.io import initializer_bytes
-
-    fastest = max(o.record.get("speed_vs_float") or 0.0 for o in applied)
-    close = [o for o in applied if (o.record.get("speed_vs_float") or 0.0) >= SPEED_TIE * fastest]
-    for o in close:
-        o.record["weight_bytes"] = initializer_bytes(o.model)
-    return min(close, key=lambda o: (o.record["weight_bytes"], -(o.record.get("min_cosine") or 0)))
 
 
 def _run_config(model: ir.Model, config: QuantizeConfig, data: Any, feeds: list) -> QuantizeOutcome:

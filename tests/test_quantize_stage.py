@@ -421,6 +421,32 @@ def test_require_faster_falls_back_to_the_faster_format(monkeypatch):
     small, report = onnxsqueeze.squeeze(proto, data=data, quantize=config)
     record = report.quantization
     assert record["mode"] == "weights-int8" and record["applied"], record
-    assert record["fallback_from"].startswith("static (quantized model runs at 0.50x")
+    assert record["fallback_from"].startswith("static (every node quantized runs at 0.50x")
     assert record["speed_basis"].startswith("the float graph")
     assert [n.op_type for n in small.graph.node] == ["Cast", "Mul", "MatMul"]
+
+
+def test_auto_skips_the_search_of_a_format_that_runs_slower_than_float(monkeypatch):
+    """auto times the fully quantized draft before calibrating and searching: integer
+    kernels slower than float (forced here) end that mode at once; an explicit mode (no
+    latency check) still searches."""
+    import onnxsqueeze.bench
+    from onnxsqueeze.calib.collector import Collector
+
+    timed: list[int] = []
+    monkeypatch.setattr(
+        onnxsqueeze.bench, "compare_latency", lambda *a, **k: timed.append(1) or 0.5
+    )
+    collected: list[int] = []
+    collect = Collector.collect
+    monkeypatch.setattr(
+        Collector, "collect", lambda self, *a, **k: collected.append(1) or collect(self, *a, **k)
+    )
+    model, calib = _sensitive_model(), _feeds(16)
+    auto = QuantizeConfig(mode="static", check_latency=True, require_faster=True)
+    outcome = quantize_model(model, _feeds(4), auto, calib_feeds=calib)
+    assert not outcome.record["applied"] and outcome.record["slower"]
+    assert "every node quantized runs at 0.50x" in outcome.record["reason"]
+    assert timed == [1] and collected == []  # one timing, no calibration, no search
+    explicit = quantize_model(model, _feeds(4), QuantizeConfig(mode="static"), calib_feeds=calib)
+    assert explicit.record["applied"] and collected == [1]

@@ -1,0 +1,59 @@
+"""Which quantized alternative ships: each one's speed measured against float on the target,
+the fastest kept, and among those within timing noise of it the smallest, then the most
+accurate."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import onnx_ir as ir
+
+if TYPE_CHECKING:
+    from onnxsqueeze.quantize import QuantizeConfig, QuantizeOutcome
+
+
+def check_latency(
+    original: ir.Model, outcome: QuantizeOutcome, config: QuantizeConfig, feed: Any
+) -> None:
+    """Record the outcome's speed against float; with require_faster, a slower one is not
+    applied. Timed on a real sample: generated inputs may take another branch or size. A model
+    whose weights fold back to float at load runs the float graph: compared, not timed."""
+    from onnxsqueeze.bench import compare_latency, loaded_op_types
+
+    if outcome.record.get("weight_format") == "fold" and loaded_op_types(
+        original, config.providers
+    ) == loaded_op_types(outcome.model, config.providers):
+        outcome.record["speed_vs_float"] = 1.0
+        outcome.record["speed_basis"] = "the float graph once its weights fold at load"
+        return
+    speed = compare_latency(original, outcome.model, config.providers, feed)
+    outcome.record["speed_vs_float"] = round(speed, 3)
+    if speed < NOT_SLOWER:
+        outcome.record["slower"] = True
+        if config.require_faster:
+            outcome.record["applied"] = False
+            outcome.record["reason"] = (
+                f"quantized model runs at {speed:.2f}x float speed; kept float"
+            )
+            outcome.model = original
+
+
+#: Measured speed ratios from here up count as "not slower": timing noise on an idle machine
+#: (a model whose weights fold back to float at load measures 0.97-1.03x).
+NOT_SLOWER = 0.97
+
+
+#: Speeds within this ratio of each other are a tie (timing noise): size, then accuracy decide.
+SPEED_TIE = 0.95
+
+
+def pick(applied: list[QuantizeOutcome]) -> QuantizeOutcome:
+    """The fastest alternative; among those within timing noise of it, the smallest file (both
+    already meet the budget, and size is what was asked for), then the more accurate."""
+    from onnxsqueeze.io import initializer_bytes
+
+    fastest = max(o.record.get("speed_vs_float") or 0.0 for o in applied)
+    close = [o for o in applied if (o.record.get("speed_vs_float") or 0.0) >= SPEED_TIE * fastest]
+    for o in close:
+        o.record["weight_bytes"] = initializer_bytes(o.model)
+    return min(close, key=lambda o: (o.record["weight_bytes"], -(o.record.get("min_cosine") or 0)))
