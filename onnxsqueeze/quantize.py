@@ -20,7 +20,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from onnxsqueeze.alternatives import NOT_SLOWER, check_latency, pick
+from onnxsqueeze.alternatives import NOT_SLOWER, SPEED_TIE, check_latency, pick
 from onnxsqueeze.budget import DEFAULT_BUDGET, Budget
 from onnxsqueeze.errors import SqueezeError, UnsupportedModelError, first_line
 from onnxsqueeze.graphs import opset_version, scopes
@@ -63,6 +63,9 @@ class QuantizeConfig:
     #: Time the result against the float model; with require_faster, a slower result is dropped.
     check_latency: bool = False
     require_faster: bool = False
+    #: auto: an integer mode whose fully quantized draft runs below this speed (vs float) is
+    #: not searched, as an alternative already found would win the pick. None: NOT_SLOWER.
+    worth_speed: float | None = None
     #: Calibration: at most this many samples of the data; a cache file to reuse / write.
     calib_samples: int | None = None
     calib_cache: str | None = None
@@ -271,13 +274,18 @@ class _Stage:
             return False
         feed = self.feeds[0] if self.feeds else None
         speed = compare_latency(self.model, candidate, config.providers, feed)
-        if speed >= NOT_SLOWER:
+        bar = config.worth_speed or NOT_SLOWER
+        if speed >= bar:
             return False
-        self.record.update(
-            speed_vs_float=round(speed, 3),
-            slower=True,
-            reason=f"every node quantized runs at {speed:.2f}x float speed here; not searched "
-            "further (an explicit --quantize searches anyway)",
+        self.record.update(speed_vs_float=round(speed, 3), slower=speed < NOT_SLOWER)
+        self.record["reason"] = (
+            f"every node quantized runs at {speed:.3f}x float speed here"
+            + (
+                f", below the {bar:.3f}x it would need to beat another mode"
+                if bar > NOT_SLOWER
+                else ""
+            )
+            + "; not searched further (an explicit --quantize searches anyway)"
         )
         return True
 
@@ -462,11 +470,12 @@ def _name_nodes(model: ir.Model) -> None:
 def resolve_configs(quantize: Any, has_data: bool) -> list[QuantizeConfig]:
     """The configurations to try, from a mode name or a config (mode may be auto).
 
-    auto tries static (with data), dynamic and weight-only int8, each within the budget and
+    auto tries weight-only int8, static (with data) and dynamic, each within the budget and
     not slower than float, and keeps the faster (when their speeds are within 5 %, the
     smaller, then the more accurate); no configuration means lossless only. Weight-only int8
     stored to fold at load runs at float speed, so it is what auto ships when integer kernels
-    do not pay on the target (convolution nets on CPUs without VNNI).
+    do not pay on the target (convolution nets on CPUs without VNNI); an integer mode whose
+    fully quantized draft could not beat what is already found is not searched.
     """
     config = quantize if isinstance(quantize, QuantizeConfig) else None
     mode = config.mode if config is not None else str(quantize)
@@ -476,8 +485,9 @@ def resolve_configs(quantize: Any, has_data: bool) -> list[QuantizeConfig]:
         return []
     config = config or QuantizeConfig()
     if mode == "auto":
-        modes = ["static", "dynamic"] if has_data else ["dynamic"]
-        modes.append("weights-int8")
+        # weight-only first: its speed (float's, weights folded at load) tells the integer
+        # modes how fast their drafts must be to be worth a search (see worth_speed)
+        modes = ["weights-int8", "static", "dynamic"] if has_data else ["weights-int8", "dynamic"]
         return [
             dataclasses.replace(config, mode=m, check_latency=True, require_faster=True)
             for m in modes
@@ -507,8 +517,11 @@ def run_quantize_stage(
     feeds = probe_feeds(model, data, shapes, max(configs[0].eval_samples, 2), seed)
     feeds = feeds[: configs[0].eval_samples]
     _warn_if_unresolvable("top-1 budget", configs[0].budget.min_top1_agreement, feeds, report)
-    outcomes = []
+    outcomes: list[QuantizeOutcome] = []
     for config in configs:
+        speeds = [o.record.get("speed_vs_float") or 0.0 for o in outcomes if o.record["applied"]]
+        if auto and speeds:
+            config = dataclasses.replace(config, worth_speed=max(speeds) / SPEED_TIE)
         try:
             outcomes.append(_run_config(model, config, data, feeds))
         except RuntimeSessionError as exc:
