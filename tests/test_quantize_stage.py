@@ -403,6 +403,17 @@ def test_only_probability_outputs_count_as_class_scores():
     assert limit.check(only_embedding, [], [])[0]
 
 
+def _one_matmul() -> tuple[onnx.ModelProto, list[dict]]:
+    """One MatMul with a real weight, and 16 samples for it."""
+    proto = onnx.parser.parse_model(
+        """<ir_version: 8, opset_import: ["" : 13]>
+        g (float[4, 128] x) => (float[4, 64] y) { y = MatMul (x, w) }"""
+    )
+    w = RNG.standard_normal((128, 64)).astype(np.float32)
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(w, "w"))
+    return proto, [{"x": RNG.standard_normal((4, 128)).astype(np.float32)} for _ in range(16)]
+
+
 def test_require_faster_falls_back_to_the_faster_format(monkeypatch):
     """Static int8 measured slower than float (forced here: timing is the machine's) with
     --require-faster: the stage ships the same weights as weight-only int8 stored to fold at
@@ -410,13 +421,7 @@ def test_require_faster_falls_back_to_the_faster_format(monkeypatch):
     import onnxsqueeze.bench
 
     monkeypatch.setattr(onnxsqueeze.bench, "compare_latency", lambda *a, **k: 0.5)
-    proto = onnx.parser.parse_model(
-        """<ir_version: 8, opset_import: ["" : 13]>
-        g (float[4, 128] x) => (float[4, 64] y) { y = MatMul (x, w) }"""
-    )
-    w = RNG.standard_normal((128, 64)).astype(np.float32)
-    proto.graph.initializer.append(onnx.numpy_helper.from_array(w, "w"))
-    data = [{"x": RNG.standard_normal((4, 128)).astype(np.float32)} for _ in range(16)]
+    proto, data = _one_matmul()
     config = QuantizeConfig(mode="static", check_latency=True, require_faster=True)
     small, report = onnxsqueeze.squeeze(proto, data=data, quantize=config)
     record = report.quantization
@@ -459,13 +464,7 @@ def test_auto_searches_an_integer_mode_only_if_it_could_beat_weight_only(monkeyp
     import onnxsqueeze.bench
 
     monkeypatch.setattr(onnxsqueeze.bench, "compare_latency", lambda *a, **k: 1.02)
-    proto = onnx.parser.parse_model(
-        """<ir_version: 8, opset_import: ["" : 13]>
-        g (float[4, 128] x) => (float[4, 64] y) { y = MatMul (x, w) }"""
-    )
-    w = RNG.standard_normal((128, 64)).astype(np.float32)
-    proto.graph.initializer.append(onnx.numpy_helper.from_array(w, "w"))
-    data = [{"x": RNG.standard_normal((4, 128)).astype(np.float32)} for _ in range(16)]
+    proto, data = _one_matmul()
     _, report = onnxsqueeze.squeeze(proto, data=data, quantize="auto")
     record = report.quantization
     assert record["mode"] == "weights-int8" and record["applied"]
