@@ -303,7 +303,7 @@ class _Stage:
 
     def _draft(self) -> tuple[ir.Model, set[str]]:
         """The fully quantized model built against placeholder ranges, and the activations
-        insert-qdq read a range for: calibration observes those alone (7-63 % of the float
+        insert-qdq read a range for: calibration observes those alone (7-46 % of the float
         activations on the corpus), and the draft times like the real model would."""
         from onnxsqueeze.calib.tensors import RangesAsked
 
