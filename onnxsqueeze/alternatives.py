@@ -1,9 +1,10 @@
-"""Which quantized alternative ships: each one's speed measured against float on the target,
-the fastest kept, and among those within timing noise of it the smallest, then the most
-accurate."""
+"""Which quantized alternatives auto tries, and which one ships: each one's speed measured
+against float on the target, the fastest kept, and among those within timing noise of it the
+smallest, then the most accurate."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
@@ -57,3 +58,34 @@ def pick(applied: list[QuantizeOutcome]) -> QuantizeOutcome:
     for o in close:
         o.record["weight_bytes"] = initializer_bytes(o.model)
     return min(close, key=lambda o: (o.record["weight_bytes"], -(o.record.get("min_cosine") or 0)))
+
+
+def resolve_configs(quantize: Any, has_data: bool) -> list[QuantizeConfig]:
+    """The configurations to try, from a mode name or a config (mode may be auto).
+
+    auto tries weight-only int8, static (with data) and dynamic, each within the budget and
+    not slower than float, and keeps the faster (when their speeds are within 5 %, the
+    smaller, then the more accurate); no configuration means lossless only. Weight-only int8
+    stored to fold at load runs at float speed, so it is what auto ships when integer kernels
+    do not pay on the target (convolution nets on CPUs without VNNI); an integer mode whose
+    fully quantized draft could not beat what is already found gets a quick search.
+    """
+    from onnxsqueeze.errors import SqueezeError
+    from onnxsqueeze.quantize import CHOICES, QuantizeConfig
+
+    config = quantize if isinstance(quantize, QuantizeConfig) else None
+    mode = config.mode if config is not None else str(quantize)
+    if mode not in CHOICES:
+        raise SqueezeError(f"unknown quantization mode '{mode}' (known: {', '.join(CHOICES)})")
+    if mode == "none":
+        return []
+    config = config or QuantizeConfig()
+    if mode == "auto":
+        # weight-only first: its speed (float's, weights folded at load) tells the integer
+        # modes how fast their drafts must be to be worth a search (see worth_speed)
+        modes = ["weights-int8", "static", "dynamic"] if has_data else ["weights-int8", "dynamic"]
+        return [
+            dataclasses.replace(config, mode=m, check_latency=True, require_faster=True)
+            for m in modes
+        ]
+    return [dataclasses.replace(config, mode=mode)]

@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxsqueeze.graphs import GraphLike, add_constant, constant_array, drop_if_unused, unique_name
-from onnxsqueeze.qmath import QRANGES, QParams, qparams
+from onnxsqueeze.qmath import QRANGES, QParams, qparams, quantize_per_channel
 
 #: op -> (weight input index, bias input index or None).
 WEIGHTED = {"Conv": (1, 2), "ConvTranspose": (1, 2), "MatMul": (1, None), "Gemm": (1, 2)}
@@ -173,6 +173,26 @@ class QdqBuilder:
         else:
             scope.insert_before(anchor, [q, dq])
         return dq.outputs[0]
+
+
+def quantized_weight(
+    memo: dict | None,
+    value: ir.Value,
+    weight: np.ndarray,
+    axis: int | None,
+    dtype: str,
+    reduce_range: bool,
+) -> tuple[np.ndarray, QParams]:
+    """quantize_per_channel, remembered in ``memo`` (when given) per initializer tensor and
+    settings: the quantize stage builds dozens of candidates from clones of one model, which
+    share its weight tensors. The tensor is kept in the memo so its id stays its own."""
+    tensor = value.const_value
+    if memo is None or tensor is None:
+        return quantize_per_channel(weight, axis, dtype, reduce_range)
+    key = (id(tensor), axis, dtype, reduce_range)
+    if key not in memo:
+        memo[key] = (tensor, quantize_per_channel(weight, axis, dtype, reduce_range))
+    return memo[key][1]
 
 
 def first_reader(scope: GraphLike, value: ir.Value) -> ir.Node | None:

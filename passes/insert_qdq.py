@@ -39,10 +39,11 @@ from onnxsqueeze.qdq import (
     first_reader,
     hand_over_output,
     linked_nodes,
+    quantized_weight,
     saturating_u8s8_cpu,
     weight_axis,
 )
-from onnxsqueeze.qmath import QParams, qparams, quantize_bias, quantize_per_channel
+from onnxsqueeze.qmath import QParams, qparams, quantize_bias
 from onnxsqueeze.registry import SqueezePass, SqueezeResult
 from onnxsqueeze.shapes import inferred_shapes
 
@@ -56,6 +57,8 @@ class InsertQdqOptions:
     ranges: Mapping[str, tuple[float, float]] = dataclasses.field(
         default_factory=dict, metadata={"hidden": True}
     )
+    #: Quantized weights shared across runs on clones of one model (qdq.quantized_weight).
+    weight_memo: dict | None = dataclasses.field(default=None, metadata={"hidden": True})
     activations: str = "uint8"
     weights: str = "int8"
     per_channel: bool = True
@@ -233,11 +236,14 @@ class InsertQdqPass(SqueezePass):
 
     def _quantize_weights(self, scope, node, weight_index, bias_index, activations) -> bool:
         opts: InsertQdqOptions = self.options
-        weight = constant_array(node.inputs[weight_index])
+        weight_value = node.inputs[weight_index]
+        weight = constant_array(weight_value)
         if weight is None or weight.dtype != np.float32 or weight.ndim < 2:
             return False
         axis = weight_axis(node, weight) if self._per_channel else None
-        q, wqp = quantize_per_channel(weight, axis, opts.weights, self._reduce)
+        q, wqp = quantized_weight(
+            opts.weight_memo, weight_value, weight, axis, opts.weights, self._reduce
+        )
         bias_value = (
             node.inputs[bias_index]
             if bias_index is not None and len(node.inputs) > bias_index
@@ -257,7 +263,6 @@ class InsertQdqPass(SqueezePass):
             bias_q = quantize_bias(bias, np.broadcast_to(bias_scale, bias.shape))
             if bias_q is None:
                 return False
-        weight_value = node.inputs[weight_index]
         base = weight_value.name or "weight"
         builder = self._builder
         node.replace_input_with(weight_index, builder.dequantized(scope, q, wqp, axis, base, node))

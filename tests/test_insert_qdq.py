@@ -246,3 +246,28 @@ def test_bad_options_raise():
     proto = _parse(CONV_RELU, w=np.ones((4, 3, 3, 3), np.float32), b=np.zeros(4, np.float32))
     with pytest.raises(ValueError, match="activations"):
         _quantize(proto, {}, activations="int4")
+
+
+def test_weight_memo_quantizes_each_weight_once_across_clones(monkeypatch):
+    """The quantize stage builds many candidates from clones of one model: with a memo, a
+    weight is quantized once and every build gives the same model as without it."""
+    import onnxsqueeze.qdq
+
+    w = RNG.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    b = RNG.standard_normal(4).astype(np.float32)
+    proto = _parse(CONV_RELU, w=w, b=b)
+    ranges = _ranges(proto, [{"x": RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)}])
+    plain, _ = _quantize(proto, ranges)
+    calls = []
+    real = onnxsqueeze.qdq.quantize_per_channel
+    monkeypatch.setattr(
+        onnxsqueeze.qdq, "quantize_per_channel", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    model, memo = ir.serde.deserialize_model(proto), {}
+    builds = []
+    for _ in range(3):
+        clone = model.clone()
+        InsertQdqPass(ranges=ranges, weight_memo=memo)(clone)
+        builds.append(ir.serde.serialize_model(clone).SerializeToString())
+    assert calls == [1] and len(memo) == 1
+    assert builds[0] == builds[1] == builds[2] == plain.SerializeToString()

@@ -426,50 +426,34 @@ def test_require_faster_falls_back_to_the_faster_format(monkeypatch):
     small, report = onnxsqueeze.squeeze(proto, data=data, quantize=config)
     record = report.quantization
     assert record["mode"] == "weights-int8" and record["applied"], record
-    assert record["fallback_from"].startswith("static (every node quantized runs at 0.500x")
+    assert record["fallback_from"].startswith("static (quantized model runs at 0.50x")
     assert record["speed_basis"].startswith("the float graph")
     assert [n.op_type for n in small.graph.node] == ["Cast", "Mul", "MatMul"]
 
 
-def test_auto_skips_the_search_of_a_format_that_runs_slower_than_float(monkeypatch):
-    """auto times the fully quantized draft before calibrating and searching: integer
-    kernels slower than float (forced here) end that mode at once; an explicit mode (no
-    latency check) still searches."""
+@pytest.mark.parametrize("speed, worth", [(0.5, None), (1.02, 1.05)])
+def test_a_slow_draft_gets_the_quick_search(monkeypatch, speed, worth):
+    """auto times the fully quantized draft before calibrating: below float speed, or below
+    what it needs to beat another mode, the search ranks nodes by local scores instead of
+    one model per node (exact only up to QUICK_EXACT nodes, set to 1 here); the final
+    timing still decides. An explicit mode (no latency check) searches exactly."""
     import onnxsqueeze.bench
-    from onnxsqueeze.calib.collector import Collector
+    import onnxsqueeze.quantize
 
-    timed: list[int] = []
-    monkeypatch.setattr(
-        onnxsqueeze.bench, "compare_latency", lambda *a, **k: timed.append(1) or 0.5
-    )
-    collected: list[int] = []
-    collect = Collector.collect
-    monkeypatch.setattr(
-        Collector, "collect", lambda self, *a, **k: collected.append(1) or collect(self, *a, **k)
-    )
+    monkeypatch.setattr(onnxsqueeze.bench, "compare_latency", lambda *a, **k: speed)
+    monkeypatch.setattr(onnxsqueeze.quantize, "QUICK_EXACT", 1)
     model, calib = _sensitive_model(), _feeds(16)
-    auto = QuantizeConfig(mode="static", check_latency=True, require_faster=True)
-    outcome = quantize_model(model, _feeds(4), auto, calib_feeds=calib)
-    assert not outcome.record["applied"] and outcome.record["slower"]
-    assert "every node quantized runs at 0.500x" in outcome.record["reason"]
-    assert timed == [1] and collected == []  # one timing, no calibration, no search
-    explicit = quantize_model(model, _feeds(4), QuantizeConfig(mode="static"), calib_feeds=calib)
-    assert explicit.record["applied"] and collected == [1]
-
-
-def test_auto_searches_an_integer_mode_only_if_it_could_beat_weight_only(monkeypatch):
-    """Weight-only int8 (float speed once folded) comes first; a static/dynamic draft
-    measured (forced) at 1.02x could not win the pick against it (speeds within 5 % go to the
-    smaller file), so neither is calibrated nor searched."""
-    import onnxsqueeze.bench
-
-    monkeypatch.setattr(onnxsqueeze.bench, "compare_latency", lambda *a, **k: 1.02)
-    proto, data = _one_matmul()
-    _, report = onnxsqueeze.squeeze(proto, data=data, quantize="auto")
-    record = report.quantization
-    assert record["mode"] == "weights-int8" and record["applied"]
-    others = {a["mode"]: a for a in record["alternatives"]}
-    assert set(others) == {"weights-int8", "static", "dynamic"}
-    for mode in ("static", "dynamic"):
-        assert not others[mode]["applied"] and others[mode]["measured"] is None
-        assert "below the 1.053x it would need" in others[mode]["reason"]
+    budget = Budget(max_error=1.0)
+    auto = QuantizeConfig(
+        method="minmax",
+        budget=budget,
+        elementwise="all",
+        check_latency=True,
+        require_faster=True,
+        worth_speed=worth,
+    )
+    record = quantize_model(model, _feeds(8), auto, calib_feeds=calib).record
+    assert record["draft_speed"] == speed and record["sensitivity"] == "local"
+    explicit = QuantizeConfig(method="minmax", budget=budget, elementwise="all")
+    record = quantize_model(model, _feeds(8), explicit, calib_feeds=calib).record
+    assert "draft_speed" not in record and record["sensitivity"] == "exact"
