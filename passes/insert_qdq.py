@@ -57,7 +57,7 @@ class InsertQdqOptions:
     ranges: Mapping[str, tuple[float, float]] = dataclasses.field(
         default_factory=dict, metadata={"hidden": True}
     )
-    #: Quantized weights shared across runs on clones of one model (qdq.quantized_weight).
+    #: Weights quantized once across clones of one model (qdq.quantized_weight); hidden.
     weight_memo: dict | None = dataclasses.field(default=None, metadata={"hidden": True})
     activations: str = "uint8"
     weights: str = "int8"
@@ -119,8 +119,6 @@ class InsertQdqPass(SqueezePass):
             "nodes": count_nodes(model),
         }
         return SqueezeResult(model, modified=bool(self._stats["quantized"]), stats=stats)
-
-    # ------------------------------------------------------------------ planning
 
     def _wanted(self, node: ir.Node) -> bool:
         opts: InsertQdqOptions = self.options

@@ -15,9 +15,9 @@ import math
 import numpy as np
 from numba import njit
 
-#: Indices into the stats vector that ``scan`` fills.
-MIN, MAX, NAN, POS_INF, NEG_INF, OUTSIDE, FINITE = range(7)
-N_STATS = 7
+#: Indices into the stats vector that ``extremes`` fills.
+MIN, MAX, NAN, POS_INF, NEG_INF, FINITE = range(6)
+N_STATS = 6
 
 
 #: Elements per block in ``count``: its index buffer stays in L1 cache.
@@ -40,7 +40,7 @@ def extremes(flat: np.ndarray, stats: np.ndarray) -> None:
         lo, hi = flat.min(), flat.max()
         if math.isfinite(lo) and math.isfinite(hi):
             stats[MIN], stats[MAX] = lo, hi
-            stats[NAN] = stats[POS_INF] = stats[NEG_INF] = stats[OUTSIDE] = 0
+            stats[NAN] = stats[POS_INF] = stats[NEG_INF] = 0
             stats[FINITE] = flat.size
             return
     minmax(flat, stats)
@@ -96,12 +96,14 @@ def _count(flat, counts, params):  # pragma: no cover - compiled
         if j < size:
             local[index[j]] += np.uint32(1)
         pending += size
-        if pending >= FLUSH or start + size >= n:
+        if pending >= FLUSH:
             for j in range(bins):
                 counts[j] += local[j] + local[stride + j]
                 local[j] = 0
                 local[stride + j] = 0
             pending = 0
+    for j in range(bins):
+        counts[j] += local[j] + local[stride + j]
 
 
 @njit(cache=True, nogil=True)
@@ -132,7 +134,6 @@ def minmax(flat, stats):  # pragma: no cover - compiled
     stats[NAN] = nan
     stats[POS_INF] = pos_inf
     stats[NEG_INF] = misses - nan - pos_inf
-    stats[OUTSIDE] = 0
     stats[FINITE] = n - misses
 
 
