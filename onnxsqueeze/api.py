@@ -134,10 +134,19 @@ def _run(
     registry = registry or builtin_registry()
     pass_objects = registry.build(passes if passes is not None else [preset])
     feeds = probe_feeds(model, data, shapes, probe_samples, seed) if verify else None
+    probe_shapes: list[Any] = [shapes]
+
+    def retries():  # the shapes the original accepts also size the quantize stage's probes
+        if data is None:
+            for label, resolved in _retry_shapes(model, shapes):
+                probe_shapes[0] = resolved
+                yield label, probe_feeds(model, None, resolved, probe_samples, seed)
+
     pipeline = Pipeline(
         pass_objects,
         verify=VerifyOptions(enabled=verify, providers=tuple(providers or ("cpu",))),
         feeds=feeds,
+        retry_feeds=retries(),
     )
     model, report = pipeline.run(model, Report())
     if quantize is not None and not verify:
@@ -156,23 +165,58 @@ def _run(
     if quantize is not None:
         from onnxsqueeze.quantize import run_quantize_stage
 
-        model = run_quantize_stage(model, report, quantize, data, shapes, providers, seed)
+        model = run_quantize_stage(model, report, quantize, data, probe_shapes[0], providers, seed)
     return model, report
 
 
 def probe_feeds(model, data, shapes, count: int, seed: int) -> list[dict]:
     """User data (up to MAX_DATA_PROBES samples) or seeded random feeds from the signature."""
     from onnxsqueeze.data import load_feeds
-    from onnxsqueeze.runtime import input_specs, parse_shape_overrides, random_feeds
+    from onnxsqueeze.runtime import input_specs, random_feeds
 
     specs = input_specs(model)
     if data is not None:
         return load_feeds(data, specs, limit=max(count, MAX_DATA_PROBES))
-    if isinstance(shapes, Mapping):
-        fixed, dims = {k: tuple(v) for k, v in shapes.items()}, {}
-    else:
-        fixed, dims = parse_shape_overrides(shapes or [])
+    fixed, dims = _shape_overrides(shapes)
     return random_feeds(specs, count=count, seed=seed, shapes=fixed, dims=dims)
+
+
+def _shape_overrides(shapes) -> tuple[dict, dict]:
+    from onnxsqueeze.runtime import parse_shape_overrides
+
+    if isinstance(shapes, Mapping):
+        return {k: tuple(v) for k, v in shapes.items()}, {}
+    return parse_shape_overrides(shapes or [])
+
+
+def _retry_shapes(model, shapes) -> Iterable[tuple[str, dict[str, tuple[int, ...]]]]:
+    """Input shapes to try when the original rejects the default probes: the guessed dims
+    (dynamic, not the batch, not given) larger, on every input, then on the first input
+    only (the others' guessed dims 1: a recurrent state whose axis 1 is the batch)."""
+    from onnxsqueeze.errors import CalibrationDataError
+    from onnxsqueeze.runtime import PROBE_DIM_RETRIES, concrete_shape, input_specs
+
+    fixed, dims = _shape_overrides(shapes)
+    specs = input_specs(model)
+    try:
+        if all(
+            concrete_shape(s, fixed, dims, 1) == concrete_shape(s, fixed, dims, 2) for s in specs
+        ):
+            return
+        for size in PROBE_DIM_RETRIES:
+            yield (
+                f"probe inputs whose unsized dims are {size}",
+                {s.name: concrete_shape(s, fixed, dims, size) for s in specs},
+            )
+            if len(specs) > 1:
+                first = {s.name: concrete_shape(s, fixed, dims, 1) for s in specs[1:]}
+                first[specs[0].name] = concrete_shape(specs[0], fixed, dims, size)
+                yield (
+                    f"probe inputs whose unsized dims are {size} on '{specs[0].name}', 1 elsewhere",
+                    first,
+                )
+    except CalibrationDataError:
+        return
 
 
 def _file_bytes(path: Path, data_files: set[Path]) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import onnx
@@ -54,10 +54,14 @@ class Pipeline:
         *,
         verify: VerifyOptions | None = None,
         feeds: Sequence[dict[str, Any]] | None = None,
+        retry_feeds: Iterable[tuple[str, list[dict[str, Any]]]] = (),
     ) -> None:
+        """``retry_feeds``: (description, feeds) to try, lazily and in order, when the
+        original model rejects ``feeds`` (generated probes whose guessed sizes it refuses)."""
         self.passes = list(passes)
         self.verify = verify or VerifyOptions()
         self.feeds = list(feeds or [])
+        self._retry_feeds = retry_feeds
         self._backend: str | None = None
         self._fallback_reason: str | None = None
         self._providers_used: list[str] = []
@@ -210,15 +214,35 @@ class Pipeline:
         try:
             outputs = self._outputs(model)
         except RuntimeSessionError as exc:
-            raise VerificationError(
-                f"cannot verify: the original model fails on the probe feeds ({exc}); "
-                "give real inputs (--data), input shapes (--shape), or disable verification (--no-verify)"
-            ) from exc
+            outputs = self._retry(model, report)
+            if outputs is None:
+                raise VerificationError(
+                    f"cannot verify: the original model fails on the probe feeds ({exc}); "
+                    "give real inputs (--data), input shapes (--shape), or disable verification (--no-verify)"
+                ) from exc
+            report.warnings.append(
+                f"the original model rejects the default probe inputs ({_innermost(exc)}); "
+                f"verified on {self._retry_label} instead"
+            )
         report.providers = list(self._providers_used)
         report.verification_backend = self._backend
         if self._fallback_reason:
             report.warnings.append(f"{self._fallback_reason}; verified with onnx.reference instead")
         return outputs
+
+    def _retry(self, model: ir.Model, report: Report) -> list[dict] | None:
+        """Outputs on the first retry feeds the original accepts (they become the probes)."""
+        first = self.feeds
+        for label, feeds in self._retry_feeds:
+            self.feeds = feeds
+            try:
+                outputs = self._outputs(model)
+            except RuntimeSessionError:
+                continue
+            self._retry_label = label
+            return outputs
+        self.feeds = first
+        return None
 
     def _outputs(self, model: ir.Model) -> list[dict]:
         """Outputs on the probe feeds; the backend that ran the original runs every later model."""
@@ -324,3 +348,10 @@ def _check_with_stand_ins(proto: onnx.ModelProto) -> None:
         path = Path(tmp, "model.onnx")
         path.write_bytes(proto.SerializeToString())
         onnx.checker.check_model(str(path))
+
+
+def _innermost(exc: Exception, limit: int = 160) -> str:
+    """onnxruntime nests the failing node's message in each enclosing If/Loop's: keep the
+    innermost, which names the actual problem."""
+    text = str(exc).rsplit("Status Message:", 1)[-1].strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -38,6 +38,9 @@ PROVIDER_ALIASES = {
 INLINE_SESSION_LIMIT = 1_500_000_000
 #: Size of a dynamic dimension nobody named (a multiple of 32 suits strided CNNs).
 DEFAULT_DYNAMIC_DIM = 32
+#: Larger sizes tried, in order, when the original model rejects probe feeds of the default
+#: size (an audio model whose STFT pads by more than 32 samples, a CNN that downsamples 64x).
+PROBE_DIM_RETRIES = (128, 512)
 
 
 # ---------------------------------------------------------------------------- providers
@@ -244,7 +247,10 @@ def parse_shape_overrides(
 
 
 def concrete_shape(
-    spec: InputSpec, shapes: Mapping[str, tuple[int, ...]], dims: Mapping[str, int]
+    spec: InputSpec,
+    shapes: Mapping[str, tuple[int, ...]],
+    dims: Mapping[str, int],
+    default_dim: int = DEFAULT_DYNAMIC_DIM,
 ) -> tuple[int, ...]:
     """Resolve every dynamic dim: user override, then symbol value, then a default."""
     if spec.name in shapes:
@@ -271,7 +277,7 @@ def concrete_shape(
         elif axis == 0 or (isinstance(dim, str) and "batch" in dim.lower()):
             out.append(1)
         else:
-            out.append(DEFAULT_DYNAMIC_DIM)
+            out.append(default_dim)
     return tuple(out)
 
 

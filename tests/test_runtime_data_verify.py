@@ -138,3 +138,39 @@ def test_session_through_temporary_directory_for_external_weights(tmp_path, monk
     np.testing.assert_allclose(Session(external).run({"x": x})["y"], x @ w, rtol=1e-5)
     monkeypatch.setattr(runtime, "INLINE_SESSION_LIMIT", 0)  # as if the weights were > 2 GB
     np.testing.assert_allclose(Session(in_memory).run({"x": x})["y"], x @ w, rtol=1e-5)
+
+
+#: Like silero-vad: the signal must be long enough (Reshape to rows of 64 here), and the
+#: recurrent state's axis 1 is its batch (the Reshape only fits when that axis is 1).
+PICKY = """
+<ir_version: 8, opset_import: ["" : 17]>
+picky (float[n, len] signal, float[2, b, 4] state) => (float[r, 64] rows, float[2, 4] s)
+<int64[2] row_shape = {-1, 64}, int64[2] state_shape = {2, 4}>
+{
+  rows = Reshape(signal, row_shape)
+  s = Reshape(state, state_shape)
+}
+"""
+
+
+def test_probes_grow_until_the_original_accepts_them(tmp_path):
+    """Random probes of the default size (32) fail; verification retries larger sizes,
+    then the first input alone, says so, and the quantize stage uses the same shapes."""
+    import onnx
+
+    import onnxsqueeze
+
+    proto = parse(PICKY)
+    with pytest.raises(Exception, match="Reshape"):
+        Session(ir.serde.deserialize_model(proto)).run_all(
+            random_feeds(input_specs(ir.serde.deserialize_model(proto)))
+        )
+    result = onnxsqueeze.squeeze(proto, quantize="weights-int8")
+    report = result.report
+    assert report.verification_status == "passed"
+    assert any("unsized dims are 128 on 'signal', 1 elsewhere" in w for w in report.warnings)
+    assert not any("quantization" in w and "skipped" in w for w in report.warnings)
+    onnx.checker.check_model(result.model)
+    # Given shapes are kept, never guessed over: a wrong one stays a clear error.
+    with pytest.raises(Exception, match="cannot verify"):
+        onnxsqueeze.squeeze(proto, shapes={"signal": (1, 32), "state": (2, 1, 4)})
