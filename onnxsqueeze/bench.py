@@ -2,6 +2,12 @@
 
 Machines are noisy, so two models are timed in alternating rounds in one window and compared
 by the ratio of their medians; absolute times are only reported next to that ratio.
+
+Each round starts after a pause (``settle``): onnxruntime's idle worker threads keep spinning
+for tens of milliseconds after a run (``allow_spinning``, its default), so a session timed
+right after another one shares the cores with the other's spinners. Measured on PP-OCR det
+(2 cores): the first three runs after a switch took 1.2-1.8x as long, which pulled the ratio
+of rounds of 5 runs from 0.72 (each model timed alone) to 0.80-0.83.
 """
 
 from __future__ import annotations
@@ -16,8 +22,22 @@ from typing import Any
 
 import onnx_ir as ir
 
+#: Pause before a round of runs of another session than the last one timed: long enough for
+#: onnxruntime's spinning workers to go to sleep (after 50 ms the first run was still 15 %
+#: slow; after 200 ms, 4 %).
+SETTLE_S = 0.15
+
+
+def settle(session: Any, feed: Mapping[str, Any], run: Any = None) -> None:
+    """Let the previous session's worker threads stop spinning, then run ``session`` once
+    untimed (its own workers awake, as in steady serving). ``run``: how to run it."""
+    time.sleep(SETTLE_S)
+    (run or session.run)(feed)
+
 
 def median_ms(session: Any, feed: Mapping[str, Any], runs: int) -> float:
+    """Median of ``runs`` timed runs, after ``settle``."""
+    settle(session, feed)
     times = []
     for _ in range(runs):
         start = time.perf_counter()

@@ -174,3 +174,18 @@ def test_probes_grow_until_the_original_accepts_them(tmp_path):
     # Given shapes are kept, never guessed over: a wrong one stays a clear error.
     with pytest.raises(Exception, match="cannot verify"):
         onnxsqueeze.squeeze(proto, shapes={"signal": (1, 32), "state": (2, 1, 4)})
+
+
+def test_latency_rounds_start_after_the_other_sessions_threads_settle(mlp, monkeypatch):
+    """Each timed round of compare_latency begins with a pause and an untimed run: without
+    them the first runs after a switch share the cores with the other session's spinning
+    onnxruntime workers (measured, see onnxsqueeze.bench)."""
+    from onnxsqueeze import bench
+
+    events: list[str] = []
+    monkeypatch.setattr(bench.time, "sleep", lambda s: events.append(f"sleep {s}"))
+    model = ir.serde.deserialize_model(mlp)
+    speed = bench.compare_latency(model, model, ["cpu"], rounds=3, runs=4)
+    assert speed > 0
+    assert events == [f"sleep {bench.SETTLE_S}"] * 6
+    assert bench.SETTLE_S >= 0.1

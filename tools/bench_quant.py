@@ -159,7 +159,10 @@ def session(path: Path):
 
 def latency_ratio(base, cand, feed: dict, runs: int) -> tuple[float, float]:
     """(median candidate ms, fp32 ms / candidate ms), alternating rounds of 5 runs (this VM's
-    speed drifts within seconds)."""
+    speed drifts within seconds), each after onnxsqueeze.bench.settle (the other session's
+    spinning threads asleep)."""
+    from onnxsqueeze.bench import settle
+
     for s in (base, cand):
         for _ in range(5):
             s.run(None, feed)
@@ -168,6 +171,7 @@ def latency_ratio(base, cand, feed: dict, runs: int) -> tuple[float, float]:
     rounds = max(runs // per, 3)
     for _ in range(rounds):
         for s, sink in ((base, b), (cand, c)):
+            settle(s, feed, lambda f, s=s: s.run(None, f))
             for _ in range(per):
                 start = time.perf_counter()
                 s.run(None, feed)
