@@ -456,6 +456,99 @@ def test_values_inside_if_branches_are_calibrated_through_the_if():
     assert onnx.printer.to_text(ir.serde.serialize_model(model)) == before
 
 
+LOOP_MODEL = """
+<ir_version: 8, opset_import: ["" : 17]>
+rnn (float[1, 2] x, float[1, 2] h0) => (float[1, 2] h, float[1, 8] acc, float[3, 1, 2] steps)
+<float[2, 2] W = {1, -1, 0.5, 2}, int64 trip = {3}, bool cond = {1}>
+{
+  h, acc, steps = Loop (trip, cond, h0, x) <body = step (int64 i, bool c, float[1, 2] hin,
+                                                         float[1, n] accin)
+                                                     => (bool cout, float[1, 2] hout,
+                                                         float[1, m] accout, float[1, 2] a) {
+      cout = Identity (c)
+      mm = MatMul (hin, W)
+      a = Add (mm, x)
+      hout = Tanh (a)
+      accout = Concat <axis = 1> (accin, hout)
+  }>
+}
+"""
+
+SCAN_MODEL = """
+<ir_version: 8, opset_import: ["" : 17]>
+scanned (float[1, 2] s0, float[4, 1, 2] xs) => (float[1, 2] s, float[4, 1, 2] ys)
+<float[2, 2] W = {1, -1, 0.5, 2}>
+{
+  s, ys = Scan <num_scan_inputs = 1, scan_output_axes = [0], body = sb (float[1, 2] sin,
+                                                                       float[1, 2] xt)
+                                                                   => (float[1, 2] sout,
+                                                                       float[1, 2] y) {
+      p = MatMul (xt, W)
+      sout = Add (sin, p)
+      y = Relu (sout)
+  }> (s0, xs)
+}
+"""
+W22 = np.array([[1, -1], [0.5, 2]], np.float32)
+
+
+def _span(arrays) -> tuple[float, float]:
+    return float(min(a.min() for a in arrays)), float(max(a.max() for a in arrays))
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy"])
+def test_values_inside_loop_and_scan_bodies_are_calibrated_over_every_iteration(method):
+    """Body values (carried state, scanned slices, node outputs) come out stacked over the
+    iterations, so their ranges are those of every iteration of every sample (checked
+    against the loop unrolled in NumPy); a value whose shape grows per iteration cannot be
+    stacked and is reported as skipped, not dropped silently."""
+    import onnx
+
+    import onnxsqueeze
+
+    rng = np.random.default_rng(0)
+    loop = onnx.parser.parse_model(LOOP_MODEL)
+    feeds = [
+        {k: rng.standard_normal((1, 2)).astype(np.float32) for k in ("x", "h0")} for _ in range(3)
+    ]
+    seen: dict[str, list] = {"hin": [], "a": [], "hout": []}
+    for feed in feeds:
+        h = feed["h0"]
+        for _ in range(3):
+            a = h @ W22 + feed["x"]
+            seen["hin"].append(h)
+            seen["a"].append(a)
+            h = np.tanh(a)
+            seen["hout"].append(h)
+    result = onnxsqueeze.calibrate(loop, feeds, method="minmax")
+    for name, arrays in seen.items():
+        assert result.range(name) == pytest.approx(_span(arrays), rel=1e-6), name
+    assert "shape may change per iteration" in result.skipped["accout"]
+    assert "shape may change per iteration" in result.skipped["accin"]
+
+    scan = onnx.parser.parse_model(SCAN_MODEL)
+    feeds = [
+        {
+            "s0": rng.standard_normal((1, 2)).astype(np.float32),
+            "xs": rng.standard_normal((4, 1, 2)).astype(np.float32),
+        }
+        for _ in range(3)
+    ]
+    p = [feed["xs"][t] @ W22 for feed in feeds for t in range(4)]
+    sin = [
+        feed["s0"] + sum(feed["xs"][k] @ W22 for k in range(t)) for feed in feeds for t in range(4)
+    ]
+    result = onnxsqueeze.calibrate(scan, feeds, method=method)
+    assert not result.skipped
+    if method == "minmax":
+        assert result.range("p") == pytest.approx(_span(p), rel=1e-5)
+        assert result.range("sin") == pytest.approx(_span(sin), rel=1e-5)
+        assert result.range("xt") == pytest.approx(_span([f["xs"] for f in feeds]), rel=1e-6)
+    else:  # a histogram range covers them
+        lo, hi = result.range("p")
+        assert lo <= 0 <= hi and hi - lo > 0
+
+
 # ---------------------------------------------------------------------------- stacking
 
 

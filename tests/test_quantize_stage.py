@@ -457,3 +457,68 @@ def test_a_slow_draft_gets_the_quick_search(monkeypatch, speed, worth):
     explicit = QuantizeConfig(method="minmax", budget=budget, elementwise="all")
     record = quantize_model(model, _feeds(8), explicit, calib_feeds=calib).record
     assert "draft_speed" not in record and record["sensitivity"] == "exact"
+
+
+def _loop_rnn(width: int = 32, steps: int = 5) -> onnx.ModelProto:
+    """h <- Tanh(MatMul(h, W) + x), ``steps`` times in a Loop; W is an outer-scope weight."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    row = [1, width]
+    body = h.make_graph(
+        [
+            h.make_node("Identity", ["c"], ["cout"]),
+            h.make_node("MatMul", ["hin", "W"], ["m"]),
+            h.make_node("Add", ["m", "x"], ["a"]),
+            h.make_node("Tanh", ["a"], ["hout"]),
+        ],
+        "step",
+        [
+            h.make_tensor_value_info("i", T.INT64, []),
+            h.make_tensor_value_info("c", T.BOOL, []),
+            h.make_tensor_value_info("hin", T.FLOAT, row),
+        ],
+        [
+            h.make_tensor_value_info("cout", T.BOOL, []),
+            h.make_tensor_value_info("hout", T.FLOAT, row),
+        ],
+    )
+    graph = h.make_graph(
+        [h.make_node("Loop", ["trip", "cond", "h0"], ["h"], body=body)],
+        "rnn",
+        [h.make_tensor_value_info("x", T.FLOAT, row), h.make_tensor_value_info("h0", T.FLOAT, row)],
+        [h.make_tensor_value_info("h", T.FLOAT, row)],
+        [
+            nh.from_array(weight, "W"),
+            nh.from_array(np.array(steps, np.int64), "trip"),
+            nh.from_array(np.array(True), "cond"),
+        ],
+    )
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_static_quantization_inside_a_loop_body():
+    """The MatMul inside the Loop is calibrated on every iteration (its carried input
+    included) and quantized there; the result loads in onnxruntime and meets the budget."""
+    model = _loop_rnn()
+    rng = np.random.default_rng(1)
+    data = [
+        {k: rng.standard_normal((1, 32)).astype(np.float32) for k in ("x", "h0")} for _ in range(16)
+    ]
+    result = onnxsqueeze.squeeze(model, data=data, quantize="static")
+    record = result.report.quantization
+    assert record["applied"] and record["quantized"] == 1, record
+    loop = next(n for n in result.model.graph.node if n.op_type == "Loop")
+    body_ops = [n.op_type for n in loop.attribute[0].g.node]
+    assert "QuantizeLinear" in body_ops and "MatMul" in body_ops
+    onnx.checker.check_model(result.model)
+    for feed in data[:4]:
+        (ours,) = run_ort(result.model, feed)
+        (ref,) = run_ort(model, feed)
+        cosine = float((ours * ref).sum() / np.linalg.norm(ours) / np.linalg.norm(ref))
+        assert cosine > 0.99

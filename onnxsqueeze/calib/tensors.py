@@ -1,6 +1,7 @@
 """Which tensors calibration observes, and what is known of them before any run.
 
-Float activations of the main graph and of If branches (brought out through their Ifs);
+Float activations of the main graph, If branches and Loop/Scan bodies (brought out through
+the nodes that hold them, see ``expose``);
 Reshape/Transpose-like outputs share their source's statistics instead of being exposed.
 """
 
@@ -11,7 +12,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxsqueeze.calib.expose import branch_chain
+from onnxsqueeze.calib.expose import branch_chain, per_iteration_shape
 from onnxsqueeze.shapes import inferred_shapes, static_shape
 
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
@@ -33,8 +34,9 @@ def select_inferred(
 ) -> tuple[list[str], dict[str, str]]:
     """As select_tensors, on a model whose types are already inferred.
 
-    Constants are weights, not activations. Values inside If branches are brought out
-    through their Ifs (``expose``); values inside Loop/Scan bodies cannot be, so they are
+    Constants are weights, not activations. Values inside If branches and Loop/Scan bodies
+    are brought out through their nodes (``expose``); those that cannot be (a body value
+    whose shape may change from one iteration to the next, a subgraph of another op) are
     reported rather than silently ignored.
     """
     chosen: dict[str, None] = {}
@@ -63,12 +65,21 @@ def select_inferred(
     for sub in model.graphs():
         if sub is graph:
             continue
+        # a Loop/Scan body's inputs (carried state, scanned slices) are activations too
+        for value in sub.inputs if sub in branches else ():
+            wanted = not op_types or any(user.op_type in op_types for user, _ in value.uses())
+            if not wanted or value.dtype not in FLOAT_TYPES:
+                continue
+            if per_iteration_shape(value, branches):
+                chosen[value.name] = None
+            else:
+                skipped[value.name] = "in a Loop/Scan body, shape may change per iteration"
         for node in sub:
             for value in node.outputs:
                 if not value.name:
                     continue
                 if sub not in branches:
-                    skipped[value.name] = "inside a Loop/Scan body (per-iteration values)"
+                    skipped[value.name] = "inside a subgraph of an op other than If/Loop/Scan"
                 elif (
                     op_types
                     and node.op_type not in op_types
@@ -76,7 +87,10 @@ def select_inferred(
                 ):
                     continue
                 elif value.dtype in FLOAT_TYPES and node.op_type != "Constant":
-                    chosen[value.name] = None
+                    if per_iteration_shape(value, branches):
+                        chosen[value.name] = None
+                    else:
+                        skipped[value.name] = "in a Loop/Scan body, shape may change per iteration"
                 elif value.dtype is None:
                     skipped[value.name] = "type unknown after shape inference"
     return list(chosen), skipped
@@ -97,9 +111,13 @@ def same_values(model: ir.Model, names: set[str]) -> dict[str, str]:
 
 
 def produced_values(model: ir.Model) -> dict[str, ir.Value]:
-    """Node outputs by name in the main graph and in If branches reachable through Ifs."""
-    graphs = [model.graph, *branch_chain(model)]
-    return {v.name: v for graph in graphs for node in graph for v in node.outputs if v.name}
+    """Node outputs by name in the main graph and in the subgraphs ``expose`` reaches, and
+    those subgraphs' inputs."""
+    bodies = branch_chain(model)
+    values = {v.name: v for body in bodies for v in body.inputs if v.name}
+    for graph in (model.graph, *bodies):
+        values.update((v.name, v) for node in graph for v in node.outputs if v.name)
+    return values
 
 
 def static_nbytes(value: ir.Value) -> int | None:
