@@ -117,6 +117,7 @@ def _from_proto(
         _check_external_data(proto, label, Path(base_dir))
     if validate:
         _run_checker(proto, label, checker_path)
+    proto = _without_map_types(proto, label)
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:
@@ -422,9 +423,57 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
         # not know; inline them so the proto stands on its own.
         model = _inline_external(model)
     with _lean_value_info(model):
-        proto = ir.serde.serialize_model(model)
+        proto = serialize(model)
     _drop_empty_domains(proto)
     return proto
+
+
+def serialize(model: ir.Model) -> onnx.ModelProto:
+    """``ir.serde.serialize_model``, with the types of graph outputs onnx_ir cannot hold
+    (maps: scikit-learn's ZipMap probabilities) inferred back, as the checker wants them."""
+    proto = ir.serde.serialize_model(model)
+    if any(not o.HasField("type") for o in proto.graph.output):
+        inferred = onnx.shape_inference.infer_shapes(proto)
+        types = {o.name: o.type for o in inferred.graph.output if o.HasField("type")}
+        for output in proto.graph.output:
+            if not output.HasField("type") and output.name in types:
+                output.type.CopyFrom(types[output.name])
+    return proto
+
+
+def _has_map(type_proto: onnx.TypeProto) -> bool:
+    kind = type_proto.WhichOneof("value")
+    if kind == "map_type":
+        return True
+    if kind in ("sequence_type", "optional_type"):
+        return _has_map(getattr(type_proto, kind).elem_type)
+    return False
+
+
+def _without_map_types(proto: onnx.ModelProto, label: str) -> onnx.ModelProto:
+    """A copy without the map types onnx_ir cannot read, or ``proto`` itself if it has none.
+
+    Map-typed outputs (ZipMap's ``seq(map(int64, float))``) lose their declared type, which
+    ``serialize`` infers back from the node; value_info entries are only hints and go.
+    """
+    graph = proto.graph
+    for value in graph.input:
+        if _has_map(value.type):
+            raise UnsupportedModelError(
+                f"{label}: input '{value.name}' is a map (DictVectorizer-style), which "
+                "onnxsqueeze cannot read yet"
+            )
+    if not any(_has_map(v.type) for v in (*graph.output, *graph.value_info)):
+        return proto
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    for output in copy.graph.output:
+        if _has_map(output.type):
+            output.ClearField("type")
+    kept = [v for v in copy.graph.value_info if not _has_map(v.type)]
+    del copy.graph.value_info[:]
+    copy.graph.value_info.extend(kept)
+    return copy
 
 
 def _drop_empty_domains(proto: onnx.ModelProto) -> None:

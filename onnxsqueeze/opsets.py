@@ -24,7 +24,9 @@ def upgrade_opset(model: ir.Model, target: int) -> ir.Model:
         return model
     import onnx.version_converter
 
-    proto = ir.serde.serialize_model(model)
+    from onnxsqueeze.io import serialize
+
+    proto = serialize(model)
     try:
         converted = onnx.version_converter.convert_version(proto, target)
     except Exception as exc:

@@ -18,7 +18,13 @@ import onnx
 import onnx_ir as ir
 
 from onnxsqueeze.errors import RuntimeSessionError, VerificationError
-from onnxsqueeze.io import has_external_tensors, initializer_bytes, model_stats, weightless
+from onnxsqueeze.io import (
+    has_external_tensors,
+    initializer_bytes,
+    model_stats,
+    serialize,
+    weightless,
+)
 from onnxsqueeze.registry import SqueezePass, SqueezeResult
 from onnxsqueeze.report import PassRecord, Report
 from onnxsqueeze.verify import LOSSLESS_RTOL, Comparison, compare_runs
@@ -320,7 +326,7 @@ def structural_problem(model: ir.Model) -> str | None:
     # Big in-memory weights are checked as external data too: the checker then reads no
     # weight bytes, which are most of its time on a large model.
     with weightless(model) as detached:
-        proto = ir.serde.serialize_model(model)
+        proto = serialize(model)
     try:
         if has_external_tensors(model) or detached:
             _check_with_stand_ins(proto)

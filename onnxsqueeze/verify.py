@@ -109,7 +109,27 @@ def compare_runs(
     return Comparison(list(metrics.values()), len(reference))
 
 
+def _tensor_like(x: Any) -> Any:
+    """A map or sequence of maps with the same keys (ZipMap's per-class probabilities) as
+    an array, one column per key in key order, so it is compared like a tensor (tolerance,
+    cosine, top-1); anything else unchanged."""
+    rows = [x] if isinstance(x, dict) else x
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        return x
+    keys = sorted(rows[0])
+    if any(sorted(r) != keys for r in rows):
+        return x
+    try:
+        table = np.array([[r[k] for k in keys] for r in rows])
+    except (TypeError, ValueError):
+        return x
+    if table.dtype.kind not in "fiu":
+        return x
+    return table[0] if isinstance(x, dict) else table
+
+
 def _accumulate(m: OutputMetrics, a: Any, b: Any, cos_sums: dict, top1: dict) -> None:
+    a, b = _tensor_like(a), _tensor_like(b)
     if not isinstance(a, np.ndarray) or not isinstance(b, np.ndarray):
         # Sequences and maps (ai.onnx.ml ZipMap...) must match exactly.
         if repr(a) != repr(b):

@@ -193,3 +193,99 @@ def test_weightless_sessions_and_checks_see_the_same_model():
     model.graph[0].attributes["bogus"] = ir.AttrInt64("bogus", 1)
     assert structural_problem(model) is not None
     np.testing.assert_array_equal(model.graph.initializers["w"].const_value.numpy(), w)
+
+
+def _zipmap_classifier(features: int = 128, classes: int = 40) -> onnx.ModelProto:
+    """scikit-learn's classifier export: a label and ZipMap's seq(map(int64, float))."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((features, classes)).astype(np.float32) / 8
+    probs = h.make_tensor_sequence_value_info("probabilities", T.FLOAT, None)
+    probs.type.CopyFrom(
+        h.make_sequence_type_proto(
+            h.make_map_type_proto(T.INT64, h.make_tensor_type_proto(T.FLOAT, []))
+        )
+    )
+    graph = h.make_graph(
+        [
+            h.make_node("MatMul", ["X", "W"], ["logits"]),
+            h.make_node("Softmax", ["logits"], ["p"], axis=1),
+            h.make_node("ArgMax", ["p"], ["label"], axis=1, keepdims=0),
+            h.make_node(
+                "ZipMap",
+                ["p"],
+                ["probabilities"],
+                domain="ai.onnx.ml",
+                classlabels_int64s=list(range(classes)),
+            ),
+        ],
+        "classifier",
+        [h.make_tensor_value_info("X", T.FLOAT, [None, features])],
+        [h.make_tensor_value_info("label", T.INT64, [None]), probs],
+        [nh.from_array(weight, "W")],
+    )
+    model = h.make_model(
+        graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("ai.onnx.ml", 3)], ir_version=8
+    )
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_map_typed_outputs_load_squeeze_and_keep_their_type(tmp_path):
+    """onnx_ir cannot hold map types: ZipMap's output loses its declared type on the way in
+    and gets it back (inferred) on the way out; verification compares the per-class
+    probabilities as a table, so a quantized model is judged by tolerance, not equality."""
+    import onnxsqueeze
+
+    model = _zipmap_classifier()
+    source = tmp_path / "clf.onnx"
+    onnx.save(model, source)
+    data = [
+        {"X": np.random.default_rng(i).standard_normal((4, 128)).astype(np.float32)}
+        for i in range(8)
+    ]
+    result = onnxsqueeze.squeeze(model, data=data, quantize="weights-int8")
+    assert result.report.verification_status == "passed"
+    assert result.report.quantization["applied"], result.report.quantization
+    out = result.model
+    onnx.checker.check_model(out, full_check=True)
+    assert out.graph.output[1].type == model.graph.output[1].type
+    assert onnx.load(source) == model  # the input is untouched
+    from conftest import run_ort
+
+    probabilities = run_ort(out, data[0])[1]
+    assert isinstance(probabilities, list) and set(probabilities[0]) == set(range(40))
+
+
+def test_map_typed_input_is_a_clear_error(tmp_path):
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    from onnxsqueeze.errors import UnsupportedModelError
+    from onnxsqueeze.io import load_model
+
+    features = h.make_value_info(
+        "features", h.make_map_type_proto(T.STRING, h.make_tensor_type_proto(T.FLOAT, []))
+    )
+    graph = h.make_graph(
+        [
+            h.make_node(
+                "DictVectorizer",
+                ["features"],
+                ["y"],
+                domain="ai.onnx.ml",
+                string_vocabulary=["a", "b"],
+            )
+        ],
+        "dv",
+        [features],
+        [h.make_tensor_value_info("y", T.FLOAT, [None, 2])],
+    )
+    model = h.make_model(
+        graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("ai.onnx.ml", 3)]
+    )
+    with pytest.raises(UnsupportedModelError, match="input 'features' is a map"):
+        load_model(model)
