@@ -206,6 +206,12 @@ def replace_value(old: ir.Value, new: ir.Value) -> bool:
     return True
 
 
+def read_elsewhere(value: ir.Value, node: ir.Node) -> bool:
+    """Whether a node other than ``node`` reads ``value``: a shared weight's float copy
+    would stay, so quantizing it for ``node`` alone saves nothing."""
+    return any(user is not node for user, _ in value.uses())
+
+
 def drop_if_unused(scope: GraphLike, value: ir.Value) -> None:
     """Remove a constant nothing reads any more (a replaced float weight), so the file shrinks."""
     if value.uses() or value.is_graph_output() or value.is_graph_input():

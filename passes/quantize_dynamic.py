@@ -26,6 +26,7 @@ from onnxsqueeze.graphs import (
     constant_array,
     drop_if_unused,
     opset_version,
+    read_elsewhere,
     scopes,
     unique_name,
 )
@@ -145,7 +146,7 @@ class QuantizeDynamicPass(SqueezePass):
             return "not a weighted MatMul"
         if table.size < self.options.min_elements:
             return f"table below {self.options.min_elements} elements"
-        if any(user is not node for user, _ in node.inputs[0].uses()):
+        if read_elsewhere(node.inputs[0], node):
             return "table shared with other readers"
         q, qp = quantize_per_channel(table, 0, "int8")  # rows: lookups never saturate
         base = node.inputs[0].name or "table"

@@ -1,6 +1,7 @@
-"""quantize-weights: weight-only int8/int4 for MatMul, Gemm, Conv filters and Gather tables.
+"""quantize-weights: weight-only int8/int4 for MatMul/Gemm, Conv, LSTM/GRU/RNN and Gather.
 
-Activations stay float and the file shrinks about 4x (int8) or 8x (int4). Forms:
+Activations stay float and the file shrinks about 4x (int8) or 8x (int4). Lossy: the pipeline
+reports how far outputs moved instead of rolling the pass back. Forms:
 
 - ``fold``: codes and scales expanded by ``Cast -> Mul`` (int4: unpacked by float ops), all
   constant, so the runtime folds them back to the float weight at load (onnxsqueeze.unpack):
@@ -15,8 +16,6 @@ Activations stay float and the file shrinks about 4x (int8) or 8x (int4). Forms:
 Rounding (onnxsqueeze.gptq.WeightRounder): ``mse`` scales minimise each block's squared
 error, ``rtn`` is max scaling (``auto``: mse at 4 bits, rtn at 8); with ``grams`` (X^T X of a
 MatMul's input on calibration data) that weight is rounded by GPTQ instead.
-
-Lossy: the pipeline reports how far outputs moved instead of rolling the pass back.
 """
 
 from __future__ import annotations
@@ -29,7 +28,14 @@ import onnx_ir as ir
 
 from onnxsqueeze.calib.gram import conv_key
 from onnxsqueeze.gptq import WeightRounder
-from onnxsqueeze.graphs import GraphLike, all_value_names, constant_array, drop_if_unused, scopes
+from onnxsqueeze.graphs import (
+    GraphLike,
+    all_value_names,
+    constant_array,
+    drop_if_unused,
+    read_elsewhere,
+    scopes,
+)
 from onnxsqueeze.io import count_nodes
 from onnxsqueeze.nbits import NBitsBuilder
 from onnxsqueeze.qdq import QdqBuilder
@@ -45,7 +51,7 @@ from onnxsqueeze.unpack import (
 )
 
 FORMATS = ("auto", "dq", "matmulnbits", "fold")
-WEIGHT_OPS = ("MatMul", "Gemm", "Gather", "Conv")
+WEIGHT_OPS = ("MatMul", "Gemm", "Gather", "Conv", "LSTM", "GRU", "RNN")
 #: MatMulNBits needs a block; this is what onnxruntime's own int4 quantizer defaults to.
 DEFAULT_NBITS_BLOCK = 32
 
@@ -68,10 +74,10 @@ class QuantizeWeightsOptions:
 
 
 class QuantizeWeightsPass(SqueezePass):
-    """Constant MatMul/Gemm/Conv weights and Gather tables -> int8/int4 with float scales."""
+    """Constant MatMul/Gemm/Conv/LSTM/GRU/RNN weights and Gather tables -> int8/int4."""
 
     name = "quantize-weights"
-    summary = "weight-only int8/int4 for MatMul/Gemm/Conv weights and Gather tables"
+    summary = "weight-only int8/int4 for MatMul/Gemm/Conv/LSTM/GRU/RNN weights and Gather tables"
     lossless = False
     Options = QuantizeWeightsOptions
 
@@ -96,10 +102,8 @@ class QuantizeWeightsPass(SqueezePass):
                     stats["kept_float"][node.name] = "excluded"
                     continue
                 outcome = self._quantize(scope, node)
-                if outcome is None:
-                    continue
-                if outcome == (0, 0):
-                    stats["skipped"] += 1
+                if outcome is None or outcome == (0, 0):
+                    stats["skipped"] += outcome is not None  # a candidate left alone
                     continue
                 stats["quantized"].append(node.name)
                 stats["bytes_before"] += outcome[0]
@@ -129,7 +133,10 @@ class QuantizeWeightsPass(SqueezePass):
         if node.op_type == "Gather":
             return self._quantize_table(scope, node)
         if node.op_type == "Conv":
-            return self._quantize_conv(scope, node)
+            return self._quantize_filters(scope, node)
+        if node.op_type in ("LSTM", "GRU", "RNN"):  # W and R; (0, 0) + (x, y) sums
+            done = [o for o in (self._quantize_filters(scope, node, i) for i in (1, 2)) if o]
+            return (sum(o[0] for o in done), sum(o[1] for o in done)) if done else None
         if len(node.inputs) < 2 or node.inputs[1] is None:
             return None
         weight_value = node.inputs[1]
@@ -138,7 +145,7 @@ class QuantizeWeightsPass(SqueezePass):
             return None
         if weight.size < self.options.min_elements:
             return None
-        if _shared(weight_value, node):
+        if read_elsewhere(weight_value, node):
             return (0, 0)
         trans_b = False
         if node.op_type == "Gemm":
@@ -149,7 +156,7 @@ class QuantizeWeightsPass(SqueezePass):
             return (0, 0)
         kn = weight.T if trans_b else weight  # [K, N]
         if form == "matmulnbits":
-            return self._to_matmul_nbits(scope, node, kn)
+            return self._to_nbits(scope, node, kn)
         return self._to_dq(scope, node, kn, trans_b)
 
     def _quantize_table(self, scope: GraphLike, node: ir.Node) -> tuple[int, int] | None:
@@ -162,33 +169,33 @@ class QuantizeWeightsPass(SqueezePass):
             return None
         if (axis is not None and axis.as_int() != 0) or table.size < self.options.min_elements:
             return None
-        if _shared(node.inputs[0], node):
+        if read_elsewhere(node.inputs[0], node):
             return (0, 0)
         form = self._form()
         if form == "matmulnbits":
             if table.shape[1] % 2 and self.options.bits == 4:
                 return (0, 0)  # two 4-bit values per byte along a row
-            return self._to_gather_block_quantized(scope, node, table)
+            return self._to_nbits(scope, node, table.T)
         if form not in ("dq", "fold"):
             return (0, 0)
         return self._to_dq(scope, node, table.T, trans_b=True, index=0)
 
-    def _round(self, node: ir.Node, kn: np.ndarray, bits: int, block: int):
-        """(q, scales) of a [K, N] weight: GPTQ where the node's input has a Gram matrix."""
-        if node.op_type == "Conv":
-            key = conv_key(node)
-        else:
-            key = node.inputs[0].name if node.op_type in ("MatMul", "Gemm") else None
-        return self._rounder.round(node.name or "", key, kn, bits, block)
+    def _round(self, node: ir.Node, kn: np.ndarray, bits: int, block: int, index: int = 1):
+        """(q, scales) of a [K, N] weight (input ``index``, a memo key of its own): GPTQ where
+        the node's input has a Gram matrix."""
+        key = node.inputs[0].name if node.op_type in ("MatMul", "Gemm") else None
+        key = conv_key(node) if node.op_type == "Conv" else key
+        name = (node.name or "") + (f"#{index}" if node.name and index != 1 else "")
+        return self._rounder.round(name, key, kn, bits, block)
 
-    def _to_gather_block_quantized(
-        self, scope: GraphLike, node: ir.Node, table: np.ndarray
-    ) -> tuple[int, int]:
-        bits = self.options.bits
-        block = self.options.block_size or DEFAULT_NBITS_BLOCK
-        q, scales = self._round(node, table.T, bits, block)
+    def _to_nbits(self, scope: GraphLike, node: ir.Node, kn: np.ndarray) -> tuple[int, int]:
+        """MatMulNBits (blocks along K), or GatherBlockQuantized for a table (``kn``: its T)."""
+        bits, block = self.options.bits, self.options.block_size or DEFAULT_NBITS_BLOCK
+        q, scales = self._round(node, kn, bits, block)
         builder = NBitsBuilder(self._model, self._names, bits, block)
-        return table.nbytes, builder.gather(scope, node, q.T, scales.T)
+        if node.op_type == "Gather":
+            return kn.nbytes, builder.gather(scope, node, q.T, scales.T)
+        return kn.nbytes, builder.matmul(scope, node, q, scales)
 
     def _to_dq(
         self, scope: GraphLike, node: ir.Node, kn: np.ndarray, trans_b: bool, index: int = 1
@@ -206,34 +213,40 @@ class QuantizeWeightsPass(SqueezePass):
             attributes = {"axis": 0 if trans_b else 1}
         return self._insert_dq(scope, node, index, q, scales, attributes, kn.nbytes)
 
-    def _quantize_conv(self, scope: GraphLike, node: ir.Node) -> tuple[int, int] | None:
-        """A Conv's filters, one scale per output channel, or in the fold form per block of
-        ``block_size`` along channels x kernel where that divides (the convolution stays
-        float: a heavy-tailed input, as magika's, needs no 8-bit range)."""
-        weight = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    def _quantize_filters(
+        self, scope: GraphLike, node: ir.Node, index: int = 1
+    ) -> tuple[int, int] | None:
+        """Conv filters [M, C, k...], a scale per output channel, or in the fold form per block
+        along channels x kernel (the convolution stays float: a heavy-tailed input, as
+        magika's, needs no 8-bit range); LSTM/GRU/RNN W or R [directions, gates x hidden,
+        size], a scale per row, fold form only (DequantizeLinear has one axis)."""
+        recurrent = node.op_type != "Conv"
+        weight = constant_array(node.inputs[index]) if len(node.inputs) > index else None
         if weight is None or weight.ndim < 3 or weight.dtype != np.float32:
             return None
-        if weight.size < self.options.min_elements:
+        if weight.size < self.options.min_elements or (recurrent and weight.ndim != 3):
             return None
-        if _shared(node.inputs[1], node):
+        if read_elsewhere(node.inputs[index], node):
             return (0, 0)
         form = self._form()
-        if form != "fold" and self._opset < (21 if self.options.bits == 4 else 13):
+        if form != "fold" and (recurrent or self._opset < (21 if self.options.bits == 4 else 13)):
             return (0, 0)  # per-axis DequantizeLinear (int4: opset 21)
-        m = weight.shape[0]
+        m = weight.shape[0] * (weight.shape[1] if recurrent else 1)
         kn = weight.reshape(m, -1).T
-        block = self.options.block_size if form == "fold" else 0
+        block = self.options.block_size if form == "fold" and not recurrent else 0
         if block and kn.shape[0] % block and self._opset < SLICE_OPSET:
             block = 0  # per output channel rather than float
         if form is None or self._cannot_fold(kn, block):
             return (0, 0)
-        q, scales = self._round(node, kn, self.options.bits, block)
+        q, scales = self._round(node, kn, self.options.bits, block, index)
         if block:  # [M, K] codes by blocks of K, reshaped to the filters after scaling
             attributes = {"axis": 1, "block_size": block}
             args = (q.T, scales.T, attributes, weight.nbytes, weight.shape)
-            return self._insert_dq(scope, node, 1, *args)
-        q = q.T.reshape(weight.shape)
-        return self._insert_dq(scope, node, 1, q, scales.reshape(m), {"axis": 0}, weight.nbytes)
+            return self._insert_dq(scope, node, index, *args)
+        args = (scales.reshape(m), {"axis": 0}, weight.nbytes)
+        if recurrent:  # rows [M, size], reshaped to the weight after scaling
+            return self._insert_dq(scope, node, index, q.T, *args, weight.shape)
+        return self._insert_dq(scope, node, index, q.T.reshape(weight.shape), *args)
 
     def _cannot_fold(self, kn: np.ndarray, block: int) -> bool:
         """In the fold form a partial last block along K is padded and sliced off (Slice
@@ -284,15 +297,3 @@ class QuantizeWeightsPass(SqueezePass):
         node.replace_input_with(index, out)
         drop_if_unused(scope, weight_value)
         return before, stored + scales.nbytes
-
-    def _to_matmul_nbits(self, scope: GraphLike, node: ir.Node, kn: np.ndarray) -> tuple[int, int]:
-        bits = self.options.bits
-        block = self.options.block_size or DEFAULT_NBITS_BLOCK
-        q, scales = self._round(node, kn, bits, block)
-        builder = NBitsBuilder(self._model, self._names, bits, block)
-        return kn.nbytes, builder.matmul(scope, node, q, scales)
-
-
-def _shared(weight: ir.Value, node: ir.Node) -> bool:
-    """Read by another node too: its float copy would stay, so quantizing saves nothing."""
-    return any(user is not node for user, _ in weight.uses())

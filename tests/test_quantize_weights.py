@@ -298,3 +298,47 @@ def test_outer_scope_weight_read_in_a_branch_is_dropped_once_quantized():
     q, s = quantize_weight(weight, 8, 0)
     expected = feed["x"] @ dequantize_weight(q, s, 0)
     np.testing.assert_allclose(_run_unoptimized(out, feed), expected, rtol=1e-5, atol=1e-4)
+
+
+def _recurrent(op: str, hidden: int = 32, size: int = 32) -> onnx.ModelProto:
+    """x [T, 1, size] -> ``op`` (LSTM: 4 gates, GRU: 3) -> Y; W and R initializers."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((1, gates * hidden, size)) / np.sqrt(size)).astype(np.float32)
+    r = rng.standard_normal((1, gates * hidden, hidden)) / np.sqrt(hidden)
+    graph = h.make_graph(
+        [h.make_node(op, ["x", "W", "R"], ["Y"], hidden_size=hidden)],
+        "recurrent",
+        [h.make_tensor_value_info("x", T.FLOAT, [10, 1, size])],
+        [h.make_tensor_value_info("Y", T.FLOAT, [10, 1, 1, hidden])],
+        [nh.from_array(w, "W"), nh.from_array((r * 1.5).astype(np.float32), "R")],
+    )
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
+def test_recurrent_input_and_recurrence_weights(op):
+    """W and R each get int8 codes with a scale per row (gate x hidden unit), folded back at
+    load; each keeps its own codes (a shared rounding memo once handed R the codes of W)."""
+    model = _recurrent(op)
+    feeds = [
+        {"x": np.random.default_rng(i).standard_normal((10, 1, 32)).astype(np.float32)}
+        for i in range(8)
+    ]
+    result = onnxsqueeze.squeeze(model, data=feeds, quantize="weights-int8")
+    record = result.report.quantization
+    assert record["applied"] and record["quantized"] == 1, record
+    out = result.model
+    onnx.checker.check_model(out)
+    float_weights = [i for i in out.graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
+    assert all(np.prod(i.dims) < 4096 for i in float_weights)  # only the scales
+    assert result.report.after["weight_bytes"] < 0.35 * result.report.before["weight_bytes"]
+    for feed in feeds:
+        (ours,), (ref,) = run_ort(out, feed), run_ort(model, feed)
+        assert np.abs(ours - ref).max() < 0.05
