@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("model", nargs="?", help="input .onnx file")
     parser.add_argument("-o", "--output", help="output .onnx file (written atomically)")
-    parser.add_argument("--passes", help="comma-separated pass names (see --list-passes)")
+    parser.add_argument("--passes", help="comma-separated pass or preset names (see --list-passes)")
     parser.add_argument(
         "--preset", default="default", help="named pass list (default: %(default)s)"
     )
@@ -203,18 +203,25 @@ def _pass_specs(args: argparse.Namespace) -> list | None:
             raise PipelineConfigError(f"--option '{item}': expected PASS.KEY=VALUE")
         options.setdefault(pass_name, {})[option] = value
     names = [n.strip() for n in args.passes.split(",") if n.strip()] if args.passes else None
-    if names is None:
-        if not options:
-            return None
-        from onnxsqueeze.passes import builtin_registry
+    if names is None and not options:
+        return None
+    from onnxsqueeze.passes import builtin_registry
 
-        names = [n for n, _ in builtin_registry().preset(args.preset).passes]
-    unused = set(options) - set(names)
+    registry = builtin_registry()
+    known = {cls.name for cls in registry.pass_classes}
+    presets = {p.name for p in registry.presets}
+    steps: list[tuple[str, dict]] = []
+    for name in names or [args.preset]:  # a preset name stands for its passes
+        if names is None or (name in presets and name not in known):
+            steps.extend((n, dict(o)) for n, o in registry.preset(name).passes)
+        else:
+            steps.append((name, {}))
+    unused = set(options) - {n for n, _ in steps}
     if unused:
         raise PipelineConfigError(
             f"--option for pass(es) not in the pipeline: {', '.join(sorted(unused))}"
         )
-    return [(n, options.get(n, {})) for n in names]
+    return [(n, {**o, **options.get(n, {})}) for n, o in steps]
 
 
 def _squeeze(args: argparse.Namespace) -> int:

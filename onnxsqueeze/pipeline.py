@@ -287,6 +287,12 @@ class Pipeline:
             return self._rollback(record, snapshot, current, f"invalid graph: {problem}")
         if current is None:
             return model, current
+        if squeeze_pass.preflight and self._backend != "reference":
+            from onnxsqueeze.runtime import crashes_onnxruntime
+
+            crash = crashes_onnxruntime(model, self.verify.providers)
+            if crash:
+                return self._rollback(record, snapshot, current, f"model no longer runs: {crash}")
         try:
             outputs = self._outputs(model)
         except RuntimeSessionError as exc:

@@ -208,6 +208,8 @@ class _Stage:
     def search(self, calibration, calib_feeds, calib_samples) -> QuantizeOutcome:
         """Quantize every candidate (static, dynamic, fp16 or weight-only), then keep the
         most damaging float until the budget holds."""
+        from onnxsqueeze.runtime import crashes_onnxruntime
+
         config = self.config
         _name_nodes(self.model)
         self.ranges = {}
@@ -224,8 +226,9 @@ class _Stage:
         candidate, stats = self.build(())
         names = [n for n in stats["quantized"] if n in self.candidates]
         self.record["candidates"] = len(names)
-        if not names:
-            self.record["reason"] = "no node could be quantized"
+        crash = crashes_onnxruntime(candidate, config.providers) if config.mode == "fp16" else None
+        if not names or crash:
+            self.record["reason"] = crash or "no node could be quantized"
             self.record["kept_float"] = stats["kept_float"]
             return QuantizeOutcome(self.model, self.record)
         if config.mode == "dynamic":

@@ -38,6 +38,9 @@ class SqueezePass(ir.passes.InPlacePass):
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     lossless: ClassVar[bool] = True
+    #: Its output is loaded in a child process before this one (runtime.crashes_onnxruntime):
+    #: graphs onnxruntime's optimizers meet rarely, which may crash it rather than raise.
+    preflight: ClassVar[bool] = False
     Options: ClassVar[type] = NoOptions
 
     def __init__(self, options: Any = None, **overrides: Any) -> None:
@@ -173,8 +176,8 @@ def coerce_option(pass_name: str, key: str, hint: Any, value: Any) -> Any:
             return hint(value)
         if hint in (int, float, str):
             return hint(value)
-        if typing.get_origin(hint) is tuple:
-            return tuple(v for v in value.split("+") if v)
+        if typing.get_origin(hint) is tuple:  # comma-separated, as --exclude-nodes A,B
+            return tuple(v.strip() for v in value.split(",") if v.strip())
     except ValueError:
         raise PipelineConfigError(
             f"pass '{pass_name}': option '{key}' expects {getattr(hint, '__name__', hint)}, got '{value}'"

@@ -183,6 +183,29 @@ def _make_session(model: ir.Model, options: Any, providers: list[str]) -> Any:
         return ort.InferenceSession(str(path), options, providers=providers)
 
 
+def crashes_onnxruntime(model: ir.Model, providers: Sequence[str] | None = None) -> str | None:
+    """How onnxruntime dies loading ``model`` at its default optimizations (a signal, which
+    no exception could report), tried in a child process; None if it does not crash.
+
+    For graphs onnxruntime's optimizers meet rarely (float16 on the CPU: a fully converted
+    PyTorch TransformerEncoder export segfaults onnxruntime 1.32 at level ALL), before this
+    process loads one."""
+    import subprocess
+    import sys
+
+    names, _ = resolve_providers(providers or ("cpu",))
+    code = "import onnxruntime as o, sys; o.InferenceSession(sys.argv[1], providers=sys.argv[2:])"
+    with tempfile.TemporaryDirectory(prefix="onnxsqueeze-preflight-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        ir.save(model, path, external_data="model.onnx.data", size_threshold_bytes=1024)
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(path), *names], capture_output=True, check=False
+        )
+    if done.returncode >= 0:
+        return None
+    return f"onnxruntime crashed loading it (signal {-done.returncode})"
+
+
 # ---------------------------------------------------------------------------- signatures
 
 

@@ -56,6 +56,7 @@ class ConvertFp16Pass(SqueezePass):
     name = "convert-fp16"
     summary = "float16/bfloat16 compute and weights; sensitive ops and graph I/O stay float32"
     lossless = False
+    preflight = True
     Options = ConvertFp16Options
 
     def call(self, model: ir.Model) -> SqueezeResult:

@@ -228,3 +228,30 @@ def test_sympy_is_deferred_until_used() -> None:
         "assert 'sympy.core' in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_passes_accept_a_preset_name_with_extra_passes(tmp_path):
+    """The README's ``--passes default,quantize-weights --option ...``: a preset name in
+    --passes stands for its passes, and --option reaches a pass the preset brought."""
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    proc = cli(
+        str(DIGITS), "-o", str(out), "--report", str(report), "-q",
+        "--passes", "default,quantize-weights",
+        "--option", "quantize-weights.min_elements=16",
+        "--option", "cleanup.dedup_initializers=false",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    ran = json.loads(report.read_text())["passes"]
+    assert ran[0]["name"] == "cleanup(dedup_initializers=False)" and len(ran) > 5
+    assert ran[-1]["name"] == "quantize-weights(min_elements=16)"
+    assert ran[-1]["status"] == "applied"
+
+
+def test_list_options_are_comma_separated():
+    """As --exclude-nodes A,B: ``--option insert-qdq.exclude_nodes=a,b`` is two names."""
+    from onnxsqueeze.registry import coerce_option
+
+    assert coerce_option("p", "k", tuple[str, ...], "/enc/MatMul, /head/Gemm") == (
+        "/enc/MatMul",
+        "/head/Gemm",
+    )

@@ -95,3 +95,48 @@ def test_bfloat16_and_io_in_16_bits():
     with pytest.raises(ValueError, match="dtype"):
         _convert(_model(), dtype="float8")
     assert collections.Counter(n.op_type for n in bf.graph.node)["Cast"] >= 2
+
+
+TRANSPOSE_MATMUL = """
+<ir_version: 8, opset_import: ["" : 17]>
+tm (float[4, s, 8] x) => (float[s, 4, 8] y)
+<float[8, 8] W = {1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0,
+                  0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0,
+                  0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1}>
+{
+  t = Transpose <perm = [1, 0, 2]> (x)
+  y = MatMul (t, W)
+}
+"""
+
+
+def test_a_16_bit_model_onnxruntime_crashes_on_is_reported_not_loaded(tmp_path):
+    """onnxruntime 1.32 segfaults loading a float16 Transpose -> MatMul at its default
+    optimizations (found on a PyTorch TransformerEncoder export). The fp16 stage loads its
+    draft in a child process first: where it crashes, the stage reports why and keeps
+    float32 instead of taking this process down; where it loads, fp16 applies."""
+    import subprocess
+    import sys
+
+    import onnxsqueeze
+    from onnxsqueeze.runtime import crashes_onnxruntime
+
+    model = onnx.parser.parse_model(TRANSPOSE_MATMUL)
+    assert crashes_onnxruntime(ir.serde.deserialize_model(model)) is None
+    data = [
+        {"x": np.random.default_rng(i).standard_normal((4, 3, 8)).astype(np.float32)}
+        for i in range(4)
+    ]
+    result = onnxsqueeze.squeeze(model, data=data, quantize="fp16")
+    record = result.report.quantization
+    if record["applied"]:
+        path = str(tmp_path / "fp16.onnx")
+        onnx.save(result.model, path)
+        code = f"import onnxruntime as o; o.InferenceSession({path!r}, providers=['CPUExecutionProvider'])"
+        assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+    else:
+        assert "onnxruntime crashed loading it (signal" in record["reason"], record
+        assert result.model.graph.node[-1].op_type == "MatMul"  # float32, as given
+        # the pass on its own (--passes convert-fp16) is rolled back the same way
+        (step,) = onnxsqueeze.squeeze(model, passes=["convert-fp16"]).report.passes
+        assert step.status == "rolled-back" and "crashed" in step.reason
