@@ -441,12 +441,13 @@ def serialize(model: ir.Model) -> onnx.ModelProto:
     return proto
 
 
-def _has_map(type_proto: onnx.TypeProto) -> bool:
+def has_map_type(type_proto: onnx.TypeProto) -> bool:
+    """Whether the type is, or holds, a map (which onnx_ir cannot represent)."""
     kind = type_proto.WhichOneof("value")
     if kind == "map_type":
         return True
     if kind in ("sequence_type", "optional_type"):
-        return _has_map(getattr(type_proto, kind).elem_type)
+        return has_map_type(getattr(type_proto, kind).elem_type)
     return False
 
 
@@ -458,19 +459,19 @@ def _without_map_types(proto: onnx.ModelProto, label: str) -> onnx.ModelProto:
     """
     graph = proto.graph
     for value in graph.input:
-        if _has_map(value.type):
+        if has_map_type(value.type):
             raise UnsupportedModelError(
                 f"{label}: input '{value.name}' is a map (DictVectorizer-style), which "
                 "onnxsqueeze cannot read yet"
             )
-    if not any(_has_map(v.type) for v in (*graph.output, *graph.value_info)):
+    if not any(has_map_type(v.type) for v in (*graph.output, *graph.value_info)):
         return proto
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
     for output in copy.graph.output:
-        if _has_map(output.type):
+        if has_map_type(output.type):
             output.ClearField("type")
-    kept = [v for v in copy.graph.value_info if not _has_map(v.type)]
+    kept = [v for v in copy.graph.value_info if not has_map_type(v.type)]
     del copy.graph.value_info[:]
     copy.graph.value_info.extend(kept)
     return copy

@@ -34,9 +34,13 @@ def inferred_shapes(model: ir.Model) -> Iterator[bool]:
     try:
         ShapeInferencePass(strict_mode=False, data_prop=True)(model)
         ok = True
-    except Exception as exc:  # inference is a help, never a requirement
-        logger.info("shape inference failed: %s", first_line(exc))
-        ok = False
+    except Exception:
+        try:  # onnx_ir cannot read back map types (scikit-learn's ZipMap): without them
+            _infer_without_maps(model)
+            ok = True
+        except Exception as exc:  # inference is a help, never a requirement
+            logger.info("shape inference failed: %s", first_line(exc))
+            ok = False
     try:
         yield ok
     finally:
@@ -45,6 +49,36 @@ def inferred_shapes(model: ir.Model) -> Iterator[bool]:
                 continue  # became an output during the block (took over a name): keep its type
             value.type = type_
             value.shape = shape
+
+
+def _infer_without_maps(model: ir.Model) -> None:
+    """onnx's inference, its map-typed results dropped before onnx_ir reads them back, the
+    rest merged by value name (weights stay out of the serialised copy)."""
+    import onnx
+
+    from onnxsqueeze.io import has_map_type, weightless
+
+    with weightless(model):
+        proto = ir.serde.serialize_model(model)
+    proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    graph = proto.graph
+    for field in (graph.value_info, graph.output):
+        for value in field:
+            if has_map_type(value.type):
+                value.ClearField("type")
+    inferred = ir.serde.deserialize_model(proto)
+    for original, done in zip(model.graphs(), inferred.graphs(), strict=False):
+        found = {v.name: v for v in _graph_values(done)}
+        for value in _graph_values(original):
+            twin = found.get(value.name)
+            if twin is not None and twin.type is not None:
+                value.type, value.shape = twin.type, twin.shape
+
+
+def _graph_values(graph: ir.Graph) -> Iterator[ir.Value]:
+    yield from graph.inputs
+    for node in graph:
+        yield from node.outputs
 
 
 def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:

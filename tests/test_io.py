@@ -258,6 +258,9 @@ def test_map_typed_outputs_load_squeeze_and_keep_their_type(tmp_path):
 
     probabilities = run_ort(out, data[0])[1]
     assert isinstance(probabilities, list) and set(probabilities[0]) == set(range(40))
+    # shape inference reads the map type back too: calibration sees typed activations
+    calibration = onnxsqueeze.calibrate(model, data, method="minmax")
+    assert {"logits", "p"} <= set(calibration.ranges())
 
 
 def test_map_typed_input_is_a_clear_error(tmp_path):
