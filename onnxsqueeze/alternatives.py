@@ -45,7 +45,10 @@ NOT_SLOWER = 0.97
 
 
 #: Speeds within this ratio of each other are a tie (timing noise): size, then accuracy decide.
-SPEED_TIE = 0.95
+#: At 0.95, PP-OCR rec's static result with 2 of 53 nodes quantized (file -0.2 %) measured
+#: 1.04x in one run and 1.05x+ in another, beat weight-only int8 (1.00x, file -50 %) in the
+#: second, and shipped a model no smaller: speed must win by more than this VM's noise.
+SPEED_TIE = 0.90
 
 
 def pick(applied: list[QuantizeOutcome]) -> QuantizeOutcome:
@@ -64,7 +67,7 @@ def resolve_configs(quantize: Any, has_data: bool) -> list[QuantizeConfig]:
     """The configurations to try, from a mode name or a config (mode may be auto).
 
     auto tries weight-only int8, static (with data) and dynamic, each within the budget and
-    not slower than float, and keeps the faster (when their speeds are within 5 %, the
+    not slower than float, and keeps the faster (when their speeds are within 10 %, the
     smaller, then the more accurate); no configuration means lossless only. Weight-only int8
     stored to fold at load runs at float speed, so it is what auto ships when integer kernels
     do not pay on the target (convolution nets on CPUs without VNNI); an integer mode whose
