@@ -35,6 +35,13 @@ def settle(session: Any, feed: Mapping[str, Any], run: Any = None) -> None:
     (run or session.run)(feed)
 
 
+#: Timed runs per round are cut to about this many seconds (at least MIN_RUNS): a slow model
+#: (magika on a 16 x 2 KiB batch, 0.22 s a run) took 27 s per comparison at 10 runs a round,
+#: four comparisons per auto run; its per-run noise is small against its run time.
+ROUND_BUDGET_S = 0.5
+MIN_RUNS = 3
+
+
 def median_ms(session: Any, feed: Mapping[str, Any], runs: int) -> float:
     """Median of ``runs`` timed runs, after ``settle``."""
     settle(session, feed)
@@ -62,9 +69,13 @@ def compare_latency(
     if feed is None:
         feed = random_feeds(input_specs(baseline), count=1, seed=0)[0]
     sessions = [Session(m, providers, optimize=True) for m in (baseline, candidate)]
+    slowest = 0.0  # of the warm runs (the third of each session)
     for session in sessions:
         for _ in range(3):
+            start = time.perf_counter()
             session.run(feed)
+        slowest = max(slowest, time.perf_counter() - start)
+    runs = max(MIN_RUNS, min(runs, int(ROUND_BUDGET_S / max(slowest, 1e-6))))
     base, cand = [], []
     for _ in range(rounds):
         base.append(median_ms(sessions[0], feed, runs))

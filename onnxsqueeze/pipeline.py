@@ -68,6 +68,7 @@ class Pipeline:
         self.verify = verify or VerifyOptions()
         self.feeds = list(feeds or [])
         self._retry_feeds = retry_feeds
+        self._retry_label = ""  # which retry feeds the original accepted
         self._backend: str | None = None
         self._fallback_reason: str | None = None
         self._providers_used: list[str] = []

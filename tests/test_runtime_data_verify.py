@@ -189,3 +189,19 @@ def test_latency_rounds_start_after_the_other_sessions_threads_settle(mlp, monke
     assert speed > 0
     assert events == [f"sleep {bench.SETTLE_S}"] * 6
     assert bench.SETTLE_S >= 0.1
+
+
+def test_slow_models_get_fewer_timed_runs_per_round(mlp, monkeypatch):
+    """Runs per round are cut to ROUND_BUDGET_S of run time (never below MIN_RUNS)."""
+    from onnxsqueeze import bench
+
+    counted: list[int] = []
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    monkeypatch.setattr(bench, "median_ms", lambda s, f, runs: counted.append(runs) or 1.0)
+    model = ir.serde.deserialize_model(mlp)
+    bench.compare_latency(model, model, ["cpu"], rounds=2, runs=10)
+    assert counted == [10] * 4  # a tiny model keeps every run
+    monkeypatch.setattr(bench, "ROUND_BUDGET_S", 1e-9)
+    counted.clear()
+    bench.compare_latency(model, model, ["cpu"], rounds=2, runs=10)
+    assert counted == [bench.MIN_RUNS] * 4
