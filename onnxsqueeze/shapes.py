@@ -20,9 +20,7 @@ logger = logging.getLogger(__name__)
 
 def _values(model: ir.Model) -> Iterator[ir.Value]:
     for graph in model.graphs():
-        yield from graph.inputs
-        for node in graph:
-            yield from node.outputs
+        yield from _graph_values(graph)
 
 
 @contextlib.contextmanager

@@ -62,18 +62,21 @@ def select_inferred(
             elif value.dtype is None:
                 skipped[value.name] = "type unknown after shape inference"
     branches = branch_chain(model)
+
+    def take(value: ir.Value) -> None:  # a float value of a subgraph expose() reaches
+        if per_iteration_shape(value, branches):
+            chosen[value.name] = None
+        else:
+            skipped[value.name] = "in a Loop/Scan body, shape may change per iteration"
+
     for sub in model.graphs():
         if sub is graph:
             continue
         # a Loop/Scan body's inputs (carried state, scanned slices) are activations too
         for value in sub.inputs if sub in branches else ():
             wanted = not op_types or any(user.op_type in op_types for user, _ in value.uses())
-            if not wanted or value.dtype not in FLOAT_TYPES:
-                continue
-            if per_iteration_shape(value, branches):
-                chosen[value.name] = None
-            else:
-                skipped[value.name] = "in a Loop/Scan body, shape may change per iteration"
+            if wanted and value.dtype in FLOAT_TYPES:
+                take(value)
         for node in sub:
             for value in node.outputs:
                 if not value.name:
@@ -87,10 +90,7 @@ def select_inferred(
                 ):
                     continue
                 elif value.dtype in FLOAT_TYPES and node.op_type != "Constant":
-                    if per_iteration_shape(value, branches):
-                        chosen[value.name] = None
-                    else:
-                        skipped[value.name] = "in a Loop/Scan body, shape may change per iteration"
+                    take(value)
                 elif value.dtype is None:
                     skipped[value.name] = "type unknown after shape inference"
     return list(chosen), skipped
