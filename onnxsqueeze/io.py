@@ -468,13 +468,18 @@ def _without_map_types(proto: onnx.ModelProto, label: str) -> onnx.ModelProto:
         return proto
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
-    for output in copy.graph.output:
+    drop_map_types(copy.graph)
+    return copy
+
+
+def drop_map_types(graph: onnx.GraphProto) -> None:
+    """Map-typed graph outputs lose their type; map-typed value_info hints go."""
+    for output in graph.output:
         if has_map_type(output.type):
             output.ClearField("type")
-    kept = [v for v in copy.graph.value_info if not has_map_type(v.type)]
-    del copy.graph.value_info[:]
-    copy.graph.value_info.extend(kept)
-    return copy
+    kept = [v for v in graph.value_info if not has_map_type(v.type)]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
 
 
 def _drop_empty_domains(proto: onnx.ModelProto) -> None:

@@ -54,16 +54,12 @@ def _infer_without_maps(model: ir.Model) -> None:
     rest merged by value name (weights stay out of the serialised copy)."""
     import onnx
 
-    from onnxsqueeze.io import has_map_type, weightless
+    from onnxsqueeze.io import drop_map_types, weightless
 
     with weightless(model):
         proto = ir.serde.serialize_model(model)
     proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
-    graph = proto.graph
-    for field in (graph.value_info, graph.output):
-        for value in field:
-            if has_map_type(value.type):
-                value.ClearField("type")
+    drop_map_types(proto.graph)
     inferred = ir.serde.deserialize_model(proto)
     for original, done in zip(model.graphs(), inferred.graphs(), strict=False):
         found = {v.name: v for v in _graph_values(done)}

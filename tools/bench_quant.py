@@ -27,6 +27,8 @@ sys.path.insert(0, str(REPO / "tools"))
 import quant_tasks  # noqa: E402
 from quant_tasks import corpus  # noqa: E402
 
+from onnxsqueeze.alternatives import SPEED_TIE  # noqa: E402
+
 MODELS = [
     "magika",
     "minilm",
@@ -229,7 +231,8 @@ def render(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
         "fully quantized drafts are timed first and get a quick search if too slow to win; "
         "each under the default budget of mean cosine >= 0.99 and, on softmax outputs, top-1 "
         "agreement >= 0.99 on the calibration data; the fastest not slower than float, speed "
-        "ties within 5 % going to the smaller); onnxsqueeze static = same budget, no "
+        f"ties within {round((1 - SPEED_TIE) * 100)} % going to the smaller); onnxsqueeze "
+        "static = same budget, no "
         "speed requirement; static top-1 = budget of >= 99 % argmax agreement on the calibration "
         "data (per position for rec); dynamic = default budget, no speed requirement; "
         "weights-int8 / weights-int4 = weight-only (activations float) under the default budget, "
