@@ -195,6 +195,17 @@ def quantized_weight(
     return memo[key][1]
 
 
+def already_quantized(node: ir.Node) -> bool:
+    """Whether ``node`` sits in an existing QDQ island (a model quantized by another tool):
+    a second pair there would quantize the same tensor twice, costing accuracy for nothing."""
+    reads_dq = any(
+        v is not None and v.producer() is not None and v.producer().op_type == "DequantizeLinear"
+        for v in node.inputs
+    )
+    feeds_q = any(u.op_type == "QuantizeLinear" for out in node.outputs for u, _ in out.uses())
+    return reads_dq or feeds_q
+
+
 def first_reader(scope: GraphLike, value: ir.Value) -> ir.Node | None:
     """The earliest node of ``scope`` that reads ``value`` (where a pair for it must go)."""
     readers = {id(user) for user, _ in value.uses()}

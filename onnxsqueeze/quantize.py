@@ -228,7 +228,7 @@ class _Stage:
         self.record["candidates"] = len(names)
         crash = crashes_onnxruntime(candidate, config.providers) if config.mode == "fp16" else None
         if not names or crash:
-            self.record["reason"] = crash or "no node could be quantized"
+            self.record["reason"] = crash or _nothing_quantized(stats["kept_float"])
             self.record["kept_float"] = stats["kept_float"]
             return QuantizeOutcome(self.model, self.record)
         if config.mode == "dynamic":
@@ -584,3 +584,11 @@ def _run_config(model: ir.Model, config: QuantizeConfig, data: Any, feeds: list)
         calib_feeds=calib_feeds,
         calib_samples=config.calib_samples,
     )
+
+
+def _nothing_quantized(kept_float: dict) -> str:
+    """Why a pass quantized nothing: a model another tool quantized says so, not 'nothing'."""
+    reasons = list(kept_float.values()) if isinstance(kept_float, dict) else []
+    if reasons and all(str(r).startswith("already quantized") for r in reasons):
+        return f"the model is already quantized ({len(reasons)} nodes in QDQ form)"
+    return "no node could be quantized"

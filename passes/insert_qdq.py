@@ -36,6 +36,7 @@ from onnxsqueeze.qdq import (
     SAME_SCALE,
     WEIGHTED,
     QdqBuilder,
+    already_quantized,
     first_reader,
     hand_over_output,
     linked_nodes,
@@ -174,6 +175,8 @@ class InsertQdqPass(SqueezePass):
                 planned[out] = planned[source]
                 owned.add(out)
             return None
+        if already_quantized(node):
+            return "already quantized (reads a DequantizeLinear or feeds a QuantizeLinear)"
         weight_index, bias_index = WEIGHTED.get(op, (None, None))
         activations = []
         for index, value in enumerate(node.inputs):
@@ -243,9 +246,7 @@ class InsertQdqPass(SqueezePass):
             opts.weight_memo, weight_value, weight, axis, opts.weights, self._reduce
         )
         bias_value = (
-            node.inputs[bias_index]
-            if bias_index is not None and len(node.inputs) > bias_index
-            else None
+            node.inputs[bias_index] if bias_index and len(node.inputs) > bias_index else None
         )
         bias_q = None
         if bias_value is not None:
