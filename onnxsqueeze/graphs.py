@@ -85,6 +85,15 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
+def float_weight(value: ir.Value | None) -> np.ndarray | None:
+    """A float32 or float16 constant as float32: an fp16 model's weights round the same way,
+    and its dequantized weights are cast back to float16."""
+    array = constant_array(value)
+    if array is None or array.dtype not in (np.float32, np.float16):
+        return None
+    return array.astype(np.float32, copy=False)
+
+
 def constant_node_array(node: ir.Node) -> np.ndarray | None:
     if len(node.attributes) != 1:
         return None

@@ -82,9 +82,11 @@ class Unpacker:
         bits: int,
         base: str,
         shape: tuple[int, ...] | None = None,
+        half: bool = False,
     ) -> ir.Value:
         """Float32 value of ``layout``'s codes times scales, padding sliced off, reshaped to
-        ``shape`` (default: the unpadded codes'), computed before ``before``."""
+        ``shape`` (default: the unpadded codes'), computed before ``before``; ``half``: cast
+        to float16 at the end (the weight of a float16 model)."""
         q = layout.codes
         if not can_unpack(q, bits):
             raise ValueError(f"{q.size} int4 codes cannot be paired into bytes")
@@ -108,6 +110,9 @@ class Unpacker:
         target = tuple(shape or natural)
         if target != current:
             out = self._reshape(out, target)
+        if half:
+            out = self._op("Cast", [out], to=int(ir.DataType.FLOAT16))
+            out.type = ir.TensorType(ir.DataType.FLOAT16)
         out.shape = ir.Shape(target)
         return out
 

@@ -31,8 +31,8 @@ from onnxsqueeze.gptq import WeightRounder
 from onnxsqueeze.graphs import (
     GraphLike,
     all_value_names,
-    constant_array,
     drop_if_unused,
+    float_weight,
     read_elsewhere,
     scopes,
 )
@@ -114,8 +114,8 @@ class QuantizeWeightsPass(SqueezePass):
 
     def _form(self) -> str | None:
         opts: QuantizeWeightsOptions = self.options
-        if opts.format == "fold":
-            return "fold" if self._opset >= MIN_OPSET else None
+        if opts.format == "fold" or self._half:  # float16: the fold form only
+            return "fold" if self._opset >= MIN_OPSET and opts.format in ("auto", "fold") else None
         dq_opset = 21 if (opts.bits == 4 or opts.block_size) else 13
         if opts.format == "dq":
             return "dq" if self._opset >= dq_opset else None
@@ -130,6 +130,7 @@ class QuantizeWeightsPass(SqueezePass):
         candidate left alone, None if not a candidate."""
         if node.domain not in ("", "ai.onnx") or node.op_type not in WEIGHT_OPS:
             return None
+        self._half = bool(node.outputs) and node.outputs[0].dtype == ir.DataType.FLOAT16
         if node.op_type == "Gather":
             return self._quantize_table(scope, node)
         if node.op_type == "Conv":
@@ -140,8 +141,8 @@ class QuantizeWeightsPass(SqueezePass):
         if len(node.inputs) < 2 or node.inputs[1] is None:
             return None
         weight_value = node.inputs[1]
-        weight = constant_array(weight_value)
-        if weight is None or weight.ndim != 2 or weight.dtype != np.float32:
+        weight = float_weight(weight_value)
+        if weight is None or weight.ndim != 2:
             return None
         if weight.size < self.options.min_elements:
             return None
@@ -164,8 +165,8 @@ class QuantizeWeightsPass(SqueezePass):
         row). As DequantizeLinear the whole table is dequantized on every run (MiniLM: see
         docs/benchmarks/weights.md); GatherBlockQuantized dequantizes only the rows read."""
         axis = node.attributes.get("axis")
-        table = constant_array(node.inputs[0])
-        if table is None or table.ndim != 2 or table.dtype != np.float32:
+        table = float_weight(node.inputs[0])
+        if table is None or table.ndim != 2:
             return None
         if (axis is not None and axis.as_int() != 0) or table.size < self.options.min_elements:
             return None
@@ -211,7 +212,7 @@ class QuantizeWeightsPass(SqueezePass):
         else:
             scales = scales.reshape(-1)
             attributes = {"axis": 0 if trans_b else 1}
-        return self._insert_dq(scope, node, index, q, scales, attributes, kn.nbytes)
+        return self._insert_dq(scope, node, index, q, scales, attributes)
 
     def _quantize_filters(
         self, scope: GraphLike, node: ir.Node, index: int = 1
@@ -221,8 +222,8 @@ class QuantizeWeightsPass(SqueezePass):
         magika's, needs no 8-bit range); LSTM/GRU/RNN W or R [directions, gates x hidden,
         size], a scale per row, fold form only (DequantizeLinear has one axis)."""
         recurrent = node.op_type != "Conv"
-        weight = constant_array(node.inputs[index]) if len(node.inputs) > index else None
-        if weight is None or weight.ndim < 3 or weight.dtype != np.float32:
+        weight = float_weight(node.inputs[index]) if len(node.inputs) > index else None
+        if weight is None or weight.ndim < 3:
             return None
         if weight.size < self.options.min_elements or (recurrent and weight.ndim != 3):
             return None
@@ -241,9 +242,9 @@ class QuantizeWeightsPass(SqueezePass):
         q, scales = self._round(node, kn, self.options.bits, block, index)
         if block:  # [M, K] codes by blocks of K, reshaped to the filters after scaling
             attributes = {"axis": 1, "block_size": block}
-            args = (q.T, scales.T, attributes, weight.nbytes, weight.shape)
+            args = (q.T, scales.T, attributes, weight.shape)
             return self._insert_dq(scope, node, index, *args)
-        args = (scales.reshape(m), {"axis": 0}, weight.nbytes)
+        args = (scales.reshape(m), {"axis": 0})
         if recurrent:  # rows [M, size], reshaped to the weight after scaling
             return self._insert_dq(scope, node, index, q.T, *args, weight.shape)
         return self._insert_dq(scope, node, index, q.T.reshape(weight.shape), *args)
@@ -266,17 +267,16 @@ class QuantizeWeightsPass(SqueezePass):
         q: np.ndarray,
         scales: np.ndarray,
         attributes: dict,
-        before: int,
         shape: tuple[int, ...] | None = None,
     ) -> tuple[int, int]:
-        """Input ``index`` of ``node`` (``before`` bytes) becomes DequantizeLinear(q, scales),
-        or its load-time ``fold`` form."""
+        """Input ``index`` of ``node`` becomes DequantizeLinear(q, scales), or its load-time
+        ``fold`` form; returns (bytes before, bytes after)."""
         bits = self.options.bits
         base = node.inputs[index].name or "weight"
         if self._form() == "fold":
             layout = dq_layout(q, scales, attributes)
             unpacker = Unpacker(self._model, self._names)
-            out = unpacker.dequantized(scope, node, layout, bits, base, shape)
+            out = unpacker.dequantized(scope, node, layout, bits, base, shape, self._half)
             stored = stored_bytes(layout.codes, bits)
         else:
             if bits == 4:
@@ -294,6 +294,7 @@ class QuantizeWeightsPass(SqueezePass):
             )
             stored = (q.size * bits + 7) // 8
         weight_value = node.inputs[index]
+        before = weight_value.const_value.nbytes if weight_value.const_value else 0
         node.replace_input_with(index, out)
         drop_if_unused(scope, weight_value)
         return before, stored + scales.nbytes

@@ -342,3 +342,33 @@ def test_recurrent_input_and_recurrence_weights(op):
     for feed in feeds:
         (ours,), (ref,) = run_ort(out, feed), run_ort(model, feed)
         assert np.abs(ours - ref).max() < 0.05
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_float16_weights_fold_back_to_float16(bits):
+    """An fp16 model's weights were skipped (float32 only): weight-only quantization now
+    halves (int8) or quarters (int4) them, cast back to float16 after the fold-form Mul."""
+    weight = RNG.standard_normal((64, 48)).astype(np.float16)
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT16, [3, 64])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT16, [3, 48])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [x],
+        [y],
+        [onnx.numpy_helper.from_array(weight, "w")],
+    )
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    proto.ir_version = 10
+    out, stats = _apply(proto, bits=bits, format="auto", min_elements=16)
+    assert stats["weights_quantized"] == 1 and "w" not in {i.name for i in out.graph.initializer}
+    assert stats["bytes_before"] == weight.nbytes
+    assert stats["bytes_after"] < weight.nbytes / (1.8 if bits == 8 else 3.5)
+    assert out.graph.node[-2].op_type == "Cast" and out.graph.node[-2].attribute[0].i == 10
+    q, s = quantize_weight(weight.astype(np.float32), bits, 0, _ROUNDING[bits])
+    feeds = {"x": RNG.standard_normal((3, 64)).astype(np.float16)}
+    expected = feeds["x"].astype(np.float32) @ dequantize_weight(q, s, 0).astype(np.float16)
+    np.testing.assert_allclose(run_ort(out, feeds)[0], expected, rtol=2e-2, atol=5e-2)
+    # forms that need float32 scales (DequantizeLinear before opset 19, MatMulNBits) skip it
+    _, stats = _apply(proto, bits=bits, format="dq", min_elements=16)
+    assert stats["weights_quantized"] == 0
