@@ -22,8 +22,9 @@ _ROUNDING = {4: "mse", 8: "rtn"}
 def _model(op: str, weight: np.ndarray, opset: int, trans_b: bool = False) -> onnx.ModelProto:
     k = weight.shape[1] if trans_b else weight.shape[0]
     n = weight.shape[0] if trans_b else weight.shape[1]
-    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3, k])
-    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3, n])
+    elem = onnx.helper.np_dtype_to_tensor_dtype(weight.dtype)
+    x = onnx.helper.make_tensor_value_info("x", elem, [3, k])
+    y = onnx.helper.make_tensor_value_info("y", elem, [3, n])
     attrs = {"transB": 1} if trans_b else {}
     node = onnx.helper.make_node(op, ["x", "w"], ["y"], **attrs)
     graph = onnx.helper.make_graph(
@@ -349,17 +350,7 @@ def test_float16_weights_fold_back_to_float16(bits):
     """An fp16 model's weights were skipped (float32 only): weight-only quantization now
     halves (int8) or quarters (int4) them, cast back to float16 after the fold-form Mul."""
     weight = RNG.standard_normal((64, 48)).astype(np.float16)
-    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT16, [3, 64])
-    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT16, [3, 48])
-    graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])],
-        "g",
-        [x],
-        [y],
-        [onnx.numpy_helper.from_array(weight, "w")],
-    )
-    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
-    proto.ir_version = 10
+    proto = _model("MatMul", weight, 17)
     out, stats = _apply(proto, bits=bits, format="auto", min_elements=16)
     assert stats["weights_quantized"] == 1 and "w" not in {i.name for i in out.graph.initializer}
     assert stats["bytes_before"] == weight.nbytes
