@@ -8,9 +8,11 @@ and returns a score, higher is better (for example task accuracy).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from onnxsqueeze.errors import PipelineConfigError
 from onnxsqueeze.verify import Comparison
 
 Outputs = Sequence[Mapping[str, Any]]
@@ -32,6 +34,21 @@ class Budget:
     metric: Callable[[Outputs, Outputs], float] | None = None
     min_metric: float | None = None
 
+    def __post_init__(self) -> None:
+        """A limit no result can meet (a cosine above 1) is a typo, not a budget."""
+        bounds = {
+            "max_error": (0.0, math.inf),
+            "min_cosine": (-1.0, 1.0),
+            "min_top1_agreement": (0.0, 1.0),
+            "min_class_agreement": (0.0, 1.0),
+        }
+        for name, (low, high) in bounds.items():
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                raise PipelineConfigError(
+                    f"budget {name.replace('_', '-')} must be in [{low:g}, {high:g}], got {value:g}"
+                )
+
     def is_set(self) -> bool:
         return any(
             v is not None
@@ -48,6 +65,8 @@ class Budget:
         self, comparison: Comparison, reference: Outputs, candidate: Outputs
     ) -> tuple[bool, str]:
         """(met, one-line summary of what was measured against which limit)."""
+        if comparison.outputs and not any(o.finite for o in comparison.outputs):
+            return False, "the original's outputs on these samples are all NaN/inf: no budget holds"
         parts: list[str] = []
         ok = not any(o.mismatch for o in comparison.outputs)
         if self.max_error is not None:

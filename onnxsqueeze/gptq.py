@@ -115,7 +115,8 @@ class WeightRounder:
 
     def _fresh(self, activation: str | None, kn: np.ndarray, bits: int, block: int):
         gram = self.grams.get(activation) if activation else None
-        if gram is not None and gram.shape == (kn.shape[0], kn.shape[0]):
+        square = gram is not None and gram.shape == (kn.shape[0], kn.shape[0])
+        if square and np.isfinite(gram).all():  # NaN in the data: plain rounding
             if activation not in self.factors:
                 self.factors[activation] = inverse_factor(gram)
             q, scales = gptq_quantize(kn, gram, bits, block, factor=self.factors[activation])

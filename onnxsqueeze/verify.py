@@ -32,6 +32,8 @@ class OutputMetrics:
     distribution: bool | None = None
     exact: bool = True
     mismatch: str | None = None  # shape/dtype/structure difference
+    #: Reference elements that can be compared (not NaN/inf): none means nothing was judged.
+    finite: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -136,11 +138,13 @@ def _accumulate(m: OutputMetrics, a: Any, b: Any, cos_sums: dict, top1: dict) ->
             m.exact = False
             m.mismatch = "non-tensor output differs"
         cos_sums[m.name] += 1.0
+        m.finite += 1
         return
     if a.shape != b.shape or a.dtype != b.dtype:
         m.mismatch = f"shape/dtype {a.dtype}{list(a.shape)} became {b.dtype}{list(b.shape)}"
         return
     if a.dtype.kind not in "fc":
+        m.finite += a.size
         equal = bool(np.array_equal(a, b))
         m.exact &= equal
         if not equal:
@@ -164,6 +168,7 @@ def _accumulate(m: OutputMetrics, a: Any, b: Any, cos_sums: dict, top1: dict) ->
         diff = np.where(skip, 0.0, np.abs(a64 - b64))
     diff = np.where(np.isnan(diff), np.inf, diff)
     finite_ref = np.where(skip | ~np.isfinite(a64), 0.0, a64)
+    m.finite += int(np.isfinite(a64).sum())
     max_abs = float(diff.max()) if diff.size else 0.0
     scale = float(np.abs(finite_ref).max()) if diff.size else 0.0
     m.max_abs = max(m.max_abs, max_abs)

@@ -567,3 +567,40 @@ def test_a_model_quantized_already_is_not_quantized_twice(tmp_path):
         sum(n.op_type == "QuantizeLinear" for n in onnx.load(p).graph.node) for p in (first, second)
     ]
     assert pairs[1] == pairs[0] > 0
+
+
+@pytest.mark.parametrize(
+    "flag, value", [("--max-error", "-1"), ("--min-cosine", "2"), ("--min-top1-agreement", "1.5")]
+)
+def test_a_budget_no_result_can_meet_is_a_usage_error(tmp_path, capsys, flag, value):
+    from onnxsqueeze.cli import main
+
+    out = tmp_path / "q.onnx"
+    assert main([str(DIGITS), "-o", str(out), flag, value, "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("onnxsqueeze: error: budget") and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_data_whose_outputs_are_all_nan_cannot_judge_a_budget(tmp_path):
+    """All-NaN samples made every comparison vacuous (NaN == NaN): a weight-only draft whose
+    GPTQ rounding had turned NaN into int8 garbage passed as 'cosine 1.00000' and shipped."""
+    data = tmp_path / "nan.npz"
+    np.savez(data, image=np.full((4, 1, 8, 8), np.nan, np.float32))
+    squeezed = onnxsqueeze.squeeze(onnx.load(DIGITS), data=str(data), quantize="weights-int8")
+    record = squeezed.report.quantization
+    assert not record["applied"]
+    assert "all NaN/inf" in record["reason"]
+    weights = [i for i in squeezed.model.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert weights == []  # the model stays float
+
+
+def test_gptq_falls_back_to_plain_rounding_on_a_non_finite_gram():
+    from onnxsqueeze.gptq import WeightRounder
+
+    weight = RNG.standard_normal((16, 8)).astype(np.float32)
+    gram = np.full((16, 16), np.nan)
+    rounder = WeightRounder(grams={"x": gram})
+    q, scales = rounder.round("n", "x", weight, 8, 0)
+    assert rounder.gptq == 0 and np.isfinite(scales).all()
+    assert np.abs(q.astype(np.float32) * scales - weight).max() <= scales.max() / 2 + 1e-6
