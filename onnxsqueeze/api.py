@@ -7,6 +7,7 @@ file unless ``squeeze_file`` is asked to.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -54,7 +55,7 @@ def squeeze(
     from onnxsqueeze.io import convert_back, load_model
 
     loaded = load_model(model)
-    working = loaded.model.clone()
+    working = dataclasses.replace(loaded, model=loaded.model.clone())
     result, report = _run(
         working,
         passes,
@@ -91,7 +92,7 @@ def squeeze_file(
     loaded = load_model(source)
     report_source = loaded.label
     strict = kwargs.pop("strict", True)
-    model, report = _run(loaded.model, passes, **_run_kwargs(kwargs))
+    model, report = _run(loaded, passes, **_run_kwargs(kwargs))
     report.source = report_source
     if strict and report.verification_status == "failed":
         raise AccuracyBudgetError(
@@ -126,11 +127,13 @@ def _run_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run(
-    model, passes, preset, data, shapes, providers, verify, registry, probe_samples, seed, quantize
+    loaded, passes, preset, data, shapes, providers, verify, registry, probe_samples, seed, quantize
 ):
+    """The pipeline, then the quantize stage, on ``loaded.model`` (a LoadedModel)."""
     from onnxsqueeze.passes import builtin_registry
     from onnxsqueeze.pipeline import Pipeline, VerifyOptions
 
+    model = loaded.model
     registry = registry or builtin_registry()
     pass_objects = registry.build(passes if passes is not None else [preset])
     feeds = probe_feeds(model, data, shapes, probe_samples, seed) if verify else None
@@ -148,7 +151,8 @@ def _run(
         feeds=feeds,
         retry_feeds=retries(),
     )
-    model, report = pipeline.run(model, Report())
+    report = Report(warnings=[loaded.note] if loaded.note else [])
+    model, report = pipeline.run(model, report, original=loaded.original)
     if quantize is not None and not verify:
         from onnxsqueeze.errors import PipelineConfigError
         from onnxsqueeze.quantize import QuantizeConfig

@@ -46,6 +46,10 @@ class LoadedModel:
     kind: str  # "path" | "bytes" | "proto" | "ir" | "gs"
     path: Path | None = None
     label: str = "<model>"
+    #: The model as given, when ``model`` had to be converted to pass onnx.checker (see
+    #: onnxsqueeze.legalize): verification compares against it. ``note`` says what was done.
+    original: ir.Model | None = None
+    note: str | None = None
 
     def protected_paths(self) -> set[Path]:
         """Files that belong to the input and must not be overwritten by accident."""
@@ -71,16 +75,20 @@ def load_model(
             proto = onnx.load_from_string(bytes(source))
         except Exception as exc:  # protobuf raises DecodeError or RuntimeWarning-ish errors
             raise ModelLoadError(f"{label}: not a valid ONNX model ({first_line(exc)})") from exc
-        return LoadedModel(_from_proto(proto, label, validate, base_dir), "bytes", label=label)
+        return LoadedModel(
+            kind="bytes", label=label, **_from_proto(proto, label, validate, base_dir)
+        )
     if isinstance(source, onnx.ModelProto):
         label = "<ModelProto>"
-        return LoadedModel(_from_proto(source, label, validate, base_dir), "proto", label=label)
+        return LoadedModel(
+            kind="proto", label=label, **_from_proto(source, label, validate, base_dir)
+        )
     if type(source).__module__.startswith("onnx_graphsurgeon"):
         import onnx_graphsurgeon as gs
 
         label = "<gs.Graph>"
         proto = gs.export_onnx(source)
-        return LoadedModel(_from_proto(proto, label, validate, base_dir), "gs", label=label)
+        return LoadedModel(kind="gs", label=label, **_from_proto(proto, label, validate, base_dir))
     raise ModelLoadError(
         f"<{type(source).__name__}>: cannot load a model from this type "
         "(expected a path, bytes, onnx.ModelProto, onnx_ir.Model or onnx-graphsurgeon Graph)"
@@ -101,8 +109,8 @@ def _load_path(path: Path, *, validate: bool) -> LoadedModel:
         raise ModelLoadError(
             f"{label}: not a valid ONNX model (cannot parse protobuf: {first_line(exc)})"
         ) from exc
-    model = _from_proto(proto, label, validate, str(path.parent), checker_path=path)
-    return LoadedModel(model, "path", path=path, label=label)
+    loaded = _from_proto(proto, label, validate, str(path.parent), checker_path=path)
+    return LoadedModel(kind="path", path=path, label=label, **loaded)
 
 
 def _from_proto(
@@ -111,12 +119,28 @@ def _from_proto(
     validate: bool,
     base_dir: str | None,
     checker_path: Path | None = None,
-) -> ir.Model:
+) -> dict[str, Any]:
+    """LoadedModel's model (and original, note where the model had to be converted)."""
     _check_header(proto, label)
     if base_dir is not None:
         _check_external_data(proto, label, Path(base_dir))
     if validate:
-        _run_checker(proto, label, checker_path)
+        try:
+            _run_checker(proto, label, checker_path)
+        except InvalidModelError:
+            from onnxsqueeze.legalize import legalize
+
+            legal = legalize(proto)  # an op below its opset, as onnxruntime allows
+            if legal is None:
+                raise
+            _run_checker(legal[0], label, None)
+            original = _deserialize(proto, label, base_dir)
+            model = _deserialize(legal[0], label, base_dir)
+            return {"model": model, "original": original, "note": legal[1]}
+    return {"model": _deserialize(proto, label, base_dir)}
+
+
+def _deserialize(proto: onnx.ModelProto, label: str, base_dir: str | None) -> ir.Model:
     proto = _without_map_types(proto, label)
     try:
         model = ir.serde.deserialize_model(proto)

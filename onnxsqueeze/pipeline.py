@@ -80,12 +80,16 @@ class Pipeline:
                 "verification needs probe feeds; give data or disable verification"
             )
 
-    def run(self, model: ir.Model, report: Report | None = None) -> tuple[ir.Model, Report]:
-        """Apply the passes to ``model`` (in place where no rollback happens)."""
+    def run(
+        self, model: ir.Model, report: Report | None = None, original: ir.Model | None = None
+    ) -> tuple[ir.Model, Report]:
+        """Apply the passes to ``model`` (in place where no rollback happens); outputs are
+        verified against ``original`` when given (the model as the user gave it, where
+        loading had to convert it), else against ``model`` as it comes in."""
         report = report or Report()
         report.before = model_stats(model).as_dict()
         started = time.perf_counter()
-        reference = self._reference_outputs(model, report)
+        reference = self._reference_outputs(original or model, report)
         current = reference
         # kept only where a pass may use the noise floor (the floor is measured on it)
         loose = any(p.tolerance(self.verify.rtol) > self.verify.rtol for p in self.passes)

@@ -183,6 +183,43 @@ def _make_session(model: ir.Model, options: Any, providers: list[str]) -> Any:
         return ort.InferenceSession(str(path), options, providers=providers)
 
 
+#: onnxruntime's names of the float element types calibration observes.
+_ORT_FLOATS = {
+    "tensor(float)": ir.DataType.FLOAT,
+    "tensor(float16)": ir.DataType.FLOAT16,
+    "tensor(bfloat16)": ir.DataType.BFLOAT16,
+    "tensor(double)": ir.DataType.DOUBLE,
+}
+
+
+def onnxruntime_float_types(model: ir.Model, names: Sequence[str]) -> dict[str, ir.DataType]:
+    """Float element types onnxruntime gives main-graph node outputs ``names`` that onnx's
+    inference leaves untyped (outputs of com.microsoft ops such as SkipLayerNormalization,
+    of ai.onnx.ml ops such as Scaler): a session on a copy returning them says, unoptimized.
+    Empty if it cannot load the copy."""
+    clone = model.clone()
+    wanted = set(names)
+    outputs = [
+        v
+        for node in clone.graph
+        for v in node.outputs
+        if v.name in wanted and not v.is_graph_output()
+    ]
+    if not outputs:
+        return {}
+    for value in outputs:
+        value.type, value.shape = None, None
+    clone.graph.outputs.extend(outputs)
+    try:
+        session = _make_session(
+            clone, _session_options(False, None, False, None), ["CPUExecutionProvider"]
+        )
+    except Exception:
+        return {}
+    found = {o.name: _ORT_FLOATS.get(o.type) for o in session.get_outputs()}
+    return {name: dtype for name, dtype in found.items() if name in wanted and dtype is not None}
+
+
 def crashes_onnxruntime(model: ir.Model, providers: Sequence[str] | None = None) -> str | None:
     """How onnxruntime dies loading ``model`` at its default optimizations (a signal, which
     no exception could report), tried in a child process; None if it does not crash.

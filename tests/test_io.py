@@ -292,3 +292,39 @@ def test_map_typed_input_is_a_clear_error(tmp_path):
     )
     with pytest.raises(UnsupportedModelError, match="input 'features' is a map"):
         load_model(model)
+
+
+LAYERNORM_AT_14 = """
+<ir_version: 8, opset_import: ["" : 14]>
+g (float[2, 8] x) => (float[2, 8] y) {
+    n = LayerNormalization <axis = -1, epsilon = 0.00001> (x, scale, bias)
+    y = Relu (n)
+}
+"""
+
+
+def test_an_op_below_the_opset_that_defines_it_is_converted_and_verified(tmp_path):
+    """onnxruntime's transformer optimizer writes LayerNormalization (ONNX: opset 17) into
+    opset-14 models; onnxruntime runs them, onnx.checker rejects them, and so did we. Now the
+    model goes to opset 17 by the version converter and is verified against the original."""
+    import onnxsqueeze
+    from conftest import run_ort
+
+    proto = onnx.parser.parse_model(LAYERNORM_AT_14)
+    for name, array in (("scale", np.linspace(0.5, 2, 8)), ("bias", np.linspace(-1, 1, 8))):
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(array.astype(np.float32), name))
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(proto)
+    path = tmp_path / "ln14.onnx"
+    onnx.save(proto, path)
+    loaded = load_model(path)
+    assert loaded.original is not None and "opset 17" in loaded.note
+    out = tmp_path / "out.onnx"
+    report = onnxsqueeze.squeeze_file(path, out)
+    assert report.verification_status == "passed"
+    assert any("LayerNormalization under opset 14" in w for w in report.warnings)
+    result = onnx.load(out)
+    onnx.checker.check_model(result, full_check=True)
+    assert [o.version for o in result.opset_import if o.domain == ""] == [17]
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)}
+    np.testing.assert_array_equal(run_ort(result, feeds)[0], run_ort(proto, feeds)[0])

@@ -604,3 +604,30 @@ def test_gptq_falls_back_to_plain_rounding_on_a_non_finite_gram():
     q, scales = rounder.round("n", "x", weight, 8, 0)
     assert rounder.gptq == 0 and np.isfinite(scales).all()
     assert np.abs(q.astype(np.float32) * scales - weight).max() <= scales.max() / 2 + 1e-6
+
+
+CONTRIB_THEN_MATMUL = """
+<ir_version: 8, opset_import: ["" : 17, "com.microsoft" : 1]>
+g (float[4, 64] x) => (float[4, 64] y) {
+    h = MatMul (x, w1)
+    a = com.microsoft.Gelu (h)
+    y = MatMul (a, w2)
+}
+"""
+
+
+def test_outputs_of_ops_onnx_cannot_type_are_calibrated():
+    """onnx's inference gives no type to com.microsoft outputs (an onnxruntime-optimized
+    BERT's SkipLayerNormalization) or ai.onnx.ml ones (scikit-learn's Scaler), so they were
+    never calibrated and the MatMul reading them stayed float; onnxruntime now types them."""
+    proto = onnx.parser.parse_model(CONTRIB_THEN_MATMUL)
+    for name in ("w1", "w2"):
+        weight = RNG.standard_normal((64, 64)).astype(np.float32) / 8
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(weight, name))
+    data = [{"x": RNG.standard_normal((4, 64)).astype(np.float32)} for _ in range(16)]
+    config = QuantizeConfig(mode="static", budget=Budget(min_cosine=0.95))
+    squeezed = onnxsqueeze.squeeze(proto, data=data, quantize=config)
+    record = squeezed.report.quantization
+    assert record["applied"] and record["quantized"] == 2, record.get("kept_float")
+    readers = [n.op_type for n in squeezed.model.graph.node if "a" in n.input]
+    assert readers == ["QuantizeLinear"]  # the Gelu output is quantized for the MatMul

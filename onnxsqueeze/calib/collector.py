@@ -260,6 +260,7 @@ class Collector:
             if value.name in feed:
                 value.shape = ir.Shape(np.shape(feed[value.name]))
         with inferred_shapes(clone):
+            _type_from_onnxruntime(clone)
             if not self._given:
                 self.tensors, self.skipped = select_inferred(clone, self.options.op_types)
             only = self.options.only
@@ -409,6 +410,18 @@ class Collector:
             groups[-1].append(name)
             used += size
         return [g for g in groups if g]
+
+
+def _type_from_onnxruntime(model: ir.Model) -> None:
+    """Main-graph values onnx's inference could not type get onnxruntime's float types, so
+    the outputs of contrib and ai.onnx.ml ops (an onnxruntime-optimized BERT's
+    SkipLayerNormalization, a scikit-learn Scaler) are calibrated like any other."""
+    from onnxsqueeze.runtime import onnxruntime_float_types
+
+    untyped = [v.name for node in model.graph for v in node.outputs if v.name and v.type is None]
+    for name, dtype in onnxruntime_float_types(model, untyped).items() if untyped else ():
+        value = next(v for node in model.graph for v in node.outputs if v.name == name)
+        value.type = ir.TensorType(dtype)
 
 
 class _Renamed:
