@@ -169,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(exc, args.debug)
         return EXIT_USAGE
     except SqueezeError as exc:
-        _fail(exc, args.debug)
+        _fail(exc, args.debug, args.model)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print("onnxsqueeze: interrupted; no output written", file=sys.stderr)
@@ -184,12 +184,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
 
 
-def _fail(exc: Exception, debug: bool) -> None:
+def _fail(exc: Exception, debug: bool, model: str | None = None) -> None:
+    """One line; errors about running the model (verification) name its file too."""
+    from onnxsqueeze.errors import RuntimeSessionError, VerificationError
+
     if debug:
         import traceback
 
         traceback.print_exc()
-    print(f"onnxsqueeze: error: {exc}", file=sys.stderr)
+    text = str(exc)
+    if model and model not in text and isinstance(exc, (VerificationError, RuntimeSessionError)):
+        text = f"{model}: {text}"
+    print(f"onnxsqueeze: error: {text}", file=sys.stderr)
 
 
 def _pass_specs(args: argparse.Namespace) -> list | None:

@@ -225,6 +225,10 @@ class Pipeline:
         try:
             outputs = self._outputs(model)
         except RuntimeSessionError as exc:
+            if str(exc).startswith("onnxruntime cannot load"):  # no input can help
+                raise VerificationError(
+                    f"cannot verify: {exc}; squeeze it unverified with --no-verify"
+                ) from exc
             outputs = self._retry(model, report)
             if outputs is None:
                 raise VerificationError(

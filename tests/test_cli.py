@@ -255,3 +255,21 @@ def test_list_options_are_comma_separated():
         "/enc/MatMul",
         "/head/Gemm",
     )
+
+
+def test_a_model_onnxruntime_cannot_load_names_the_file_and_the_way_out(tmp_path):
+    """A custom-domain op onnxruntime has no kernel for: the error used to ask for --data or
+    --shape (no input helps) and did not name the model."""
+    import onnx
+
+    model = onnx.load(str(DIGITS))
+    model.graph.node[-1].domain = "my.custom"
+    model.opset_import.append(onnx.helper.make_opsetid("my.custom", 1))
+    src = tmp_path / "custom.onnx"
+    onnx.save(model, src)
+    proc = cli(str(src), "-o", str(tmp_path / "out.onnx"))
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"onnxsqueeze: error: {src}: cannot verify")
+    assert "--no-verify" in lines[0] and "--data" not in lines[0]
+    assert not (tmp_path / "out.onnx").exists()

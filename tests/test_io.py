@@ -308,6 +308,7 @@ def test_an_op_below_the_opset_that_defines_it_is_converted_and_verified(tmp_pat
     opset-14 models; onnxruntime runs them, onnx.checker rejects them, and so did we. Now the
     model goes to opset 17 by the version converter and is verified against the original."""
     import onnxsqueeze
+
     from conftest import run_ort
 
     proto = onnx.parser.parse_model(LAYERNORM_AT_14)
