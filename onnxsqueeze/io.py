@@ -257,6 +257,14 @@ def count_nodes(model: ir.Model) -> int:
     return total + sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
 
 
+def serialized_bytes(model: ir.Model) -> int:
+    """About the size of the model's file: its graph serialised without the big weights,
+    plus those weights' bytes (no copy of them is made)."""
+    with weightless(model) as detached:
+        proto = serialize(model)
+    return proto.ByteSize() + sum(a.nbytes for a in detached.values())
+
+
 def initializer_bytes(model: ir.Model) -> int:
     """Bytes of initializer weights (what decides external data and temp-dir sessions)."""
     return sum(

@@ -510,6 +510,7 @@ def run_quantize_stage(
         outcome = _run_config(model, fallback, data, feeds)
         outcome.record["fallback_from"] = f"{slow['mode']} ({slow.get('reason')})"
         outcomes.append(outcome)
+    _not_smaller(model, outcomes, auto, report)
     applied = [o for o in outcomes if o.record.get("applied")]
     best = pick(applied) if applied else outcomes[0]
     if len(outcomes) > 1:
@@ -541,6 +542,26 @@ def run_quantize_stage(
     report.verification = {"summary": f"{mode}: {best.record['measured']}"}
     report.verification_status = "passed"
     return best.model
+
+
+def _not_smaller(model: ir.Model, outcomes: list[QuantizeOutcome], auto: bool, report) -> None:
+    """A quantized model whose file is no smaller than float's: weights too small to pay for
+    their Q/DQ nodes and scales (a 2 KB Conv3d net came out 1.6x larger). auto does not ship
+    it; an explicit mode does, and says so."""
+    from onnxsqueeze.io import serialized_bytes
+
+    applied = [o for o in outcomes if o.record.get("applied")]
+    before = serialized_bytes(model) if applied else 0
+    for outcome in applied:
+        after = serialized_bytes(outcome.model)
+        if after < before:
+            continue
+        message = f"the quantized model is not smaller than float ({after} vs {before} bytes)"
+        if auto:
+            outcome.record.update(applied=False, reason=message)
+            outcome.model = model
+        else:
+            report.warnings.append(f"{outcome.record['mode']}: {message}")
 
 
 def _warn_if_unresolvable(what: str, limit: float | None, feeds: list, report: Any) -> None:

@@ -631,3 +631,37 @@ def test_outputs_of_ops_onnx_cannot_type_are_calibrated():
     assert record["applied"] and record["quantized"] == 2, record.get("kept_float")
     readers = [n.op_type for n in squeezed.model.graph.node if "a" in n.input]
     assert readers == ["QuantizeLinear"]  # the Gelu output is quantized for the MatMul
+
+
+TINY_CONV = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[1, 2, 8, 8] x) => (float[1, 4, 8, 8] y) {
+    c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+    y = Relu (c)
+}
+"""
+
+
+def test_a_quantized_model_larger_than_float_is_not_shipped_by_auto_and_flagged_otherwise():
+    """Weights this small cannot pay for their Q/DQ nodes and scales: static made a 2 KB
+    Conv3d net 1.6x larger, silently."""
+    proto = onnx.parser.parse_model(TINY_CONV)
+    for name, shape in (("w", (4, 2, 3, 3)), ("b", (4,))):
+        array = RNG.standard_normal(shape).astype(np.float32)
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+    data = [{"x": RNG.standard_normal((1, 2, 8, 8)).astype(np.float32)} for _ in range(8)]
+    explicit = onnxsqueeze.squeeze(proto, data=data, quantize="static")
+    assert explicit.report.quantization["applied"]
+    assert any("not smaller than float" in w for w in explicit.report.warnings)
+    # auto (where timing may drop it first for being slower): the size check alone
+    from onnxsqueeze.quantize import QuantizeOutcome, _not_smaller
+    from onnxsqueeze.report import Report
+
+    float_model = ir.serde.deserialize_model(proto)
+    outcome = QuantizeOutcome(
+        ir.serde.deserialize_model(explicit.model), {"mode": "static", "applied": True}
+    )
+    report = Report()
+    _not_smaller(float_model, [outcome], True, report)
+    assert not outcome.record["applied"] and "not smaller than float" in outcome.record["reason"]
+    assert outcome.model is float_model and report.warnings == []
