@@ -258,11 +258,17 @@ def count_nodes(model: ir.Model) -> int:
 
 
 def serialized_bytes(model: ir.Model) -> int:
-    """About the size of the model's file: its graph serialised without the big weights,
-    plus those weights' bytes (no copy of them is made)."""
+    """About the size of the model's files: its graph serialised without the big weights,
+    plus those weights' bytes, in memory or external (no copy of them is made)."""
     with weightless(model) as detached:
         proto = serialize(model)
-    return proto.ByteSize() + sum(a.nbytes for a in detached.values())
+    external = sum(
+        v.const_value.nbytes
+        for g in model.graphs()
+        for v in g.initializers.values()
+        if isinstance(v.const_value, ir.ExternalTensor)
+    )
+    return proto.ByteSize() + sum(a.nbytes for a in detached.values()) + external
 
 
 def initializer_bytes(model: ir.Model) -> int:
