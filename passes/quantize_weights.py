@@ -1,4 +1,4 @@
-"""quantize-weights: weight-only int8/int4 for MatMul/Gemm, Conv, LSTM/GRU/RNN and Gather.
+"""quantize-weights: weight-only int8/int4 for MatMul/Gemm, Conv(Transpose), Einsum, RNNs, Gather.
 
 Activations stay float and the file shrinks about 4x (int8) or 8x (int4). Lossy: the pipeline
 reports how far outputs moved instead of rolling the pass back. Forms:
@@ -31,27 +31,19 @@ from onnxsqueeze.gptq import WeightRounder
 from onnxsqueeze.graphs import (
     GraphLike,
     all_value_names,
-    drop_if_unused,
     float_weight,
     read_elsewhere,
     scopes,
 )
 from onnxsqueeze.io import count_nodes
 from onnxsqueeze.nbits import NBitsBuilder
-from onnxsqueeze.qdq import QdqBuilder
-from onnxsqueeze.qmath import ROUNDINGS, QParams
+from onnxsqueeze.qmath import ROUNDINGS
 from onnxsqueeze.registry import SqueezePass, SqueezeResult
-from onnxsqueeze.unpack import (
-    MIN_OPSET,
-    SLICE_OPSET,
-    Unpacker,
-    can_unpack,
-    dq_layout,
-    stored_bytes,
-)
+from onnxsqueeze.unpack import MIN_OPSET, SLICE_OPSET, can_unpack
+from onnxsqueeze.weight_store import WeightStore
 
 FORMATS = ("auto", "dq", "matmulnbits", "fold")
-WEIGHT_OPS = ("MatMul", "Gemm", "Gather", "Conv", "LSTM", "GRU", "RNN")
+WEIGHT_OPS = ("MatMul", "Gemm", "Gather", "Conv", "ConvTranspose", "Einsum", "LSTM", "GRU", "RNN")
 #: MatMulNBits needs a block; this is what onnxruntime's own int4 quantizer defaults to.
 DEFAULT_NBITS_BLOCK = 32
 
@@ -74,10 +66,12 @@ class QuantizeWeightsOptions:
 
 
 class QuantizeWeightsPass(SqueezePass):
-    """Constant MatMul/Gemm/Conv/LSTM/GRU/RNN weights and Gather tables -> int8/int4."""
+    """Constant MatMul/Gemm/Conv(Transpose)/Einsum/RNN weights and Gather tables -> int8/int4."""
 
     name = "quantize-weights"
-    summary = "weight-only int8/int4 for MatMul/Gemm/Conv/LSTM/GRU/RNN weights and Gather tables"
+    summary = (
+        "weight-only int8/int4 of MatMul/Gemm/Conv(Transpose)/Einsum/RNN weights, Gather tables"
+    )
     lossless = False
     Options = QuantizeWeightsOptions
 
@@ -133,8 +127,8 @@ class QuantizeWeightsPass(SqueezePass):
         self._half = bool(node.outputs) and node.outputs[0].dtype == ir.DataType.FLOAT16
         if node.op_type == "Gather":
             return self._quantize_table(scope, node)
-        if node.op_type == "Conv":
-            return self._quantize_filters(scope, node)
+        if node.op_type in ("Conv", "ConvTranspose", "Einsum"):  # Einsum: its constant operand
+            return self._quantize_filters(scope, node, 1 if node.op_type[0] == "C" else None)
         if node.op_type in ("LSTM", "GRU", "RNN"):  # W and R; (0, 0) + (x, y) sums
             done = [o for o in (self._quantize_filters(scope, node, i) for i in (1, 2)) if o]
             return (sum(o[0] for o in done), sum(o[1] for o in done)) if done else None
@@ -215,22 +209,26 @@ class QuantizeWeightsPass(SqueezePass):
         return self._insert_dq(scope, node, index, q, scales, attributes)
 
     def _quantize_filters(
-        self, scope: GraphLike, node: ir.Node, index: int = 1
+        self, scope: GraphLike, node: ir.Node, index: int | None = 1
     ) -> tuple[int, int] | None:
         """Conv filters [M, C, k...], a scale per output channel, or in the fold form per block
         along channels x kernel (the convolution stays float: a heavy-tailed input, as
         magika's, needs no 8-bit range); LSTM/GRU/RNN W or R [directions, gates x hidden,
-        size], a scale per row, fold form only (DequantizeLinear has one axis)."""
-        recurrent = node.op_type != "Conv"
+        size], a scale per row; ConvTranspose filters and an Einsum's constant operand (index
+        None: the first) per row of their first axis. All but Conv: fold form only."""
+        recurrent = node.op_type in ("LSTM", "GRU", "RNN")
+        if index is None:
+            index = next((i for i, v in enumerate(node.inputs) if float_weight(v) is not None), 99)
         weight = float_weight(node.inputs[index]) if len(node.inputs) > index else None
-        if weight is None or weight.ndim < 3:
+        if weight is None or weight.ndim < (2 if node.op_type == "Einsum" else 3):
             return None
         if weight.size < self.options.min_elements or (recurrent and weight.ndim != 3):
             return None
         if read_elsewhere(node.inputs[index], node):
             return (0, 0)
         form = self._form()
-        if form != "fold" and (recurrent or self._opset < (21 if self.options.bits == 4 else 13)):
+        dq_ok = node.op_type == "Conv" and self._opset >= (21 if self.options.bits == 4 else 13)
+        if form != "fold" and not dq_ok:
             return (0, 0)  # per-axis DequantizeLinear (int4: opset 21)
         m = weight.shape[0] * (weight.shape[1] if recurrent else 1)
         kn = weight.reshape(m, -1).T
@@ -259,42 +257,8 @@ class QuantizeWeightsPass(SqueezePass):
             return self._opset < SLICE_OPSET
         return not can_unpack(kn, self.options.bits)
 
-    def _insert_dq(
-        self,
-        scope: GraphLike,
-        node: ir.Node,
-        index: int,
-        q: np.ndarray,
-        scales: np.ndarray,
-        attributes: dict,
-        shape: tuple[int, ...] | None = None,
-    ) -> tuple[int, int]:
-        """Input ``index`` of ``node`` becomes DequantizeLinear(q, scales), or its load-time
-        ``fold`` form; returns (bytes before, bytes after)."""
-        bits = self.options.bits
-        base = node.inputs[index].name or "weight"
-        if self._form() == "fold":
-            layout = dq_layout(q, scales, attributes)
-            unpacker = Unpacker(self._model, self._names)
-            out = unpacker.dequantized(scope, node, layout, bits, base, shape, self._half)
-            stored = stored_bytes(layout.codes, bits)
-        else:
-            if bits == 4:
-                import ml_dtypes
-
-                q = q.astype(ml_dtypes.int4)
-            out = QdqBuilder(self._model, self._names).dequantized(
-                scope,
-                np.ascontiguousarray(q),
-                QParams(np.ascontiguousarray(scales), None, f"int{bits}"),
-                attributes["axis"],
-                base,
-                node,
-                attributes.get("block_size", 0),
-            )
-            stored = (q.size * bits + 7) // 8
-        weight_value = node.inputs[index]
-        before = weight_value.const_value.nbytes if weight_value.const_value else 0
-        node.replace_input_with(index, out)
-        drop_if_unused(scope, weight_value)
-        return before, stored + scales.nbytes
+    def _insert_dq(self, scope, node, index, q, scales, attributes, shape=None) -> tuple[int, int]:
+        """Input ``index`` of ``node`` becomes DequantizeLinear(q, scales), or its fold form."""
+        fold = self._form() == "fold"
+        store = WeightStore(self._model, self._names, self.options.bits, fold, self._half)
+        return store.replace(scope, node, index, q, scales, attributes, shape)

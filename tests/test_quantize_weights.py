@@ -12,7 +12,7 @@ import onnxsqueeze
 from onnxsqueeze.passes.quantize_weights import QuantizeWeightsPass
 from onnxsqueeze.qmath import dequantize_weight, pack_matmul_nbits, quantize_weight
 
-from conftest import run_ort
+from conftest import run_ort, weighted_model
 
 RNG = np.random.default_rng(0)
 #: What rounding="auto" picks: scales searched for least squared error at 4 bits.
@@ -362,4 +362,32 @@ def test_float16_weights_fold_back_to_float16(bits):
     np.testing.assert_allclose(run_ort(out, feeds)[0], expected, rtol=2e-2, atol=5e-2)
     # forms that need float32 scales (DequantizeLinear before opset 19, MatMulNBits) skip it
     _, stats = _apply(proto, bits=bits, format="dq", min_elements=16)
+    assert stats["weights_quantized"] == 0
+
+
+@pytest.mark.parametrize(
+    "op, weight_shape, x_shape, attrs",
+    [
+        ("ConvTranspose", (8, 16, 3, 3), [1, 8, 6, 6], {"strides": [2, 2]}),
+        ("Einsum", (4, 32, 24), [5, 4, 32], {"equation": "bhd,hde->bhe"}),
+    ],
+)
+def test_conv_transpose_filters_and_einsum_operands_fold(op, weight_shape, x_shape, attrs):
+    """Decoders' ConvTranspose filters and an Einsum's constant operand stayed float (not in
+    the op list); in the fold form any constant weight can be stored as codes, a scale per
+    row of its first axis."""
+    weight = RNG.standard_normal(weight_shape).astype(np.float32)
+    proto = weighted_model(op, weight, x_shape, opset=17, **attrs)
+    out, stats = _apply(proto, bits=8, format="fold", min_elements=16)
+    assert stats["weights_quantized"] == 1 and stats["bytes_after"] < weight.nbytes / 3.5
+    assert "w" not in {i.name for i in out.graph.initializer}
+    rows = weight.reshape(weight_shape[0], -1).T
+    q, s = quantize_weight(rows, 8, 0, "rtn")
+    expected_weight = dequantize_weight(q, s, 0).T.reshape(weight_shape)
+    reference = weighted_model(op, expected_weight, x_shape, opset=17, **attrs)
+    feeds = {"x": RNG.standard_normal(x_shape).astype(np.float32)}
+    np.testing.assert_allclose(
+        run_ort(out, feeds)[0], run_ort(reference, feeds)[0], rtol=1e-5, atol=1e-5
+    )
+    _, stats = _apply(proto, bits=8, format="dq", min_elements=16)  # fold form only
     assert stats["weights_quantized"] == 0
