@@ -418,10 +418,10 @@ def _type_from_onnxruntime(model: ir.Model) -> None:
     SkipLayerNormalization, a scikit-learn Scaler) are calibrated like any other."""
     from onnxsqueeze.runtime import onnxruntime_float_types
 
-    untyped = [v.name for node in model.graph for v in node.outputs if v.name and v.type is None]
-    for name, dtype in onnxruntime_float_types(model, untyped).items() if untyped else ():
-        value = next(v for node in model.graph for v in node.outputs if v.name == name)
-        value.type = ir.TensorType(dtype)
+    untyped = {v.name: v for node in model.graph for v in node.outputs if v.name and not v.type}
+    if untyped:
+        for name, dtype in onnxruntime_float_types(model, list(untyped)).items():
+            untyped[name].type = ir.TensorType(dtype)
 
 
 class _Renamed:
