@@ -63,6 +63,26 @@ def pick(applied: list[QuantizeOutcome]) -> QuantizeOutcome:
     return min(close, key=lambda o: (o.record["weight_bytes"], -(o.record.get("min_cosine") or 0)))
 
 
+def not_smaller(model: ir.Model, outcomes: list[QuantizeOutcome], auto: bool, report: Any) -> None:
+    """A quantized model whose file is no smaller than float's: weights too small to pay for
+    their Q/DQ nodes and scales (a 2 KB Conv3d net came out 1.6x larger). auto does not ship
+    it; an explicit mode does, and says so."""
+    from onnxsqueeze.io import serialized_bytes
+
+    applied = [o for o in outcomes if o.record.get("applied")]
+    before = serialized_bytes(model) if applied else 0
+    for outcome in applied:
+        after = serialized_bytes(outcome.model)
+        if after < before:
+            continue
+        message = f"the quantized model is not smaller than float ({after} vs {before} bytes)"
+        if auto:
+            outcome.record.update(applied=False, reason=message)
+            outcome.model = model
+        else:
+            report.warnings.append(f"{outcome.record['mode']}: {message}")
+
+
 def resolve_configs(quantize: Any, has_data: bool) -> list[QuantizeConfig]:
     """The configurations to try, from a mode name or a config (mode may be auto).
 

@@ -206,6 +206,14 @@ def already_quantized(node: ir.Node) -> bool:
     return reads_dq or feeds_q
 
 
+def nothing_quantized(kept_float: dict) -> str:
+    """Why a pass quantized nothing: a model another tool quantized says so, not 'nothing'."""
+    reasons = list(kept_float.values()) if isinstance(kept_float, dict) else []
+    if reasons and all(str(r).startswith("already quantized") for r in reasons):
+        return f"the model is already quantized ({len(reasons)} nodes in QDQ form)"
+    return "no node could be quantized"
+
+
 def first_reader(scope: GraphLike, value: ir.Value) -> ir.Node | None:
     """The earliest node of ``scope`` that reads ``value`` (where a pair for it must go)."""
     readers = {id(user) for user, _ in value.uses()}

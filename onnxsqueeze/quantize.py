@@ -20,11 +20,18 @@ from typing import Any
 
 import onnx_ir as ir
 
-from onnxsqueeze.alternatives import NOT_SLOWER, SPEED_TIE, check_latency, pick, resolve_configs
+from onnxsqueeze.alternatives import (
+    NOT_SLOWER,
+    SPEED_TIE,
+    check_latency,
+    not_smaller,
+    pick,
+    resolve_configs,
+)
 from onnxsqueeze.budget import DEFAULT_BUDGET, Budget
 from onnxsqueeze.errors import SqueezeError, UnsupportedModelError, first_line
 from onnxsqueeze.graphs import opset_version, scopes
-from onnxsqueeze.qdq import OWN_SCALE, WEIGHTED
+from onnxsqueeze.qdq import OWN_SCALE, WEIGHTED, nothing_quantized
 from onnxsqueeze.verify import LOSSLESS_RTOL, compare_runs, is_distribution
 
 logger = logging.getLogger(__name__)
@@ -228,7 +235,7 @@ class _Stage:
         self.record["candidates"] = len(names)
         crash = crashes_onnxruntime(candidate, config.providers) if config.mode == "fp16" else None
         if not names or crash:
-            self.record["reason"] = crash or _nothing_quantized(stats["kept_float"])
+            self.record["reason"] = crash or nothing_quantized(stats["kept_float"])
             self.record["kept_float"] = stats["kept_float"]
             return QuantizeOutcome(self.model, self.record)
         if config.mode == "dynamic":
@@ -510,7 +517,7 @@ def run_quantize_stage(
         outcome = _run_config(model, fallback, data, feeds)
         outcome.record["fallback_from"] = f"{slow['mode']} ({slow.get('reason')})"
         outcomes.append(outcome)
-    _not_smaller(model, outcomes, auto, report)
+    not_smaller(model, outcomes, auto, report)
     applied = [o for o in outcomes if o.record.get("applied")]
     best = pick(applied) if applied else outcomes[0]
     if len(outcomes) > 1:
@@ -542,26 +549,6 @@ def run_quantize_stage(
     report.verification = {"summary": f"{mode}: {best.record['measured']}"}
     report.verification_status = "passed"
     return best.model
-
-
-def _not_smaller(model: ir.Model, outcomes: list[QuantizeOutcome], auto: bool, report) -> None:
-    """A quantized model whose file is no smaller than float's: weights too small to pay for
-    their Q/DQ nodes and scales (a 2 KB Conv3d net came out 1.6x larger). auto does not ship
-    it; an explicit mode does, and says so."""
-    from onnxsqueeze.io import serialized_bytes
-
-    applied = [o for o in outcomes if o.record.get("applied")]
-    before = serialized_bytes(model) if applied else 0
-    for outcome in applied:
-        after = serialized_bytes(outcome.model)
-        if after < before:
-            continue
-        message = f"the quantized model is not smaller than float ({after} vs {before} bytes)"
-        if auto:
-            outcome.record.update(applied=False, reason=message)
-            outcome.model = model
-        else:
-            report.warnings.append(f"{outcome.record['mode']}: {message}")
 
 
 def _warn_if_unresolvable(what: str, limit: float | None, feeds: list, report: Any) -> None:
@@ -605,11 +592,3 @@ def _run_config(model: ir.Model, config: QuantizeConfig, data: Any, feeds: list)
         calib_feeds=calib_feeds,
         calib_samples=config.calib_samples,
     )
-
-
-def _nothing_quantized(kept_float: dict) -> str:
-    """Why a pass quantized nothing: a model another tool quantized says so, not 'nothing'."""
-    reasons = list(kept_float.values()) if isinstance(kept_float, dict) else []
-    if reasons and all(str(r).startswith("already quantized") for r in reasons):
-        return f"the model is already quantized ({len(reasons)} nodes in QDQ form)"
-    return "no node could be quantized"

@@ -654,7 +654,8 @@ def test_a_quantized_model_larger_than_float_is_not_shipped_by_auto_and_flagged_
     assert explicit.report.quantization["applied"]
     assert any("not smaller than float" in w for w in explicit.report.warnings)
     # auto (where timing may drop it first for being slower): the size check alone
-    from onnxsqueeze.quantize import QuantizeOutcome, _not_smaller
+    from onnxsqueeze.alternatives import not_smaller
+    from onnxsqueeze.quantize import QuantizeOutcome
     from onnxsqueeze.report import Report
 
     float_model = ir.serde.deserialize_model(proto)
@@ -662,6 +663,6 @@ def test_a_quantized_model_larger_than_float_is_not_shipped_by_auto_and_flagged_
         ir.serde.deserialize_model(explicit.model), {"mode": "static", "applied": True}
     )
     report = Report()
-    _not_smaller(float_model, [outcome], True, report)
+    not_smaller(float_model, [outcome], True, report)
     assert not outcome.record["applied"] and "not smaller than float" in outcome.record["reason"]
     assert outcome.model is float_model and report.warnings == []
