@@ -44,6 +44,9 @@ from onnxsqueeze.weight_store import WeightStore
 
 FORMATS = ("auto", "dq", "matmulnbits", "fold")
 WEIGHT_OPS = ("MatMul", "Gemm", "Gather", "Conv", "ConvTranspose", "Einsum", "LSTM", "GRU", "RNN")
+#: onnxruntime contrib ops and their weight inputs (fold form only: their kernels take no
+#: DequantizeLinear): an onnxruntime-optimized transformer's attention and embedding tables.
+CONTRIB_WEIGHTS = {"Attention": (1,), "FusedMatMul": (1,), "EmbedLayerNormalization": (2, 3, 4)}
 #: MatMulNBits needs a block; this is what onnxruntime's own int4 quantizer defaults to.
 DEFAULT_NBITS_BLOCK = 32
 
@@ -108,7 +111,7 @@ class QuantizeWeightsPass(SqueezePass):
 
     def _form(self) -> str | None:
         opts: QuantizeWeightsOptions = self.options
-        if opts.format == "fold" or self._half:  # float16: the fold form only
+        if opts.format == "fold" or self._half or self._contrib:  # the fold form only
             return "fold" if self._opset >= MIN_OPSET and opts.format in ("auto", "fold") else None
         dq_opset = 21 if (opts.bits == 4 or opts.block_size) else 13
         if opts.format == "dq":
@@ -122,15 +125,19 @@ class QuantizeWeightsPass(SqueezePass):
     def _quantize(self, scope: GraphLike, node: ir.Node) -> tuple[int, int] | None:
         """(bytes before, bytes after) if the node's weight was quantized, (0, 0) if it was a
         candidate left alone, None if not a candidate."""
-        if node.domain not in ("", "ai.onnx") or node.op_type not in WEIGHT_OPS:
+        self._contrib = node.domain == "com.microsoft" and node.op_type in CONTRIB_WEIGHTS
+        if not self._contrib and (
+            node.domain not in ("", "ai.onnx") or node.op_type not in WEIGHT_OPS
+        ):
             return None
         self._half = bool(node.outputs) and node.outputs[0].dtype == ir.DataType.FLOAT16
         if node.op_type == "Gather":
             return self._quantize_table(scope, node)
         if node.op_type in ("Conv", "ConvTranspose", "Einsum"):  # Einsum: its constant operand
             return self._quantize_filters(scope, node, 1 if node.op_type[0] == "C" else None)
-        if node.op_type in ("LSTM", "GRU", "RNN"):  # W and R; (0, 0) + (x, y) sums
-            done = [o for o in (self._quantize_filters(scope, node, i) for i in (1, 2)) if o]
+        if node.op_type in ("LSTM", "GRU", "RNN", "EmbedLayerNormalization"):  # (0, 0) + (x, y)
+            indices = CONTRIB_WEIGHTS.get(node.op_type, (1, 2))  # W and R; the three tables
+            done = [o for o in (self._quantize_filters(scope, node, i) for i in indices) if o]
             return (sum(o[0] for o in done), sum(o[1] for o in done)) if done else None
         if len(node.inputs) < 2 or node.inputs[1] is None:
             return None
@@ -143,7 +150,7 @@ class QuantizeWeightsPass(SqueezePass):
         if read_elsewhere(weight_value, node):
             return (0, 0)
         trans_b = False
-        if node.op_type == "Gemm":
+        if node.op_type in ("Gemm", "FusedMatMul"):
             attr = node.attributes.get("transB")
             trans_b = bool(attr.as_int()) if attr is not None else False
         form = self._form()
@@ -220,7 +227,7 @@ class QuantizeWeightsPass(SqueezePass):
         if index is None:
             index = next((i for i, v in enumerate(node.inputs) if float_weight(v) is not None), 99)
         weight = float_weight(node.inputs[index]) if len(node.inputs) > index else None
-        if weight is None or weight.ndim < (2 if node.op_type == "Einsum" else 3):
+        if weight is None or weight.ndim < (3 if node.op_type in ("Conv", "ConvTranspose") else 2):
             return None
         if weight.size < self.options.min_elements or (recurrent and weight.ndim != 3):
             return None

@@ -391,3 +391,31 @@ def test_conv_transpose_filters_and_einsum_operands_fold(op, weight_shape, x_sha
     )
     _, stats = _apply(proto, bits=8, format="dq", min_elements=16)  # fold form only
     assert stats["weights_quantized"] == 0
+
+
+def _attention(weight: np.ndarray, bias: np.ndarray) -> onnx.ModelProto:
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 5, 64])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 5, 64])
+    node = onnx.helper.make_node(
+        "Attention", ["x", "w", "b"], ["y"], domain="com.microsoft", num_heads=4
+    )
+    inits = [onnx.numpy_helper.from_array(weight, "w"), onnx.numpy_helper.from_array(bias, "b")]
+    graph = onnx.helper.make_graph([node], "g", [x], [y], inits)
+    opsets = [onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid("com.microsoft", 1)]
+    proto = onnx.helper.make_model(graph, opset_imports=opsets)
+    proto.ir_version = 8
+    return proto
+
+
+def test_onnxruntime_contrib_attention_weights_fold():
+    """An onnxruntime-optimized transformer keeps its packed QKV weights in com.microsoft
+    Attention nodes, which weight-only quantization skipped (default-domain ops only)."""
+    weight = RNG.standard_normal((64, 192)).astype(np.float32) / 8
+    bias = RNG.standard_normal(192).astype(np.float32) / 8
+    proto = _attention(weight, bias)
+    out, stats = _apply(proto, bits=8, format="auto", min_elements=16)
+    assert stats["weights_quantized"] == 1 and "w" not in {i.name for i in out.graph.initializer}
+    q, s = quantize_weight(weight, 8, 0, "rtn")
+    feeds = {"x": RNG.standard_normal((2, 5, 64)).astype(np.float32)}
+    expected = run_ort(_attention(dequantize_weight(q, s, 0), bias), feeds)[0]
+    np.testing.assert_allclose(run_ort(out, feeds)[0], expected, rtol=1e-4, atol=1e-4)
