@@ -36,10 +36,13 @@ def _nodes(graph: onnx.GraphProto):
                 yield from _nodes(sub)
 
 
+def _opset(proto: onnx.ModelProto) -> int:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
 def ops_ahead_of_opset(proto: onnx.ModelProto) -> set[str]:
     """Default-domain ops the model's opset does not define but a later one does."""
-    version = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    latest = onnx.defs.onnx_opset_version()
+    version, latest = _opset(proto), onnx.defs.onnx_opset_version()
     return {
         node.op_type
         for node in _nodes(proto.graph)
@@ -53,10 +56,9 @@ def legalize(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, str] | None:
     """(the model at the first opset defining all its ops, what was done), or None when
     nothing needs it or the conversion fails."""
     ahead = ops_ahead_of_opset(proto)
-    if not ahead:
+    version, latest = _opset(proto), onnx.defs.onnx_opset_version()
+    if not ahead or not version:  # no default-domain import: nothing to convert from
         return None
-    version = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    latest = onnx.defs.onnx_opset_version()
     target = next(v for v in range(version + 1, latest + 1) if all(_defined(op, v) for op in ahead))
     parked = onnx.ModelProto()
     parked.CopyFrom(proto)

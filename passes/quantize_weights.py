@@ -32,6 +32,7 @@ from onnxsqueeze.graphs import (
     GraphLike,
     all_value_names,
     float_weight,
+    is_constant,
     read_elsewhere,
     scopes,
 )
@@ -134,7 +135,7 @@ class QuantizeWeightsPass(SqueezePass):
         if node.op_type == "Gather":
             return self._quantize_table(scope, node)
         if node.op_type in ("Conv", "ConvTranspose", "Einsum"):  # Einsum: its constant operand
-            return self._quantize_filters(scope, node, 1 if node.op_type[0] == "C" else None)
+            return self._quantize_filters(scope, node, None if node.op_type == "Einsum" else 1)
         if node.op_type in ("LSTM", "GRU", "RNN", "EmbedLayerNormalization"):  # (0, 0) + (x, y)
             indices = CONTRIB_WEIGHTS.get(node.op_type, (1, 2))  # W and R; the three tables
             done = [o for o in (self._quantize_filters(scope, node, i) for i in indices) if o]
@@ -225,7 +226,8 @@ class QuantizeWeightsPass(SqueezePass):
         None: the first) per row of their first axis. All but Conv: fold form only."""
         recurrent = node.op_type in ("LSTM", "GRU", "RNN")
         if index is None:
-            index = next((i for i, v in enumerate(node.inputs) if float_weight(v) is not None), 99)
+            constant = [i for i, v in enumerate(node.inputs) if v is not None and is_constant(v)]
+            index = constant[0] if constant else len(node.inputs)
         weight = float_weight(node.inputs[index]) if len(node.inputs) > index else None
         if weight is None or weight.ndim < (3 if node.op_type in ("Conv", "ConvTranspose") else 2):
             return None
