@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from onnxsqueeze import cpu
 from onnxsqueeze.graphs import GraphLike, add_constant, constant_array, drop_if_unused, unique_name
 from onnxsqueeze.qmath import QRANGES, QParams, qparams, quantize_per_channel
 
@@ -64,20 +65,9 @@ ONNX_TYPES = {
 
 
 def saturating_u8s8_cpu() -> bool:
-    """True on x86 CPUs whose u8 x s8 kernels add product pairs in int16 (AVX2 without VNNI):
-    full-range int8 weights can saturate there (measured: errors of several output units on
-    random data), so weights get 7 bits. The report names the choice; the result is meant
-    for CPUs like this one."""
-    import platform
-
-    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
-        return False
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as info:
-            flags = next((line for line in info if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return "avx2" in flags and not any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    """True on CPUs whose u8 x s8 kernels saturate (``cpu.saturating_u8s8``): weights get 7
+    bits there. The report names the choice; the result is meant for CPUs like this one."""
+    return cpu.saturating_u8s8()
 
 
 def weight_axis(node: ir.Node, weight: np.ndarray) -> int | None:

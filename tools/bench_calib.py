@@ -25,6 +25,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "models"))
+from onnxsqueeze import cpu  # noqa: E402
+
 import corpus  # noqa: E402
 
 METHODS = ("minmax", "entropy", "percentile")
@@ -278,8 +280,8 @@ def render(rows, args) -> str:
         "# Calibration: onnxruntime.quantization calibrators vs onnxsqueeze",
         "",
         f"`python tools/bench_calib.py --sizes {' '.join(map(str, args.sizes))} "
-        f"--methods {' '.join(args.methods)}` (one run, 2-core "
-        "machine, each calibration in its own process, memory capped at 16 GiB, timeout "
+        f"--methods {' '.join(args.methods)}` (one run, "
+        f"{cpu.describe()}, each calibration in its own process, memory capped at 16 GiB, timeout "
         f"{args.timeout} s). wall = whole process (imports, session, collection, range "
         "computation); calib = inside the process, from creating the calibrator to having every "
         "range (no imports); fp32 = plain inference over the same samples (default session); "

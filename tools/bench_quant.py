@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO / "tools"))
 import quant_tasks  # noqa: E402
 from quant_tasks import corpus  # noqa: E402
 
+from onnxsqueeze import cpu  # noqa: E402
 from onnxsqueeze.alternatives import SPEED_TIE  # noqa: E402
 
 MODELS = [
@@ -221,8 +222,8 @@ def render(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
     lines = [
         "# Quantization: onnxruntime.quantization vs onnxsqueeze",
         "",
-        f"`python tools/bench_quant.py --calib {args.calib} --runs {args.runs}` on a 2-core AVX2 "
-        "CPU without VNNI (onnxruntime 1.32). Each configuration is built in its own process "
+        f"`python tools/bench_quant.py --calib {args.calib} --runs {args.runs}` on a "
+        f"{cpu.describe()}. Each configuration is built in its own process "
         f"(squeeze s, peak RSS) and calibrates on the same {args.calib} samples; accuracy is "
         "measured on held-out samples (tools/quant_tasks.py); speed = fp32 median latency / "
         "this one's, batch 1, default session, timed alternately in the same window. "

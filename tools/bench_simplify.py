@@ -25,6 +25,8 @@ import onnx
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "models"))
+from onnxsqueeze import cpu  # noqa: E402
+
 import corpus  # noqa: E402
 
 PEAK = "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM')); print('PEAK_KIB', hwm.split()[1])"
@@ -265,7 +267,7 @@ def render(rows, runs: int, repeat: int) -> str:
         "# Graph simplification: onnxsim vs onnxslim vs onnxsqueeze (lossless preset)",
         "",
         f"`python tools/bench_simplify.py --runs {runs} --repeat {repeat}`: each tool run {repeat}",
-        "times in its own process on this 2-core machine (wall and peak RSS: medians). nodes include subgraph nodes; diff = max abs output difference vs the",
+        f"times in its own process on a {cpu.describe()} (wall and peak RSS: medians). nodes include subgraph nodes; diff = max abs output difference vs the",
         "original on the real probe inputs; latency = onnxruntime CPU median (ms) on one probe input.",
         "Every tool gets the model file alone, as a user types it; onnxsqueeze's wall time includes",
         "its verification (on seeded random inputs then). onnxsqueeze-probes = the same default run",

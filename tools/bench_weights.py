@@ -23,6 +23,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "models"))
+from onnxsqueeze import cpu  # noqa: E402
+
 import corpus  # noqa: E402
 
 
@@ -164,7 +166,7 @@ def main() -> None:
         "# MiniLM weight quantization: onnxruntime.quantization vs onnxsqueeze",
         "",
         f"`python tools/bench_weights.py --sentences {args.sentences} --runs {args.runs}` (one run, "
-        "2-core AVX2 machine without VNNI). cosine = mean cosine of sentence embeddings vs fp32 "
+        f"{cpu.describe()}). cosine = mean cosine of sentence embeddings vs fp32 "
         f"over {args.sentences} held-out sentences; NN = nearest-neighbour agreement with fp32; "
         "latency = median single-sentence run (default session), speed = fp32 / this, fp32 timed "
         "right before each row. onnxsqueeze rows run its default preset first.",
