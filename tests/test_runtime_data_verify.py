@@ -191,8 +191,10 @@ def test_latency_rounds_start_after_the_other_sessions_threads_settle(mlp, monke
     assert bench.SETTLE_S >= 0.1
 
 
-def test_slow_models_get_fewer_timed_runs_per_round(mlp, monkeypatch):
-    """Runs per round are cut to ROUND_BUDGET_S of run time (never below MIN_RUNS)."""
+def test_runs_per_round_follow_the_models_run_time(mlp, monkeypatch):
+    """Fast models get up to MAX_RUNS runs a round (ten were too few to tell 0.9x from 1.1x
+    on a 0.1 ms model), slow ones are cut to ROUND_BUDGET_S of run time (never below
+    MIN_RUNS)."""
     from onnxsqueeze import bench
 
     counted: list[int] = []
@@ -200,7 +202,11 @@ def test_slow_models_get_fewer_timed_runs_per_round(mlp, monkeypatch):
     monkeypatch.setattr(bench, "median_ms", lambda s, f, runs: counted.append(runs) or 1.0)
     model = ir.serde.deserialize_model(mlp)
     bench.compare_latency(model, model, ["cpu"], rounds=2, runs=10)
-    assert counted == [10] * 4  # a tiny model keeps every run
+    assert counted == [bench.MAX_RUNS] * 4  # a tiny model: as many runs as allowed
+    monkeypatch.setattr(bench, "FAST_ROUND_S", 1e-9)
+    counted.clear()
+    bench.compare_latency(model, model, ["cpu"], rounds=2, runs=10)
+    assert counted == [10] * 4  # no longer fast: the runs asked for
     monkeypatch.setattr(bench, "ROUND_BUDGET_S", 1e-9)
     counted.clear()
     bench.compare_latency(model, model, ["cpu"], rounds=2, runs=10)
