@@ -249,6 +249,7 @@ def calibrate(
     to the observers' DEFAULT_BINS (fine enough to match onnxruntime's percentile bins).
     """
     from onnxsqueeze.calib.cache import Calibration
+    from onnxsqueeze.calib.choice import collected_with
     from onnxsqueeze.calib.collector import CollectOptions, Collector
     from onnxsqueeze.calib.observers import DEFAULT_BINS, HISTOGRAM_METHODS, METHODS
     from onnxsqueeze.calib.tensors import feed_names, select_tensors
@@ -257,6 +258,7 @@ def calibrate(
     from onnxsqueeze.io import load_model
     from onnxsqueeze.runtime import input_specs
 
+    method = collected_with(method)  # auto: histograms, which answer every method
     if method not in METHODS:
         raise PipelineConfigError(
             f"unknown calibration method '{method}' (known: {', '.join(METHODS)})"

@@ -55,9 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     calib.add_argument(
         "--calib-method",
-        choices=("entropy", "percentile", "mse", "minmax"),
-        default="entropy",
-        help="range method (default: %(default)s; one histogram serves all but minmax)",
+        choices=("auto", "entropy", "percentile", "mse", "minmax"),
+        default="auto",
+        help="range method (default: %(default)s: each tried on the fully quantized model, the "
+        "most accurate kept; one histogram serves all of them)",
     )
     calib.add_argument("--calib-samples", type=int, metavar="N", help="use at most N samples")
     calib.add_argument(
@@ -300,16 +301,18 @@ def _calibrate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from onnxsqueeze.api import calibrate
+    from onnxsqueeze.calib.choice import collected_with
     from onnxsqueeze.errors import PipelineConfigError
 
     if args.calib_samples is not None and args.calib_samples <= 0:
         raise PipelineConfigError("--calib-samples must be a positive number")
     started = time.perf_counter()
+    method = collected_with(args.calib_method)  # auto: histograms, shown as entropy ranges
     progress = _progress_bar() if sys.stderr.isatty() and not args.quiet else None
     result = calibrate(
         args.model,
         args.data,
-        method=args.calib_method,
+        method=method,
         samples=args.calib_samples,
         cache=args.calib_cache,
         providers=[p.strip() for p in args.providers.split(",") if p.strip()],
@@ -317,7 +320,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     )
     if progress is not None:
         print(file=sys.stderr)
-    ranges = result.ranges(args.calib_method)
+    ranges = result.ranges(method)
     nonfinite = result.nonfinite()
     if args.report:
         from onnxsqueeze.io import atomic_write_text
@@ -325,7 +328,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         report = {
             "source": args.model,
             "cache": args.calib_cache,
-            "method": args.calib_method,
+            "method": method,
             "samples": result.samples,
             "seconds": time.perf_counter() - started,
             "ranges": {k: [float(lo), float(hi)] for k, (lo, hi) in ranges.items()},
@@ -336,7 +339,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(
             f"calibrated {len(ranges)} tensors on {result.samples} samples "
-            f"({args.calib_method}) in {time.perf_counter() - started:.1f} s; "
+            f"({method}) in {time.perf_counter() - started:.1f} s; "
             f"cache: {args.calib_cache}"
         )
         if nonfinite:

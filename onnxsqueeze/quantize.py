@@ -29,6 +29,7 @@ from onnxsqueeze.alternatives import (
     resolve_configs,
 )
 from onnxsqueeze.budget import DEFAULT_BUDGET, Budget
+from onnxsqueeze.calib.choice import best_ranges, collected_with
 from onnxsqueeze.errors import SqueezeError, UnsupportedModelError, first_line
 from onnxsqueeze.graphs import opset_version, scopes
 from onnxsqueeze.qdq import OWN_SCALE, WEIGHTED, nothing_quantized
@@ -52,7 +53,8 @@ CANDIDATE_OPS = (*WEIGHTED, *sorted(OWN_SCALE))
 @dataclasses.dataclass(frozen=True)
 class QuantizeConfig:
     mode: str = "static"
-    method: str = "entropy"
+    #: range method, or "auto": each tried on the fully quantized model (calib.choice)
+    method: str = "auto"
     activations: str = "uint8"
     weights: str = "int8"
     per_channel: bool = True
@@ -228,8 +230,8 @@ class _Stage:
             draft, asked = self._draft()
             self._time_draft(draft)
             calibration = self._calibrate(calibration, calib_feeds, calib_samples, asked)
-            self.ranges = calibration.ranges(config.method)
-            self.record.update(method=config.method, calibration_samples=calibration.samples)
+            self.ranges = self._ranges(calibration)
+            self.record["calibration_samples"] = calibration.samples
         candidate, stats = self.build(())
         names = [n for n in stats["quantized"] if n in self.candidates]
         self.record["candidates"] = len(names)
@@ -300,9 +302,30 @@ class _Stage:
         from onnxsqueeze.calib.collector import CollectOptions, Collector
 
         options = CollectOptions(
-            method=self.config.method, providers=self.config.providers, only=frozenset(asked)
+            method=collected_with(self.config.method),
+            providers=self.config.providers,
+            only=frozenset(asked),
         )
         return Collector(self.model, options).collect(calib_feeds, total=calib_samples)
+
+    def _ranges(self, calibration) -> dict:
+        """The configured method's ranges; for "auto", those of the method whose fully
+        quantized model measures best (budget met, then top-1 agreement, then cosine)."""
+        if self.config.method != "auto":
+            self.record["method"] = self.config.method
+            return calibration.ranges(self.config.method)
+
+        def score(ranges: dict) -> tuple[tuple, str]:
+            self.ranges = ranges
+            model = self.build(())[0]
+            ok, summary = self.judge(model)
+            top1 = min(self.flips[id(model)].values(), default=1.0)
+            return (ok, top1, self.cosines[id(model)]), summary
+
+        method, ranges, tried = best_ranges(calibration, score)
+        self.record["method"] = method
+        self.record["methods_tried"] = tried
+        return ranges
 
     def _draft(self) -> tuple[ir.Model, set[str]]:
         """The fully quantized model built against placeholder ranges, and the activations
@@ -574,7 +597,7 @@ def _run_config(model: ir.Model, config: QuantizeConfig, data: Any, feeds: list)
             calibration = calibrate(
                 model,
                 data,
-                method=config.method,
+                method=collected_with(config.method),
                 samples=config.calib_samples,
                 cache=config.calib_cache,
                 providers=config.providers,

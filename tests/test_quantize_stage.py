@@ -666,3 +666,61 @@ def test_a_quantized_model_larger_than_float_is_not_shipped_by_auto_and_flagged_
     not_smaller(float_model, [outcome], True, report)
     assert not outcome.record["applied"] and "not smaller than float" in outcome.record["reason"]
     assert outcome.model is float_model and report.warnings == []
+
+
+TAIL = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[16, 64] x) => (float[16, 16] y) {
+    y = MatMul (x, w)
+}
+"""
+
+
+def _tail_feeds(n: int, rng: np.random.Generator) -> list[dict]:
+    """Activations whose rare large values (0.5 %) carry much of the output: entropy's KL
+    search clips that tail (output cosine 0.995 here), min/max ranges keep it (0.9997)."""
+    feeds = []
+    for _ in range(n):
+        x = rng.standard_normal((16, 64)).astype(np.float32) * 0.05
+        x[rng.random((16, 64)) < 0.005] = 40.0
+        feeds.append({"x": x})
+    return feeds
+
+
+def test_auto_range_method_keeps_the_one_whose_quantized_model_measures_best():
+    """The default range method tries each method on the fully quantized model: entropy
+    clips this activation's tail (cosine below the budget), so another one is chosen and
+    the node is quantized within the budget."""
+    rng = np.random.default_rng(7)
+    proto = onnx.parser.parse_model(TAIL)
+    weight = rng.standard_normal((64, 16)).astype(np.float32) / 8
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(weight, "w"))
+    model = ir.serde.deserialize_model(proto)
+    feeds = _tail_feeds(48, rng)
+    budget = Budget(min_cosine=0.999)
+    config = QuantizeConfig(method="entropy", budget=budget)
+    entropy = quantize_model(model, feeds[:8], config, calib_feeds=feeds)
+    assert entropy.record["method"] == "entropy"
+    assert not entropy.record["budget_met"]  # nothing but the MatMul to keep float
+    outcome = quantize_model(model, feeds[:8], QuantizeConfig(budget=budget), calib_feeds=feeds)
+    record = outcome.record
+    assert set(record["methods_tried"]) == {"minmax", "percentile", "entropy", "mse"}
+    assert record["method"] != "entropy"
+    assert record["applied"] and record["budget_met"] and record["quantized"] == 1
+    quantized, original = (ir.serde.serialize_model(m) for m in (outcome.model, model))
+    for feed in feeds[:8]:
+        a, b = run_ort(quantized, feed)[0].ravel(), run_ort(original, feed)[0].ravel()
+        assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.999
+
+
+def test_auto_range_method_skips_what_a_minmax_cache_cannot_answer():
+    from onnxsqueeze.calib.cache import Calibration
+    from onnxsqueeze.calib.choice import best_ranges
+    from onnxsqueeze.calib.observers import MinMaxObserver
+
+    observer = MinMaxObserver()
+    observer.update(np.array([-1.0, 3.0], np.float32))
+    calibration = Calibration({"t": observer}, inputs=["x"])
+    method, ranges, tried = best_ranges(calibration, lambda r: ((1,), "scored"))
+    assert method == "minmax" and list(tried) == ["minmax"]
+    assert ranges["t"] == pytest.approx((-1.0, 3.0))

@@ -1,0 +1,46 @@
+"""Which range method a model gets: each one tried on the fully quantized model.
+
+No range method wins everywhere. On the corpus, entropy (KL) ranges left PP-OCR cls at
+output cosine 0.747 fully quantized and PP-OCR rec at 0.842, where min/max ranges gave 0.995
+and 0.987: KL clips the long tails that hard-swish and residual sums carry, and those tails
+matter there. One histogram collection answers every method, so trying each costs a build
+and an evaluation of the quantized model, not a new calibration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from onnxsqueeze.errors import CalibrationError
+
+#: Methods "auto" tries, in this order (the first of equal scores wins).
+AUTO_METHODS = ("minmax", "percentile", "entropy", "mse")
+#: What "auto" collects: a histogram serves every method.
+AUTO_COLLECTS = "entropy"
+
+
+def collected_with(method: str) -> str:
+    """The observer kind a range method needs collected."""
+    return AUTO_COLLECTS if method == "auto" else method
+
+
+def best_ranges(
+    calibration: Any, score: Callable[[dict], tuple[tuple, str]]
+) -> tuple[str, dict, dict[str, str]]:
+    """(method, its ranges, each tried method's summary) with the highest ``score``.
+    ``score(ranges)`` returns a sortable key (higher is better) and a summary for the
+    report. Methods the calibration cannot answer (a min/max-only cache) are skipped."""
+    best: tuple[tuple, str, dict] | None = None
+    tried: dict[str, str] = {}
+    for method in AUTO_METHODS:
+        try:
+            ranges = calibration.ranges(method)
+        except CalibrationError:
+            continue
+        key, tried[method] = score(ranges)
+        if best is None or key > best[0]:
+            best = (key, method, ranges)
+    if best is None:
+        raise CalibrationError("the calibration answers no range method")
+    return best[1], best[2], tried
