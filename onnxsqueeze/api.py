@@ -167,7 +167,7 @@ def _run(
             report.warnings.append("quantization skipped: verification is disabled")
         return model, report
     if quantize is not None:
-        from onnxsqueeze.quantize import run_quantize_stage
+        from onnxsqueeze.quantize_stage import run_quantize_stage
 
         model = run_quantize_stage(model, report, quantize, data, probe_shapes[0], providers, seed)
     return model, report

@@ -1,0 +1,134 @@
+"""The quantize stage as the API runs it after the lossless passes: which configurations
+(auto tries several), the feeds that judge them, calibration data or cache, the choice among
+the outcomes, and what the report says about it. The search itself: ``quantize``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import onnx_ir as ir
+
+from onnxsqueeze.alternatives import SPEED_TIE, not_smaller, pick, resolve_configs
+from onnxsqueeze.calib.choice import collected_with
+from onnxsqueeze.quantize import QuantizeConfig, QuantizeOutcome, quantize_model
+
+
+def run_quantize_stage(
+    model: ir.Model, report: Any, quantize: Any, data: Any, shapes: Any, providers: Any, seed: int
+) -> ir.Model:
+    """The stage as the API runs it after the lossless passes: feeds from ``data`` (or
+    generated), the record in ``report.quantization``, the verdict in the report."""
+    from onnxsqueeze.api import probe_feeds
+    from onnxsqueeze.errors import CalibrationError, RuntimeSessionError
+    from onnxsqueeze.io import model_stats
+
+    configs = resolve_configs(quantize, data is not None)
+    if not configs:
+        return model
+    auto = len(configs) > 1 or (
+        (quantize.mode if isinstance(quantize, QuantizeConfig) else str(quantize)) == "auto"
+    )
+    if providers:
+        configs = [dataclasses.replace(c, providers=tuple(providers)) for c in configs]
+    if configs[0].mode == "static" and data is None:
+        raise CalibrationError("static quantization needs calibration data (--data)")
+    feeds = probe_feeds(model, data, shapes, max(configs[0].eval_samples, 2), seed)
+    feeds = feeds[: configs[0].eval_samples]
+    _warn_if_unresolvable("top-1 budget", configs[0].budget.min_top1_agreement, feeds, report)
+    outcomes: list[QuantizeOutcome] = []
+    for config in configs:
+        speeds = [o.record.get("speed_vs_float") or 0.0 for o in outcomes if o.record["applied"]]
+        if auto and speeds:
+            config = dataclasses.replace(config, worth_speed=max(speeds) / SPEED_TIE)
+        try:
+            outcomes.append(_run_config(model, config, data, feeds))
+        except RuntimeSessionError as exc:
+            if not auto:
+                raise
+            report.warnings.append(f"quantization ({config.mode}) skipped: {exc}")
+    if not outcomes:
+        return model
+    slow = outcomes[0].record
+    if not auto and slow.get("slower") and not slow.get("applied") and not configs[0].weight_only:
+        # --require-faster on an integer-kernel mode that runs slower here: the faster format
+        # for the same weights is weight-only int8 stored to fold at load (float kernels).
+        fallback = dataclasses.replace(configs[0], mode="weights-int8")
+        outcome = _run_config(model, fallback, data, feeds)
+        outcome.record["fallback_from"] = f"{slow['mode']} ({slow.get('reason')})"
+        outcomes.append(outcome)
+    not_smaller(model, outcomes, auto, report)
+    applied = [o for o in outcomes if o.record.get("applied")]
+    best = pick(applied) if applied else outcomes[0]
+    if len(outcomes) > 1:
+        best.record["alternatives"] = [
+            {
+                k: o.record.get(k)
+                for k in ("mode", "applied", "measured", "speed_vs_float", "reason")
+            }
+            for o in outcomes
+        ]
+    report.quantization = best.record
+    mode = best.record["mode"]
+    if not best.record.get("applied"):
+        reasons = "; ".join(f"{o.record['mode']}: {o.record.get('reason', '?')}" for o in outcomes)
+        report.warnings.append(f"quantization not applied ({reasons})")
+        return model
+    if best.record.get("class_outputs"):
+        limit = configs[0].budget.min_class_agreement
+        _warn_if_unresolvable("class-agreement limit", limit, feeds, report)
+    flips = best.record.get("top1_agreement") or {}
+    if flips and configs[0].budget.min_top1_agreement is None:
+        for name, agreement in flips.items():
+            report.warnings.append(
+                f"{mode} changes the top class of output '{name}' on {1 - agreement:.1%} of "
+                f"{len(feeds)} evaluation samples (within the budget); "
+                "--min-top1-agreement 1 keeps every answer"
+            )
+    report.after = model_stats(best.model).as_dict()
+    report.verification = {"summary": f"{mode}: {best.record['measured']}"}
+    report.verification_status = "passed"
+    return best.model
+
+
+def _warn_if_unresolvable(what: str, limit: float | None, feeds: list, report: Any) -> None:
+    """An agreement limit that one disagreement on these few samples already breaks."""
+    if limit is not None and limit > 0 and len(feeds) * (1 - limit) < 1:
+        report.warnings.append(
+            f"the {what} ({limit:g}) is judged on {len(feeds)} samples, where one "
+            f"disagreement already costs {1 / len(feeds):.1%}: give more data to resolve it"
+        )
+
+
+def _run_config(model: ir.Model, config: QuantizeConfig, data: Any, feeds: list) -> QuantizeOutcome:
+    calibration = calib_feeds = None
+    if config.mode.startswith("weights-") and data is not None:
+        from onnxsqueeze.data import iter_feeds
+        from onnxsqueeze.runtime import input_specs
+
+        calib_feeds = iter_feeds(data, input_specs(model), limit=config.calib_samples)
+    elif config.mode == "static":
+        if config.calib_cache:
+            from onnxsqueeze.api import calibrate
+
+            calibration = calibrate(
+                model,
+                data,
+                method=collected_with(config.method),
+                samples=config.calib_samples,
+                cache=config.calib_cache,
+                providers=config.providers,
+            )
+        else:
+            from onnxsqueeze.data import iter_feeds
+            from onnxsqueeze.runtime import input_specs
+
+            calib_feeds = iter_feeds(data, input_specs(model), limit=config.calib_samples)
+    return quantize_model(
+        model,
+        feeds,
+        config,
+        calibration=calibration,
+        calib_feeds=calib_feeds,
+        calib_samples=config.calib_samples,
+    )
