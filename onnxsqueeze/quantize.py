@@ -22,7 +22,7 @@ import onnx_ir as ir
 
 from onnxsqueeze.alternatives import NOT_SLOWER, check_latency
 from onnxsqueeze.budget import DEFAULT_BUDGET, Budget
-from onnxsqueeze.calib.choice import best_ranges, collected_with
+from onnxsqueeze.calib.choice import collected_with, ranked_ranges
 from onnxsqueeze.errors import SqueezeError, UnsupportedModelError, first_line
 from onnxsqueeze.graphs import opset_version, scopes
 from onnxsqueeze.qdq import OWN_SCALE, WEIGHTED, nothing_quantized
@@ -212,9 +212,8 @@ class _Stage:
 
     def search(self, calibration, calib_feeds, calib_samples) -> QuantizeOutcome:
         """Quantize every candidate (static, dynamic, fp16 or weight-only), then keep the
-        most damaging float until the budget holds."""
-        from onnxsqueeze.runtime import crashes_onnxruntime
-
+        most damaging float until the budget holds. Static: with each range method in turn
+        (best fully quantized result first) until one meets the budget."""
         config = self.config
         _name_nodes(self.model)
         self.ranges = {}
@@ -226,8 +225,24 @@ class _Stage:
             draft, asked = self._draft()
             self._time_draft(draft)
             calibration = self._calibrate(calibration, calib_feeds, calib_samples, asked)
-            self.ranges = self._ranges(calibration)
             self.record["calibration_samples"] = calibration.samples
+            base, searched = self.record, []
+            for method, ranges in self._ranked_ranges(calibration):
+                self.ranges = ranges
+                searched.append(method)
+                self.record = {**base, "method": method}  # nothing left from the last try
+                if len(searched) > 1:
+                    self.record["methods_searched"] = list(searched)
+                outcome = self._search()
+                if outcome.record["budget_met"] or not outcome.record.get("candidates"):
+                    break
+            return outcome
+        return self._search()
+
+    def _search(self) -> QuantizeOutcome:
+        from onnxsqueeze.runtime import crashes_onnxruntime
+
+        config = self.config
         candidate, stats = self.build(())
         names = [n for n in stats["quantized"] if n in self.candidates]
         self.record["candidates"] = len(names)
@@ -304,12 +319,13 @@ class _Stage:
         )
         return Collector(self.model, options).collect(calib_feeds, total=calib_samples)
 
-    def _ranges(self, calibration) -> dict:
-        """The configured method's ranges; for "auto", those of the method whose fully
-        quantized model measures best (budget met, then top-1 agreement, then cosine)."""
+    def _ranked_ranges(self, calibration) -> list[tuple[str, dict]]:
+        """The configured method's ranges; for "auto", every method's, the one whose fully
+        quantized model measures best first (budget met, then top-1 agreement, then cosine):
+        the best fully quantized result does not always leave the budget search the most
+        (magika: min/max ranges measure best fully quantized, entropy's meet the budget)."""
         if self.config.method != "auto":
-            self.record["method"] = self.config.method
-            return calibration.ranges(self.config.method)
+            return [(self.config.method, calibration.ranges(self.config.method))]
 
         def score(ranges: dict) -> tuple[tuple, str]:
             self.ranges = ranges
@@ -318,10 +334,8 @@ class _Stage:
             top1 = min(self.flips[id(model)].values(), default=1.0)
             return (ok, top1, self.cosines[id(model)]), summary
 
-        method, ranges, tried = best_ranges(calibration, score)
-        self.record["method"] = method
-        self.record["methods_tried"] = tried
-        return ranges
+        ranked, self.record["methods_tried"] = ranked_ranges(calibration, score)
+        return ranked
 
     def _draft(self) -> tuple[ir.Model, set[str]]:
         """The fully quantized model built against placeholder ranges, and the activations

@@ -715,12 +715,44 @@ def test_auto_range_method_keeps_the_one_whose_quantized_model_measures_best():
 
 def test_auto_range_method_skips_what_a_minmax_cache_cannot_answer():
     from onnxsqueeze.calib.cache import Calibration
-    from onnxsqueeze.calib.choice import best_ranges
+    from onnxsqueeze.calib.choice import ranked_ranges
     from onnxsqueeze.calib.observers import MinMaxObserver
 
     observer = MinMaxObserver()
     observer.update(np.array([-1.0, 3.0], np.float32))
     calibration = Calibration({"t": observer}, inputs=["x"])
-    method, ranges, tried = best_ranges(calibration, lambda r: ((1,), "scored"))
-    assert method == "minmax" and list(tried) == ["minmax"]
-    assert ranges["t"] == pytest.approx((-1.0, 3.0))
+    ranked, tried = ranked_ranges(calibration, lambda r: ((1,), "scored"))
+    assert [method for method, _ in ranked] == ["minmax"] and list(tried) == ["minmax"]
+    assert ranked[0][1]["t"] == pytest.approx((-1.0, 3.0))
+
+
+def test_a_range_method_whose_search_misses_the_budget_gives_way_to_the_next(monkeypatch):
+    """The method whose fully quantized model measures best does not always leave the
+    search something within the budget (magika: min/max ranges measure best, entropy's
+    meet the budget); the next method is searched then, and the record is that search's
+    alone."""
+    from onnxsqueeze import quantize as q
+
+    rng = np.random.default_rng(3)
+    proto = onnx.parser.parse_model(TAIL)
+    weight = rng.standard_normal((64, 16)).astype(np.float32) / 8
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(weight, "w"))
+    model = ir.serde.deserialize_model(proto)
+    feeds = _tail_feeds(16, rng)
+    searched = []
+    real = q._Stage._search
+
+    def search(self):
+        searched.append(self.record["method"])
+        outcome = real(self)
+        if len(searched) == 1:  # the first method's search misses the budget
+            self.record.update(budget_met=False, applied=False, reason="missed")
+            return q.QuantizeOutcome(self.model, self.record)
+        return outcome
+
+    monkeypatch.setattr(q._Stage, "_search", search)
+    outcome = quantize_model(model, feeds[:4], QuantizeConfig(), calib_feeds=feeds)
+    record = outcome.record
+    assert len(searched) == 2 and record["methods_searched"] == searched
+    assert record["method"] == searched[1] and record["budget_met"] and record["applied"]
+    assert "reason" not in record

@@ -25,22 +25,23 @@ def collected_with(method: str) -> str:
     return AUTO_COLLECTS if method == "auto" else method
 
 
-def best_ranges(
+def ranked_ranges(
     calibration: Any, score: Callable[[dict], tuple[tuple, str]]
-) -> tuple[str, dict, dict[str, str]]:
-    """(method, its ranges, each tried method's summary) with the highest ``score``.
+) -> tuple[list[tuple[str, dict]], dict[str, str]]:
+    """Each method's (name, ranges), best ``score`` first, and each one's summary.
     ``score(ranges)`` returns a sortable key (higher is better) and a summary for the
-    report. Methods the calibration cannot answer (a min/max-only cache) are skipped."""
-    best: tuple[tuple, str, dict] | None = None
+    report; equal keys keep AUTO_METHODS order. Methods the calibration cannot answer (a
+    min/max-only cache) are left out."""
+    scored: list[tuple[tuple, int, str, dict]] = []
     tried: dict[str, str] = {}
-    for method in AUTO_METHODS:
+    for index, method in enumerate(AUTO_METHODS):
         try:
             ranges = calibration.ranges(method)
         except CalibrationError:
             continue
         key, tried[method] = score(ranges)
-        if best is None or key > best[0]:
-            best = (key, method, ranges)
-    if best is None:
+        scored.append((key, -index, method, ranges))
+    if not scored:
         raise CalibrationError("the calibration answers no range method")
-    return best[1], best[2], tried
+    scored.sort(key=lambda item: item[:2], reverse=True)
+    return [(method, ranges) for _, _, method, ranges in scored], tried
