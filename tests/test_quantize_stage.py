@@ -676,27 +676,26 @@ g (float[16, 64] x) => (float[16, 16] y) {
 """
 
 
-def _tail_feeds(n: int, rng: np.random.Generator) -> list[dict]:
-    """Activations whose rare large values (0.5 %) carry much of the output: entropy's KL
-    search clips that tail (output cosine 0.995 here), min/max ranges keep it (0.9997)."""
+def _tail_model_and_feeds(n: int, seed: int) -> tuple[ir.Model, list[dict]]:
+    """A MatMul whose input's rare large values (0.5 %) carry much of the output: entropy's
+    KL search clips that tail (output cosine 0.995 here), min/max ranges keep it (0.9997)."""
+    rng = np.random.default_rng(seed)
+    proto = onnx.parser.parse_model(TAIL)
+    weight = rng.standard_normal((64, 16)).astype(np.float32) / 8
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(weight, "w"))
     feeds = []
     for _ in range(n):
         x = rng.standard_normal((16, 64)).astype(np.float32) * 0.05
         x[rng.random((16, 64)) < 0.005] = 40.0
         feeds.append({"x": x})
-    return feeds
+    return ir.serde.deserialize_model(proto), feeds
 
 
 def test_auto_range_method_keeps_the_one_whose_quantized_model_measures_best():
     """The default range method tries each method on the fully quantized model: entropy
     clips this activation's tail (cosine below the budget), so another one is chosen and
     the node is quantized within the budget."""
-    rng = np.random.default_rng(7)
-    proto = onnx.parser.parse_model(TAIL)
-    weight = rng.standard_normal((64, 16)).astype(np.float32) / 8
-    proto.graph.initializer.append(onnx.numpy_helper.from_array(weight, "w"))
-    model = ir.serde.deserialize_model(proto)
-    feeds = _tail_feeds(48, rng)
+    model, feeds = _tail_model_and_feeds(48, seed=7)
     budget = Budget(min_cosine=0.999)
     config = QuantizeConfig(method="entropy", budget=budget)
     entropy = quantize_model(model, feeds[:8], config, calib_feeds=feeds)
@@ -733,12 +732,7 @@ def test_a_range_method_whose_search_misses_the_budget_gives_way_to_the_next(mon
     alone."""
     from onnxsqueeze import quantize as q
 
-    rng = np.random.default_rng(3)
-    proto = onnx.parser.parse_model(TAIL)
-    weight = rng.standard_normal((64, 16)).astype(np.float32) / 8
-    proto.graph.initializer.append(onnx.numpy_helper.from_array(weight, "w"))
-    model = ir.serde.deserialize_model(proto)
-    feeds = _tail_feeds(16, rng)
+    model, feeds = _tail_model_and_feeds(16, seed=3)
     searched = []
     real = q._Stage._search
 
