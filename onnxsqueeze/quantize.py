@@ -323,7 +323,7 @@ class _Stage:
         """The configured method's ranges; for "auto", every method's, the one whose fully
         quantized model measures best first (budget met, then top-1 agreement, then cosine):
         the best fully quantized result does not always leave the budget search the most
-        (magika: min/max ranges measure best fully quantized, entropy's meet the budget)."""
+        (magika: percentile ranges measure best fully quantized, mse's meet the budget)."""
         if self.config.method != "auto":
             return [(self.config.method, calibration.ranges(self.config.method))]
 

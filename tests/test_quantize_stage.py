@@ -727,7 +727,7 @@ def test_auto_range_method_skips_what_a_minmax_cache_cannot_answer():
 
 def test_a_range_method_whose_search_misses_the_budget_gives_way_to_the_next(monkeypatch):
     """The method whose fully quantized model measures best does not always leave the
-    search something within the budget (magika: min/max ranges measure best, entropy's
+    search something within the budget (magika: percentile ranges measure best, mse's
     meet the budget); the next method is searched then, and the record is that search's
     alone."""
     from onnxsqueeze import quantize as q
