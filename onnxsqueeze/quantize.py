@@ -233,17 +233,19 @@ class _Stage:
                 self.record = {**base, "method": method}  # nothing left from the last try
                 if len(searched) > 1:
                     self.record["methods_searched"] = list(searched)
-                outcome = self._search()
+                outcome = self._search(self._scored.pop(id(ranges), None))
                 if outcome.record["budget_met"] or not outcome.record.get("candidates"):
                     break
             return outcome
         return self._search()
 
-    def _search(self) -> QuantizeOutcome:
+    def _search(self, judged: tuple | None = None) -> QuantizeOutcome:
+        """The budget search; ``judged``: the fully quantized model already built and judged
+        with these ranges (model, stats, ok, summary), so it is not built and run again."""
         from onnxsqueeze.runtime import crashes_onnxruntime
 
         config = self.config
-        candidate, stats = self.build(())
+        candidate, stats = judged[:2] if judged else self.build(())
         names = [n for n in stats["quantized"] if n in self.candidates]
         self.record["candidates"] = len(names)
         crash = crashes_onnxruntime(candidate, config.providers) if config.mode == "fp16" else None
@@ -253,7 +255,7 @@ class _Stage:
             return QuantizeOutcome(self.model, self.record)
         if config.mode == "dynamic":
             self._time_draft(candidate)
-        ok, summary = self.judge(candidate)
+        ok, summary = judged[2:] if judged else self.judge(candidate)
         self.record["all_quantized"] = summary
         scores: dict[str, float] = {}
         excluded: list[str] = []
@@ -324,15 +326,23 @@ class _Stage:
         quantized model measures best first (budget met, then top-1 agreement, then cosine):
         the best fully quantized result does not always leave the budget search the most
         (magika: percentile ranges measure best fully quantized, mse's meet the budget)."""
+        #: the best-scored method's judged model, by id of its ranges (one model held, not
+        #: four: the search of the first method reuses it; a fallback builds its own)
+        self._scored: dict[int, tuple] = {}
         if self.config.method != "auto":
             return [(self.config.method, calibration.ranges(self.config.method))]
+        best: list = [None]
 
         def score(ranges: dict) -> tuple[tuple, str]:
             self.ranges = ranges
-            model = self.build(())[0]
+            model, stats = self.build(())
             ok, summary = self.judge(model)
             top1 = min(self.flips[id(model)].values(), default=1.0)
-            return (ok, top1, self.cosines[id(model)]), summary
+            key = (ok, top1, self.cosines[id(model)])
+            if best[0] is None or key > best[0]:  # ties: the earlier method ranks first
+                best[0] = key
+                self._scored = {id(ranges): (model, stats, ok, summary)}
+            return key, summary
 
         ranked, self.record["methods_tried"] = ranked_ranges(calibration, score)
         return ranked

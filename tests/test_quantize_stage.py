@@ -736,9 +736,9 @@ def test_a_range_method_whose_search_misses_the_budget_gives_way_to_the_next(mon
     searched = []
     real = q._Stage._search
 
-    def search(self):
+    def search(self, judged=None):
         searched.append(self.record["method"])
-        outcome = real(self)
+        outcome = real(self, judged)
         if len(searched) == 1:  # the first method's search misses the budget
             self.record.update(budget_met=False, applied=False, reason="missed")
             return q.QuantizeOutcome(self.model, self.record)
