@@ -619,6 +619,36 @@ def test_models_that_mix_samples_are_calibrated_one_sample_per_run(monkeypatch):
     assert (result.observers["y"].lo, result.observers["y"].hi) == pytest.approx(expected, rel=1e-6)
 
 
+def test_stacking_that_moves_values_by_a_fraction_of_a_bin_is_refused(monkeypatch):
+    """A model whose observed tensor mixes samples only slightly (here 1e-4 of the batch
+    mean; in magika, ill-conditioned LayerNorm sums whose GEMM order changes with the batch)
+    moves extremes by a few 1e-5 to 1e-4 stacked: enough to move a 99.999th percentile by
+    bins, so it runs one sample per run. The bound that used to let such models stack (1e-3) would have accepted it."""
+    from onnxsqueeze.calib import stacking
+
+    from conftest import parse
+
+    model = ir.serde.deserialize_model(
+        parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 4] x) => (float[N, 4] y)
+        <float c = {0.0001}>
+        { m = ReduceMean<keepdims = 1>(x)  s = Mul(m, c)  y = Add(x, s) }
+        """)
+    )
+    rng = np.random.default_rng(0)
+    batches = [{"x": (rng.standard_normal((1, 4)) + 2 * i).astype(np.float32)} for i in range(6)]
+    collector = Collector(model, CollectOptions(method="percentile"), tensors=["y"])
+    result = collector.collect(batches)
+    assert collector._stacks_agree is False and result.samples == 6
+    exact = np.concatenate([b["x"] + np.float32(1e-4) * b["x"].mean() for b in batches])
+    assert result.observers["y"].hi == pytest.approx(exact.max(), rel=1e-6)
+    monkeypatch.setattr(stacking, "RTOL", 1e-3)
+    loose = Collector(model, CollectOptions(method="percentile"), tensors=["y"])
+    loose.collect(batches)
+    assert loose._stacks_agree is True
+
+
 def test_fixed_batch_inputs_and_shape_changes_are_not_stacked(monkeypatch):
     from conftest import parse
 

@@ -27,10 +27,13 @@ MAX_STACK = 16
 
 #: Extremes that agree this closely (relative to the tensor's magnitude) are the same
 #: values computed in a different order: a batch of 2 takes other GEMM kernels than a batch
-#: of 1 (1e-7 relative). Ill-conditioned ops amplify that, and then stacking is refused
-#: too: magika's LayerNorm of near-constant rows moves its Rsqrt maximum by 0.17 %, and a
-#: 99.999th percentile of its output by 2 % over 64 samples, far more than a bin.
-RTOL = 1e-3
+#: of 1 (measured on pairs of corpus samples: at most 5.5e-7 on PP-OCR det, 2e-7 on MiniLM,
+#: 0 on PP-OCR cls). Ill-conditioned ops amplify that, and then stacking is refused: magika's
+#: LayerNorm of near-constant rows moves by 2e-4 to 1.6e-3 stacked (its sums of squares by
+#: 0.5 % over 256 samples), which shifts a 99.999th percentile by 10+ bins of a 2048-bin
+#: histogram. The bound sits well below a bin (1/4096 of the range) and well above the
+#: reordering noise, so statistics stacked are those of one run per sample to within a bin.
+RTOL = 1e-5
 
 Feed = Mapping[str, Any]
 
