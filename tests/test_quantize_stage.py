@@ -725,26 +725,32 @@ def test_auto_range_method_skips_what_a_minmax_cache_cannot_answer():
     assert ranked[0][1]["t"] == pytest.approx((-1.0, 3.0))
 
 
-def test_a_range_method_whose_search_misses_the_budget_gives_way_to_the_next(monkeypatch):
-    """The method whose fully quantized model measures best does not always leave the
-    search something within the budget (magika: percentile ranges measure best, mse's
-    meet the budget); the next method is searched then, and the record is that search's
-    alone."""
+def _first_search_misses(monkeypatch) -> list[str]:
+    """Make the first range method's search miss the budget; returns the methods searched."""
     from onnxsqueeze import quantize as q
 
-    model, feeds = _tail_model_and_feeds(16, seed=3)
-    searched = []
+    searched: list[str] = []
     real = q._Stage._search
 
     def search(self, judged=None):
         searched.append(self.record["method"])
         outcome = real(self, judged)
-        if len(searched) == 1:  # the first method's search misses the budget
+        if len(searched) == 1:
             self.record.update(budget_met=False, applied=False, reason="missed")
             return q.QuantizeOutcome(self.model, self.record)
         return outcome
 
     monkeypatch.setattr(q._Stage, "_search", search)
+    return searched
+
+
+def test_a_range_method_whose_search_misses_the_budget_gives_way_to_the_next(monkeypatch):
+    """The method whose fully quantized model measures best does not always leave the
+    search something within the budget (magika: percentile ranges measure best, mse's
+    meet the budget); the next method is searched then, and the record is that search's
+    alone."""
+    model, feeds = _tail_model_and_feeds(16, seed=3)
+    searched = _first_search_misses(monkeypatch)
     outcome = quantize_model(model, feeds[:4], QuantizeConfig(), calib_feeds=feeds)
     record = outcome.record
     assert len(searched) == 2 and record["methods_searched"] == searched
@@ -757,22 +763,13 @@ def test_a_fallback_range_method_reuses_the_first_searchs_damage_order(monkeypat
     det: 117 s to end float); the fallback bisects the order the first search measured."""
     from onnxsqueeze import quantize as q
 
-    searched, scored = [], []
-    real_search, real_scores = q._Stage._search, q._Stage.scores
-
-    def search(self, judged=None):
-        searched.append(self.record["method"])
-        outcome = real_search(self, judged)
-        if len(searched) == 1:  # the first method's search misses the budget
-            self.record.update(budget_met=False, applied=False, reason="missed")
-            return q.QuantizeOutcome(self.model, self.record)
-        return outcome
+    searched, scored = _first_search_misses(monkeypatch), []
+    real_scores = q._Stage.scores
 
     def scores(self, names, quantized):
         scored.append(self.record["method"])
         return real_scores(self, names, quantized)
 
-    monkeypatch.setattr(q._Stage, "_search", search)
     monkeypatch.setattr(q._Stage, "scores", scores)
     config = QuantizeConfig(budget=Budget(max_error=1.0), sensitivity="exact", elementwise="all")
     outcome = quantize_model(_sensitive_model(), _feeds(8), config, calib_feeds=_feeds(64))
