@@ -23,6 +23,7 @@ import onnx_ir as ir
 from onnxsqueeze.alternatives import NOT_SLOWER, check_latency
 from onnxsqueeze.budget import DEFAULT_BUDGET, Budget
 from onnxsqueeze.calib.choice import collected_with, ranked_ranges
+from onnxsqueeze.calib.peaks import OUTLIER_RATIO
 from onnxsqueeze.errors import SqueezeError, UnsupportedModelError, first_line
 from onnxsqueeze.graphs import opset_version, scopes
 from onnxsqueeze.qdq import OWN_SCALE, WEIGHTED, nothing_quantized
@@ -82,6 +83,9 @@ class QuantizeConfig:
     #: Weight-only storage (quantize-weights.format); auto: fold on the CPU, whose kernels
     #: take neither a DequantizeLinear'd weight nor MatMulNBits faster than float.
     weight_format: str = "auto"
+    #: Dynamic with data: input channels whose calibration peak exceeds this many times the
+    #: median channel's are computed in float (calib.peaks); 0 turns it off.
+    outlier_ratio: float = OUTLIER_RATIO
 
     @property
     def weight_only(self) -> bool:
@@ -141,6 +145,8 @@ class _Stage:
         self.quick = False
         #: the first searched range method's damage order, which fallbacks reuse (see search)
         self._order: list[str] | None = None
+        #: dynamic: input name -> channels computed in float (see _find_outliers)
+        self.outliers: dict[str, tuple[int, ...]] = {}
 
     # -------------------------------------------------------------- measuring
 
@@ -225,6 +231,8 @@ class _Stage:
         self.ranges = {}
         if self.weight_only:
             self._weight_only_setup(calib_feeds, calib_samples)
+        if config.mode == "dynamic" and calib_feeds is not None and config.outlier_ratio > 0:
+            self._find_outliers(calib_feeds, calib_samples)
         if config.mode == "static":
             if config.per_channel and opset_version(self.model) < 13:
                 self._upgrade(13)
@@ -301,6 +309,16 @@ class _Stage:
         if self.flips.get(id(candidate)):
             self.record["top1_agreement"] = self.flips[id(candidate)]
         return QuantizeOutcome(candidate, self.record)
+
+    def _find_outliers(self, calib_feeds, calib_samples) -> None:
+        """The huge input channels of each dynamic MatMul, kept out of its int8 range."""
+        from onnxsqueeze.calib.peaks import channel_peaks, outlier_channels
+
+        feeds = itertools.islice(calib_feeds, calib_samples or GPTQ_SAMPLES)
+        peaks = channel_peaks(self.model, feeds, providers=self.config.providers)
+        found = {n: outlier_channels(p, self.config.outlier_ratio) for n, p in peaks.items()}
+        self.outliers = {n: c for n, c in found.items() if c}
+        self.record["outlier_channels"] = sum(map(len, self.outliers.values()))
 
     def _time_draft(self, draft: ir.Model) -> None:
         """When the mode must not be slower than float (auto), time its fully quantized
@@ -438,6 +456,7 @@ class _Stage:
                 per_channel=config.per_channel,
                 reduce_range=config.reduce_range,
                 exclude_nodes=tuple(config.exclude_nodes) + tuple(excluded),
+                outliers=self.outliers,
             )(candidate)
             return candidate, result.stats
         result = InsertQdqPass(

@@ -102,7 +102,7 @@ def _warn_if_unresolvable(what: str, limit: float | None, feeds: list, report: A
 
 def _run_config(model: ir.Model, config: QuantizeConfig, data: Any, feeds: list) -> QuantizeOutcome:
     calibration = calib_feeds = None
-    if config.mode.startswith("weights-") and data is not None:
+    if (config.mode.startswith("weights-") or config.mode == "dynamic") and data is not None:
         from onnxsqueeze.data import iter_feeds
         from onnxsqueeze.runtime import input_specs
 

@@ -10,11 +10,18 @@ DynamicQuantizeMatMul kernel. The activation range is each run's own min/max, so
 fall outside it and no calibration is needed: the usual choice for transformers on CPU.
 Weights are per output column, symmetric (7-bit on CPUs whose u8s8 kernels saturate). One
 DynamicQuantizeLinear serves every MatMul that reads the same tensor (Q, K and V).
+
+``outliers`` (input name -> channels, found on calibration data by calib.peaks) keeps a
+few huge input channels out of the run-time range: the MatMul reads the input with those
+channels zeroed (``Mul`` by a 0/1 mask) and their share, ``Gather(x, channels) @ W[channels]``,
+is added in float after the bias. One outlier channel at 16x the others otherwise leaves
+the ordinary channels 1/16 of the int8 levels (LLM.int8()'s decomposition, with standard ops).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -47,6 +54,8 @@ class QuantizeDynamicOptions:
     exclude_nodes: tuple[str, ...] = ()
     #: Weights with fewer elements stay float (their run-time quantization costs more).
     min_elements: int = 1024
+    #: Input value name -> channels (last axis) whose share is computed in float.
+    outliers: Mapping[str, tuple[int, ...]] | None = None
 
 
 class QuantizeDynamicPass(SqueezePass):
@@ -66,8 +75,10 @@ class QuantizeDynamicPass(SqueezePass):
         self._reduce = opts.reduce_range if opts.reduce_range is not None else saturating_u8s8_cpu()
         self._quantized: list[str] = []
         self._skipped: dict[str, str] = {}
+        #: (input, outlier channels) -> (input with them zeroed, their values)
+        self._splits: dict[tuple, tuple[ir.Value, ir.Value]] = {}
         for scope in list(scopes(model)):
-            shared: dict[ir.Value, tuple[ir.Value, ir.Value, ir.Value]] = {}
+            shared: dict[tuple, tuple[ir.Value, ir.Value, ir.Value]] = {}
             for node in list(scope):
                 if node.op_type in opts.op_types and node.domain in ("", "ai.onnx"):
                     reason = self._rewrite(scope, node, shared)
@@ -111,12 +122,22 @@ class QuantizeDynamicPass(SqueezePass):
                 bias = constant_array(node.inputs[2])
                 if bias is None or attrs.get("beta", 1.0) != 1.0:
                     return "Gemm bias not constant or beta != 1"
+        channels = tuple((opts.outliers or {}).get(x.name or "", ()))
+        if channels and max(channels) >= weight.shape[0]:
+            channels = ()
+        side_weight = None
+        if channels:
+            side_weight = weight[list(channels)]
+            weight = weight.copy()
+            weight[list(channels)] = 0  # their inputs are zero: rows free for the scale
         axis = 1 if opts.per_channel else None
         q, qp = quantize_per_channel(weight, axis, "int8", self._reduce)
         base = node.inputs[1].name or "weight"
-        if x not in shared:
-            shared[x] = self._dynamic_quantize(scope, x, node)
-        xq, xs, xzp = shared[x]
+        key = (x, channels)
+        if key not in shared:
+            clean = self._split(scope, x, channels, weight.shape[0], node)
+            shared[key] = self._dynamic_quantize(scope, clean, node)
+        xq, xs, xzp = shared[key]
         wq = self._const(scope, np.ascontiguousarray(q), base + "_quantized", node)
         wzp = self._const(scope, np.ascontiguousarray(qp.zero_point), base + "_zero_point", node)
         ws = self._const(scope, np.asarray(qp.scale, np.float32), base + "_scale", node)
@@ -132,7 +153,63 @@ class QuantizeDynamicPass(SqueezePass):
             new_nodes.append(add)
             result = add.outputs[0]
         self._replace(scope, node, new_nodes, result, base)
+        if side_weight is not None:
+            self._add_outlier_share(scope, result, self._splits[key][1], side_weight, base)
         return None
+
+    def _split(
+        self, scope: GraphLike, x: ir.Value, channels: tuple[int, ...], width: int, before: ir.Node
+    ) -> ir.Value:
+        """``x`` with ``channels`` zeroed (what the int8 MatMul reads), made once per input;
+        the channels' values are kept in ``_splits`` for the float share."""
+        if not channels:
+            return x
+        key = (x, channels)
+        if key not in self._splits:
+            mask = np.ones(width, np.float32)
+            mask[list(channels)] = 0
+            base = x.name or "x"
+            mask_value = self._const(scope, mask, base + "_outlier_mask", before)
+            index = self._const(scope, np.array(channels, np.int64), base + "_outliers", before)
+            clean = ir.node("Mul", [x, mask_value])
+            picked = ir.node("Gather", [x, index], attributes={"axis": -1})
+            clean.outputs[0].name = unique_name(self._names, base + "_inliers")
+            picked.outputs[0].name = unique_name(self._names, base + "_outlier_values")
+            clean.outputs[0].type, clean.outputs[0].shape = x.type, x.shape
+            scope.insert_before(before, [clean, picked])
+            self._splits[key] = (clean.outputs[0], picked.outputs[0])
+        return self._splits[key][0]
+
+    def _add_outlier_share(
+        self, scope: GraphLike, result: ir.Value, picked: ir.Value, side_weight, base: str
+    ) -> None:
+        """``result + picked @ side_weight``, after the bias Add that follows ``result`` if
+        there is one, so onnxruntime still fuses the bias into its DynamicQuantizeMatMul."""
+        target = result
+        users = list(result.uses())
+        if len(users) == 1:
+            user = users[0].node
+            other = [v for v in user.inputs if v is not result]
+            if (
+                user.op_type == "Add"
+                and user.domain in ("", "ai.onnx")
+                and user.graph is scope
+                and len(other) == 1
+                and constant_array(other[0]) is not None
+            ):
+                target = user.outputs[0]
+        after = target.producer()
+        rows = self._const(scope, np.ascontiguousarray(side_weight), base + "_outlier_rows", after)
+        share = ir.node("MatMul", [picked, rows])
+        total = ir.node("Add", [share.outputs[0], share.outputs[0]])
+        share.outputs[0].name = unique_name(self._names, base + "_outlier_share")
+        scope.insert_after(after, [share, total])
+        name = target.name
+        target.replace_all_uses_with(total.outputs[0], replace_graph_outputs=True)
+        total.replace_input_with(0, target)
+        target.name = unique_name(self._names, f"{name}_inliers")
+        total.outputs[0].name = name
+        total.outputs[0].type, total.outputs[0].shape = target.type, target.shape
 
     def _gather(self, scope: GraphLike, node: ir.Node) -> str | None:
         """An embedding table: int8 rows gathered first, then scaled by their own row scale

@@ -109,3 +109,77 @@ def test_excluded_and_small_weights_stay_float():
     stats = QuantizeDynamicPass(exclude_nodes=("",), min_elements=10_000)(model).stats
     assert stats["nodes_quantized"] == 0
     assert all("below" in reason for reason in stats["kept_float"].values())
+
+
+OUTLIER = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[N, 64] x) => (float[N, 32] y, float[N, 32] z) {
+    a = MatMul (x, w1)
+    y = Add (a, b1)
+    z = MatMul (x, w2)
+}
+"""
+
+
+def _outlier_model_and_feed():
+    """Two MatMuls (one with a bias Add) reading an input whose channel 5 is 40x the rest."""
+    proto = onnx.parser.parse_model(OUTLIER)
+    for name, array in (
+        ("w1", RNG.standard_normal((64, 32)).astype(np.float32) / 8),
+        ("w2", RNG.standard_normal((64, 32)).astype(np.float32) / 8),
+        ("b1", RNG.standard_normal(32).astype(np.float32)),
+    ):
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+    x = RNG.standard_normal((16, 64)).astype(np.float32)
+    x[:, 5] *= 40
+    return proto, {"x": x}
+
+
+def test_outlier_channels_are_computed_in_float_after_the_bias(tmp_path):
+    """The outlier channel leaves the int8 range: the MatMuls read x with it zeroed, its
+    share is added in float after the bias (so onnxruntime still fuses the bias), and the
+    error falls several-fold against plain dynamic int8."""
+    proto, feed = _outlier_model_and_feed()
+    plain = ir.serde.deserialize_model(proto)
+    QuantizeDynamicPass(min_elements=256)(plain)
+    split = ir.serde.deserialize_model(proto)
+    stats = QuantizeDynamicPass(min_elements=256, outliers={"x": (5,)})(split).stats
+    assert stats["nodes_quantized"] == 2
+    out = ir.serde.serialize_model(split)
+    onnx.checker.check_model(out)
+    ops = collections.Counter(n.op_type for n in out.graph.node)
+    assert ops["Mul"] >= 1 and ops["Gather"] == 1 and ops["MatMul"] == 2  # two float shares
+    assert ops["DynamicQuantizeLinear"] == 1  # the zeroed input, shared
+    producers = {o: n for n in out.graph.node for o in n.output}
+    for name in ("y", "z"):  # each output ends with the float share's Add
+        last = producers[name]
+        assert last.op_type == "Add"
+        assert any(
+            producers.get(i) is not None and producers[i].op_type == "MatMul" for i in last.input
+        )
+    bias_add = producers[producers["y"].input[0]]
+    assert bias_add.op_type == "Add" and "b1" in bias_add.input
+    want = _run(proto, feed)
+    errors = []
+    for model in (ir.serde.serialize_model(plain), out):
+        got = _run(model, feed, "all")
+        errors.append(max(np.abs(g - w).max() for g, w in zip(got, want, strict=True)))
+    assert errors[1] < errors[0] / 5, errors
+
+
+def test_outlier_channels_found_on_data_are_the_huge_ones():
+    from onnxsqueeze.calib.peaks import channel_peaks, outlier_channels
+
+    proto, feed = _outlier_model_and_feed()
+    feeds = [feed, {"x": feed["x"][:4] * 2}]
+    peaks = channel_peaks(ir.serde.deserialize_model(proto), feeds)
+    assert set(peaks) == {"x"}
+    np.testing.assert_allclose(peaks["x"], np.abs(np.concatenate([f["x"] for f in feeds])).max(0))
+    assert outlier_channels(peaks["x"]) == (5,)
+    assert outlier_channels(np.ones(64)) == ()
+    assert outlier_channels(np.zeros(64)) == ()
+    wide = np.ones(64)
+    wide[:8] = 100
+    assert outlier_channels(wide) == tuple(range(8))
+    wide[:20] = 100  # not a few outliers but a wide distribution
+    assert outlier_channels(wide) == ()

@@ -779,3 +779,42 @@ def test_a_fallback_range_method_reuses_the_first_searchs_damage_order(monkeypat
     assert record["applied"] and record["budget_met"]
     floats = [n["op"] for n in record["nodes"] if n["decision"] != "quantized"]
     assert floats == ["Add"]
+
+
+def test_dynamic_with_data_keeps_outlier_channels_out_of_the_int8_range():
+    """With calibration data, dynamic finds the input channel 40x the others and computes
+    its share in float: the result is closer to float than plain dynamic int8; ratio 0 is
+    plain dynamic."""
+    rng = np.random.default_rng(11)
+    proto = onnx.parser.parse_model(OUTLIER_INPUT)
+    for name in ("w1", "w2"):
+        weight = rng.standard_normal((32, 32)).astype(np.float32) / 6
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(weight, name))
+    model = ir.serde.deserialize_model(proto)
+
+    def feeds(n):
+        out = [{"x": rng.standard_normal((4, 32)).astype(np.float32)} for _ in range(n)]
+        for f in out:
+            f["x"][:, 7] *= 40
+        return out
+
+    budget = Budget(min_cosine=0.5)
+    cosines = {}
+    for ratio in (0.0, 9.0):
+        config = QuantizeConfig(mode="dynamic", budget=budget, outlier_ratio=ratio)
+        outcome = quantize_model(model, feeds(8), config, calib_feeds=feeds(32))
+        record = outcome.record
+        assert record["applied"] and record["quantized"] == 2
+        assert record.get("outlier_channels", 0) == (0 if ratio == 0 else 1)
+        cosines[ratio] = record["min_cosine"]
+    assert 1 - cosines[9.0] < (1 - cosines[0.0]) / 4, cosines
+
+
+def test_a_negative_outlier_ratio_is_a_usage_error(tmp_path, capsys):
+    from onnxsqueeze.cli import main
+
+    out = tmp_path / "q.onnx"
+    assert main([str(DIGITS), "-o", str(out), "--outlier-ratio", "-1", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--outlier-ratio" in err and len(err.splitlines()) == 1
+    assert not out.exists()

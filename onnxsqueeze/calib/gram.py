@@ -124,6 +124,22 @@ def _sources(model: ir.Model) -> dict[str, tuple[int, Geometry | None]]:
     return found
 
 
+def exposing(model: ir.Model, names: Iterable[str]) -> ir.Model:
+    """A copy of ``model`` whose main-graph values ``names`` are also model outputs."""
+    clone = model.clone()
+    produced = {v.name: v for node in clone.graph for v in node.outputs}
+    present = {v.name for v in clone.graph.outputs}
+    with inferred_shapes(clone):
+        for name in sorted(set(names)):
+            if name in produced and name not in present:
+                value = produced[name]
+                if value.type is None:
+                    value.type = ir.TensorType(ir.DataType.FLOAT)
+                value.shape = None
+                clone.graph.outputs.append(value)
+    return clone
+
+
 def gram_matrices(
     model: ir.Model,
     feeds: Iterable[Mapping[str, Any]],
@@ -140,18 +156,8 @@ def gram_matrices(
         wanted = {n: k for n, k in wanted.items() if n in set(names)}
     if not wanted:
         return {}
-    clone = model.clone()
+    clone = exposing(model, {key.split(CONV_MARK)[0] for key in wanted})
     graph_inputs = {v.name for v in clone.graph.inputs}
-    produced = {v.name: v for node in clone.graph for v in node.outputs}
-    present = {v.name for v in clone.graph.outputs}
-    with inferred_shapes(clone):
-        for name in {key.split(CONV_MARK)[0] for key in wanted}:
-            if name in produced and name not in present:
-                value = produced[name]
-                if value.type is None:
-                    value.type = ir.TensorType(ir.DataType.FLOAT)
-                value.shape = None
-                clone.graph.outputs.append(value)
     session = Session(clone, providers)
     geometries = {key: sources[key][1] for key in wanted if sources[key][1] is not None}
     grams = {n: np.zeros((k, k)) for n, k in wanted.items()}
