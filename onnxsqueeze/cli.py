@@ -119,9 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--outlier-ratio",
         type=float,
         metavar="R",
-        help="dynamic with --data: MatMul input channels whose peak is over R x the median "
-        "channel's are computed in float, off the int8 range (more accurate, a little "
-        "slower); 0 turns it off (default: 9)",
+        help="dynamic with --data, when the fully quantized model misses the budget: MatMul "
+        "input channels whose peak is over R x the median channel's are computed in float, "
+        "off the int8 range, before any node is kept float; 0 turns it off (default: 9)",
     )
     quant.add_argument(
         "--require-faster",

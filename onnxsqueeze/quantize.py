@@ -83,8 +83,9 @@ class QuantizeConfig:
     #: Weight-only storage (quantize-weights.format); auto: fold on the CPU, whose kernels
     #: take neither a DequantizeLinear'd weight nor MatMulNBits faster than float.
     weight_format: str = "auto"
-    #: Dynamic with data: input channels whose calibration peak exceeds this many times the
-    #: median channel's are computed in float (calib.peaks); 0 turns it off.
+    #: Dynamic with data, when the fully quantized model misses the budget: input channels
+    #: whose calibration peak exceeds this many times the median channel's are computed in
+    #: float (calib.peaks) before any node is kept float; 0 turns it off.
     outlier_ratio: float = OUTLIER_RATIO
 
     @property
@@ -145,8 +146,10 @@ class _Stage:
         self.quick = False
         #: the first searched range method's damage order, which fallbacks reuse (see search)
         self._order: list[str] | None = None
-        #: dynamic: input name -> channels computed in float (see _find_outliers)
+        #: dynamic: input name -> channels that can be computed in float (see _find_outliers),
+        #: and whether the candidates built do so
         self.outliers: dict[str, tuple[int, ...]] = {}
+        self.split = False
 
     # -------------------------------------------------------------- measuring
 
@@ -270,6 +273,13 @@ class _Stage:
         if config.mode == "dynamic":
             self._time_draft(candidate)
         ok, summary = judged[2:] if judged else self.judge(candidate)
+        if not ok and self.outliers and not self.split:
+            # the outlier channels' share in float costs a few small ops; a node kept float
+            # costs its whole int8 speed-up, so this comes first (and only when needed)
+            self.split = True
+            candidate, stats = self.build(())
+            ok, summary = self.judge(candidate)
+            self.record["outlier_channels"] = sum(map(len, self.outliers.values()))
         self.record["all_quantized"] = summary
         scores: dict[str, float] = {}
         excluded: list[str] = []
@@ -311,14 +321,14 @@ class _Stage:
         return QuantizeOutcome(candidate, self.record)
 
     def _find_outliers(self, calib_feeds, calib_samples) -> None:
-        """The huge input channels of each dynamic MatMul, kept out of its int8 range."""
+        """The huge input channels of each dynamic MatMul, which the search keeps out of
+        its int8 range when the fully quantized model misses the budget."""
         from onnxsqueeze.calib.peaks import channel_peaks, outlier_channels
 
         feeds = itertools.islice(calib_feeds, calib_samples or GPTQ_SAMPLES)
         peaks = channel_peaks(self.model, feeds, providers=self.config.providers)
         found = {n: outlier_channels(p, self.config.outlier_ratio) for n, p in peaks.items()}
         self.outliers = {n: c for n, c in found.items() if c}
-        self.record["outlier_channels"] = sum(map(len, self.outliers.values()))
 
     def _time_draft(self, draft: ir.Model) -> None:
         """When the mode must not be slower than float (auto), time its fully quantized
@@ -456,7 +466,7 @@ class _Stage:
                 per_channel=config.per_channel,
                 reduce_range=config.reduce_range,
                 exclude_nodes=tuple(config.exclude_nodes) + tuple(excluded),
-                outliers=self.outliers,
+                outliers=self.outliers if self.split else None,
             )(candidate)
             return candidate, result.stats
         result = InsertQdqPass(
