@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="R",
         help="dynamic with --data, when the fully quantized model misses the budget: MatMul "
         "input channels whose peak is over R x the median channel's are computed in float, "
-        "off the int8 range, before any node is kept float; 0 turns it off (default: 9)",
+        "off the int8 range, before any node is kept float; 0 turns it off (default: 6)",
     )
     quant.add_argument(
         "--require-faster",
