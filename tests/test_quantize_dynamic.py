@@ -113,21 +113,25 @@ def test_excluded_and_small_weights_stay_float():
 
 OUTLIER = """
 <ir_version: 8, opset_import: ["" : 13]>
-g (float[N, 64] x) => (float[N, 32] y, float[N, 32] z) {
+g (float[N, 64] x) => (float[N, 32] y, float[N, 32] z, float[N, 24] v) {
     a = MatMul (x, w1)
     y = Add (a, b1)
     z = MatMul (x, w2)
+    v = Gemm <transB = 1> (x, w3, b3)
 }
 """
 
 
 def _outlier_model_and_feed():
-    """Two MatMuls (one with a bias Add) reading an input whose channel 5 is 40x the rest."""
+    """Two MatMuls (one with a bias Add) and a Gemm (transB) reading an input whose channel 5
+    is 40x the rest."""
     proto = onnx.parser.parse_model(OUTLIER)
     for name, array in (
         ("w1", RNG.standard_normal((64, 32)).astype(np.float32) / 8),
         ("w2", RNG.standard_normal((64, 32)).astype(np.float32) / 8),
         ("b1", RNG.standard_normal(32).astype(np.float32)),
+        ("w3", RNG.standard_normal((24, 64)).astype(np.float32) / 8),
+        ("b3", RNG.standard_normal(24).astype(np.float32)),
     ):
         proto.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
     x = RNG.standard_normal((16, 64)).astype(np.float32)
@@ -144,14 +148,14 @@ def test_outlier_channels_are_computed_in_float_after_the_bias(tmp_path):
     QuantizeDynamicPass(min_elements=256)(plain)
     split = ir.serde.deserialize_model(proto)
     stats = QuantizeDynamicPass(min_elements=256, outliers={"x": (5,)})(split).stats
-    assert stats["nodes_quantized"] == 2
+    assert stats["nodes_quantized"] == 3
     out = ir.serde.serialize_model(split)
     onnx.checker.check_model(out)
     ops = collections.Counter(n.op_type for n in out.graph.node)
-    assert ops["Mul"] >= 1 and ops["Gather"] == 1 and ops["MatMul"] == 2  # two float shares
+    assert ops["Mul"] >= 1 and ops["Gather"] == 1 and ops["MatMul"] == 3  # three float shares
     assert ops["DynamicQuantizeLinear"] == 1  # the zeroed input, shared
     producers = {o: n for n in out.graph.node for o in n.output}
-    for name in ("y", "z"):  # each output ends with the float share's Add
+    for name in ("y", "z", "v"):  # each output ends with the float share's Add
         last = producers[name]
         assert last.op_type == "Add"
         assert any(
