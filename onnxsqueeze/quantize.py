@@ -150,6 +150,7 @@ class _Stage:
         #: and whether the candidates built do so
         self.outliers: dict[str, tuple[int, ...]] = {}
         self.split = False
+        self._peak_data: tuple | None = None
 
     # -------------------------------------------------------------- measuring
 
@@ -235,7 +236,7 @@ class _Stage:
         if self.weight_only:
             self._weight_only_setup(calib_feeds, calib_samples)
         if config.mode == "dynamic" and calib_feeds is not None and config.outlier_ratio > 0:
-            self._find_outliers(calib_feeds, calib_samples)
+            self._peak_data = (calib_feeds, calib_samples)  # read only if the budget needs it
         if config.mode == "static":
             if config.per_channel and opset_version(self.model) < 13:
                 self._upgrade(13)
@@ -273,6 +274,9 @@ class _Stage:
         if config.mode == "dynamic":
             self._time_draft(candidate)
         ok, summary = judged[2:] if judged else self.judge(candidate)
+        if not ok and self._peak_data is not None:
+            self._find_outliers(*self._peak_data)
+            self._peak_data = None
         if not ok and self.outliers and not self.split:
             # the outlier channels' share in float costs a few small ops; a node kept float
             # costs its whole int8 speed-up, so this comes first (and only when needed)

@@ -781,7 +781,9 @@ def test_a_fallback_range_method_reuses_the_first_searchs_damage_order(monkeypat
     assert floats == ["Add"]
 
 
-def test_dynamic_keeps_outlier_channels_out_of_the_int8_range_when_the_budget_needs_it():
+def test_dynamic_keeps_outlier_channels_out_of_the_int8_range_when_the_budget_needs_it(
+    monkeypatch,
+):
     """With calibration data, dynamic finds the input channel 40x the others. Plain dynamic
     int8 meets a loose budget and stays as it is (the float share costs speed); a tight one
     it misses is met by computing that channel's share in float, with both MatMuls still
@@ -805,11 +807,20 @@ def test_dynamic_keeps_outlier_channels_out_of_the_int8_range_when_the_budget_ne
         )
         return quantize_model(model, feeds(8), config, calib_feeds=feeds(32)).record
 
+    from onnxsqueeze.calib import peaks
+
+    collected = []
+    real = peaks.channel_peaks
+    monkeypatch.setattr(
+        peaks, "channel_peaks", lambda *a, **k: collected.append(1) or real(*a, **k)
+    )
     loose = run(0.5, 9.0)
     assert loose["budget_met"] and loose["quantized"] == 2 and "outlier_channels" not in loose
+    assert not collected  # the data is read for peaks only when the budget needs them
     plain_error = 1 - loose["min_cosine"]
     tight = 1 - plain_error / 3  # plain dynamic misses it
     split = run(tight, 9.0)
+    assert collected == [1]
     assert split["budget_met"] and split["quantized"] == 2 and split["outlier_channels"] == 1
     assert 1 - split["min_cosine"] < plain_error / 3
     off = run(tight, 0.0)
