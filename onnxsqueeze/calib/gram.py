@@ -10,7 +10,7 @@ detection map has 10^5 positions, and the Gram matrix converges long before.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -124,20 +124,34 @@ def _sources(model: ir.Model) -> dict[str, tuple[int, Geometry | None]]:
     return found
 
 
-def exposing(model: ir.Model, names: Iterable[str]) -> ir.Model:
-    """A copy of ``model`` whose main-graph values ``names`` are also model outputs."""
+def activations(
+    model: ir.Model,
+    feeds: Iterable[Mapping[str, Any]],
+    names: Iterable[str],
+    providers: Sequence[str] = ("cpu",),
+) -> Iterator[dict[str, np.ndarray]]:
+    """Per sample, the main-graph values ``names`` (graph inputs straight from the feed,
+    the others from one run of a copy of ``model`` that also outputs them)."""
+    from onnxsqueeze.runtime import Session
+
+    names = set(names)
     clone = model.clone()
+    graph_inputs = {v.name for v in clone.graph.inputs}
     produced = {v.name: v for node in clone.graph for v in node.outputs}
     present = {v.name for v in clone.graph.outputs}
     with inferred_shapes(clone):
-        for name in sorted(set(names)):
+        for name in sorted(names):
             if name in produced and name not in present:
                 value = produced[name]
                 if value.type is None:
                     value.type = ir.TensorType(ir.DataType.FLOAT)
                 value.shape = None
                 clone.graph.outputs.append(value)
-    return clone
+    session = Session(clone, providers)
+    for feed in feeds:
+        outputs = session.run(feed)
+        found = {n: feed.get(n) if n in graph_inputs else outputs.get(n) for n in names}
+        yield {n: a for n, a in found.items() if a is not None}
 
 
 def gram_matrices(
@@ -148,17 +162,12 @@ def gram_matrices(
 ) -> dict[str, np.ndarray]:
     """Sum over the samples of X^T X (float64, K x K) for each activation in ``names``
     (default: every ``weighted_inputs``), X = the activation with its last axis as channels."""
-    from onnxsqueeze.runtime import Session
-
     sources = _sources(model)
     wanted = {key: k for key, (k, _) in sources.items()}
     if names is not None:
         wanted = {n: k for n, k in wanted.items() if n in set(names)}
     if not wanted:
         return {}
-    clone = exposing(model, {key.split(CONV_MARK)[0] for key in wanted})
-    graph_inputs = {v.name for v in clone.graph.inputs}
-    session = Session(clone, providers)
     geometries = {key: sources[key][1] for key in wanted if sources[key][1] is not None}
     grams = {n: np.zeros((k, k)) for n, k in wanted.items()}
     # Rows are pooled before each product: a sentence has a dozen rows, and a product per
@@ -172,11 +181,12 @@ def gram_matrices(
             grams[name] += x.T @ x
             pending[name], pooled[name] = [], 0
 
-    for feed in feeds:
-        outputs = session.run(feed)
+    sample_values = activations(
+        model, feeds, {key.split(CONV_MARK)[0] for key in wanted}, providers
+    )
+    for values in sample_values:
         for name, k in wanted.items():
-            source = name.split(CONV_MARK)[0]
-            array = outputs.get(source) if source not in graph_inputs else feed.get(source)
+            array = values.get(name.split(CONV_MARK)[0])
             if array is None:
                 continue
             if name in geometries:

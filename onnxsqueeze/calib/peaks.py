@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxsqueeze.calib.gram import CONV_MARK, exposing, weighted_inputs
+from onnxsqueeze.calib.gram import CONV_MARK, activations, weighted_inputs
 
 #: A channel whose peak is this many times the median channel's is an outlier. Measured on
 #: MiniLM (32 calibration sentences, 200 held out, budget cosine >= 0.997): at 6x, 18
@@ -36,23 +36,15 @@ def channel_peaks(
 ) -> dict[str, np.ndarray]:
     """Max |x| over the samples of each channel (last axis) of each main-graph activation
     in ``names`` (default: every MatMul/Gemm weight's input)."""
-    from onnxsqueeze.runtime import Session
-
     wanted = {n: k for n, k in weighted_inputs(model).items() if CONV_MARK not in n}
     if names is not None:
         wanted = {n: k for n, k in wanted.items() if n in set(names)}
     if not wanted:
         return {}
-    session = Session(exposing(model, wanted), providers)
-    graph_inputs = {v.name for v in model.graph.inputs}
     peaks = {n: np.zeros(k) for n, k in wanted.items()}
-    for feed in feeds:
-        outputs = session.run(feed)
-        for name, k in wanted.items():
-            array = feed.get(name) if name in graph_inputs else outputs.get(name)
-            if array is None:
-                continue
-            rows = np.abs(np.asarray(array, np.float32).reshape(-1, k))
+    for values in activations(model, feeds, wanted, providers):
+        for name, array in values.items():
+            rows = np.abs(np.asarray(array, np.float32).reshape(-1, wanted[name]))
             if rows.size:
                 np.maximum(peaks[name], np.nanmax(rows, axis=0), out=peaks[name])
     return {n: p for n, p in peaks.items() if np.any(p)}
