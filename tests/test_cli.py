@@ -42,8 +42,10 @@ def test_squeeze_shipped_model_with_report(tmp_path):
     assert data["verification_status"] == "passed"
     assert data["passes"][0]["name"] == "cleanup"
     quantization = data.get("quantization") or {}
-    if quantization.get("applied"):  # int8 in whichever form was fastest: a quarter the bytes
-        assert data["after"]["weight_bytes"] < 0.35 * data["before"]["weight_bytes"]
+    if quantization.get("applied"):  # int8 in whichever form was fastest: about a quarter
+        # the bytes (weight-only: 0.26; static, with its int32 biases and per-channel scales on
+        # this small model: 0.36; which one auto picks depends on this CPU's timings)
+        assert data["after"]["weight_bytes"] < 0.4 * data["before"]["weight_bytes"]
     else:
         assert data["after"]["nodes"] <= data["before"]["nodes"]
     assert _digest(DIGITS) == before
