@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-cosine",
         type=float,
         metavar="C",
-        help="min mean output cosine (default budget: 0.99, and 0.99 top-1 agreement on "
+        help="min mean output cosine (default budget: 0.997, and 0.99 top-1 agreement on "
         "softmax-like class outputs)",
     )
     quant.add_argument(
