@@ -60,6 +60,16 @@ def _close(original, proto):
             "a = Add(x, three)  c = Clip(a, zero, six)  h = Div(c, six)  y = Mul(x, h)",
             ["HardSigmoid", "Mul"],
         ),
+        # ReLU6 written as Min/Max or Relu + Min by converters instead of a Clip
+        (
+            "a = Add(x, three)  b = Max(a, zero)  c = Min(b, six)  m = Mul(x, c)  y = Div(m, six)",
+            ["HardSigmoid", "Mul"],
+        ),
+        (
+            "a = Add(x, three)  b = Min(six, a)  c = Max(b, zero)  m = Mul(c, x)  y = Div(m, six)",
+            ["HardSigmoid", "Mul"],
+        ),
+        ("a = Add(x, three)  b = Relu(a)  c = Min(b, six)  y = Mul(c, sixth)", ["HardSigmoid"]),
         # no shift: Clip(x, 0, 6) / 6 is a hard-sigmoid with beta 0
         ("c = Clip(x, zero, six)  y = Div(c, six)", ["HardSigmoid"]),
     ],
@@ -90,6 +100,10 @@ def test_clip_bounds_as_attributes_before_opset_11():
         ),
         ("a = Add(x, three)  c = Clip(a, zero, six)  y = Mul(c, tenth)", "0.1 is not 1/6"),
         ("a = Add(x, three)  c = Clip(a, three, six)  y = Div(c, six)", "lower bound is not 0"),
+        (
+            "a = Add(x, three)  b = Max(a, zero)  c = Max(b, six)  y = Div(c, six)",
+            "Max of Max is no clamp",
+        ),
         (
             "t = Relu(x)  a = Add(t, three)  c = Clip(a, zero, six)  m = Mul(x, c)  y = Div(m, six)",
             "the Mul reads another tensor than the Add",
