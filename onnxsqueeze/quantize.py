@@ -315,6 +315,8 @@ class _Stage:
                 f"budget not met even with every sensitive node float ({summary})"
             )
             return QuantizeOutcome(self.model, self.record)
+        if config.mode in ("static", "dynamic"):
+            candidate = self._fold_float_weights(candidate, excluded)
         self.record["applied"] = True
         self.record["quantized"] = len(names) - len(excluded)
         if self.weight_only:
@@ -323,6 +325,36 @@ class _Stage:
         if self.flips.get(id(candidate)):
             self.record["top1_agreement"] = self.flips[id(candidate)]
         return QuantizeOutcome(candidate, self.record)
+
+    def _fold_float_weights(self, candidate: ir.Model, sensitive: Sequence[str]) -> ir.Model:
+        """Nodes left float (by the budget, or ops the mode cannot quantize) keep float
+        weights: stored as int8 that folds back at load (the weight-only CPU form), they run
+        the same float kernels from a file a quarter the size. Tried on every float node, then
+        without the ``sensitive`` ones the budget kept float; shipped only if the budget
+        holds. Nodes the user excluded (by name or op) stay untouched."""
+        if not set(self.config.providers) <= {"cpu"}:
+            return candidate  # other EPs may not fold constants the way onnxruntime's CPU does
+        from onnxsqueeze.passes.quantize_weights import QuantizeWeightsPass
+
+        ops = set(self.config.exclude_ops)
+        named = (n.name for scope in scopes(candidate) for n in scope if n.op_type in ops)
+        user = (*self.config.exclude_nodes, *named)
+        summary = ""
+        for exclude in dict.fromkeys((user, (*user, *sensitive))):
+            folded = candidate.clone()
+            stats = QuantizeWeightsPass(
+                format="fold", min_elements=FOLD_MIN_ELEMENTS, exclude_nodes=exclude
+            )(folded).stats
+            if not stats["weights_quantized"]:
+                break
+            ok, summary = self.judge(folded)
+            if ok:
+                self.record["float_weights"] = f"{stats['weights_quantized']} int8 (fold)"
+                self.record["measured"] = summary
+                return folded
+        if summary:
+            self.record["float_weights"] = f"float ({summary})"
+        return candidate
 
     def _find_outliers(self, calib_feeds, calib_samples) -> None:
         """The huge input channels of each dynamic MatMul, which the search keeps out of

@@ -836,3 +836,67 @@ def test_a_negative_outlier_ratio_is_a_usage_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "--outlier-ratio" in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+FOLDABLE = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[4, 64] x) => (float[4, 64] y) {
+    h = MatMul (x, w1)
+    r = Relu (h)
+    y = Gemm (r, w2, b)
+}
+"""
+
+
+def _foldable_model(outlier: float = 0.0) -> ir.Model:
+    """Static quantizes the MatMul only (op_types); the Gemm stays float. With ``outlier``,
+    w2's row 5 holds it: r[5] is always 0 (w1's column 5 is), so float ignores the row,
+    but int8 per output channel puts every other weight of the Gemm at 0."""
+    proto = onnx.parser.parse_model(FOLDABLE)
+    w1 = RNG.standard_normal((64, 64)).astype(np.float32) / 8
+    w1[:, 5] = 0.0
+    w2 = RNG.standard_normal((64, 64)).astype(np.float32) / 8
+    w2[5, :] = outlier or w2[5, :]
+    b = RNG.standard_normal(64).astype(np.float32)
+    for name, array in (("w1", w1), ("w2", w2), ("b", b)):
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+    return ir.serde.deserialize_model(proto)
+
+
+def _gemm_weight(model: ir.Model) -> str:
+    gemm = next(n for n in model.graph if n.op_type == "Gemm")
+    producer = gemm.inputs[1].producer()
+    return "float" if producer is None else producer.op_type  # fold form: Mul of a Cast
+
+
+@pytest.mark.parametrize(
+    "outlier, exclude, weight",
+    [(0.0, (), "Mul"), (0.0, ("Gemm",), "float"), (1e4, (), "float")],
+)
+def test_nodes_left_float_get_folded_int8_weights_when_the_budget_allows(outlier, exclude, weight):
+    """Static's float nodes store int8 weights that fold back at load (a quarter of the
+    bytes), unless the user excluded them or the rounding breaks the budget."""
+    config = QuantizeConfig(
+        method="minmax", op_types=("MatMul",), exclude_ops=exclude, budget=Budget(min_cosine=0.99)
+    )
+    model = _foldable_model(outlier)
+    reference = ir.serde.serialize_model(model)
+    outcome = quantize_model(model, _feeds64(8), config, calib_feeds=_feeds64(32))
+    record = outcome.record
+    assert record["applied"] and record["quantized"] == 1, record
+    assert _gemm_weight(outcome.model) == weight, record
+    if weight == "Mul":
+        assert record["float_weights"] == "1 int8 (fold)"
+    elif not exclude:  # tried, and the budget said no
+        assert record["float_weights"].startswith("float (cosine"), record
+    else:
+        assert "float_weights" not in record
+    proto = ir.serde.serialize_model(outcome.model)
+    onnx.checker.check_model(proto)
+    for feed in _feeds64(4):
+        a, b = run_ort(reference, feed)[0], run_ort(proto, feed)[0]
+        assert float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b)) > 0.98
+
+
+def _feeds64(n: int) -> list[dict]:
+    return [{"x": RNG.standard_normal((4, 64)).astype(np.float32)} for _ in range(n)]
