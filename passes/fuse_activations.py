@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from onnxsqueeze.graphs import constant_array, replace_value, scopes
+from onnxsqueeze.graphs import constant_array, read_elsewhere, replace_value, scopes
 from onnxsqueeze.io import count_nodes
 from onnxsqueeze.registry import SqueezePass, SqueezeResult
 from onnxsqueeze.shapes import inferred_shapes, rank
@@ -109,12 +109,9 @@ def _clip_chain(clip: ir.Node, factor: float) -> _HardSigmoid | None:
         return None
     shift = 0.0
     add = _only_reader_is(x, first)
-    if add is not None and add.op_type == "Add" and _standard(add) and len(add.inputs) == 2:
-        for index in (0, 1):
-            value = _scalar(add.inputs[1 - index], add.inputs[index])
-            if value is not None and add.inputs[index] is not None:
-                x, shift = add.inputs[index], value
-                break
+    shifted = _with_scalar(add, ("Add",)) if add is not None else None
+    if shifted is not None:
+        x, shift = shifted
     if x.type is None or x.type.dtype != ir.DataType.FLOAT:
         return None  # onnxruntime's CPU HardSigmoid is float32 only
     return _HardSigmoid(x, alpha=factor, beta=shift * factor)
@@ -148,7 +145,7 @@ def _clipped(node: ir.Node) -> tuple[ir.Value, float, float, ir.Node] | None:
     if node.op_type == "Clip":
         bounds = _clip_bounds(node)
         return None if bounds is None else (node.inputs[0], *bounds, node)
-    outer = _bound(node)
+    outer = _with_scalar(node, ("Min", "Max"))
     if outer is None:
         return None
     inner_value, limit = outer
@@ -157,18 +154,16 @@ def _clipped(node: ir.Node) -> tuple[ir.Value, float, float, ir.Node] | None:
         return None
     if node.op_type == "Min" and inner.op_type == "Relu" and inner.inputs[0] is not None:
         return inner.inputs[0], 0.0, limit, inner
-    inner_bound = (
-        _bound(inner) if inner.op_type in CLIPS and inner.op_type != node.op_type else None
-    )
+    inner_bound = _with_scalar(inner, ("Max",) if node.op_type == "Min" else ("Min",))
     if inner_bound is None:
         return None
     lower, upper = (inner_bound[1], limit) if node.op_type == "Min" else (limit, inner_bound[1])
     return inner_bound[0], lower, upper, inner
 
 
-def _bound(node: ir.Node) -> tuple[ir.Value, float] | None:
-    """A two-input Min/Max against a scalar constant: (the other input, the constant)."""
-    if node.op_type not in ("Min", "Max") or len(node.inputs) != 2:
+def _with_scalar(node: ir.Node, ops: tuple[str, ...]) -> tuple[ir.Value, float] | None:
+    """A two-input ``ops`` node against a scalar constant: (the other input, the constant)."""
+    if node.op_type not in ops or not _standard(node) or len(node.inputs) != 2:
         return None
     for index in (0, 1):
         value = _scalar(node.inputs[1 - index], node.inputs[index])
@@ -201,14 +196,10 @@ def _scalar(constant: ir.Value | None, other: ir.Value | None) -> float | None:
 
 def _only_reader_is(value: ir.Value | None, reader: ir.Node) -> ir.Node | None:
     """``value``'s producer, when ``reader`` is all that reads it (nothing else sees it)."""
-    if value is None or value.is_graph_output():
+    if value is None or value.is_graph_output() or read_elsewhere(value, reader):
         return None
     producer = value.producer()
-    if producer is None or producer.graph is not reader.graph:
-        return None
-    if any(user is not reader for user, _ in value.uses()):
-        return None
-    return producer
+    return producer if producer is not None and producer.graph is reader.graph else None
 
 
 def _standard(node: ir.Node) -> bool:
