@@ -524,10 +524,12 @@ def test_static_quantization_inside_a_loop_body():
         assert cosine > 0.99
 
 
-@pytest.mark.parametrize("static_speed, shipped", [(1.07, "weights-int8"), (1.15, "static")])
+@pytest.mark.parametrize(
+    "static_speed, shipped", [(1.07, "weights-int8"), (1.12, "weights-int8"), (1.20, "static")]
+)
 def test_auto_ships_a_faster_but_larger_result_only_beyond_timing_noise(static_speed, shipped):
-    """A static result with almost every node float (file as large as float's) that times
-    7 % faster than weight-only int8 is noise, not speed: the smaller file ships. 15 % wins."""
+    """A static result with a larger file that times 7 % faster than weight-only int8 is
+    noise, 12 % (PP-OCR det) is not worth the bytes: the smaller file ships. 20 % wins."""
     from onnxsqueeze.alternatives import pick
     from onnxsqueeze.quantize import QuantizeOutcome
 
