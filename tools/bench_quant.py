@@ -2,8 +2,8 @@
 
 For each model, every configuration is built in its own subprocess (squeeze time and peak
 RSS of that process), then all results are evaluated in one process: file size, CPU latency
-(median of --runs batch-1 runs after warm-up, alternating with fp32 in rounds, so the ratio
-to fp32 comes from the same window) and task accuracy on held-out data (tools/quant_tasks.py).
+(median of at least --runs batch-1 runs after warm-up, alternating with fp32 in rounds of at
+least 0.1 s, so the ratio to fp32 comes from the same window) and task accuracy on held-out data (tools/quant_tasks.py).
 Every configuration calibrates on the same --calib samples.
 
     python tools/bench_quant.py [--models magika,minilm] [--calib 32] [--runs 30]
@@ -166,18 +166,28 @@ def session(path: Path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+#: Timed runs per round are at least this many seconds' worth (5 runs at least): at 5 runs a
+#: round, MiniLM's dynamic int8 (2 ms a run) measured 1.45x in one window and 1.72x in the
+#: next, same model, same run; rounds of 0.1 s even out the VM's short stalls.
+ROUND_S = 0.1
+MIN_ROUNDS = 8
+
+
 def latency_ratio(base, cand, feed: dict, runs: int) -> tuple[float, float]:
-    """(median candidate ms, fp32 ms / candidate ms), alternating rounds of 5 runs (this VM's
-    speed drifts within seconds), each after onnxsqueeze.bench.settle (the other session's
-    spinning threads asleep)."""
+    """(median candidate ms, fp32 ms / candidate ms), alternating rounds (this VM's speed
+    drifts within seconds) of at least 5 runs and ROUND_S each, each round after
+    onnxsqueeze.bench.settle (the other session's spinning threads asleep)."""
     from onnxsqueeze.bench import settle
 
+    warm = []
     for s in (base, cand):
         for _ in range(5):
+            start = time.perf_counter()
             s.run(None, feed)
+            warm.append(time.perf_counter() - start)
+    per = max(5, int(ROUND_S / max(statistics.median(warm), 1e-6)))
+    rounds = max(runs // 5, MIN_ROUNDS)
     b, c = [], []
-    per = 5
-    rounds = max(runs // per, 3)
     for _ in range(rounds):
         for s, sink in ((base, b), (cand, c)):
             settle(s, feed, lambda f, s=s: s.run(None, f))
@@ -232,7 +242,9 @@ def render(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
         f"{cpu.describe()}. Each configuration is built in its own process "
         f"(squeeze s, peak RSS) and calibrates on the same {args.calib} samples; accuracy is "
         "measured on held-out samples (tools/quant_tasks.py); speed = fp32 median latency / "
-        "this one's, batch 1, default session, timed alternately in the same window. "
+        "this one's, batch 1, default session, timed alternately in the same window "
+        f"(at least {max(args.runs // 5, MIN_ROUNDS)} rounds of at least 5 runs and "
+        f"{ROUND_S} s each). "
         "ORT static = QDQ, uint8 activations, int8 per-channel weights. onnxsqueeze auto = the "
         "CLI default with --data (weight-only int8, then static and dynamic int8, whose "
         "fully quantized drafts are timed first and get a quick search if too slow to win; "
