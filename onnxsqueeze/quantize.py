@@ -23,6 +23,7 @@ import onnx_ir as ir
 from onnxsqueeze.alternatives import NOT_SLOWER, check_latency
 from onnxsqueeze.budget import DEFAULT_BUDGET, Budget
 from onnxsqueeze.calib.choice import collected_with, ranked_ranges
+from onnxsqueeze.calib.outlier_plan import describe
 from onnxsqueeze.calib.peaks import OUTLIER_RATIO
 from onnxsqueeze.errors import SqueezeError, UnsupportedModelError, first_line
 from onnxsqueeze.graphs import opset_version, scopes
@@ -149,6 +150,7 @@ class _Stage:
         #: dynamic: input name -> channels that can be computed in float (see _find_outliers),
         #: and whether the candidates built do so
         self.outliers: dict[str, tuple[int, ...]] = {}
+        self.outlier_scales: dict[str, Any] = {}
         self.split = False
         self._peak_data: tuple | None = None
 
@@ -277,13 +279,13 @@ class _Stage:
         if not ok and self._peak_data is not None:
             self._find_outliers(*self._peak_data)
             self._peak_data = None
-        if not ok and self.outliers and not self.split:
+        if not ok and (self.outliers or self.outlier_scales) and not self.split:
             # the outlier channels' share in float costs a few small ops; a node kept float
             # costs its whole int8 speed-up, so this comes first (and only when needed)
             self.split = True
             candidate, stats = self.build(())
             ok, summary = self.judge(candidate)
-            self.record["outlier_channels"] = sum(map(len, self.outliers.values()))
+            self.record.update(describe(self.outliers, self.outlier_scales))
         self.record["all_quantized"] = summary
         scores: dict[str, float] = {}
         excluded: list[str] = []
@@ -329,10 +331,9 @@ class _Stage:
     def _fold_float_weights(self, candidate: ir.Model, sensitive: Sequence[str]) -> ir.Model:
         """Nodes static left float (by the budget, or ops it does not quantize) keep float
         weights: stored as int8 that folds back at load (the weight-only CPU form), they run
-        the same float kernels from a file a quarter the size. Not for dynamic: its float
-        parts are the outlier channels' shares and the MatMuls the budget needed exact, and
-        rounding their weights measured a lower held-out accuracy (MiniLM NN 0.96 -> 0.955,
-        magika labels 0.998 -> 0.991) for little size. Tried on every float node, then
+        the same float kernels from a file a quarter the size. Not for dynamic: rounding its
+        float parts' weights cost held-out accuracy (MiniLM NN 0.96 -> 0.955, magika labels
+        0.998 -> 0.991) for little size. Tried on every float node, then
         without the ``sensitive`` ones the budget kept float; shipped only if the budget
         holds. Nodes the user excluded (by name or op) stay untouched."""
         if not set(self.config.providers) <= {"cpu"}:
@@ -360,14 +361,13 @@ class _Stage:
         return candidate
 
     def _find_outliers(self, calib_feeds, calib_samples) -> None:
-        """The huge input channels of each dynamic MatMul, which the search keeps out of
-        its int8 range when the fully quantized model misses the budget."""
-        from onnxsqueeze.calib.peaks import channel_peaks, outlier_channels
+        """Each dynamic MatMul input's huge channels, kept out of its int8 range when the fully
+        quantized model misses the budget: split, or scaled (calib.outlier_plan)."""
+        from onnxsqueeze.calib.outlier_plan import find_outliers
 
-        feeds = itertools.islice(calib_feeds, calib_samples or GPTQ_SAMPLES)
-        peaks = channel_peaks(self.model, feeds, providers=self.config.providers)
-        found = {n: outlier_channels(p, self.config.outlier_ratio) for n, p in peaks.items()}
-        self.outliers = {n: c for n, c in found.items() if c}
+        c, feeds = self.config, itertools.islice(calib_feeds, calib_samples or GPTQ_SAMPLES)
+        found = find_outliers(self.model, feeds, c.outlier_ratio, c.reduce_range, c.providers)
+        self.outliers, self.outlier_scales = found
 
     def _time_draft(self, draft: ir.Model) -> None:
         """When the mode must not be slower than float (auto), time its fully quantized
@@ -506,6 +506,8 @@ class _Stage:
                 reduce_range=config.reduce_range,
                 exclude_nodes=tuple(config.exclude_nodes) + tuple(excluded),
                 outliers=self.outliers if self.split else None,
+                outlier_scales=self.outlier_scales if self.split else None,
+                embedding_fold=set(config.providers) <= {"cpu"},
             )(candidate)
             return candidate, result.stats
         result = InsertQdqPass(

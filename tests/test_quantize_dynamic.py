@@ -163,12 +163,16 @@ def test_outlier_channels_are_computed_in_float_after_the_bias(tmp_path):
         )
     bias_add = producers[producers["y"].input[0]]
     assert bias_add.op_type == "Add" and "b1" in bias_add.input
-    want = _run(proto, feed)
-    errors = []
-    for model in (ir.serde.serialize_model(plain), out):
-        got = _run(model, feed, "all")
-        errors.append(max(np.abs(g - w).max() for g, w in zip(got, want, strict=True)))
+    errors = _max_errors(proto, feed, ir.serde.serialize_model(plain), out)
     assert errors[1] < errors[0] / 5, errors
+
+
+def _max_errors(reference, feed, *models) -> list[float]:
+    want = _run(reference, feed)
+    return [
+        max(np.abs(g - w).max() for g, w in zip(_run(m, feed, "all"), want, strict=True))
+        for m in models
+    ]
 
 
 def test_outlier_channels_found_on_data_are_the_huge_ones():
@@ -187,3 +191,59 @@ def test_outlier_channels_found_on_data_are_the_huge_ones():
     assert outlier_channels(wide) == tuple(range(8))
     wide[:20] = 100  # not a few outliers but a wide distribution
     assert outlier_channels(wide) == ()
+
+
+def test_outlier_channels_scaled_into_range_cost_one_mul():
+    """``outlier_scales``: the MatMuls (and the Gemm) read x / s through one shared Mul, their
+    weight rows take s, no float share; exact in float, and the int8 error falls against
+    plain dynamic int8."""
+    proto, feed = _outlier_model_and_feed()
+    factors = np.ones(64, np.float32)
+    factors[5] = 12.0
+    plain = ir.serde.deserialize_model(proto)
+    QuantizeDynamicPass(min_elements=256)(plain)
+    scaled = ir.serde.deserialize_model(proto)
+    stats = QuantizeDynamicPass(min_elements=256, outlier_scales={"x": factors})(scaled).stats
+    assert stats["nodes_quantized"] == 3
+    out = ir.serde.serialize_model(scaled)
+    onnx.checker.check_model(out)
+    ops = collections.Counter(n.op_type for n in out.graph.node)
+    assert ops["Gather"] == 0 and ops["MatMul"] == 0 and ops["DynamicQuantizeLinear"] == 1
+    mul = next(n for n in out.graph.node if n.op_type == "Mul" and "x" in n.input)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in out.graph.initializer}
+    np.testing.assert_allclose(inits[next(i for i in mul.input if i != "x")], 1 / factors)
+    errors = _max_errors(proto, feed, ir.serde.serialize_model(plain), out)
+    assert errors[1] < errors[0] / 2, errors
+
+
+TWO_INPUTS = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[N, 64] a, float[N, 64] b) => (float[N, 32] y, float[N, 32] z) {
+    y = MatMul (a, w1)
+    z = MatMul (b, w2)
+}
+"""
+
+
+def test_a_mild_outlier_is_scaled_and_a_huge_one_split():
+    """Scaling multiplies the outlier channel's rounding error by s: at 8x (s about 2) that
+    costs little against the split; at 60x (s about 17) it would dominate, so it is split."""
+    from onnxsqueeze.calib.outlier_plan import SCALE_ERROR, emulated_errors, find_outliers
+
+    proto = onnx.parser.parse_model(TWO_INPUTS)
+    for name in ("w1", "w2"):
+        weight = RNG.standard_normal((64, 32)).astype(np.float32) / 8
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(weight, name))
+    model = ir.serde.deserialize_model(proto)
+    feeds = []
+    for _ in range(6):
+        a, b = (RNG.standard_normal((16, 64)).astype(np.float32) for _ in range(2))
+        a[:, 3] *= 8
+        b[:, 9] *= 60
+        feeds.append({"a": a, "b": b})
+    split, scaled = find_outliers(model, feeds, ratio=4.0, reduce_range=False)
+    assert split == {"b": (9,)} and set(scaled) == {"a"}
+    assert scaled["a"][3] > 1 and np.all(np.delete(scaled["a"], 3) == 1)
+    errors = emulated_errors(model, feeds, {"a": (3,)}, scaled, reduce_range=False)
+    split_error, scale_error = errors["a"]
+    assert 0 < split_error <= scale_error <= SCALE_ERROR * split_error

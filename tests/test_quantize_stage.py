@@ -809,12 +809,12 @@ def test_dynamic_keeps_outlier_channels_out_of_the_int8_range_when_the_budget_ne
         )
         return quantize_model(model, feeds(8), config, calib_feeds=feeds(32)).record
 
-    from onnxsqueeze.calib import peaks
+    from onnxsqueeze.calib import outlier_plan
 
     collected = []
-    real = peaks.channel_peaks
+    real = outlier_plan.channel_peaks
     monkeypatch.setattr(
-        peaks, "channel_peaks", lambda *a, **k: collected.append(1) or real(*a, **k)
+        outlier_plan, "channel_peaks", lambda *a, **k: collected.append(1) or real(*a, **k)
     )
     loose = run(0.5, 9.0)
     assert loose["budget_met"] and loose["quantized"] == 2 and "outlier_channels" not in loose
@@ -824,6 +824,7 @@ def test_dynamic_keeps_outlier_channels_out_of_the_int8_range_when_the_budget_ne
     split = run(tight, 9.0)
     assert collected == [1]
     assert split["budget_met"] and split["quantized"] == 2 and split["outlier_channels"] == 1
+    assert split["outlier_inputs"] == "1 split, 0 scaled"  # 40x: scaling would not do
     assert 1 - split["min_cosine"] < plain_error / 3
     off = run(tight, 0.0)
     assert "outlier_channels" not in off
