@@ -195,10 +195,17 @@ def _shape_overrides(shapes) -> tuple[dict, dict]:
 
 def _retry_shapes(model, shapes) -> Iterable[tuple[str, dict[str, tuple[int, ...]]]]:
     """Input shapes to try when the original rejects the default probes: the guessed dims
-    (dynamic, not the batch, not given) larger, on every input, then on the first input
-    only (the others' guessed dims 1: a recurrent state whose axis 1 is the batch)."""
+    (dynamic, not the batch, not given) larger, then sizes the graph's shape constants
+    name, on every input, then on the first input only (the others' guessed dims 1: a
+    recurrent state whose axis 1 is the batch)."""
     from onnxsqueeze.errors import CalibrationDataError
-    from onnxsqueeze.runtime import PROBE_DIM_RETRIES, concrete_shape, input_specs
+    from onnxsqueeze.runtime import (
+        DEFAULT_DYNAMIC_DIM,
+        PROBE_DIM_RETRIES,
+        concrete_shape,
+        input_specs,
+        sizes_in_graph,
+    )
 
     fixed, dims = _shape_overrides(shapes)
     specs = input_specs(model)
@@ -207,7 +214,8 @@ def _retry_shapes(model, shapes) -> Iterable[tuple[str, dict[str, tuple[int, ...
             concrete_shape(s, fixed, dims, 1) == concrete_shape(s, fixed, dims, 2) for s in specs
         ):
             return
-        for size in PROBE_DIM_RETRIES:
+        tried = (1, DEFAULT_DYNAMIC_DIM, *PROBE_DIM_RETRIES)
+        for size in (*PROBE_DIM_RETRIES, *sizes_in_graph(model, skip=tried)):
             yield (
                 f"probe inputs whose unsized dims are {size}",
                 {s.name: concrete_shape(s, fixed, dims, size) for s in specs},

@@ -41,6 +41,8 @@ DEFAULT_DYNAMIC_DIM = 32
 #: Larger sizes tried, in order, when the original model rejects probe feeds of the default
 #: size (an audio model whose STFT pads by more than 32 samples, a CNN that downsamples 64x).
 PROBE_DIM_RETRIES = (128, 512)
+#: Then, at most this many sizes the graph itself names (see sizes_in_graph).
+GRAPH_SIZE_RETRIES = 6
 
 
 # ---------------------------------------------------------------------------- providers
@@ -339,6 +341,25 @@ def concrete_shape(
         else:
             out.append(default_dim)
     return tuple(out)
+
+
+def sizes_in_graph(model: ir.Model, skip: Iterable[int] = ()) -> list[int]:
+    """Small integers the graph's shape arithmetic holds (short int64 constants, most
+    frequent first): an exporter that traced a length into a Reshape (PyTorch's legacy
+    TransformerEncoder export runs at its traced sequence length only) names it there."""
+    from collections import Counter
+
+    from onnxsqueeze.graphs import constant_array, scopes
+
+    counts: Counter[int] = Counter()
+    values = [v for scope in scopes(model) for n in scope for v in n.inputs]
+    for value in {id(v): v for v in values if v is not None}.values():
+        array = constant_array(value)
+        if array is not None and array.dtype == np.int64 and 0 < array.size <= 8:
+            counts.update(int(x) for x in array.reshape(-1) if 2 <= x <= 8192)
+    skipped = set(skip)
+    ranked = sorted(counts, key=lambda size: (-counts[size], size))
+    return [size for size in ranked if size not in skipped][:GRAPH_SIZE_RETRIES]
 
 
 def random_feeds(

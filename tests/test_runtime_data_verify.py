@@ -176,6 +176,32 @@ def test_probes_grow_until_the_original_accepts_them(tmp_path):
         onnxsqueeze.squeeze(proto, shapes={"signal": (1, 32), "state": (2, 1, 4)})
 
 
+#: Like PyTorch's legacy TransformerEncoder export: the sequence axis is declared dynamic, but
+#: a Reshape holds the traced length (12), so only that length runs.
+TRACED = """
+<ir_version: 8, opset_import: ["" : 17]>
+traced (float[b, s, 4] x) => (float[12, 4] y)
+<int64[2] traced_shape = {12, 4}>
+{
+  y = Reshape(x, traced_shape)
+}
+"""
+
+
+def test_probes_try_the_sizes_the_graph_names_when_guessed_ones_fail():
+    """32, 128 and 512 all fail; the graph's shape constants name 4 and 12, and 12 runs."""
+    import onnxsqueeze
+    from onnxsqueeze.runtime import sizes_in_graph
+
+    proto = parse(TRACED)
+    model = ir.serde.deserialize_model(proto)
+    assert sizes_in_graph(model) == [4, 12]
+    assert sizes_in_graph(model, skip=(4,)) == [12]
+    report = onnxsqueeze.squeeze(proto, quantize="none").report
+    assert report.verification_status == "passed"
+    assert any("unsized dims are 12" in w for w in report.warnings), report.warnings
+
+
 def test_latency_rounds_start_after_the_other_sessions_threads_settle(mlp, monkeypatch):
     """Each timed round of compare_latency begins with a pause and an untimed run: without
     them the first runs after a switch share the cores with the other session's spinning
