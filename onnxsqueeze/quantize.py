@@ -147,8 +147,8 @@ class _Stage:
         self.quick = False
         #: the first searched range method's damage order, which fallbacks reuse (see search)
         self._order: list[str] | None = None
-        #: dynamic: input name -> channels that can be computed in float (see _find_outliers),
-        #: and whether the candidates built do so
+        #: dynamic: input name -> outlier channels to split, or factors to scale them by
+        #: (see _find_outliers), and whether the candidates built do so
         self.outliers: dict[str, tuple[int, ...]] = {}
         self.outlier_scales: dict[str, Any] = {}
         self.split = False
@@ -280,8 +280,8 @@ class _Stage:
             self._find_outliers(*self._peak_data)
             self._peak_data = None
         if not ok and (self.outliers or self.outlier_scales) and not self.split:
-            # the outlier channels' share in float costs a few small ops; a node kept float
-            # costs its whole int8 speed-up, so this comes first (and only when needed)
+            # splitting or scaling the outlier channels costs a few small ops; a node kept
+            # float costs its whole int8 speed-up, so this comes first (and only when needed)
             self.split = True
             candidate, stats = self.build(())
             ok, summary = self.judge(candidate)
@@ -333,9 +333,9 @@ class _Stage:
         weights: stored as int8 that folds back at load (the weight-only CPU form), they run
         the same float kernels from a file a quarter the size. Not for dynamic: rounding its
         float parts' weights cost held-out accuracy (MiniLM NN 0.96 -> 0.955, magika labels
-        0.998 -> 0.991) for little size. Tried on every float node, then
-        without the ``sensitive`` ones the budget kept float; shipped only if the budget
-        holds. Nodes the user excluded (by name or op) stay untouched."""
+        0.998 -> 0.991) for little size. Tried on every float node, then without the
+        ``sensitive`` ones the budget kept float; shipped only if the budget holds. Nodes
+        the user excluded (by name or op) stay untouched."""
         if not set(self.config.providers) <= {"cpu"}:
             return candidate  # other EPs may not fold constants the way onnxruntime's CPU does
         from onnxsqueeze.passes.quantize_weights import QuantizeWeightsPass
