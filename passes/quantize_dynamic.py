@@ -189,10 +189,10 @@ class QuantizeDynamicPass(SqueezePass):
             return x
         key = (x, channels, factors is not None)
         if key not in self._splits:
-            mask = np.ones(width, np.float32)
-            mask[list(channels)] = 0
-            if factors is not None:
-                mask = (1 / factors).astype(np.float32)
+            mask = (
+                np.ones(width, np.float32) if factors is None else (1 / factors).astype(np.float32)
+            )
+            mask[list(channels)] = 0  # no channels when scaling
             base = x.name or "x"
             suffix = "_outlier_scale" if factors is not None else "_outlier_mask"
             clean = ir.node("Mul", [x, self._const(scope, mask, base + suffix, before)])
