@@ -24,6 +24,7 @@ def builtin_registry() -> PassRegistry:
     from onnxsqueeze.passes.fuse_gemm import FuseGemmPass
     from onnxsqueeze.passes.inline_ifs import InlineIfsPass
     from onnxsqueeze.passes.insert_qdq import InsertQdqPass
+    from onnxsqueeze.passes.merge_matmuls import MergeMatmulsPass
     from onnxsqueeze.passes.quantize_dynamic import QuantizeDynamicPass
     from onnxsqueeze.passes.quantize_weights import QuantizeWeightsPass
     from onnxsqueeze.passes.simplify_graph import SimplifyGraphPass
@@ -39,6 +40,7 @@ def builtin_registry() -> PassRegistry:
         FuseBatchnormPass,
         FuseActivationsPass,
         FuseGemmPass,
+        MergeMatmulsPass,
         StripMetadataPass,
         QuantizeWeightsPass,
         InsertQdqPass,
@@ -56,6 +58,7 @@ def builtin_registry() -> PassRegistry:
         "simplify-graph",
         "fuse-batchnorm",
         "fuse-activations",
+        "merge-matmuls",
         "fuse-gemm",
         "cleanup",
         "strip-metadata",
