@@ -117,7 +117,7 @@ class MergeMatmulsPass(SqueezePass):
 
 
 def _groups(scope: GraphLike) -> list[list]:
-    """Groups of (MatMul, weight, (bias Add, bias, its value) or None), in graph order, of two or more."""
+    """Groups (two or more, graph order) of (MatMul, weight, (Add, bias, bias value) or None)."""
     by_input: dict[int, list] = defaultdict(list)
     for node in scope:
         entry = _entry(node)
@@ -152,6 +152,6 @@ def _entry(node: ir.Node):
         return (node, weight, None)
     other = add.inputs[1 - users[0].idx]
     bias = constant_array(other)
-    if bias is None or bias.shape not in ((weight.shape[1],),) or read_elsewhere(other, add):
+    if bias is None or bias.shape != (weight.shape[1],) or read_elsewhere(other, add):
         return (node, weight, None)
     return (node, weight, (add, bias, other))
