@@ -40,6 +40,16 @@ def mlp_path(tmp_path: Path, mlp: onnx.ModelProto) -> Path:
     return path
 
 
+def parse_with(text: str, arrays: dict) -> onnx.ModelProto:
+    """A model from ONNX text with ``arrays`` (name -> array) added as its initializers."""
+    import onnx.numpy_helper
+
+    proto = onnx.parser.parse_model(text)
+    for name, array in arrays.items():
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+    return proto
+
+
 def run_ort(model: onnx.ModelProto | str | Path, feeds: dict) -> list:
     import onnxruntime as ort
 

@@ -11,7 +11,7 @@ import pytest
 
 from onnxsqueeze.passes.merge_matmuls import MergeMatmulsPass
 
-from conftest import run_ort
+from conftest import parse_with, run_ort
 
 RNG = np.random.default_rng(7)
 
@@ -57,11 +57,8 @@ g (float[3, 16] x, float[3, 16] y) => (float[3, 8] a, float[3, 8] b, float[3, 8]
 
 
 def _model(text: str, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
-    proto = onnx.parser.parse_model(text)
-    for name, shape in shapes.items():
-        array = RNG.standard_normal(shape).astype(np.float32)
-        proto.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
-    return proto
+    arrays = {n: RNG.standard_normal(shape).astype(np.float32) for n, shape in shapes.items()}
+    return parse_with(text, arrays)
 
 
 def _apply(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:

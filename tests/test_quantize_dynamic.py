@@ -12,6 +12,8 @@ import pytest
 
 from onnxsqueeze.passes.quantize_dynamic import QuantizeDynamicPass
 
+from conftest import parse_with
+
 RNG = np.random.default_rng(3)
 
 TEXT = """
@@ -244,11 +246,8 @@ def test_a_mild_outlier_is_scaled_and_a_huge_one_split():
     from onnxsqueeze.calib.outlier_plan import SCALE_ERROR, emulated_errors, find_outliers
 
     rng = np.random.default_rng(0)
-    proto = onnx.parser.parse_model(TWO_INPUTS)
-    for name in ("w1", "w2"):
-        weight = rng.standard_normal((64, 32)).astype(np.float32) / 8
-        proto.graph.initializer.append(onnx.numpy_helper.from_array(weight, name))
-    model = ir.serde.deserialize_model(proto)
+    weights = {n: rng.standard_normal((64, 32)).astype(np.float32) / 8 for n in ("w1", "w2")}
+    model = ir.serde.deserialize_model(parse_with(TWO_INPUTS, weights))
     feeds = []
     for _ in range(6):
         a, b = (rng.standard_normal((16, 64)).astype(np.float32) for _ in range(2))

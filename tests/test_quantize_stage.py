@@ -14,7 +14,7 @@ import onnxsqueeze
 from onnxsqueeze.budget import Budget
 from onnxsqueeze.quantize import QuantizeConfig, quantize_model
 
-from conftest import run_ort
+from conftest import parse_with, run_ort
 
 RNG = np.random.default_rng(7)
 DIGITS = Path(__file__).resolve().parent.parent / "models" / "digits_cnn.onnx"
@@ -791,11 +791,8 @@ def test_dynamic_keeps_outlier_channels_out_of_the_int8_range_when_the_budget_ne
     it misses is met by computing that channel's share in float, with both MatMuls still
     int8, where without it (ratio 0) a whole MatMul stays float."""
     rng = np.random.default_rng(11)
-    proto = onnx.parser.parse_model(OUTLIER_INPUT)
-    for name in ("w1", "w2"):
-        weight = rng.standard_normal((32, 32)).astype(np.float32) / 6
-        proto.graph.initializer.append(onnx.numpy_helper.from_array(weight, name))
-    model = ir.serde.deserialize_model(proto)
+    weights = {n: rng.standard_normal((32, 32)).astype(np.float32) / 6 for n in ("w1", "w2")}
+    model = ir.serde.deserialize_model(parse_with(OUTLIER_INPUT, weights))
 
     def feeds(n):
         out = [{"x": rng.standard_normal((4, 32)).astype(np.float32)} for _ in range(n)]
