@@ -199,16 +199,25 @@ def warm_up() -> None:
     )
 
 
-def fp32_seconds(model: Path, data: Path, n: int) -> float:
+def fp32_seconds(model: Path, data: Path, n: int, plain: bool = False) -> float:
+    """Inference alone over the samples, median of 3 passes. ``plain``: with onnxruntime's
+    graph rewrites off, the graph whose values ORT's calibrators (and so ours, whose MinMax
+    ranges must equal theirs) observe; its time is a floor for any such calibrator."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if plain:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     feeds = [dict(np.load(f)) for f in sorted(data.glob("*.npz"))[:n]]
     session.run(None, feeds[0])
-    start = time.perf_counter()
-    for feed in feeds:
-        session.run(None, feed)
-    return time.perf_counter() - start
+    passes = []
+    for _ in range(3):
+        start = time.perf_counter()
+        for feed in feeds:
+            session.run(None, feed)
+        passes.append(time.perf_counter() - start)
+    return sorted(passes)[1]
 
 
 def compare(ours: dict, theirs: dict, method: str) -> str:
@@ -260,16 +269,19 @@ def main() -> None:
             make_samples(name, max(args.sizes), data)
             for n in args.sizes:
                 floor = fp32_seconds(entry.path, data, n)
+                plain = fp32_seconds(entry.path, data, n, plain=True)
                 for method in args.methods:
                     results = {
                         tool: run_child(tool, entry.path, data, n, method, args.timeout)
                         for tool in ("ort", "ours")
                     }
-                    rows.append((name, n, method, floor, results))
+                    rows.append((name, n, method, (floor, plain), results))
                     brief = {
                         t: {k: v for k, v in r.items() if k != "ranges"} for t, r in results.items()
                     }
-                    print(name, n, method, f"fp32 {floor:.2f}s", brief, flush=True)
+                    print(
+                        name, n, method, f"fp32 {floor:.2f}s plain {plain:.2f}s", brief, flush=True
+                    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(render(rows, args))
     print(args.out.read_text())
@@ -284,17 +296,21 @@ def render(rows, args) -> str:
         f"{cpu.describe()}, each calibration in its own process, memory capped at 16 GiB, timeout "
         f"{args.timeout} s). wall = whole process (imports, session, collection, range "
         "computation); calib = inside the process, from creating the calibrator to having every "
-        "range (no imports); fp32 = plain inference over the same samples (default session); "
+        "range (no imports); fp32 = plain inference over the same samples (default session, "
+        "median of 3 passes); fp32 unopt = the same with onnxruntime's graph rewrites off, the "
+        "graph ORT's calibrators observe and whose values MinMax must reproduce: a floor for "
+        "any calibrator that matches them (its ratio to fp32 is the best calib / fp32 can be); "
         "RSS = peak of the process. Entropy on both sides: 512 bins, 128 quantized bins; "
         "percentile: 99.999, symmetric, ORT: 2048 bins of |x|, ours: 8192 signed bins over "
         "[-t, t) with t the power of two above max|x|, folded; both take the lower edge of the "
         "bin where the cumulative mass reaches the percentile. ranges = max |ours - ORT| over shared tensors (minmax must be 0).",
         "",
-        "| model | N | method | fp32 s | ORT wall s | ours wall s | ORT calib s | ours calib s "
-        "| speed-up (calib) | ours calib / fp32 | ORT RSS MiB | ours RSS MiB | ranges ours vs ORT |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | N | method | fp32 s | fp32 unopt s | ORT wall s | ours wall s | ORT calib s "
+        "| ours calib s | speed-up (calib) | ours calib / fp32 | unopt / fp32 | ORT RSS MiB "
+        "| ours RSS MiB | ranges ours vs ORT |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, n, method, floor, res in rows:
+    for name, n, method, (floor, plain), res in rows:
         ort, ours = res["ort"], res["ours"]
 
         def cell(r, key, fmt):
@@ -308,9 +324,10 @@ def render(rows, args) -> str:
         ratio = f"{ours['calib'] / floor:.1f}" if "calib" in ours else "-"
         ranges = compare(ours.get("ranges", {}), ort.get("ranges", {}), method)
         lines.append(
-            f"| {name} | {n} | {method} | {floor:.2f} | {cell(ort, 'wall', '.2f')} | "
+            f"| {name} | {n} | {method} | {floor:.2f} | {plain:.2f} | {cell(ort, 'wall', '.2f')} | "
             f"{cell(ours, 'wall', '.2f')} | {cell(ort, 'calib', '.2f')} | "
-            f"{cell(ours, 'calib', '.2f')} | {speed} | {ratio} | {cell(ort, 'peak', '.0f')} | "
+            f"{cell(ours, 'calib', '.2f')} | {speed} | {ratio} | {plain / floor:.2f} | "
+            f"{cell(ort, 'peak', '.0f')} | "
             f"{cell(ours, 'peak', '.0f')} | {ranges} |"
         )
     lines += ["", "## Peak RSS growth, ours: N=max / N=min", ""]
