@@ -4,7 +4,8 @@ With shape inference (onnx's, with data propagation), a Shape of a tensor whose 
 known is a constant, and so is any chain of Gather/Slice/Concat/arithmetic over it; a chain
 that mixes static and symbolic dims keeps the symbolic part. A Reshape whose target mixes
 them gets a constant target where 0 copies the matching input dim and -1 the last unknown,
-so exported transformers lose their Shape→Gather→Concat scaffolding.
+so exported transformers lose their Shape→Gather→Concat scaffolding; a literal 0 in the
+target (copy the input's dim) stays as it is.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from onnxsqueeze.registry import SqueezePass, SqueezeResult
 from onnxsqueeze.shape_values import ShapePropagator, ShapeValue
 from onnxsqueeze.shapes import inferred_shapes
 
+#: Inference rounds at most (PP-OCR rec's two attention blocks need two).
+MAX_ROUNDS = 4
+
 
 @dataclasses.dataclass(frozen=True)
 class FoldShapesOptions:
@@ -46,12 +50,19 @@ class FoldShapesPass(SqueezePass):
 
     def call(self, model: ir.Model) -> SqueezeResult:
         nodes_before = count_nodes(model)
-        if not any(n.op_type in ("Shape", "Size") for scope in scopes(model) for n in scope):
-            return SqueezeResult(model, modified=False, stats={})  # nothing to propagate from
-        with inferred_shapes(model):
-            stats = fold_shapes(model, all_value_names(model), self.options.reshape_targets)
-        if any(stats.values()):
+        stats = {"shapes_folded": 0, "reshape_targets_folded": 0}
+        # A Reshape whose target was unknown hides the shapes after it, so a folded target
+        # can make the next block's chain foldable: infer again until nothing changes.
+        for _ in range(MAX_ROUNDS):
+            if not any(n.op_type in ("Shape", "Size") for scope in scopes(model) for n in scope):
+                break  # nothing to propagate from
+            with inferred_shapes(model):
+                found = fold_shapes(model, all_value_names(model), self.options.reshape_targets)
+            if not any(found.values()):
+                break
             RemoveUnusedNodesPass()(model)
+            for key, count in found.items():
+                stats[key] += count
         stats["nodes_removed"] = nodes_before - count_nodes(model)
         return SqueezeResult(
             model,
@@ -120,9 +131,7 @@ def _fold_reshape_target(
     resolved: list[int] = []
     for i, entry in enumerate(partial.entries):
         if isinstance(entry, int):
-            if entry == 0:
-                return False  # a literal 0 copies a dim: keep the user's semantics untouched
-            resolved.append(entry)
+            resolved.append(entry)  # a literal 0 stays 0: it copies the input dim (allowzero 0)
         elif (
             isinstance(entry, str)
             and in_dims is not None

@@ -56,6 +56,39 @@ def test_reshape_target_becomes_constant_with_copied_symbolic_dims():
         _same(original, proto, {"x": x})
 
 
+PADDLE_RESHAPE = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[batch, len, 120] h, float[batch, n, 360] x) => (float[batch, len, 3, 8, 15] y)
+<int64[1] zero = {0}, int64[1] one = {1}, int64[1] two = {2}, int64[1] three = {3},
+ int64[1] eight = {8}, int64[1] fifteen = {15}>
+{
+  s = Shape(h)
+  s32 = Cast <to = 6> (s)
+  l32 = Slice(s32, one, two, zero, one)
+  l = Cast <to = 7> (l32)
+  target = Concat <axis = 0> (zero, l, three, eight, fifteen)
+  y = Reshape(x, target)
+}
+"""
+
+
+def test_reshape_target_keeps_a_literal_zero_and_infers_the_other_dim():
+    """paddle2onnx's attention reshape: [0, len, 3, 8, 15] with len read from another
+    tensor's shape through int32 Casts (so its symbol is not x's) becomes [0, -1, 3, 8, 15]."""
+    original, proto, model, stats = _apply(FoldShapesPass, PADDLE_RESHAPE)
+    assert [n.op_type for n in model.graph] == ["Reshape"]
+    assert stats["reshape_targets_folded"] == 1
+    target = next(iter(model.graph)).inputs[1].const_value.numpy().tolist()
+    assert target == [0, -1, 3, 8, 15]
+    rng = np.random.default_rng(0)
+    for batch, length in ((1, 5), (2, 40)):
+        feed = {
+            "h": rng.standard_normal((batch, length, 120)).astype(np.float32),
+            "x": rng.standard_normal((batch, length, 360)).astype(np.float32),
+        }
+        _same(original, proto, feed)
+
+
 def test_static_dims_fold_and_symbolic_stay():
     text = """
     <ir_version: 8, opset_import: ["" : 17]>
