@@ -20,6 +20,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from onnxsqueeze import weight_only
 from onnxsqueeze.alternatives import NOT_SLOWER, check_latency
 from onnxsqueeze.budget import DEFAULT_BUDGET, Budget
 from onnxsqueeze.calib.choice import collected_with, ranked_ranges
@@ -29,14 +30,11 @@ from onnxsqueeze.errors import SqueezeError, UnsupportedModelError, first_line
 from onnxsqueeze.graphs import opset_version, scopes
 from onnxsqueeze.qdq import OWN_SCALE, WEIGHTED, nothing_quantized
 from onnxsqueeze.verify import LOSSLESS_RTOL, compare_runs, is_distribution
+from onnxsqueeze.weight_only import FOLD_MIN_ELEMENTS, GPTQ_SAMPLES
 
 logger = logging.getLogger(__name__)
 
 MODES = ("static", "dynamic", "fp16", "weights-int8", "weights-int4")
-#: Smallest weight the weight-only stage quantizes in the fold form.
-FOLD_MIN_ELEMENTS = 256
-#: Calibration samples GPTQ's Gram matrices are summed over, unless calib_samples says.
-GPTQ_SAMPLES = 128
 #: auto: static with data, dynamic without; kept only if within budget and not slower.
 CHOICES = ("auto", "none", *MODES)
 #: After a slow draft, exact sensitivity (one model per node) only up to this many nodes.
@@ -184,43 +182,15 @@ class _Stage:
         return self.config.weight_only
 
     def _weight_only_setup(self, calib_feeds, calib_samples) -> None:
-        """Bits and block of the weights-* mode; with data, the Gram matrices GPTQ rounds
-        by (see onnxsqueeze.gptq). Rounded weights are memoised: the budget search builds
-        many variants of the same model."""
-        bits = 4 if self.config.mode.endswith("int4") else 8
-        form = self.config.weight_format
-        if form == "auto" and set(self.config.providers) <= {"cpu"}:
-            form = "fold"
+        """Bits, block and form of the weights-* mode (``onnxsqueeze.weight_only``)."""
+        c = self.config
+        bits, form = weight_only.bits_and_format(c.mode, c.weight_format, c.providers)
         if form != "fold" and bits == 8 and opset_version(self.model) < 13:
             self._upgrade(13)  # per-channel DequantizeLinear (Conv filters, MatMul weights)
-        self._weights: dict[str, Any] = {
-            "bits": bits,
-            "block_size": 32 if bits == 4 else 0,
-            "format": form,
-            "memo": {},
-        }
-        if form == "fold":
-            # Folded weights cost nothing at run time, so small ones are worth their bytes in
-            # a small model's file (PP-OCR cls: 0.51x -> 0.33x); the budget guards accuracy.
-            self._weights["min_elements"] = FOLD_MIN_ELEMENTS
+        self._weights = weight_only.weight_settings(
+            self.model, bits, form, calib_feeds, calib_samples, c.providers
+        )
         self.record["weight_format"] = form
-        if calib_feeds is not None:
-            from onnxsqueeze.calib.gram import gram_matrices
-
-            feeds = itertools.islice(calib_feeds, calib_samples or GPTQ_SAMPLES)
-            grams = gram_matrices(self.model, feeds, providers=self.config.providers)
-            self._weights["grams"] = grams
-
-    def _rounding(self, quantized: Sequence[str]) -> str:
-        """How the shipped weights were rounded (the memo knows which went through GPTQ)."""
-        bits, block = self._weights["bits"], self._weights["block_size"]
-        memo = self._weights["memo"]
-        plain = "mse" if bits == 4 else "rtn"
-        gptq = sum(1 for n in quantized if memo.get((n, bits, block), (0, 0, False))[2])
-        others = len(quantized) - gptq
-        if not gptq:
-            return plain
-        return f"gptq ({gptq} weights)" + (f", {plain} ({others})" if others else "")
 
     # -------------------------------------------------------------- static
 
@@ -322,7 +292,8 @@ class _Stage:
         self.record["applied"] = True
         self.record["quantized"] = len(names) - len(excluded)
         if self.weight_only:
-            self.record["rounding"] = self._rounding([n for n in names if n not in excluded])
+            kept = [n for n in names if n not in excluded]
+            self.record["rounding"] = weight_only.rounding(self._weights, kept)
         self.record["min_cosine"] = self.cosines.get(id(candidate))
         if self.flips.get(id(candidate)):
             self.record["top1_agreement"] = self.flips[id(candidate)]
