@@ -4,11 +4,12 @@ and, for auto/static, also without them. A run passes when the CLI exits 0 with 
 model, or fails with a one-line error (static without data is expected to).
 
 Families (skipped when their package is missing): PyTorch legacy exports (torch), Hugging
-Face models with random weights (transformers), scikit-learn pipelines (skl2onnx), and models
-other tools produced (onnxruntime.quantization QDQ/dynamic, onnxruntime's transformer
+Face models with random weights (hf: BERT, GPT-2, ViT, Whisper's encoder; hfx: ten more
+architectures), torch.export-based exports (dynamo), scikit-learn pipelines (skl2onnx), and
+models other tools produced (onnxruntime.quantization QDQ/dynamic, onnxruntime's transformer
 optimizer, a float16 model with float16 I/O).
 
-    python tools/robustness_sweep.py [--families torch,hf,skl,derived] [--modes auto,static]
+    python tools/robustness_sweep.py [--families torch,hf,hfx,dynamo,skl,derived] [--modes auto,static]
 """
 
 from __future__ import annotations
@@ -197,6 +198,128 @@ def hf_models(out: Path) -> dict[str, Path]:
     return paths
 
 
+class _Keywords:
+    """Wrappers with named positional inputs (torch.export wants a fixed signature) that
+    return a Hugging Face model's first output."""
+
+    @staticmethod
+    def text(model):
+        import torch
+
+        class Text(torch.nn.Module):
+            def __init__(s):
+                super().__init__()
+                s.model = model
+
+            def forward(s, ids, mask):
+                return s.model(input_ids=ids, attention_mask=mask)[0]
+
+        return Text()
+
+    @staticmethod
+    def single(model, key: str):
+        import torch
+
+        class Single(torch.nn.Module):
+            def __init__(s):
+                super().__init__()
+                s.model = model
+
+            def forward(s, x):
+                return s.model(**{key: x})[0]
+
+        return Single()
+
+
+def _pixels(size: int = 64):
+    return lambda i: {"pixels": RNG.random((1 + i % 2, 3, size, size)).astype("f4")}
+
+
+def hfx_models(out: Path) -> dict[str, Path]:
+    """More Hugging Face architectures, random weights, legacy exports: convolutional
+    (ConvNeXt, ResNet, MobileNetV2), hybrid and windowed vision transformers (SegFormer,
+    Swin, MobileViT), text encoders (DistilBERT, RoBERTa, T5) and speech (wav2vec 2.0)."""
+    import torch
+    import transformers as T
+
+    torch.manual_seed(0)
+    k = _Keywords
+    image = (torch.randn(1, 3, 64, 64),)
+    text = (torch.randint(0, 1000, (1, 12)), torch.ones(1, 12, dtype=torch.long))
+    tokens = {"ids": {0: "b", 1: "s"}, "mask": {0: "b", 1: "s"}}
+
+    def vision(model):
+        return k.single(model, "pixel_values"), image, ["pixels"], {"pixels": {0: "b"}}, _pixels()
+
+    def words(model):
+        sample = _token_sample(1000, "ids", "mask")
+        return k.text(model), text, ["ids", "mask"], tokens, sample
+
+    specs = {
+        "convnext": vision(T.ConvNextForImageClassification(T.ConvNextConfig(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 2, 1], image_size=64))),
+        "hf_resnet": vision(T.ResNetForImageClassification(T.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1]))),
+        "mobilenet_v2": vision(T.MobileNetV2ForImageClassification(T.MobileNetV2Config(image_size=64, depth_multiplier=0.35))),
+        "segformer": vision(T.SegformerForSemanticSegmentation(T.SegformerConfig(hidden_sizes=[16, 32, 48, 64], num_attention_heads=[1, 1, 2, 2], depths=[1, 1, 1, 1], decoder_hidden_size=32))),
+        "swin": vision(T.SwinForImageClassification(T.SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4))),
+        "mobilevit": vision(T.MobileViTForImageClassification(T.MobileViTConfig(image_size=64, hidden_sizes=[32, 48, 64], neck_hidden_sizes=[8, 16, 24, 32, 48, 64, 80]))),
+        "distilbert": words(T.DistilBertForSequenceClassification(T.DistilBertConfig(vocab_size=1000, n_layers=2, dim=64, hidden_dim=128, n_heads=4))),
+        "roberta": words(T.RobertaForSequenceClassification(T.RobertaConfig(vocab_size=1000, num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128))),
+        "t5_encoder": words(T.T5EncoderModel(T.T5Config(vocab_size=1000, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4))),
+        "wav2vec2": (
+            k.single(T.Wav2Vec2Model(T.Wav2Vec2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, conv_dim=(32, 32), conv_stride=(5, 2), conv_kernel=(10, 3), num_feat_extract_layers=2)), "input_values"),
+            (torch.randn(1, 1600),), ["audio"], {"audio": {0: "b", 1: "t"}},
+            lambda i: {"audio": RNG.standard_normal((1, 1600 + 160 * i)).astype("f4")},
+        ),
+    }  # fmt: skip
+    paths = {}
+    for name, (module, args, names, dims, make) in specs.items():
+        paths[name] = out / f"{name}.onnx"
+        _export(module, args, paths[name], names, dims)
+        _samples(out / name, make)
+    return paths
+
+
+def dynamo_models(out: Path) -> dict[str, Path]:
+    """torch.onnx.export(dynamo=True) (torch.export, onnxscript; opset 18) of BERT, a ResNet
+    and ViT with dynamic batch (and sequence) sizes: what current PyTorch exports by default."""
+    import onnxscript  # noqa: F401  (the exporter needs it; skip the family without)
+    import torch
+    import transformers as T
+
+    torch.manual_seed(0)
+    k = _Keywords
+    batch, seq = torch.export.Dim("b", max=64), torch.export.Dim("s", max=512)
+    small = {"num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 4}
+    image = (torch.randn(2, 3, 64, 64),)
+    specs = {
+        "dynamo_bert": (
+            k.text(T.BertForSequenceClassification(T.BertConfig(vocab_size=1000, intermediate_size=512, **small))),
+            (torch.randint(0, 1000, (2, 12)), torch.ones(2, 12, dtype=torch.long)),
+            {"ids": {0: batch, 1: seq}, "mask": {0: batch, 1: seq}},
+            _token_sample(1000, "ids", "mask"),
+        ),
+        "dynamo_resnet": (
+            k.single(T.ResNetForImageClassification(T.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1])), "pixel_values"),
+            image, {"x": {0: batch}}, lambda i: {"x": RNG.random((1 + i % 2, 3, 64, 64)).astype("f4")},
+        ),
+        "dynamo_vit": (
+            k.single(T.ViTForImageClassification(T.ViTConfig(image_size=64, patch_size=8, intermediate_size=512, **small)), "pixel_values"),
+            image, {"x": {0: batch}}, lambda i: {"x": RNG.random((1 + i % 2, 3, 64, 64)).astype("f4")},
+        ),
+    }  # fmt: skip
+    paths = {}
+    for name, (module, args, dims, make) in specs.items():
+        paths[name] = out / f"{name}.onnx"
+        module.eval()
+        program = torch.onnx.export(
+            module, args, dynamo=True, input_names=list(dims), dynamic_shapes=dims,
+            opset_version=18, verbose=False,
+        )  # fmt: skip
+        program.save(str(paths[name]))
+        _samples(out / name, make)
+    return paths
+
+
 def skl_models(out: Path) -> dict[str, Path]:
     """Classifiers (ZipMap outputs), a regressor and pipelines with ai.onnx.ml ops."""
     from skl2onnx import to_onnx
@@ -299,12 +422,18 @@ def run(model: Path, mode: str, data: Path | None, out: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--families", default="torch,hf,skl,derived")
+    parser.add_argument("--families", default="torch,hf,hfx,dynamo,skl,derived")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks" / "robustness.md")
     args = parser.parse_args()
     families = args.families.split(",")
-    builders = {"torch": torch_models, "hf": hf_models, "skl": skl_models}
+    builders = {
+        "torch": torch_models,
+        "hf": hf_models,
+        "hfx": hfx_models,
+        "dynamo": dynamo_models,
+        "skl": skl_models,
+    }
     rows, skipped = [], []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
