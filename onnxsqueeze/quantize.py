@@ -20,7 +20,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from onnxsqueeze import weight_only
+from onnxsqueeze import kept_float, weight_only
 from onnxsqueeze.alternatives import NOT_SLOWER, check_latency
 from onnxsqueeze.budget import DEFAULT_BUDGET, Budget
 from onnxsqueeze.calib.choice import collected_with, ranked_ranges
@@ -30,7 +30,7 @@ from onnxsqueeze.errors import SqueezeError, UnsupportedModelError, first_line
 from onnxsqueeze.graphs import opset_version, scopes
 from onnxsqueeze.qdq import OWN_SCALE, WEIGHTED, nothing_quantized
 from onnxsqueeze.verify import LOSSLESS_RTOL, compare_runs, is_distribution
-from onnxsqueeze.weight_only import FOLD_MIN_ELEMENTS, GPTQ_SAMPLES
+from onnxsqueeze.weight_only import GPTQ_SAMPLES
 
 logger = logging.getLogger(__name__)
 
@@ -288,48 +288,19 @@ class _Stage:
             )
             return QuantizeOutcome(self.model, self.record)
         if config.mode == "static":
-            candidate = self._fold_float_weights(candidate, excluded)
+            candidate = kept_float.fold_float_weights(self, candidate, excluded)
+        elif self.weight_only and self._weights["bits"] == 4 and excluded:
+            candidate, excluded = kept_float.int8_for_kept(self, candidate, excluded, self._weights)
         self.record["applied"] = True
         self.record["quantized"] = len(names) - len(excluded)
         if self.weight_only:
-            kept = [n for n in names if n not in excluded]
+            int8 = {e["name"] for e in self.record["nodes"] if e["decision"] == "int8 (budget)"}
+            kept = [n for n in names if n not in excluded and n not in int8]
             self.record["rounding"] = weight_only.rounding(self._weights, kept)
         self.record["min_cosine"] = self.cosines.get(id(candidate))
         if self.flips.get(id(candidate)):
             self.record["top1_agreement"] = self.flips[id(candidate)]
         return QuantizeOutcome(candidate, self.record)
-
-    def _fold_float_weights(self, candidate: ir.Model, sensitive: Sequence[str]) -> ir.Model:
-        """Nodes static left float (by the budget, or ops it does not quantize) keep float
-        weights: stored as int8 that folds back at load (the weight-only CPU form), they run
-        the same float kernels from a file a quarter the size. Not for dynamic: rounding its
-        float parts' weights cost held-out accuracy (MiniLM NN 0.96 -> 0.955, magika labels
-        0.998 -> 0.991) for little size. Tried on every float node, then without the
-        ``sensitive`` ones the budget kept float; shipped only if the budget holds. Nodes
-        the user excluded (by name or op) stay untouched."""
-        if not set(self.config.providers) <= {"cpu"}:
-            return candidate  # other EPs may not fold constants the way onnxruntime's CPU does
-        from onnxsqueeze.passes.quantize_weights import QuantizeWeightsPass
-
-        ops = set(self.config.exclude_ops)
-        named = (n.name for scope in scopes(candidate) for n in scope if n.op_type in ops)
-        user = (*self.config.exclude_nodes, *named)
-        summary = ""
-        for exclude in dict.fromkeys((user, (*user, *sensitive))):
-            folded = candidate.clone()
-            stats = QuantizeWeightsPass(
-                format="fold", min_elements=FOLD_MIN_ELEMENTS, exclude_nodes=exclude
-            )(folded).stats
-            if not stats["weights_quantized"]:
-                break
-            ok, summary = self.judge(folded)
-            if ok:
-                self.record["float_weights"] = f"{stats['weights_quantized']} int8 (fold)"
-                self.record["measured"] = summary
-                return folded
-        if summary:
-            self.record["float_weights"] = f"float ({summary})"
-        return candidate
 
     def _find_outliers(self, calib_feeds, calib_samples) -> None:
         """Each dynamic MatMul input's huge channels, kept out of its int8 range when the fully

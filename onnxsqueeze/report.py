@@ -94,6 +94,8 @@ def _quantization_line(q: dict[str, Any]) -> str:
     text = f"quantization: {q.get('mode')}"
     if "candidates" in q:
         text += f", {q.get('quantized', 0)} of {q['candidates']} nodes quantized"
+        if q.get("int8_for_budget"):
+            text += f" ({q['int8_for_budget']} of them int8 for the budget)"
     if q.get("speed_vs_float") is not None:
         text += f", {q['speed_vs_float']:.2f}x float speed"
     return text + f" ({q.get('measured', '')})"

@@ -201,9 +201,10 @@ def test_weights_int8_upgrades_an_old_opset_for_per_channel_filters():
     assert [n.op_type for n in small.graph.node] == ["Cast", "Mul", "Conv"]
 
 
-def test_weight_only_budget_keeps_the_most_damaging_weight_float():
+def test_weights_int4_gives_the_most_damaging_weight_int8_for_the_budget():
     """Weight-only modes go through the same search as static: when int4 everywhere misses
-    the budget, the weight whose int4 copy hurts most stays float and the budget holds."""
+    the budget, the weight whose int4 copy hurts most is set apart; int4 then gives it int8
+    rather than float when the budget still holds (2x its int4 bytes, not 8x)."""
     rng = np.random.default_rng(3)
     proto = onnx.parser.parse_model(
         """<ir_version: 8, opset_import: ["" : 13]>
@@ -221,15 +222,81 @@ def test_weight_only_budget_keeps_the_most_damaging_weight_float():
     assert record["applied"] and record["budget_met"], record
     assert float(record["all_quantized"].split()[1]) < 0.9995  # int4 everywhere misses it
     decisions = {n["name"]: (n["decision"], n["score"]) for n in record["nodes"]}
-    kept = [name for name, (decision, _) in decisions.items() if decision == "float (budget)"]
-    assert len(kept) == 1
-    assert decisions[kept[0]][1] == max(score for _, score in decisions.values())
-    assert record["rounding"] == "gptq (1 weights)"  # the weight shipped, not every candidate
-    # one MatMul keeps its float weight, the other reads int4 codes unpacked at load
+    int8 = [name for name, (decision, _) in decisions.items() if decision == "int8 (budget)"]
+    assert len(int8) == 1 and record["int8_for_budget"] == 1
+    assert decisions[int8[0]][1] == max(score for _, score in decisions.values())
+    assert record["kept_float"] == {}
+    assert record["rounding"] == "gptq (1 weights)"  # the int4 weight, not the int8 one
+    assert float(record["measured"].split()[1]) >= 0.9995
+    # no MatMul reads a float weight: int4 and int8 codes, both unpacked at load
     weights = [n.input[1] for n in small.graph.node if n.op_type == "MatMul"]
     floats = {i.name for i in small.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
-    assert sorted(w in floats for w in weights) == [False, True]
-    assert "Floor" in {n.op_type for n in small.graph.node}
+    assert not any(w in floats for w in weights)
+    codes = sorted(i.data_type for i in small.graph.initializer if i.dims and i.dims[0] >= 64)
+    assert codes == [onnx.TensorProto.UINT8, onnx.TensorProto.INT8], codes  # int4 packed, int8
+    held_out = {"x": rng.standard_normal((4, 128)).astype(np.float32)}
+    want = held_out["x"] @ w1 @ w2
+    got = run_ort(small, held_out)[0]
+    cosine = float(np.sum(got * want) / np.linalg.norm(got) / np.linalg.norm(want))
+    assert cosine > 0.999
+
+
+def test_int8_for_kept_bisects_for_the_fewest_float_weights():
+    """kept_float.int8_for_kept on a stub stage whose budget holds only while m1 (the most
+    damaging) stays float: m2 and m3 go int8, m1 stays float; a budget nothing meets leaves
+    the model as it was."""
+    from types import SimpleNamespace
+
+    from onnxsqueeze.kept_float import int8_for_kept
+
+    rng = np.random.default_rng(5)
+    proto = onnx.parser.parse_model(
+        """<ir_version: 8, opset_import: ["" : 13]>
+        g (float[2, 64] x) => (float[2, 64] y) {
+            a = MatMul (x, w1)  b = MatMul (a, w2)  y = MatMul (b, w3)
+        }"""
+    )
+    for index, node in enumerate(proto.graph.node, 1):
+        node.name = f"m{index}"
+        weight = rng.standard_normal((64, 64)).astype(np.float32)
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(weight, f"w{index}"))
+    model = ir.serde.deserialize_model(proto)
+    settings = {"bits": 4, "block_size": 32, "format": "fold", "memo": {}, "min_elements": 0}
+    kept = ["m1", "m2", "m3"]
+
+    def float_weights(candidate) -> set:
+        floats = {
+            v.name
+            for v in candidate.graph.initializers.values()
+            if v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT
+        }
+        return {
+            n.name for n in candidate.graph if n.op_type == "MatMul" and n.inputs[1].name in floats
+        }
+
+    def stage(judge):
+        record = {
+            "nodes": [{"name": n, "decision": "float (budget)"} for n in kept],
+            "kept_float": dict.fromkeys(kept, "budget"),
+        }
+        candidates = {n.name: n for n in model.graph}
+        config = SimpleNamespace(exclude_nodes=())
+        return SimpleNamespace(candidates=candidates, config=config, judge=judge, record=record)
+
+    fussy = stage(lambda m: ("m1" in float_weights(m), "cosine 1.0 (min 0.9)"))
+    shipped, still_float = int8_for_kept(fussy, model, kept, settings)
+    assert still_float == ["m1"] and float_weights(shipped) == {"m1"}
+    assert fussy.record["kept_float"] == {"m1": "budget"}
+    assert [n["decision"] for n in fussy.record["nodes"]] == [
+        "float (budget)",
+        "int8 (budget)",
+        "int8 (budget)",
+    ]
+    assert float_weights(model) == {"m1", "m2", "m3"}  # the candidate itself is untouched
+    never = stage(lambda m: (False, "cosine 0.5 (min 0.9)"))
+    shipped, still_float = int8_for_kept(never, model, kept, settings)
+    assert shipped is model and still_float == kept
+    assert "int8_for_budget" not in never.record
 
 
 def test_unknown_mode_is_a_clear_error():
