@@ -120,6 +120,8 @@ def build(model: str, variant: str, dest: Path, n_calib: int) -> dict:
             f"{q.get('mode')}: {q.get('quantized', '-')}/{q.get('candidates', '-')} weights, "
             f"{q['rounding']}"
         )
+        if q.get("int8_for_budget"):
+            record["chose"] += f", {q['int8_for_budget']} of them int8 (budget)"
     else:
         record["chose"] = (
             f"{q.get('mode')}: {q.get('quantized', '-')}/{q.get('candidates', '-')} nodes"
