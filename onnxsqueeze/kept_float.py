@@ -19,15 +19,15 @@ from onnxsqueeze.weight_only import FOLD_MIN_ELEMENTS
 
 def int8_for_kept(
     stage: Any, candidate: ir.Model, kept: list[str], settings: dict[str, Any]
-) -> tuple[ir.Model, list[str]]:
+) -> tuple[ir.Model, list[str], list[str]]:
     """weights-int4: weights the budget kept float go int8 where the budget still holds
     (a float weight costs 8x its int4 bytes, an int8 one 2x): MiniLM's default-budget
     int4 file was 0.75x the float one, larger than int8's. ``kept`` is most damaging
     first; a bisection finds the fewest of them that must stay float. Fold form only
     (the CPU default), where int8 needs no opset. ``settings``: the stage's quantize-weights
-    options (see weight_only). Returns the model and what stays float."""
+    options (see weight_only). Returns the model, what stays float and what went int8."""
     if settings["format"] != "fold":
-        return candidate, kept
+        return candidate, kept, []
     from onnxsqueeze.passes.quantize_weights import QuantizeWeightsPass
 
     others = tuple(n for n in stage.candidates if n not in kept)
@@ -45,7 +45,7 @@ def int8_for_kept(
         else:
             lo = start + 1
     if found is None:
-        return candidate, kept
+        return candidate, kept, []
     start, model, summary = found
     now_int8 = set(kept[start:])
     for entry in stage.record["nodes"]:
@@ -55,7 +55,7 @@ def int8_for_kept(
         stage.record["kept_float"].pop(name, None)
     stage.record["int8_for_budget"] = len(now_int8)
     stage.record["measured"] = summary
-    return model, kept[:start]
+    return model, kept[:start], kept[start:]
 
 
 def fold_float_weights(stage: Any, candidate: ir.Model, sensitive: Sequence[str]) -> ir.Model:

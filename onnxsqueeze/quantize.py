@@ -287,14 +287,16 @@ class _Stage:
                 f"budget not met even with every sensitive node float ({summary})"
             )
             return QuantizeOutcome(self.model, self.record)
+        int8: list[str] = []  # weights-int4's weights that went int8 for the budget
         if config.mode == "static":
             candidate = kept_float.fold_float_weights(self, candidate, excluded)
         elif self.weight_only and self._weights["bits"] == 4 and excluded:
-            candidate, excluded = kept_float.int8_for_kept(self, candidate, excluded, self._weights)
+            candidate, excluded, int8 = kept_float.int8_for_kept(
+                self, candidate, excluded, self._weights
+            )
         self.record["applied"] = True
         self.record["quantized"] = len(names) - len(excluded)
         if self.weight_only:
-            int8 = {e["name"] for e in self.record["nodes"] if e["decision"] == "int8 (budget)"}
             kept = [n for n in names if n not in excluded and n not in int8]
             self.record["rounding"] = weight_only.rounding(self._weights, kept)
         self.record["min_cosine"] = self.cosines.get(id(candidate))

@@ -284,8 +284,8 @@ def test_int8_for_kept_bisects_for_the_fewest_float_weights():
         return SimpleNamespace(candidates=candidates, config=config, judge=judge, record=record)
 
     fussy = stage(lambda m: ("m1" in float_weights(m), "cosine 1.0 (min 0.9)"))
-    shipped, still_float = int8_for_kept(fussy, model, kept, settings)
-    assert still_float == ["m1"] and float_weights(shipped) == {"m1"}
+    shipped, still_float, int8 = int8_for_kept(fussy, model, kept, settings)
+    assert still_float == ["m1"] and int8 == ["m2", "m3"] and float_weights(shipped) == {"m1"}
     assert fussy.record["kept_float"] == {"m1": "budget"}
     assert [n["decision"] for n in fussy.record["nodes"]] == [
         "float (budget)",
@@ -294,8 +294,8 @@ def test_int8_for_kept_bisects_for_the_fewest_float_weights():
     ]
     assert float_weights(model) == {"m1", "m2", "m3"}  # the candidate itself is untouched
     never = stage(lambda m: (False, "cosine 0.5 (min 0.9)"))
-    shipped, still_float = int8_for_kept(never, model, kept, settings)
-    assert shipped is model and still_float == kept
+    shipped, still_float, int8 = int8_for_kept(never, model, kept, settings)
+    assert shipped is model and still_float == kept and int8 == []
     assert "int8_for_budget" not in never.record
 
 
