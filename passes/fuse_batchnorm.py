@@ -44,6 +44,9 @@ class FuseBatchnormOptions:
     #: did). Scaling weights reassociates: each single BN/Mul fusion moves PP-OCR det's
     #: output by 8e-6 to 5.6e-5 of its scale.
     reassociate: bool = True
+    #: Fold only the affine nodes of these names (empty: every one); measuring one fold at a
+    #: time is how tools/fusion_sensitivity.py shows what each costs.
+    nodes: tuple[str, ...] = ()
     #: Fusion reassociates float math; onnxsim/onnxslim's BN fusion moves PP-OCR det's
     #: output by 1.7e-5 to 5.9e-5 of its scale, so exactness (1e-6) is not the bar here.
     rtol: float = 1e-4
@@ -77,6 +80,8 @@ class FuseBatchnormPass(SqueezePass):
 
     def _fuse(self, scope: GraphLike, node: ir.Node) -> str | None:
         opts: FuseBatchnormOptions = self.options
+        if opts.nodes and node.name not in opts.nodes:
+            return None
         if node.domain not in ("", "ai.onnx") or not node.inputs or node.inputs[0] is None:
             return None
         source = node.inputs[0]

@@ -60,14 +60,17 @@ def count_nodes(graph: onnx.GraphProto) -> int:
     return total
 
 
-def session(path: Path, exact: bool):
+def session(path: Path | bytes, exact: bool):
+    """A CPU session on a model file (or its bytes); ``exact``: graph rewrites and weight
+    prepacking off, so the graph itself is what runs."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if exact:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.add_session_config_entry("session.disable_prepacking", "1")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    source = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def max_abs_diff(original: Path, candidate: Path, feeds: list[dict], exact: bool = True) -> float:
