@@ -161,14 +161,7 @@ def hf_models(out: Path) -> dict[str, Path]:
 
     torch.manual_seed(0)
 
-    class First(torch.nn.Module):  # positional inputs as keywords, the first output
-        def __init__(s, model, keys, **fixed):
-            super().__init__()
-            s.model, s.keys, s.fixed = model, keys, fixed
-
-        def forward(s, *args):
-            return s.model(**dict(zip(s.keys, args, strict=True)), **s.fixed)[0]
-
+    k = _Keywords
     small = {"num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 4}
     bert = T.BertForSequenceClassification(T.BertConfig(vocab_size=1000, **small))
     gpt2 = T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_head=4, n_embd=128, vocab_size=1000))
@@ -182,12 +175,11 @@ def hf_models(out: Path) -> dict[str, Path]:
     ).encoder  # fmt: skip
     tokens = {"ids": {0: "b", 1: "s"}, "mask": {0: "b", 1: "s"}}
     ids, mask = torch.randint(0, 1000, (1, 12)), torch.ones(1, 12, dtype=torch.long)
-    text = ("input_ids", "attention_mask")
     specs = {
-        "hf_bert": (First(bert, text), (ids, mask), ["ids", "mask"], tokens, _token_sample(1000, "ids", "mask")),
-        "hf_gpt2": (First(gpt2, text, use_cache=False), (ids, mask), ["ids", "mask"], tokens, _token_sample(1000, "ids", "mask")),
-        "hf_vit": (First(vit, ("pixel_values",)), (torch.randn(1, 3, 64, 64),), ["pixels"], {"pixels": {0: "b"}}, lambda i: {"pixels": RNG.random((1 + i % 2, 3, 64, 64)).astype("f4")}),
-        "hf_whisper_encoder": (First(whisper, ("input_features",)), (torch.randn(1, 16, 100),), ["mel"], {"mel": {0: "b"}}, lambda i: {"mel": RNG.standard_normal((1, 16, 100)).astype("f4")}),
+        "hf_bert": (k.text(bert), (ids, mask), ["ids", "mask"], tokens, _token_sample(1000, "ids", "mask")),
+        "hf_gpt2": (k.text(gpt2, use_cache=False), (ids, mask), ["ids", "mask"], tokens, _token_sample(1000, "ids", "mask")),
+        "hf_vit": (k.single(vit, "pixel_values"), (torch.randn(1, 3, 64, 64),), ["pixels"], {"pixels": {0: "b"}}, _pixels()),
+        "hf_whisper_encoder": (k.single(whisper, "input_features"), (torch.randn(1, 16, 100),), ["mel"], {"mel": {0: "b"}}, lambda i: {"mel": RNG.standard_normal((1, 16, 100)).astype("f4")}),
     }  # fmt: skip
     paths = {}
     for name, (module, args, names, dims, make) in specs.items():
@@ -199,11 +191,11 @@ def hf_models(out: Path) -> dict[str, Path]:
 
 
 class _Keywords:
-    """Wrappers with named positional inputs (torch.export wants a fixed signature) that
-    return a Hugging Face model's first output."""
+    """Wrappers that feed a Hugging Face model named positional inputs (plus fixed keyword
+    arguments) and return its first output; a fixed signature also suits torch.export."""
 
     @staticmethod
-    def text(model):
+    def text(model, **fixed):
         import torch
 
         class Text(torch.nn.Module):
@@ -212,7 +204,7 @@ class _Keywords:
                 s.model = model
 
             def forward(s, ids, mask):
-                return s.model(input_ids=ids, attention_mask=mask)[0]
+                return s.model(input_ids=ids, attention_mask=mask, **fixed)[0]
 
         return Text()
 
