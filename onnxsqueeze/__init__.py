@@ -15,10 +15,12 @@ _LAZY = {
     "squeeze_file": "onnxsqueeze.api",
     "calibrate": "onnxsqueeze.api",
     "Squeezed": "onnxsqueeze.api",
-    "Report": "onnxsqueeze.report",
-    "load_model": "onnxsqueeze.io",
-    "save_model": "onnxsqueeze.io",
-    "SqueezeError": "onnxsqueeze.errors",
+    "Report": "onnxsqueeze.pipeline.report",
+    "QuantizeConfig": "onnxsqueeze.stages.quantize",
+    "Budget": "onnxsqueeze.stages.budget",
+    "load_model": "onnxsqueeze.core.io",
+    "save_model": "onnxsqueeze.core.io",
+    "SqueezeError": "onnxsqueeze.core.errors",
 }
 
 __all__ = ["__version__", *_LAZY]

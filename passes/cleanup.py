@@ -22,8 +22,8 @@ from onnx_ir.passes.common import (
     RemoveUnusedOpsetsPass,
 )
 
-from onnxsqueeze.io import model_stats
-from onnxsqueeze.registry import SqueezePass, SqueezeResult
+from onnxsqueeze.core.io import model_stats
+from onnxsqueeze.core.pass_base import SqueezePass, SqueezeResult
 
 logger = logging.getLogger(__name__)
 

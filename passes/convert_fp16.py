@@ -20,16 +20,16 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxsqueeze.graphs import (
+from onnxsqueeze.core.graphs import (
     all_value_names,
     constant_array,
     drop_if_unused,
     opset_version,
     unique_name,
 )
-from onnxsqueeze.io import count_nodes
-from onnxsqueeze.registry import SqueezePass, SqueezeResult
-from onnxsqueeze.shapes import inferred_shapes
+from onnxsqueeze.core.io import count_nodes
+from onnxsqueeze.core.pass_base import SqueezePass, SqueezeResult
+from onnxsqueeze.core.shapes import inferred_shapes
 
 FLOAT = ir.DataType.FLOAT
 TARGETS = {"float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}

@@ -1,7 +1,7 @@
 """fold-constants: replace every node whose inputs are all constant by its value.
 
 Every scope (main graph, If/Loop/Scan bodies, functions) is evaluated as one batch (see
-onnxsqueeze.evaluate). Two guards keep the file from growing: ops that can blow up
+onnxsqueeze.run.evaluate). Two guards keep the file from growing: ops that can blow up
 (ConstantOfShape, Expand, Tile, Range) are not even evaluated past ``max_eval_elements``,
 and a result is materialised only if it is no larger than its inputs or than
 ``max_growth_bytes`` (a peer grew a 500 MB model to 2.5 GB by folding such ops).
@@ -19,8 +19,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from onnxsqueeze.evaluate import evaluate_nodes
-from onnxsqueeze.graphs import (
+from onnxsqueeze.core.graphs import (
     NEVER_FOLD,
     GraphLike,
     add_constant,
@@ -31,9 +30,10 @@ from onnxsqueeze.graphs import (
     scopes,
     unique_name,
 )
-from onnxsqueeze.io import count_nodes
+from onnxsqueeze.core.io import count_nodes
+from onnxsqueeze.core.pass_base import SqueezePass, SqueezeResult
 from onnxsqueeze.passes.cleanup import remove_unused_subgraph_initializers
-from onnxsqueeze.registry import SqueezePass, SqueezeResult
+from onnxsqueeze.run.evaluate import evaluate_nodes
 
 logger = logging.getLogger(__name__)
 

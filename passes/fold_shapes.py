@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from onnxsqueeze.graphs import (
+from onnxsqueeze.core.graphs import (
     GraphLike,
     add_constant,
     all_value_names,
@@ -24,10 +24,10 @@ from onnxsqueeze.graphs import (
     scopes,
     unique_name,
 )
-from onnxsqueeze.io import count_nodes
-from onnxsqueeze.registry import SqueezePass, SqueezeResult
-from onnxsqueeze.shape_values import ShapePropagator, ShapeValue
-from onnxsqueeze.shapes import inferred_shapes
+from onnxsqueeze.core.io import count_nodes
+from onnxsqueeze.core.pass_base import SqueezePass, SqueezeResult
+from onnxsqueeze.core.shape_values import ShapePropagator, ShapeValue
+from onnxsqueeze.core.shapes import inferred_shapes
 
 #: Inference rounds at most (PP-OCR rec's two attention blocks need two).
 MAX_ROUNDS = 4

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from onnxsqueeze.graphs import (
+from onnxsqueeze.core.graphs import (
     GraphLike,
     add_constant,
     all_value_names,
@@ -26,9 +26,9 @@ from onnxsqueeze.graphs import (
     scopes,
     unique_name,
 )
-from onnxsqueeze.io import count_nodes
+from onnxsqueeze.core.io import count_nodes
+from onnxsqueeze.core.pass_base import SqueezePass, SqueezeResult
 from onnxsqueeze.passes.cleanup import remove_unused_subgraph_initializers
-from onnxsqueeze.registry import SqueezePass, SqueezeResult
 
 #: Ops whose output channels are a constant weight's; ConvTranspose keeps them on axis 1.
 CONVS = ("Conv", "ConvTranspose")

@@ -12,10 +12,10 @@ import dataclasses
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from onnxsqueeze.graphs import constant_array, replace_value, scopes
-from onnxsqueeze.io import count_nodes
-from onnxsqueeze.registry import SqueezePass, SqueezeResult
-from onnxsqueeze.shapes import inferred_shapes, rank
+from onnxsqueeze.core.graphs import constant_array, replace_value, scopes
+from onnxsqueeze.core.io import count_nodes
+from onnxsqueeze.core.pass_base import SqueezePass, SqueezeResult
+from onnxsqueeze.core.shapes import inferred_shapes, rank
 
 
 @dataclasses.dataclass(frozen=True)

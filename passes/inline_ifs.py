@@ -10,9 +10,9 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from onnxsqueeze.graphs import GraphLike, constant_array, replace_value, scopes
-from onnxsqueeze.io import count_nodes
-from onnxsqueeze.registry import SqueezePass, SqueezeResult
+from onnxsqueeze.core.graphs import GraphLike, constant_array, replace_value, scopes
+from onnxsqueeze.core.io import count_nodes
+from onnxsqueeze.core.pass_base import SqueezePass, SqueezeResult
 
 
 class InlineIfsPass(SqueezePass):

@@ -3,7 +3,7 @@
 Every tensor read or written by a quantized node gets one ``QuantizeLinear -> DequantizeLinear``
 pair (shared by its readers); weights become per-channel symmetric integers behind a
 ``DequantizeLinear``, biases int32 on the accumulator's scale. Which ops quantize how is in
-``onnxsqueeze.qdq``. Readers that stay float keep reading the float tensor unless its producer
+``onnxsqueeze.quant.qdq``. Readers that stay float keep reading the float tensor unless its producer
 is quantized (then they read the dequantized one, or the producer could not fuse).
 
 The ranges come from calibration (``onnxsqueeze.calibrate``); a node whose activation has no
@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from onnxsqueeze.graphs import (
+from onnxsqueeze.core.graphs import (
     GraphLike,
     all_value_names,
     constant_array,
@@ -28,8 +28,10 @@ from onnxsqueeze.graphs import (
     opset_version,
     scopes,
 )
-from onnxsqueeze.io import count_nodes
-from onnxsqueeze.qdq import (
+from onnxsqueeze.core.io import count_nodes
+from onnxsqueeze.core.pass_base import SqueezePass, SqueezeResult
+from onnxsqueeze.core.shapes import inferred_shapes
+from onnxsqueeze.quant.qdq import (
     ALL_OPS,
     FUSED_ACTIVATIONS,
     OWN_SCALE,
@@ -44,9 +46,7 @@ from onnxsqueeze.qdq import (
     saturating_u8s8_cpu,
     weight_axis,
 )
-from onnxsqueeze.qmath import QParams, qparams, quantize_bias
-from onnxsqueeze.registry import SqueezePass, SqueezeResult
-from onnxsqueeze.shapes import inferred_shapes
+from onnxsqueeze.quant.qmath import QParams, qparams, quantize_bias
 
 FLOAT = ir.DataType.FLOAT
 DEFAULT_OPS = tuple(sorted(ALL_OPS - {"Softmax"}))

@@ -24,7 +24,7 @@ from collections import defaultdict
 import numpy as np
 import onnx_ir as ir
 
-from onnxsqueeze.graphs import (
+from onnxsqueeze.core.graphs import (
     GraphLike,
     add_constant,
     all_value_names,
@@ -35,8 +35,8 @@ from onnxsqueeze.graphs import (
     scopes,
     unique_name,
 )
-from onnxsqueeze.io import count_nodes
-from onnxsqueeze.registry import SqueezePass, SqueezeResult
+from onnxsqueeze.core.io import count_nodes
+from onnxsqueeze.core.pass_base import SqueezePass, SqueezeResult
 
 #: First opset whose Split takes its sizes as an input.
 SPLIT_INPUT_OPSET = 13

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from onnxsqueeze.graphs import (
+from onnxsqueeze.core.graphs import (
     GraphLike,
     add_constant,
     all_value_names,
@@ -40,11 +40,11 @@ from onnxsqueeze.graphs import (
     scopes,
     unique_name,
 )
-from onnxsqueeze.io import count_nodes
-from onnxsqueeze.qdq import saturating_u8s8_cpu
-from onnxsqueeze.qmath import quantize_per_channel
-from onnxsqueeze.registry import SqueezePass, SqueezeResult
-from onnxsqueeze.weight_store import WeightStore
+from onnxsqueeze.core.io import count_nodes
+from onnxsqueeze.core.pass_base import SqueezePass, SqueezeResult
+from onnxsqueeze.quant.qdq import saturating_u8s8_cpu
+from onnxsqueeze.quant.qmath import quantize_per_channel
+from onnxsqueeze.quant.weight_store import WeightStore
 
 FLOAT = ir.DataType.FLOAT
 
@@ -63,7 +63,7 @@ class QuantizeDynamicOptions:
     #: Input value name -> per-channel factors s: the MatMul reads x / s, its weight rows
     #: times s (wins over ``outliers`` for the same input).
     outlier_scales: Mapping[str, np.ndarray] | None = None
-    #: Embedding tables stored to fold back to float at load (onnxsqueeze.unpack): a plain
+    #: Embedding tables stored to fold back to float at load (onnxsqueeze.quant.unpack): a plain
     #: float Gather at run time, float-size memory. False: int8 rows gathered, then scaled
     #: (int8 memory, four small ops per lookup: MiniLM 1.57 vs 1.49 ms a sentence here).
     embedding_fold: bool = False

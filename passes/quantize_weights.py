@@ -4,7 +4,7 @@ Activations stay float and the file shrinks about 4x (int8) or 8x (int4). Lossy:
 reports how far outputs moved instead of rolling the pass back. Forms:
 
 - ``fold``: codes and scales expanded by ``Cast -> Mul`` (int4: unpacked by float ops), all
-  constant, so the runtime folds them back to the float weight at load (onnxsqueeze.unpack):
+  constant, so the runtime folds them back to the float weight at load (onnxsqueeze.quant.unpack):
   float speed and memory, a small file, any opset from 6.
 - ``dq``: ``DequantizeLinear(q, scale)`` feeding the unchanged op; per output channel for int8
   (opset >= 13), block-wise or int4 at opset 21. onnxruntime keeps these DQ nodes for its QDQ
@@ -13,7 +13,7 @@ reports how far outputs moved instead of rolling the pass back. Forms:
   ``GatherBlockQuantized`` for tables, which keep n-bit weights in memory. ``auto``: ``dq``
   where the opset allows, else these at 4 bits.
 
-Rounding (onnxsqueeze.gptq.WeightRounder): ``mse`` scales minimise each block's squared
+Rounding (onnxsqueeze.quant.gptq.WeightRounder): ``mse`` scales minimise each block's squared
 error, ``rtn`` is max scaling (``auto``: mse at 4 bits, rtn at 8); with ``grams`` (X^T X of a
 MatMul's input on calibration data) that weight is rounded by GPTQ instead.
 """
@@ -27,8 +27,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxsqueeze.calib.gram import conv_key
-from onnxsqueeze.gptq import WeightRounder
-from onnxsqueeze.graphs import (
+from onnxsqueeze.core.graphs import (
     GraphLike,
     all_value_names,
     float_weight,
@@ -36,12 +35,13 @@ from onnxsqueeze.graphs import (
     read_elsewhere,
     scopes,
 )
-from onnxsqueeze.io import count_nodes
-from onnxsqueeze.nbits import NBitsBuilder
-from onnxsqueeze.qmath import ROUNDINGS
-from onnxsqueeze.registry import SqueezePass, SqueezeResult
-from onnxsqueeze.unpack import MIN_OPSET, SLICE_OPSET, can_unpack
-from onnxsqueeze.weight_store import WeightStore
+from onnxsqueeze.core.io import count_nodes
+from onnxsqueeze.core.pass_base import SqueezePass, SqueezeResult
+from onnxsqueeze.quant.gptq import WeightRounder
+from onnxsqueeze.quant.nbits import NBitsBuilder
+from onnxsqueeze.quant.qmath import ROUNDINGS
+from onnxsqueeze.quant.unpack import MIN_OPSET, SLICE_OPSET, can_unpack
+from onnxsqueeze.quant.weight_store import WeightStore
 
 FORMATS = ("auto", "dq", "matmulnbits", "fold")
 WEIGHT_OPS = ("MatMul", "Gemm", "Gather", "Conv", "ConvTranspose", "Einsum", "LSTM", "GRU", "RNN")

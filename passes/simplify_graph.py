@@ -17,10 +17,10 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from onnxsqueeze.graphs import GraphLike, constant_array, replace_value, scopes
-from onnxsqueeze.io import count_nodes
-from onnxsqueeze.registry import SqueezePass, SqueezeResult
-from onnxsqueeze.shapes import inferred_shapes, rank, static_shape
+from onnxsqueeze.core.graphs import GraphLike, constant_array, replace_value, scopes
+from onnxsqueeze.core.io import count_nodes
+from onnxsqueeze.core.pass_base import SqueezePass, SqueezeResult
+from onnxsqueeze.core.shapes import inferred_shapes, rank, static_shape
 
 _NEUTRAL = {"Add": 0.0, "Sub": 0.0, "Mul": 1.0, "Div": 1.0, "Pow": 1.0}
 

@@ -11,8 +11,8 @@ import dataclasses
 
 import onnx_ir as ir
 
-from onnxsqueeze.graphs import scopes
-from onnxsqueeze.registry import SqueezePass, SqueezeResult
+from onnxsqueeze.core.graphs import scopes
+from onnxsqueeze.core.pass_base import SqueezePass, SqueezeResult
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,7 @@ import onnx_ir as ir
 import pytest
 
 import onnxsqueeze
-from onnxsqueeze.report import Report
+from onnxsqueeze.pipeline.report import Report
 
 from conftest import run_ort
 

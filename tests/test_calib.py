@@ -22,7 +22,7 @@ from onnxsqueeze.calib.observers import (
     PerChannelMinMaxObserver,
     entropy_threshold,
 )
-from onnxsqueeze.errors import CalibrationError
+from onnxsqueeze.core.errors import CalibrationError
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS = REPO / "models" / "digits_cnn.onnx"

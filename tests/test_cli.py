@@ -219,7 +219,7 @@ def test_sympy_is_deferred_until_used() -> None:
     """onnx_ir imports sympy eagerly; the CLI defers it (0.4 s per run) yet it still works."""
     code = (
         "import sys\n"
-        "from onnxsqueeze.lazy_imports import defer, defer_heavy_imports\n"
+        "from onnxsqueeze.cli.lazy_imports import defer, defer_heavy_imports\n"
         "assert not defer('no_such_module_here')\n"
         "defer_heavy_imports()\n"
         "assert not defer('sympy')\n"
@@ -251,7 +251,7 @@ def test_passes_accept_a_preset_name_with_extra_passes(tmp_path):
 
 def test_list_options_are_comma_separated():
     """As --exclude-nodes A,B: ``--option insert-qdq.exclude_nodes=a,b`` is two names."""
-    from onnxsqueeze.registry import coerce_option
+    from onnxsqueeze.pipeline.registry import coerce_option
 
     assert coerce_option("p", "k", tuple[str, ...], "/enc/MatMul, /head/Gemm") == (
         "/enc/MatMul",

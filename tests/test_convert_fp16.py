@@ -119,7 +119,7 @@ def test_a_16_bit_model_onnxruntime_crashes_on_is_reported_not_loaded(tmp_path):
     import sys
 
     import onnxsqueeze
-    from onnxsqueeze.runtime import crashes_onnxruntime
+    from onnxsqueeze.run.session import crashes_onnxruntime
 
     model = onnx.parser.parse_model(TRANSPOSE_MATMUL)
     assert crashes_onnxruntime(ir.serde.deserialize_model(model)) is None

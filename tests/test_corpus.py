@@ -13,7 +13,7 @@ import onnx
 import pytest
 
 from onnxsqueeze.cli import main as cli_main
-from onnxsqueeze.errors import VerificationError
+from onnxsqueeze.core.errors import VerificationError
 
 import corpus
 
@@ -165,7 +165,8 @@ def test_onnx_package_test_model(case: corpus.OnnxTestCase, tmp_path: Path) -> N
 def _feeds_from_signature(proto: onnx.ModelProto) -> dict:
     import onnx_ir as ir
 
-    from onnxsqueeze.runtime import input_specs, random_feeds
+    from onnxsqueeze.run.probes import random_feeds
+    from onnxsqueeze.run.signature import input_specs
 
     return random_feeds(input_specs(ir.serde.deserialize_model(proto)), count=1)[0]
 
@@ -199,9 +200,9 @@ def test_silero_static_qdq_inside_if_bodies() -> None:
     into the 16 kHz branch (the probes' sample rate), verified against float."""
     import onnx_ir as ir
 
-    from onnxsqueeze.quantize import QuantizeConfig, quantize_model
-    from onnxsqueeze.runtime import Session
-    from onnxsqueeze.verify import compare_runs
+    from onnxsqueeze.run.compare import compare_runs
+    from onnxsqueeze.run.session import Session
+    from onnxsqueeze.stages.quantize import QuantizeConfig, quantize_model
 
     entry = corpus.get("silero_vad")
     _require(entry)

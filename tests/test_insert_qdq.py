@@ -11,7 +11,7 @@ import onnx_ir as ir
 import pytest
 
 from onnxsqueeze.passes.insert_qdq import InsertQdqPass
-from onnxsqueeze.qmath import qparams, quantize_per_channel
+from onnxsqueeze.quant.qmath import qparams, quantize_per_channel
 
 RNG = np.random.default_rng(1)
 
@@ -141,7 +141,7 @@ def test_conv_relu_becomes_one_qlinearconv_with_int32_bias(tmp_path):
 def test_full_range_weights_saturate_where_reduce_range_is_chosen():
     """The reason for reduce_range=None (auto): on AVX2 without VNNI, full-range int8
     weights make QLinearMatMul saturate; 7-bit weights do not."""
-    from onnxsqueeze.qdq import saturating_u8s8_cpu
+    from onnxsqueeze.quant.qdq import saturating_u8s8_cpu
 
     if not saturating_u8s8_cpu():
         pytest.skip("this CPU's u8s8 kernels do not saturate")
@@ -251,7 +251,7 @@ def test_bad_options_raise():
 def test_weight_memo_quantizes_each_weight_once_across_clones(monkeypatch):
     """The quantize stage builds many candidates from clones of one model: with a memo, a
     weight is quantized once and every build gives the same model as without it."""
-    import onnxsqueeze.qdq
+    import onnxsqueeze.quant.qdq
 
     w = RNG.standard_normal((4, 3, 3, 3)).astype(np.float32)
     b = RNG.standard_normal(4).astype(np.float32)
@@ -259,9 +259,11 @@ def test_weight_memo_quantizes_each_weight_once_across_clones(monkeypatch):
     ranges = _ranges(proto, [{"x": RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)}])
     plain, _ = _quantize(proto, ranges)
     calls = []
-    real = onnxsqueeze.qdq.quantize_per_channel
+    real = onnxsqueeze.quant.qdq.quantize_per_channel
     monkeypatch.setattr(
-        onnxsqueeze.qdq, "quantize_per_channel", lambda *a, **k: calls.append(1) or real(*a, **k)
+        onnxsqueeze.quant.qdq,
+        "quantize_per_channel",
+        lambda *a, **k: calls.append(1) or real(*a, **k),
     )
     model, memo = ir.serde.deserialize_model(proto), {}
     builds = []

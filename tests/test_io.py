@@ -10,14 +10,14 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from onnxsqueeze.errors import (
+from onnxsqueeze.core.errors import (
     InvalidModelError,
     ModelLoadError,
     ModelSaveError,
     SqueezeError,
     UnsupportedModelError,
 )
-from onnxsqueeze.io import load_model, model_stats, save_model
+from onnxsqueeze.core.io import load_model, model_stats, save_model
 
 
 def _one_line_naming(exc: SqueezeError, name: str) -> None:
@@ -143,7 +143,7 @@ def test_save_failure_leaves_nothing(tmp_path, mlp, monkeypatch):
     def explode(*args, **kwargs):
         raise OSError("disk full")
 
-    import onnxsqueeze.io as io_module
+    import onnxsqueeze.core.io as io_module
 
     monkeypatch.setattr(ir, "save", explode)  # the external-data path
     monkeypatch.setattr(io_module, "to_proto", explode)  # the single-file path
@@ -174,9 +174,9 @@ def test_external_data_kept_and_forced(tmp_path, mlp):
 def test_weightless_sessions_and_checks_see_the_same_model():
     """Sessions and the structural check take big weights as detached arrays; the model is
     whole again afterwards, results are unchanged and a broken graph is still reported."""
-    from onnxsqueeze.io import weightless
-    from onnxsqueeze.pipeline import structural_problem
-    from onnxsqueeze.runtime import Session
+    from onnxsqueeze.core.io import weightless
+    from onnxsqueeze.pipeline.verified import structural_problem
+    from onnxsqueeze.run.session import Session
 
     from conftest import weighted_model
 
@@ -267,8 +267,8 @@ def test_map_typed_input_is_a_clear_error(tmp_path):
     from onnx import TensorProto as T
     from onnx import helper as h
 
-    from onnxsqueeze.errors import UnsupportedModelError
-    from onnxsqueeze.io import load_model
+    from onnxsqueeze.core.errors import UnsupportedModelError
+    from onnxsqueeze.core.io import load_model
 
     features = h.make_value_info(
         "features", h.make_map_type_proto(T.STRING, h.make_tensor_type_proto(T.FLOAT, []))
@@ -334,7 +334,7 @@ def test_an_op_below_the_opset_that_defines_it_is_converted_and_verified(tmp_pat
 def test_serialized_bytes_counts_external_weights_too(tmp_path):
     """The size check of quantized results read a model with external weights as its graph
     alone (31 KB for a 380 KB model), so every quantized copy looked larger than float."""
-    from onnxsqueeze.io import serialized_bytes
+    from onnxsqueeze.core.io import serialized_bytes
 
     digits = Path(__file__).resolve().parent.parent / "models" / "digits_cnn.onnx"
     proto = onnx.load(digits)

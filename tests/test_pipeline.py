@@ -9,9 +9,10 @@ import onnx_ir as ir
 import pytest
 
 import onnxsqueeze
-from onnxsqueeze.errors import CalibrationDataError, PipelineConfigError, VerificationError
-from onnxsqueeze.passes import builtin_registry
-from onnxsqueeze.registry import PassRegistry, SqueezePass, SqueezeResult
+from onnxsqueeze.core.errors import CalibrationDataError, PipelineConfigError, VerificationError
+from onnxsqueeze.core.pass_base import SqueezePass, SqueezeResult
+from onnxsqueeze.pipeline.presets import builtin_registry
+from onnxsqueeze.pipeline.registry import PassRegistry
 
 
 class PerturbWeightsPass(SqueezePass):
@@ -200,7 +201,7 @@ cancels (float[2, 4] x) => (float[2, 3] y)
 def test_noise_floor_only_admits_reassociation_at_rounding_scale(monkeypatch, options, applied):
     """Where an output is ~0 on the probe feeds, a fusion's relative change is unbounded;
     a reassociating pass is then held to what onnxruntime's own optimizer moves it."""
-    from onnxsqueeze.pipeline import Pipeline
+    from onnxsqueeze.pipeline.verified import Pipeline
 
     from conftest import parse
 
@@ -221,7 +222,7 @@ def test_noise_floor_only_admits_reassociation_at_rounding_scale(monkeypatch, op
 def test_runtime_noise_measures_onnxruntime_optimizations():
     """The floor comes from running the original with onnxruntime's optimizations on the
     probe feeds: one finite amount per output, measured only when asked for."""
-    from onnxsqueeze.pipeline import Pipeline
+    from onnxsqueeze.pipeline.verified import Pipeline
 
     from conftest import parse
 

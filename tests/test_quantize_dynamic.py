@@ -93,7 +93,7 @@ def test_structure_numerics_and_fusion(tmp_path):
 def test_gathered_rows_equal_the_dequantized_table(fold):
     """Rows gathered then scaled, or (fold) the table stored int8 and expanded by constant
     ops that the runtime folds at load: either way the rows of the dequantized table."""
-    from onnxsqueeze.qmath import quantize_per_channel
+    from onnxsqueeze.quant.qmath import quantize_per_channel
 
     proto = _model()
     model = ir.serde.deserialize_model(proto)

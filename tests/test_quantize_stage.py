@@ -11,8 +11,8 @@ import onnx_ir as ir
 import pytest
 
 import onnxsqueeze
-from onnxsqueeze.budget import Budget
-from onnxsqueeze.quantize import QuantizeConfig, quantize_model
+from onnxsqueeze.stages.budget import Budget
+from onnxsqueeze.stages.quantize import QuantizeConfig, quantize_model
 
 from conftest import parse_with, run_ort
 
@@ -65,12 +65,12 @@ def test_budget_keeps_the_sensitive_node_float_and_holds():
     ops = [n.op_type for n in outcome.model.graph]
     assert ops.count("QuantizeLinear") >= 2
     # measured again, independently: the budget holds on new samples
-    from onnxsqueeze.runtime import Session
+    from onnxsqueeze.run.session import Session
 
     feeds = _feeds(8)
     want = Session(model).run_all(feeds)
     got = Session(outcome.model, optimize=True).run_all(feeds)
-    from onnxsqueeze.verify import compare_runs
+    from onnxsqueeze.run.compare import compare_runs
 
     assert compare_runs(want, got).max_abs < 1.0
     assert all(n["score"] is not None for n in record["nodes"])
@@ -247,7 +247,7 @@ def test_int8_for_kept_bisects_for_the_fewest_float_weights():
     the model as it was."""
     from types import SimpleNamespace
 
-    from onnxsqueeze.kept_float import int8_for_kept
+    from onnxsqueeze.stages.quantize.kept_float import int8_for_kept
 
     rng = np.random.default_rng(5)
     proto = onnx.parser.parse_model(
@@ -383,7 +383,7 @@ def test_fp16_mode_through_the_api_meets_the_budget():
 
 
 def test_top1_budget_on_too_few_samples_is_flagged():
-    from onnxsqueeze.budget import Budget
+    from onnxsqueeze.stages.budget import Budget
 
     data = dict(np.load(DIGITS.with_name("digits_test.npz")))
     config = QuantizeConfig(mode="dynamic", budget=Budget(min_top1_agreement=0.99))
@@ -453,7 +453,7 @@ def test_changed_answers_of_a_classifier_are_reported_even_within_the_budget():
 
 
 def test_only_probability_outputs_count_as_class_scores():
-    from onnxsqueeze.verify import compare_runs
+    from onnxsqueeze.run.compare import compare_runs
 
     probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.5, 0.4]], np.float32)
     swapped = np.array([[0.2, 0.7, 0.1], [0.1, 0.5, 0.4]], np.float32)  # first answer changed
@@ -485,9 +485,9 @@ def test_require_faster_falls_back_to_the_faster_format(monkeypatch):
     """Static int8 measured slower than float (forced here: timing is the machine's) with
     --require-faster: the stage ships the same weights as weight-only int8 stored to fold at
     load, which runs the float kernels, and says what it fell back from."""
-    import onnxsqueeze.bench
+    import onnxsqueeze.run.latency
 
-    monkeypatch.setattr(onnxsqueeze.bench, "compare_latency", lambda *a, **k: 0.5)
+    monkeypatch.setattr(onnxsqueeze.run.latency, "compare_latency", lambda *a, **k: 0.5)
     proto, data = _one_matmul()
     config = QuantizeConfig(mode="static", check_latency=True, require_faster=True)
     small, report = onnxsqueeze.squeeze(proto, data=data, quantize=config)
@@ -504,11 +504,11 @@ def test_a_slow_draft_gets_the_quick_search(monkeypatch, speed, worth):
     what it needs to beat another mode, the search ranks nodes by local scores instead of
     one model per node (exact only up to QUICK_EXACT nodes, set to 1 here); the final
     timing still decides. An explicit mode (no latency check) searches exactly."""
-    import onnxsqueeze.bench
-    import onnxsqueeze.quantize
+    import onnxsqueeze.run.latency
+    import onnxsqueeze.stages.search
 
-    monkeypatch.setattr(onnxsqueeze.bench, "compare_latency", lambda *a, **k: speed)
-    monkeypatch.setattr(onnxsqueeze.quantize, "QUICK_EXACT", 1)
+    monkeypatch.setattr(onnxsqueeze.run.latency, "compare_latency", lambda *a, **k: speed)
+    monkeypatch.setattr(onnxsqueeze.stages.search, "QUICK_EXACT", 1)
     model, calib = _sensitive_model(), _feeds(16)
     budget = Budget(max_error=1.0)
     auto = QuantizeConfig(
@@ -597,8 +597,8 @@ def test_static_quantization_inside_a_loop_body():
 def test_auto_ships_a_faster_but_larger_result_only_beyond_timing_noise(static_speed, shipped):
     """A static result with a larger file that times 7 % faster than weight-only int8 is
     noise, 12 % (PP-OCR det) is not worth the bytes: the smaller file ships. 20 % wins."""
-    from onnxsqueeze.alternatives import pick
-    from onnxsqueeze.quantize import QuantizeOutcome
+    from onnxsqueeze.stages.quantize import QuantizeOutcome
+    from onnxsqueeze.stages.quantize.alternatives import pick
 
     small = ir.serde.deserialize_model(onnx.parser.parse_model(SMALL_WEIGHTS))
     large = ir.serde.deserialize_model(onnx.parser.parse_model(LARGE_WEIGHTS))
@@ -665,7 +665,7 @@ def test_data_whose_outputs_are_all_nan_cannot_judge_a_budget(tmp_path):
 
 
 def test_gptq_falls_back_to_plain_rounding_on_a_non_finite_gram():
-    from onnxsqueeze.gptq import WeightRounder
+    from onnxsqueeze.quant.gptq import WeightRounder
 
     weight = RNG.standard_normal((16, 8)).astype(np.float32)
     gram = np.full((16, 16), np.nan)
@@ -723,9 +723,9 @@ def test_a_quantized_model_larger_than_float_is_not_shipped_by_auto_and_flagged_
     assert explicit.report.quantization["applied"]
     assert any("not smaller than float" in w for w in explicit.report.warnings)
     # auto (where timing may drop it first for being slower): the size check alone
-    from onnxsqueeze.alternatives import not_smaller
-    from onnxsqueeze.quantize import QuantizeOutcome
-    from onnxsqueeze.report import Report
+    from onnxsqueeze.pipeline.report import Report
+    from onnxsqueeze.stages.quantize import QuantizeOutcome
+    from onnxsqueeze.stages.quantize.alternatives import not_smaller
 
     float_model = ir.serde.deserialize_model(proto)
     outcome = QuantizeOutcome(
@@ -796,10 +796,10 @@ def test_auto_range_method_skips_what_a_minmax_cache_cannot_answer():
 
 def _first_search_misses(monkeypatch) -> list[str]:
     """Make the first range method's search miss the budget; returns the methods searched."""
-    from onnxsqueeze import quantize as q
+    from onnxsqueeze.stages.quantize import stage as q
 
     searched: list[str] = []
-    real = q._Stage._search
+    real = q.QuantizeStage._search
 
     def search(self, judged=None):
         searched.append(self.record["method"])
@@ -809,7 +809,7 @@ def _first_search_misses(monkeypatch) -> list[str]:
             return q.QuantizeOutcome(self.model, self.record)
         return outcome
 
-    monkeypatch.setattr(q._Stage, "_search", search)
+    monkeypatch.setattr(q.QuantizeStage, "_search", search)
     return searched
 
 
@@ -830,16 +830,16 @@ def test_a_range_method_whose_search_misses_the_budget_gives_way_to_the_next(mon
 def test_a_fallback_range_method_reuses_the_first_searchs_damage_order(monkeypatch):
     """Scoring every node again for each fallback method multiplied the search time (PP-OCR
     det: 117 s to end float); the fallback bisects the order the first search measured."""
-    from onnxsqueeze import quantize as q
+    from onnxsqueeze.stages.quantize import stage as q
 
     searched, scored = _first_search_misses(monkeypatch), []
-    real_scores = q._Stage.scores
+    real_scores = q.QuantizeStage.scores
 
     def scores(self, names, quantized):
         scored.append(self.record["method"])
         return real_scores(self, names, quantized)
 
-    monkeypatch.setattr(q._Stage, "scores", scores)
+    monkeypatch.setattr(q.QuantizeStage, "scores", scores)
     config = QuantizeConfig(budget=Budget(max_error=1.0), sensitivity="exact", elementwise="all")
     outcome = quantize_model(_sensitive_model(), _feeds(8), config, calib_feeds=_feeds(64))
     record = outcome.record

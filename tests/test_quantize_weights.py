@@ -10,7 +10,7 @@ import pytest
 
 import onnxsqueeze
 from onnxsqueeze.passes.quantize_weights import QuantizeWeightsPass
-from onnxsqueeze.qmath import dequantize_weight, pack_matmul_nbits, quantize_weight
+from onnxsqueeze.quant.qmath import dequantize_weight, pack_matmul_nbits, quantize_weight
 
 from conftest import run_ort, weighted_model
 

@@ -8,10 +8,12 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from onnxsqueeze.data import load_feeds
-from onnxsqueeze.errors import CalibrationDataError, PipelineConfigError
-from onnxsqueeze.runtime import Session, input_specs, parse_shape_overrides, random_feeds
-from onnxsqueeze.verify import compare_runs
+from onnxsqueeze.core.errors import CalibrationDataError, PipelineConfigError
+from onnxsqueeze.run.compare import compare_runs
+from onnxsqueeze.run.feeds import load_feeds
+from onnxsqueeze.run.probes import parse_shape_overrides, random_feeds
+from onnxsqueeze.run.session import Session
+from onnxsqueeze.run.signature import input_specs
 
 from conftest import parse
 
@@ -119,8 +121,8 @@ def test_session_through_temporary_directory_for_external_weights(tmp_path, monk
     """Models with external (or > 1.5 GB) weights reach onnxruntime via a temp folder."""
     import onnx
 
-    import onnxsqueeze.runtime as runtime
-    from onnxsqueeze.io import load_model
+    import onnxsqueeze.run.session as runtime
+    from onnxsqueeze.core.io import load_model
 
     text = """
     <ir_version: 8, opset_import: ["" : 17]>
@@ -191,7 +193,7 @@ traced (float[b, s, 4] x) => (float[12, 4] y)
 def test_probes_try_the_sizes_the_graph_names_when_guessed_ones_fail():
     """32, 128 and 512 all fail; the graph's shape constants name 4 and 12, and 12 runs."""
     import onnxsqueeze
-    from onnxsqueeze.runtime import sizes_in_graph
+    from onnxsqueeze.run.probes import sizes_in_graph
 
     proto = parse(TRACED)
     model = ir.serde.deserialize_model(proto)
@@ -205,35 +207,35 @@ def test_probes_try_the_sizes_the_graph_names_when_guessed_ones_fail():
 def test_latency_rounds_start_after_the_other_sessions_threads_settle(mlp, monkeypatch):
     """Each timed round of compare_latency begins with a pause and an untimed run: without
     them the first runs after a switch share the cores with the other session's spinning
-    onnxruntime workers (measured, see onnxsqueeze.bench)."""
-    from onnxsqueeze import bench
+    onnxruntime workers (measured, see onnxsqueeze.run.latency)."""
+    from onnxsqueeze.run import latency
 
     events: list[str] = []
-    monkeypatch.setattr(bench.time, "sleep", lambda s: events.append(f"sleep {s}"))
+    monkeypatch.setattr(latency.time, "sleep", lambda s: events.append(f"sleep {s}"))
     model = ir.serde.deserialize_model(mlp)
-    speed = bench.compare_latency(model, model, ["cpu"], rounds=3, runs=4)
+    speed = latency.compare_latency(model, model, ["cpu"], rounds=3, runs=4)
     assert speed > 0
-    assert events == [f"sleep {bench.SETTLE_S}"] * 6
-    assert bench.SETTLE_S >= 0.1
+    assert events == [f"sleep {latency.SETTLE_S}"] * 6
+    assert latency.SETTLE_S >= 0.1
 
 
 def test_runs_per_round_follow_the_models_run_time(mlp, monkeypatch):
     """Fast models get up to MAX_RUNS runs a round (ten were too few to tell 0.9x from 1.1x
     on a 0.1 ms model), slow ones are cut to ROUND_BUDGET_S of run time (never below
     MIN_RUNS)."""
-    from onnxsqueeze import bench
+    from onnxsqueeze.run import latency
 
     counted: list[int] = []
-    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
-    monkeypatch.setattr(bench, "median_ms", lambda s, f, runs: counted.append(runs) or 1.0)
+    monkeypatch.setattr(latency.time, "sleep", lambda s: None)
+    monkeypatch.setattr(latency, "median_ms", lambda s, f, runs: counted.append(runs) or 1.0)
     model = ir.serde.deserialize_model(mlp)
-    bench.compare_latency(model, model, ["cpu"], rounds=2, runs=10)
-    assert counted == [bench.MAX_RUNS] * 4  # a tiny model: as many runs as allowed
-    monkeypatch.setattr(bench, "FAST_ROUND_S", 1e-9)
+    latency.compare_latency(model, model, ["cpu"], rounds=2, runs=10)
+    assert counted == [latency.MAX_RUNS] * 4  # a tiny model: as many runs as allowed
+    monkeypatch.setattr(latency, "FAST_ROUND_S", 1e-9)
     counted.clear()
-    bench.compare_latency(model, model, ["cpu"], rounds=2, runs=10)
+    latency.compare_latency(model, model, ["cpu"], rounds=2, runs=10)
     assert counted == [10] * 4  # no longer fast: the runs asked for
-    monkeypatch.setattr(bench, "ROUND_BUDGET_S", 1e-9)
+    monkeypatch.setattr(latency, "ROUND_BUDGET_S", 1e-9)
     counted.clear()
-    bench.compare_latency(model, model, ["cpu"], rounds=2, runs=10)
-    assert counted == [bench.MIN_RUNS] * 4
+    latency.compare_latency(model, model, ["cpu"], rounds=2, runs=10)
+    assert counted == [latency.MIN_RUNS] * 4

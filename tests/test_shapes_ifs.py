@@ -7,11 +7,11 @@ import onnx
 import onnx_ir as ir
 import pytest
 
+from onnxsqueeze.core.shape_values import ShapePropagator
 from onnxsqueeze.passes.fold_shapes import FoldShapesPass
 from onnxsqueeze.passes.fuse_gemm import FuseGemmPass
 from onnxsqueeze.passes.inline_ifs import InlineIfsPass
 from onnxsqueeze.passes.simplify_graph import SimplifyGraphPass
-from onnxsqueeze.shape_values import ShapePropagator
 
 from conftest import parse, run_ort
 
@@ -97,7 +97,7 @@ def test_static_dims_fold_and_symbolic_stay():
     { s = Shape(x)  n = Gather(s, one)  b = Gather(s, zero)  }
     """
     model = ir.serde.deserialize_model(parse(text))
-    from onnxsqueeze.shapes import inferred_shapes
+    from onnxsqueeze.core.shapes import inferred_shapes
 
     propagator = ShapePropagator()
     with inferred_shapes(model):

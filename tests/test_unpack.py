@@ -1,6 +1,6 @@
 """quantize-weights' ``fold`` form: int8/int4 codes expanded by plain ops that onnxruntime
 constant-folds when the session is created, so the model is small on disk and runs on the
-float kernels (onnxsqueeze.unpack)."""
+float kernels (onnxsqueeze.quant.unpack)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from onnxsqueeze.passes.quantize_weights import QuantizeWeightsPass
-from onnxsqueeze.qmath import dequantize_weight, quantize_weight
+from onnxsqueeze.quant.qmath import dequantize_weight, quantize_weight
 
 from conftest import weighted_model
 
@@ -137,7 +137,7 @@ def test_a_folded_model_loads_to_the_float_graph():
     """What the stage's latency check relies on instead of timing: after onnxruntime's
     load-time folding the fold form has the float model's kernels; DequantizeLinear keeps
     its own node and is timed."""
-    from onnxsqueeze.bench import loaded_op_types
+    from onnxsqueeze.run.latency import loaded_op_types
 
     weight = RNG.standard_normal((96, 80)).astype(np.float32)
     proto = _model("MatMul", weight, 17, [3, 96])

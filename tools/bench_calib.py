@@ -25,7 +25,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "models"))
-from onnxsqueeze import cpu  # noqa: E402
+from onnxsqueeze.run import cpu  # noqa: E402
 
 import corpus  # noqa: E402
 
@@ -100,7 +100,7 @@ open(sys.argv[5], 'w').write(json.dumps(ranges))
 
 CHILD_OURS = """
 import sys, json, time
-import onnxsqueeze, onnxsqueeze.api, onnxsqueeze.calib.collector, onnxsqueeze.data  # imports are not calibration
+import onnxsqueeze, onnxsqueeze.api, onnxsqueeze.calib.collector, onnxsqueeze.run.feeds  # imports are not calibration
 model, data, n, method = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 options = json.loads(sys.argv[6])
 start = time.perf_counter()

@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO / "tools"))
 import quant_tasks  # noqa: E402
 from quant_tasks import corpus  # noqa: E402
 
-from onnxsqueeze import cpu  # noqa: E402
-from onnxsqueeze.alternatives import SPEED_TIE  # noqa: E402
+from onnxsqueeze.run import cpu  # noqa: E402
+from onnxsqueeze.stages.latency_gate import SPEED_TIE  # noqa: E402
 
 MODELS = [
     "magika",
@@ -99,8 +99,8 @@ def build(model: str, variant: str, dest: Path, n_calib: int) -> dict:
         )
         return record
     import onnxsqueeze
-    from onnxsqueeze.budget import Budget
-    from onnxsqueeze.quantize import QuantizeConfig
+    from onnxsqueeze.stages.budget import Budget
+    from onnxsqueeze.stages.quantize import QuantizeConfig
 
     mode = variant.split()[1]
     quantize: object = mode
@@ -178,8 +178,8 @@ MIN_ROUNDS = 8
 def latency_ratio(base, cand, feed: dict, runs: int) -> tuple[float, float]:
     """(median candidate ms, fp32 ms / candidate ms), alternating rounds (this VM's speed
     drifts within seconds) of at least 5 runs and ROUND_S each, each round after
-    onnxsqueeze.bench.settle (the other session's spinning threads asleep)."""
-    from onnxsqueeze.bench import settle
+    onnxsqueeze.run.latency.settle (the other session's spinning threads asleep)."""
+    from onnxsqueeze.run.latency import settle
 
     warm = []
     for s in (base, cand):

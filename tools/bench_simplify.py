@@ -25,7 +25,7 @@ import onnx
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "models"))
-from onnxsqueeze import cpu  # noqa: E402
+from onnxsqueeze.run import cpu  # noqa: E402
 
 import corpus  # noqa: E402
 
@@ -187,7 +187,7 @@ def main() -> None:
 
 def onnx_tests(out_path: Path) -> None:
     """Every model of the onnx package's light/pytorch-*/simple suites through the three tools."""
-    import onnxsqueeze.runtime as runtime
+    import onnxsqueeze.run.session as runtime
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -23,7 +23,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "models"))
-from onnxsqueeze import cpu  # noqa: E402
+from onnxsqueeze.run import cpu  # noqa: E402
 
 import corpus  # noqa: E402
 
@@ -90,8 +90,8 @@ def variants(src: Path, tmp: Path, calibration: list[dict]) -> dict[str, Path]:
         out[label] = path
     # The CLI's `--quantize weights-int4 --data DIR --min-cosine 0.98`: GPTQ on calibration
     # sentences that are neither probes nor held out.
-    from onnxsqueeze.budget import Budget
-    from onnxsqueeze.quantize import QuantizeConfig
+    from onnxsqueeze.stages.budget import Budget
+    from onnxsqueeze.stages.quantize import QuantizeConfig
 
     for form, label in (("auto", "fold at load"), ("matmulnbits", "MatMulNBits")):
         path = tmp / f"gptq_{form}.onnx"

@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO / "models"))
 sys.path.insert(0, str(REPO / "tools"))
 import bench_simplify  # noqa: E402
 
-from onnxsqueeze import cpu  # noqa: E402
+from onnxsqueeze.run import cpu  # noqa: E402
 
 import corpus  # noqa: E402
 

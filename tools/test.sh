@@ -13,6 +13,7 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python models/build_corpus.py
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+bash tools/lint_layers.sh
 set +e
 ONNXSQUEEZE_REQUIRE_CORPUS=1 .venv/bin/python -m pytest "$@"
 rc=$?

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from onnxsqueeze.calib.observers import Observer, from_state
-from onnxsqueeze.errors import CalibrationError
-from onnxsqueeze.qmath import QParams
+from onnxsqueeze.core.errors import CalibrationError
+from onnxsqueeze.quant.qmath import QParams
 
 FORMAT = "onnxsqueeze-calibration/1"
 

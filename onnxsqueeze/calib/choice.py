@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from onnxsqueeze.errors import CalibrationError
+from onnxsqueeze.core.errors import CalibrationError
 
 #: Methods "auto" tries, in this order (the first of equal scores wins).
 AUTO_METHODS = ("minmax", "percentile", "entropy", "mse")

@@ -34,9 +34,10 @@ from onnxsqueeze.calib.tensors import (
     select_inferred,
     static_nbytes,
 )
-from onnxsqueeze.errors import CalibrationDataError, CalibrationError
-from onnxsqueeze.graphs import all_value_names
-from onnxsqueeze.shapes import inferred_shapes
+from onnxsqueeze.core.errors import CalibrationDataError, CalibrationError
+from onnxsqueeze.core.graphs import all_value_names
+from onnxsqueeze.core.shapes import inferred_shapes
+from onnxsqueeze.run.session import Session, onnxruntime_float_types
 
 logger = logging.getLogger(__name__)
 
@@ -321,8 +322,6 @@ class Collector:
         """A session on a copy of the model that returns ``full`` tensors whole and, for
         ``reduced`` ones, only ReduceMin/ReduceMax/Size (what min/max calibration needs,
         computed inside onnxruntime instead of copying the tensor out)."""
-        from onnxsqueeze.runtime import Session
-
         clone = self.model.clone()
         produced = produced_values(clone)
         chain = branch_chain(clone)
@@ -416,8 +415,6 @@ def _type_from_onnxruntime(model: ir.Model) -> None:
     """Main-graph values onnx's inference could not type get onnxruntime's float types, so
     the outputs of contrib and ai.onnx.ml ops (an onnxruntime-optimized BERT's
     SkipLayerNormalization, a scikit-learn Scaler) are calibrated like any other."""
-    from onnxsqueeze.runtime import onnxruntime_float_types
-
     untyped = {v.name: v for node in model.graph for v in node.outputs if v.name and not v.type}
     if untyped:
         for name, dtype in onnxruntime_float_types(model, list(untyped)).items():

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxsqueeze.graphs import unique_name
+from onnxsqueeze.core.graphs import unique_name
 
 EXPOSED = "__exposed"
 #: Node -> its subgraph attributes whose values can be brought out.

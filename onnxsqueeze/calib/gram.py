@@ -16,8 +16,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import onnx_ir as ir
 
-from onnxsqueeze.graphs import constant_array
-from onnxsqueeze.shapes import inferred_shapes
+from onnxsqueeze.core.graphs import constant_array
+from onnxsqueeze.core.shapes import inferred_shapes
+from onnxsqueeze.run.session import Session
 
 MAX_CHANNELS = 4096
 #: Activation rows gathered before they are folded into the sum.
@@ -132,8 +133,6 @@ def activations(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Per sample, the main-graph values ``names`` (graph inputs straight from the feed,
     the others from one run of a copy of ``model`` that also outputs them)."""
-    from onnxsqueeze.runtime import Session
-
     names = set(names)
     clone = model.clone()
     graph_inputs = {v.name for v in clone.graph.inputs}

@@ -19,8 +19,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from onnxsqueeze.calib import kernels
-from onnxsqueeze.errors import CalibrationError
-from onnxsqueeze.qmath import QParams, qparams
+from onnxsqueeze.core.errors import CalibrationError
+from onnxsqueeze.quant.qmath import QParams, qparams
 
 #: Calibration methods a histogram answers (minmax needs no histogram).
 HISTOGRAM_METHODS = ("percentile", "entropy", "mse")

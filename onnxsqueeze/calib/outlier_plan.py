@@ -31,8 +31,9 @@ import onnx_ir as ir
 
 from onnxsqueeze.calib.gram import activations
 from onnxsqueeze.calib.peaks import channel_peaks, outlier_channels
-from onnxsqueeze.graphs import constant_array
-from onnxsqueeze.qmath import quantize_per_channel
+from onnxsqueeze.core.graphs import constant_array
+from onnxsqueeze.quant.qdq import saturating_u8s8_cpu
+from onnxsqueeze.quant.qmath import quantize_per_channel
 
 #: Scale where its emulated output error is at most this many times the split's.
 SCALE_ERROR = 2.0
@@ -50,8 +51,6 @@ def find_outliers(
     """(input -> outlier channels to split, input -> factors to scale by): every input with
     outlier channels is in exactly one of them. ``reduce_range`` None: 7-bit weights where
     the CPU's u8s8 kernels saturate, as quantize-dynamic decides."""
-    from onnxsqueeze.qdq import saturating_u8s8_cpu
-
     if reduce_range is None:
         reduce_range = saturating_u8s8_cpu()
     feeds = iter(feeds)

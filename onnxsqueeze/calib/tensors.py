@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxsqueeze.calib.expose import branch_chain, per_iteration_shape
-from onnxsqueeze.shapes import inferred_shapes, static_shape
+from onnxsqueeze.core.shapes import inferred_shapes, static_shape
 
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
 #: Ops whose output holds exactly the values of their first input, rearranged: its

@@ -22,6 +22,10 @@ from typing import Any
 
 import onnx_ir as ir
 
+from onnxsqueeze.run.probes import random_feeds
+from onnxsqueeze.run.session import Session, make_session, resolve_providers, session_options
+from onnxsqueeze.run.signature import input_specs
+
 #: Pause before a round of runs of another session than the last one timed: long enough for
 #: onnxruntime's spinning workers to go to sleep (after 50 ms the first run was still 15 %
 #: slow; after 200 ms, 4 %).
@@ -70,8 +74,6 @@ def compare_latency(
 ) -> float:
     """Speed of ``candidate`` relative to ``baseline`` (>1: faster), onnxruntime's default
     optimizations on, after warm-up; rounds alternate so drift hits both alike."""
-    from onnxsqueeze.runtime import Session, input_specs, random_feeds
-
     if feed is None:
         feed = random_feeds(input_specs(baseline), count=1, seed=0)[0]
     sessions = [Session(m, providers, optimize=True) for m in (baseline, candidate)]
@@ -96,22 +98,20 @@ def loaded_op_types(model: ir.Model, providers: Sequence[str]) -> Counter:
     level (constant folding among them), main graph and subgraphs alike.
 
     Two models with the same counts run the same kernels on the same shapes: a weight-only
-    model stored to fold at load (onnxsqueeze.unpack) against its float original is compared
+    model stored to fold at load (onnxsqueeze.quant.unpack) against its float original is compared
     this way, without timing noise."""
     import onnx
     import onnxruntime as ort
 
-    from onnxsqueeze.runtime import _make_session, _session_options, resolve_providers
-
     with tempfile.TemporaryDirectory(prefix="onnxsqueeze-loaded-") as tmp:
         path = Path(tmp) / "loaded.onnx"
-        options = _session_options(True, None)
+        options = session_options(True, None)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.optimized_model_filepath = str(path)
         options.add_session_config_entry(
             "session.optimized_model_external_initializers_file_name", "loaded.data"
         )
-        _make_session(model, options, resolve_providers(providers)[0])
+        make_session(model, options, resolve_providers(providers)[0])
         proto = onnx.load(str(path), load_external_data=False)
     counts: Counter = Counter()
     graphs = [proto.graph]

@@ -17,17 +17,19 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from onnxsqueeze.errors import RuntimeSessionError, VerificationError
-from onnxsqueeze.io import (
+from onnxsqueeze.core.errors import RuntimeSessionError, VerificationError
+from onnxsqueeze.core.io import (
     has_external_tensors,
     initializer_bytes,
+    iter_tensor_protos,
     model_stats,
     serialize,
     weightless,
 )
-from onnxsqueeze.registry import SqueezePass, SqueezeResult
-from onnxsqueeze.report import PassRecord, Report
-from onnxsqueeze.verify import LOSSLESS_RTOL, Comparison, compare_runs
+from onnxsqueeze.core.pass_base import SqueezePass, SqueezeResult
+from onnxsqueeze.pipeline.report import PassRecord, Report
+from onnxsqueeze.run.compare import LOSSLESS_RTOL, Comparison, compare_runs
+from onnxsqueeze.run.session import Session, crashes_onnxruntime
 
 logger = logging.getLogger(__name__)
 
@@ -194,8 +196,6 @@ class Pipeline:
     def _runtime_noise(self) -> dict[str, float]:
         """Per output, NOISE_FACTOR x how far onnxruntime's default optimizations move the
         original model's outputs from the plain graph's on the probe feeds."""
-        from onnxsqueeze.runtime import Session
-
         assert self._original is not None
         model, reference = self._original
         if self._backend != "onnxruntime":
@@ -261,8 +261,6 @@ class Pipeline:
 
     def _outputs(self, model: ir.Model) -> list[dict]:
         """Outputs on the probe feeds; the backend that ran the original runs every later model."""
-        from onnxsqueeze.runtime import Session
-
         backend = self._backend or ("auto" if self.verify.reference_fallback else "onnxruntime")
         session = Session(model, self.verify.providers, backend=backend)
         self._backend = "reference" if session.backend == "onnx.reference" else "onnxruntime"
@@ -297,8 +295,6 @@ class Pipeline:
         if current is None:
             return model, current
         if squeeze_pass.preflight and self._backend != "reference":
-            from onnxsqueeze.runtime import crashes_onnxruntime
-
             crash = crashes_onnxruntime(model, self.verify.providers)
             if crash:
                 return self._rollback(record, snapshot, current, f"model no longer runs: {crash}")
@@ -356,8 +352,6 @@ def structural_problem(model: ir.Model) -> str | None:
 def _check_with_stand_ins(proto: onnx.ModelProto) -> None:
     import tempfile
     from pathlib import Path
-
-    from onnxsqueeze.io import iter_tensor_protos
 
     with tempfile.TemporaryDirectory(prefix="onnxsqueeze-check-") as tmp:
         for tensor in iter_tensor_protos(proto.graph):

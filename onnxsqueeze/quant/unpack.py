@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 import onnx_ir as ir
 
-from onnxsqueeze.graphs import GraphLike, add_constant, unique_name
+from onnxsqueeze.core.graphs import GraphLike, add_constant, unique_name
 
 #: The oldest default-domain opset whose Reshape takes its shape as an input.
 MIN_OPSET = 6

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from onnxsqueeze.errors import CalibrationDataError
-from onnxsqueeze.runtime import InputSpec
+from onnxsqueeze.core.errors import CalibrationDataError
+from onnxsqueeze.run.signature import InputSpec
 
 Feed = dict[str, np.ndarray]
 

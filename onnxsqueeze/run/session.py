@@ -1,13 +1,11 @@
-"""onnxruntime sessions from in-memory models, provider choice, and feeds from signatures.
+"""onnxruntime sessions from in-memory models and the choice of execution providers.
 
 onnxruntime is imported inside the functions so that ``import onnxsqueeze`` stays fast.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import re
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -16,12 +14,12 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxsqueeze.errors import (
-    CalibrationDataError,
+from onnxsqueeze.core.errors import (
     PipelineConfigError,
     RuntimeSessionError,
     first_line,
 )
+from onnxsqueeze.core.io import has_external_tensors, initializer_bytes, to_proto, weightless
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +34,6 @@ PROVIDER_ALIASES = {
 }
 #: Models whose weights exceed this go to onnxruntime through a temporary directory.
 INLINE_SESSION_LIMIT = 1_500_000_000
-#: Size of a dynamic dimension nobody named (a multiple of 32 suits strided CNNs).
-DEFAULT_DYNAMIC_DIM = 32
-#: Larger sizes tried, in order, when the original model rejects probe feeds of the default
-#: size (an audio model whose STFT pads by more than 32 samples, a CNN that downsamples 64x).
-PROBE_DIM_RETRIES = (128, 512)
-#: Then, at most this many sizes the graph itself names (see sizes_in_graph).
-GRAPH_SIZE_RETRIES = 6
 
 
 # ---------------------------------------------------------------------------- providers
@@ -97,8 +88,8 @@ class Session:
             self._reference = _make_reference(model)
         else:
             try:
-                self._session = _make_session(
-                    model, _session_options(optimize, threads, prepack, config), self.providers
+                self._session = make_session(
+                    model, session_options(optimize, threads, prepack, config), self.providers
                 )
             except Exception as exc:
                 message = f"onnxruntime cannot load the model: {first_line(exc)}"
@@ -129,7 +120,7 @@ class Session:
         return [self.run(f) for f in feeds]
 
 
-def _session_options(
+def session_options(
     optimize: bool,
     threads: int | None,
     prepack: bool = False,
@@ -156,15 +147,11 @@ def _session_options(
 def _make_reference(model: ir.Model) -> Any:
     from onnx.reference import ReferenceEvaluator
 
-    from onnxsqueeze.io import to_proto
-
     return ReferenceEvaluator(to_proto(model))
 
 
-def _make_session(model: ir.Model, options: Any, providers: list[str]) -> Any:
+def make_session(model: ir.Model, options: Any, providers: list[str]) -> Any:
     import onnxruntime as ort
-
-    from onnxsqueeze.io import has_external_tensors, initializer_bytes, weightless
 
     if not has_external_tensors(model) and initializer_bytes(model) < INLINE_SESSION_LIMIT:
         # The weights go over as arrays, not inside the serialised model: protobuf would
@@ -213,8 +200,8 @@ def onnxruntime_float_types(model: ir.Model, names: Sequence[str]) -> dict[str, 
         value.type, value.shape = None, None
     clone.graph.outputs.extend(outputs)
     try:
-        session = _make_session(
-            clone, _session_options(False, None, False, None), ["CPUExecutionProvider"]
+        session = make_session(
+            clone, session_options(False, None, False, None), ["CPUExecutionProvider"]
         )
     except Exception:
         return {}
@@ -243,157 +230,3 @@ def crashes_onnxruntime(model: ir.Model, providers: Sequence[str] | None = None)
     if done.returncode >= 0:
         return None
     return f"onnxruntime crashed loading it (signal {-done.returncode})"
-
-
-# ---------------------------------------------------------------------------- signatures
-
-
-@dataclasses.dataclass(frozen=True)
-class InputSpec:
-    """A graph input as a feed must provide it: name, numpy dtype, dims (int, symbol or None)."""
-
-    name: str
-    dtype: np.dtype
-    shape: tuple[int | str | None, ...] | None
-
-
-def input_specs(model: ir.Model) -> list[InputSpec]:
-    """The inputs a caller must feed (initializers listed as inputs have defaults)."""
-    specs = []
-    for value in model.graph.inputs:
-        if value.const_value is not None or value.name in model.graph.initializers:
-            continue
-        if not isinstance(value.type, ir.TensorType) or value.dtype is None:
-            raise CalibrationDataError(
-                f"input '{value.name}': non-tensor inputs ({value.type}) need user data (--data)"
-            )
-        dims: tuple[int | str | None, ...] | None = None
-        if value.shape is not None:
-            dims = tuple(d if isinstance(d, int) else d.value for d in value.shape.dims)
-        specs.append(InputSpec(value.name or "", _np_dtype(value.dtype), dims))
-    return specs
-
-
-def _np_dtype(dtype: ir.DataType) -> np.dtype:
-    if dtype == ir.DataType.STRING:
-        return np.dtype(object)
-    return np.dtype(dtype.numpy())
-
-
-_SHAPE_RE = re.compile(r"^(?P<name>[^:=]+)(?P<sep>[:=])(?P<dims>.+)$")
-
-
-def parse_shape_overrides(
-    items: Iterable[str],
-) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
-    """``input:1x128`` fixes an input's shape; ``symbol=128`` fixes a named dynamic dim."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    dims: dict[str, int] = {}
-    for item in items:
-        match = _SHAPE_RE.match(item.strip())
-        try:
-            if not match:
-                raise ValueError
-            if match["sep"] == ":":
-                text = match["dims"].lower()
-                shapes[match["name"]] = (
-                    () if text in ("scalar", "()") else tuple(int(d) for d in text.split("x"))
-                )
-            else:
-                dims[match["name"]] = int(match["dims"])
-        except ValueError:
-            raise PipelineConfigError(
-                f"--shape '{item}': expected NAME:DxDxD (e.g. input_ids:1x128) or SYMBOL=N (e.g. batch=1)"
-            ) from None
-    return shapes, dims
-
-
-def concrete_shape(
-    spec: InputSpec,
-    shapes: Mapping[str, tuple[int, ...]],
-    dims: Mapping[str, int],
-    default_dim: int = DEFAULT_DYNAMIC_DIM,
-) -> tuple[int, ...]:
-    """Resolve every dynamic dim: user override, then symbol value, then a default."""
-    if spec.name in shapes:
-        shape = shapes[spec.name]
-        if spec.shape is not None:
-            bad = len(shape) != len(spec.shape) or any(
-                isinstance(d, int) and d != s for d, s in zip(spec.shape, shape, strict=False)
-            )
-            if bad:
-                raise CalibrationDataError(
-                    f"--shape for '{spec.name}': {shape} does not fit the model's {list(spec.shape)}"
-                )
-        return shape
-    if spec.shape is None:
-        raise CalibrationDataError(
-            f"input '{spec.name}' has unknown rank; give its shape with --shape"
-        )
-    out = []
-    for axis, dim in enumerate(spec.shape):
-        if isinstance(dim, int) and dim >= 0:
-            out.append(dim)
-        elif isinstance(dim, str) and dim in dims:
-            out.append(dims[dim])
-        elif axis == 0 or (isinstance(dim, str) and "batch" in dim.lower()):
-            out.append(1)
-        else:
-            out.append(default_dim)
-    return tuple(out)
-
-
-def sizes_in_graph(model: ir.Model, skip: Iterable[int] = ()) -> list[int]:
-    """Small integers the graph's shape arithmetic holds (short int64 constants, most
-    frequent first): an exporter that traced a length into a Reshape (PyTorch's legacy
-    TransformerEncoder export runs at its traced sequence length only) names it there."""
-    from collections import Counter
-
-    from onnxsqueeze.graphs import constant_array, scopes
-
-    counts: Counter[int] = Counter()
-    values = [v for scope in scopes(model) for n in scope for v in n.inputs]
-    for value in {id(v): v for v in values if v is not None}.values():
-        array = constant_array(value)
-        if array is not None and array.dtype == np.int64 and 0 < array.size <= 8:
-            counts.update(int(x) for x in array.reshape(-1) if 2 <= x <= 8192)
-    skipped = set(skip)
-    ranked = sorted(counts, key=lambda size: (-counts[size], size))
-    return [size for size in ranked if size not in skipped][:GRAPH_SIZE_RETRIES]
-
-
-def random_feeds(
-    specs: Sequence[InputSpec],
-    *,
-    count: int = 2,
-    seed: int = 0,
-    shapes: Mapping[str, tuple[int, ...]] | None = None,
-    dims: Mapping[str, int] | None = None,
-) -> list[dict[str, np.ndarray]]:
-    """Seeded probe feeds that honour dtypes and dims (the same symbol gets the same size).
-
-    Integers are drawn from {0, 1}: valid as indices, token types and masks in any model.
-    """
-    rng = np.random.default_rng(seed)
-    resolved = {s.name: concrete_shape(s, shapes or {}, dims or {}) for s in specs}
-    feeds = []
-    for _ in range(count):
-        feed = {}
-        for spec in specs:
-            shape = resolved[spec.name]
-            kind = spec.dtype.kind
-            if kind == "f":
-                arr = rng.standard_normal(shape).astype(spec.dtype)
-            elif kind in "iu":
-                arr = rng.integers(0, 2, size=shape).astype(spec.dtype)
-            elif kind == "b":
-                arr = rng.integers(0, 2, size=shape).astype(bool)
-            elif kind == "O":
-                arr = np.full(shape, "onnxsqueeze", dtype=object)
-            else:
-                raise CalibrationDataError(
-                    f"input '{spec.name}': cannot generate {spec.dtype} probe data; pass --data"
-                )
-            feed[spec.name] = arr
-        feeds.append(feed)
-    return feeds

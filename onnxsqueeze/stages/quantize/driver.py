@@ -1,6 +1,6 @@
 """The quantize stage as the API runs it after the lossless passes: which configurations
 (auto tries several), the feeds that judge them, calibration data or cache, the choice among
-the outcomes, and what the report says about it. The search itself: ``quantize``."""
+the outcomes, and what the report says about it. One configuration's search: ``stage``."""
 
 from __future__ import annotations
 
@@ -9,9 +9,17 @@ from typing import Any
 
 import onnx_ir as ir
 
-from onnxsqueeze.alternatives import SPEED_TIE, not_smaller, pick, resolve_configs
+from onnxsqueeze.calib.calibrate import calibrate
 from onnxsqueeze.calib.choice import collected_with
-from onnxsqueeze.quantize import QuantizeConfig, QuantizeOutcome, quantize_model
+from onnxsqueeze.core.errors import CalibrationError, RuntimeSessionError
+from onnxsqueeze.core.io import model_stats
+from onnxsqueeze.run.feeds import iter_feeds
+from onnxsqueeze.run.probes import probe_feeds
+from onnxsqueeze.run.signature import input_specs
+from onnxsqueeze.stages.latency_gate import SPEED_TIE
+from onnxsqueeze.stages.quantize.alternatives import not_smaller, pick, resolve_configs
+from onnxsqueeze.stages.quantize.config import QuantizeConfig, QuantizeOutcome
+from onnxsqueeze.stages.quantize.stage import quantize_model
 
 
 def run_quantize_stage(
@@ -19,10 +27,6 @@ def run_quantize_stage(
 ) -> ir.Model:
     """The stage as the API runs it after the lossless passes: feeds from ``data`` (or
     generated), the record in ``report.quantization``, the verdict in the report."""
-    from onnxsqueeze.api import probe_feeds
-    from onnxsqueeze.errors import CalibrationError, RuntimeSessionError
-    from onnxsqueeze.io import model_stats
-
     configs = resolve_configs(quantize, data is not None)
     if not configs:
         return model
@@ -103,14 +107,9 @@ def _warn_if_unresolvable(what: str, limit: float | None, feeds: list, report: A
 def _run_config(model: ir.Model, config: QuantizeConfig, data: Any, feeds: list) -> QuantizeOutcome:
     calibration = calib_feeds = None
     if (config.mode.startswith("weights-") or config.mode == "dynamic") and data is not None:
-        from onnxsqueeze.data import iter_feeds
-        from onnxsqueeze.runtime import input_specs
-
         calib_feeds = iter_feeds(data, input_specs(model), limit=config.calib_samples)
     elif config.mode == "static":
         if config.calib_cache:
-            from onnxsqueeze.api import calibrate
-
             calibration = calibrate(
                 model,
                 data,
@@ -120,9 +119,6 @@ def _run_config(model: ir.Model, config: QuantizeConfig, data: Any, feeds: list)
                 providers=config.providers,
             )
         else:
-            from onnxsqueeze.data import iter_feeds
-            from onnxsqueeze.runtime import input_specs
-
             calib_feeds = iter_feeds(data, input_specs(model), limit=config.calib_samples)
     return quantize_model(
         model,

@@ -20,13 +20,14 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from onnxsqueeze.errors import (
+from onnxsqueeze.core.errors import (
     InvalidModelError,
     ModelLoadError,
     ModelSaveError,
     UnsupportedModelError,
     first_line,
 )
+from onnxsqueeze.core.legalize import legalize
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class LoadedModel:
     path: Path | None = None
     label: str = "<model>"
     #: The model as given, when ``model`` had to be converted to pass onnx.checker (see
-    #: onnxsqueeze.legalize): verification compares against it. ``note`` says what was done.
+    #: onnxsqueeze.core.legalize): verification compares against it. ``note`` says what was done.
     original: ir.Model | None = None
     note: str | None = None
 
@@ -128,8 +129,6 @@ def _from_proto(
         try:
             _run_checker(proto, label, checker_path)
         except InvalidModelError:
-            from onnxsqueeze.legalize import legalize
-
             legal = legalize(proto)  # an op below its opset, as onnxruntime allows
             if legal is None:
                 raise

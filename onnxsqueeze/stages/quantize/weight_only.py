@@ -1,6 +1,6 @@
 """Settings of the weight-only modes (weights-int8 / weights-int4) for the quantize stage:
 bits, block and storage form of the rounded weights, and with calibration data the Gram
-matrices GPTQ rounds by (see onnxsqueeze.gptq). Kept apart from the budget search, which
+matrices GPTQ rounds by (see onnxsqueeze.quant.gptq). Kept apart from the budget search, which
 only hands these settings to the quantize-weights pass."""
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import onnx_ir as ir
+
+from onnxsqueeze.calib.gram import gram_matrices
 
 #: Smallest weight the weight-only stage quantizes in the fold form.
 FOLD_MIN_ELEMENTS = 256
@@ -47,8 +49,6 @@ def weight_settings(
         # a small model's file (PP-OCR cls: 0.51x -> 0.33x); the budget guards accuracy.
         settings["min_elements"] = FOLD_MIN_ELEMENTS
     if calib_feeds is not None:
-        from onnxsqueeze.calib.gram import gram_matrices
-
         feeds = itertools.islice(calib_feeds, calib_samples or GPTQ_SAMPLES)
         settings["grams"] = gram_matrices(model, feeds, providers=providers)
     return settings

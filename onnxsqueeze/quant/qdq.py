@@ -19,9 +19,15 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxsqueeze import cpu
-from onnxsqueeze.graphs import GraphLike, add_constant, constant_array, drop_if_unused, unique_name
-from onnxsqueeze.qmath import QRANGES, QParams, qparams, quantize_per_channel
+from onnxsqueeze.core.graphs import (
+    GraphLike,
+    add_constant,
+    constant_array,
+    drop_if_unused,
+    unique_name,
+)
+from onnxsqueeze.quant.qmath import QRANGES, QParams, qparams, quantize_per_channel
+from onnxsqueeze.run import cpu
 
 #: op -> (weight input index, bias input index or None).
 WEIGHTED = {"Conv": (1, 2), "ConvTranspose": (1, 2), "MatMul": (1, None), "Gemm": (1, 2)}

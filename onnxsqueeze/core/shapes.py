@@ -13,7 +13,8 @@ from collections.abc import Iterator
 
 import onnx_ir as ir
 
-from onnxsqueeze.errors import first_line
+from onnxsqueeze.core.errors import first_line
+from onnxsqueeze.core.io import drop_map_types, weightless
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +54,6 @@ def _infer_without_maps(model: ir.Model) -> None:
     """onnx's inference, its map-typed results dropped before onnx_ir reads them back, the
     rest merged by value name (weights stay out of the serialised copy)."""
     import onnx
-
-    from onnxsqueeze.io import drop_map_types, weightless
 
     with weightless(model):
         proto = ir.serde.serialize_model(model)

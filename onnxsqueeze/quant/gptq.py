@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from onnxsqueeze.qmath import block_scales, quantize_weight
+from onnxsqueeze.quant.qmath import block_scales, quantize_weight
 
 #: Dampening added to H's diagonal, as a fraction of its mean: keeps the inverse stable when
 #: some input channels barely vary.

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxsqueeze.errors import first_line
+from onnxsqueeze.core.errors import first_line
 
 logger = logging.getLogger(__name__)
 

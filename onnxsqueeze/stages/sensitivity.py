@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxsqueeze.graphs import is_constant
-from onnxsqueeze.verify import compare_runs
+from onnxsqueeze.core.graphs import is_constant
+from onnxsqueeze.run.compare import compare_runs
+from onnxsqueeze.run.session import Session
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +103,6 @@ def _run_exposed(
     model: ir.Model, names: Sequence[str], feeds: Sequence[Mapping[str, Any]], providers
 ) -> list[dict[str, np.ndarray]]:
     """Run a copy of ``model`` whose outputs also include ``names`` (main-graph values)."""
-    from onnxsqueeze.runtime import Session
-
     exposed = model.clone()
     graph = exposed.graph
     present = {o.name for o in graph.outputs}

@@ -11,8 +11,9 @@ import logging
 
 import onnx_ir as ir
 
-from onnxsqueeze.errors import UnsupportedModelError, first_line
-from onnxsqueeze.graphs import opset_version
+from onnxsqueeze.core.errors import UnsupportedModelError, first_line
+from onnxsqueeze.core.graphs import opset_version
+from onnxsqueeze.core.io import serialize
 
 logger = logging.getLogger(__name__)
 
@@ -23,8 +24,6 @@ def upgrade_opset(model: ir.Model, target: int) -> ir.Model:
     if opset_version(model) >= target:
         return model
     import onnx.version_converter
-
-    from onnxsqueeze.io import serialize
 
     proto = serialize(model)
     try:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxsqueeze.graphs import GraphLike, add_constant, drop_if_unused, unique_name
-from onnxsqueeze.qmath import pack_matmul_nbits, pack_rows
+from onnxsqueeze.core.graphs import GraphLike, add_constant, drop_if_unused, unique_name
+from onnxsqueeze.quant.qmath import pack_matmul_nbits, pack_rows
 
 
 class NBitsBuilder:

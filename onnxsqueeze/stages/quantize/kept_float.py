@@ -1,7 +1,7 @@
 """What becomes of the weights the quantize stage's budget search kept float.
 
-The search (``onnxsqueeze.quantize``) decides which nodes must stay float for the accuracy
-budget to hold. Their weights need not stay float too: static QDQ can store them in the fold
+The search (``stages.search``, run by ``stages.quantize.stage``) decides which nodes must
+stay float for the accuracy budget to hold. Their weights need not stay float too: static QDQ can store them in the fold
 form (int8 in the file, float again at load, the same float kernels), and weights-int4 can
 give them int8 instead of int4. Both are judged again and shipped only if the budget holds.
 """
@@ -13,8 +13,10 @@ from typing import Any
 
 import onnx_ir as ir
 
-from onnxsqueeze.graphs import scopes
-from onnxsqueeze.weight_only import FOLD_MIN_ELEMENTS
+from onnxsqueeze.core.graphs import scopes
+from onnxsqueeze.passes.quantize_weights import QuantizeWeightsPass
+from onnxsqueeze.stages.quantize.weight_only import FOLD_MIN_ELEMENTS
+from onnxsqueeze.stages.search import fewest_kept
 
 
 def int8_for_kept(
@@ -23,30 +25,31 @@ def int8_for_kept(
     """weights-int4: weights the budget kept float go int8 where the budget still holds
     (a float weight costs 8x its int4 bytes, an int8 one 2x): MiniLM's default-budget
     int4 file was 0.75x the float one, larger than int8's. ``kept`` is most damaging
-    first; a bisection finds the fewest of them that must stay float. Fold form only
-    (the CPU default), where int8 needs no opset. ``settings``: the stage's quantize-weights
-    options (see weight_only). Returns the model, what stays float and what went int8."""
+    first; the shared bisection (``stages.search.fewest_kept``) finds the fewest of them
+    that must stay float. Fold form only (the CPU default), where int8 needs no opset.
+    ``settings``: the stage's quantize-weights options (see weight_only). Returns the
+    model, what stays float and what went int8."""
     if settings["format"] != "fold":
         return candidate, kept, []
-    from onnxsqueeze.passes.quantize_weights import QuantizeWeightsPass
-
     others = tuple(n for n in stage.candidates if n not in kept)
     int8 = {**settings, "bits": 8, "block_size": 0}
-    found = None
-    lo, hi = 0, len(kept)  # int8 for kept[start:]; start == len(kept): none
-    while lo < hi:
-        start = (lo + hi) // 2
+    changed: dict[int, int] = {}  # weights each built model gave int8, by id
+
+    def build(still_float: Sequence[str]) -> ir.Model:
         model = candidate.clone()
-        exclude = (*stage.config.exclude_nodes, *others, *kept[:start])
-        count = QuantizeWeightsPass(**int8, exclude_nodes=exclude)(model).stats["weights_quantized"]
-        ok, summary = stage.judge(model) if count else (False, "")
-        if ok:
-            found, hi = (start, model, summary), start
-        else:
-            lo = start + 1
-    if found is None:
+        exclude = (*stage.config.exclude_nodes, *others, *still_float)
+        changed[id(model)] = QuantizeWeightsPass(**int8, exclude_nodes=exclude)(model).stats[
+            "weights_quantized"
+        ]
+        return model
+
+    def judge(model: ir.Model) -> tuple[bool, str]:
+        return stage.judge(model) if changed[id(model)] else (False, "")
+
+    found = fewest_kept(kept, build, judge, none_kept_fails=False)
+    if found.model is None:
         return candidate, kept, []
-    start, model, summary = found
+    start, model, summary = found.count, found.model, found.summary
     now_int8 = set(kept[start:])
     for entry in stage.record["nodes"]:
         if entry["name"] in now_int8:
@@ -68,8 +71,6 @@ def fold_float_weights(stage: Any, candidate: ir.Model, sensitive: Sequence[str]
     the user excluded (by name or op) stay untouched."""
     if not set(stage.config.providers) <= {"cpu"}:
         return candidate  # other EPs may not fold constants the way onnxruntime's CPU does
-    from onnxsqueeze.passes.quantize_weights import QuantizeWeightsPass
-
     ops = set(stage.config.exclude_ops)
     named = (n.name for scope in scopes(candidate) for n in scope if n.op_type in ops)
     user = (*stage.config.exclude_nodes, *named)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from onnxsqueeze.graphs import constant_array
+from onnxsqueeze.core.graphs import constant_array
 
 Entry = int | str | None
 

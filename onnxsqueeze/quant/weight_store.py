@@ -2,7 +2,7 @@
 
 Two forms of the same codes and scales: ``DequantizeLinear`` (kept by onnxruntime for its QDQ
 fusions and TensorRT-style weight-only kernels) or ``fold`` (``Cast -> Mul`` on constants,
-which the runtime folds back to the float weight at load; see onnxsqueeze.unpack).
+which the runtime folds back to the float weight at load; see onnxsqueeze.quant.unpack).
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from onnxsqueeze.graphs import GraphLike, drop_if_unused
-from onnxsqueeze.qdq import QdqBuilder
-from onnxsqueeze.qmath import QParams
-from onnxsqueeze.unpack import Unpacker, dq_layout, stored_bytes
+from onnxsqueeze.core.graphs import GraphLike, drop_if_unused
+from onnxsqueeze.quant.qdq import QdqBuilder
+from onnxsqueeze.quant.qmath import QParams
+from onnxsqueeze.quant.unpack import Unpacker, dq_layout, stored_bytes
 
 
 @dataclasses.dataclass

@@ -5,59 +5,48 @@ smallest, then the most accurate."""
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import onnx_ir as ir
 
-if TYPE_CHECKING:
-    from onnxsqueeze.quantize import QuantizeConfig, QuantizeOutcome
+from onnxsqueeze.core.errors import SqueezeError
+from onnxsqueeze.core.io import initializer_bytes, serialized_bytes
+from onnxsqueeze.stages import latency_gate
+from onnxsqueeze.stages.latency_gate import SPEED_TIE
+from onnxsqueeze.stages.quantize.config import CHOICES, QuantizeConfig, QuantizeOutcome
 
 
 def check_latency(
     original: ir.Model, outcome: QuantizeOutcome, config: QuantizeConfig, feed: Any
 ) -> None:
-    """Record the outcome's speed against float; with require_faster, a slower one is not
-    applied. Timed on a real sample: generated inputs may take another branch or size. A model
-    whose weights fold back to float at load runs the float graph: compared, not timed."""
-    from onnxsqueeze.bench import compare_latency, loaded_op_types
-
-    if outcome.record.get("weight_format") == "fold" and loaded_op_types(
-        original, config.providers
-    ) == loaded_op_types(outcome.model, config.providers):
-        outcome.record["speed_vs_float"] = 1.0
-        outcome.record["speed_basis"] = "the float graph once its weights fold at load"
+    """Record the outcome's speed against float (the latency gate); with require_faster, a
+    slower one is not applied. Timed on a real sample: generated inputs may take another
+    branch or size. A model whose weights fold back to float at load runs the float graph:
+    compared, not timed."""
+    measured = latency_gate.speed(
+        original,
+        outcome.model,
+        config.providers,
+        feed,
+        may_run_same_kernels=outcome.record.get("weight_format") == "fold",
+    )
+    outcome.record["speed_vs_float"] = round(measured.ratio, 3)
+    if measured.basis:
+        outcome.record["speed_basis"] = measured.basis
         return
-    speed = compare_latency(original, outcome.model, config.providers, feed)
-    outcome.record["speed_vs_float"] = round(speed, 3)
-    if speed < NOT_SLOWER:
+    if measured.slower():
         outcome.record["slower"] = True
         if config.require_faster:
             outcome.record["applied"] = False
             outcome.record["reason"] = (
-                f"quantized model runs at {speed:.2f}x float speed; kept float"
+                f"quantized model runs at {measured.ratio:.2f}x float speed; kept float"
             )
             outcome.model = original
-
-
-#: Measured speed ratios from here up count as "not slower": timing noise on an idle machine
-#: (a model whose weights fold back to float at load measures 0.97-1.03x).
-NOT_SLOWER = 0.97
-
-
-#: Speeds within this ratio of each other are a tie: size, then accuracy decide. Timing noise
-#: alone needs 0.90 (at 0.95, PP-OCR rec's static result with 2 of 53 nodes quantized, file
-#: -0.2 %, beat weight-only int8, file -50 %, in one run of two). At 0.90, PP-OCR det's static
-#: result (1.05-1.11x float, 0.38-0.48x the file) and weight-only int8 (1.00x, 0.27x) traded
-#: places from run to run: a few per cent of speed is not worth a file 1.4-1.8x larger, so a
-#: bigger file must be more than 15 % faster (MiniLM's dynamic int8 measures 1.26-1.39x).
-SPEED_TIE = 0.85
 
 
 def pick(applied: list[QuantizeOutcome]) -> QuantizeOutcome:
     """The fastest alternative; among those within timing noise of it, the smallest file (both
     already meet the budget, and size is what was asked for), then the more accurate."""
-    from onnxsqueeze.io import initializer_bytes
-
     fastest = max(o.record.get("speed_vs_float") or 0.0 for o in applied)
     close = [o for o in applied if (o.record.get("speed_vs_float") or 0.0) >= SPEED_TIE * fastest]
     for o in close:
@@ -69,8 +58,6 @@ def not_smaller(model: ir.Model, outcomes: list[QuantizeOutcome], auto: bool, re
     """A quantized model whose file is no smaller than float's: weights too small to pay for
     their Q/DQ nodes and scales (a 2 KB Conv3d net came out 1.6x larger). auto does not ship
     it; an explicit mode does, and says so."""
-    from onnxsqueeze.io import serialized_bytes
-
     applied = [o for o in outcomes if o.record.get("applied")]
     before = serialized_bytes(model) if applied else 0
     for outcome in applied:
@@ -95,9 +82,6 @@ def resolve_configs(quantize: Any, has_data: bool) -> list[QuantizeConfig]:
     do not pay on the target (convolution nets on CPUs without VNNI); an integer mode whose
     fully quantized draft could not beat what is already found gets a quick search.
     """
-    from onnxsqueeze.errors import SqueezeError
-    from onnxsqueeze.quantize import CHOICES, QuantizeConfig
-
     config = quantize if isinstance(quantize, QuantizeConfig) else None
     mode = config.mode if config is not None else str(quantize)
     if mode not in CHOICES:

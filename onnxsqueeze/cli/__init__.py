@@ -159,8 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.ERROR,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    from onnxsqueeze.errors import PipelineConfigError, SqueezeError
-    from onnxsqueeze.lazy_imports import defer_heavy_imports
+    from onnxsqueeze.cli.lazy_imports import defer_heavy_imports
+    from onnxsqueeze.core.errors import PipelineConfigError, SqueezeError
 
     defer_heavy_imports()
     try:
@@ -195,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _fail(exc: Exception, debug: bool, model: str | None = None) -> None:
     """One line; errors about running the model (verification) name its file too."""
-    from onnxsqueeze.errors import RuntimeSessionError, VerificationError
+    from onnxsqueeze.core.errors import RuntimeSessionError, VerificationError
 
     if debug:
         import traceback
@@ -208,7 +208,7 @@ def _fail(exc: Exception, debug: bool, model: str | None = None) -> None:
 
 
 def _pass_specs(args: argparse.Namespace) -> list | None:
-    from onnxsqueeze.errors import PipelineConfigError
+    from onnxsqueeze.core.errors import PipelineConfigError
 
     options: dict[str, dict[str, str]] = {}
     for item in args.option:
@@ -220,7 +220,7 @@ def _pass_specs(args: argparse.Namespace) -> list | None:
     names = [n.strip() for n in args.passes.split(",") if n.strip()] if args.passes else None
     if names is None and not options:
         return None
-    from onnxsqueeze.passes import builtin_registry
+    from onnxsqueeze.pipeline.presets import builtin_registry
 
     registry = builtin_registry()
     known = {cls.name for cls in registry.pass_classes}
@@ -259,7 +259,7 @@ def _squeeze(args: argparse.Namespace) -> int:
         quantize=_quantize_config(args),
     )
     if args.report:
-        from onnxsqueeze.io import atomic_write_text
+        from onnxsqueeze.core.io import atomic_write_text
 
         atomic_write_text(Path(args.report), report.to_json())
     if not args.quiet:
@@ -272,9 +272,9 @@ def _quantize_config(args: argparse.Namespace):
     """The quantize stage's settings from the flags (None: lossless only)."""
     import dataclasses
 
-    from onnxsqueeze.budget import DEFAULT_BUDGET, Budget
-    from onnxsqueeze.errors import PipelineConfigError
-    from onnxsqueeze.quantize import QuantizeConfig
+    from onnxsqueeze.core.errors import PipelineConfigError
+    from onnxsqueeze.stages.budget import DEFAULT_BUDGET, Budget
+    from onnxsqueeze.stages.quantize import QuantizeConfig
 
     if args.quantize == "none" or args.passes:
         return None
@@ -314,7 +314,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     from onnxsqueeze.api import calibrate
     from onnxsqueeze.calib.choice import collected_with
-    from onnxsqueeze.errors import PipelineConfigError
+    from onnxsqueeze.core.errors import PipelineConfigError
 
     if args.calib_samples is not None and args.calib_samples <= 0:
         raise PipelineConfigError("--calib-samples must be a positive number")
@@ -335,7 +335,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     ranges = result.ranges(method)
     nonfinite = result.nonfinite()
     if args.report:
-        from onnxsqueeze.io import atomic_write_text
+        from onnxsqueeze.core.io import atomic_write_text
 
         report = {
             "source": args.model,
@@ -381,7 +381,7 @@ def _progress_bar():
 def _list_passes() -> str:
     import dataclasses
 
-    from onnxsqueeze.passes import builtin_registry
+    from onnxsqueeze.pipeline.presets import builtin_registry
 
     registry = builtin_registry()
     lines = ["passes:"]

@@ -1,0 +1,63 @@
+"""The judge every lossy stage measures its candidates with: the model before the change
+runs once on the evaluation samples, and each candidate is run *as onnxruntime will run it*
+(graph optimizations on, so the fusions that decide speed and numerics happen) and held
+to the budget. What it measured of each candidate (worst cosine, changed top-1 answers)
+stays at hand for the report and for ties between alternatives."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import onnx_ir as ir
+
+from onnxsqueeze.run.compare import compare_runs, is_distribution
+from onnxsqueeze.run.session import Session
+from onnxsqueeze.stages.budget import Budget
+
+
+class Judge:
+    """Runs candidates against ``model``'s outputs on ``feeds`` and checks ``budget``.
+
+    Calling it returns ``(met, one-line summary)``; ``cosines`` and ``flips`` keep, by
+    ``id`` of each judged model, its worst output cosine and the class outputs whose argmax
+    it changed (name -> agreement)."""
+
+    def __init__(
+        self,
+        model: ir.Model,
+        feeds: Sequence[Mapping[str, Any]],
+        budget: Budget,
+        providers: Sequence[str],
+    ) -> None:
+        self.feeds = list(feeds)
+        self.budget = budget
+        self.providers = tuple(providers)
+        self.reference = Session(model, self.providers).run_all(self.feeds)
+        self.cosines: dict[int, float] = {}
+        self.flips: dict[int, dict[str, float]] = {}
+
+    def class_outputs(self) -> list[str]:
+        """Outputs whose every reference sample is a probability distribution: a
+        classifier's answers, which a class-agreement limit reads."""
+        first = self.reference[0] if self.reference else {}
+        return [name for name in first if all(is_distribution(r[name]) for r in self.reference)]
+
+    def run(
+        self,
+        model: ir.Model,
+        feeds: Sequence[Mapping[str, Any]] | None = None,
+        optimize: bool = True,
+    ) -> list[dict]:
+        return Session(model, self.providers, optimize=optimize).run_all(feeds or self.feeds)
+
+    def __call__(self, model: ir.Model) -> tuple[bool, str]:
+        outputs = self.run(model)
+        comparison = compare_runs(self.reference, outputs)
+        self.cosines[id(model)] = comparison.min_cosine
+        self.flips[id(model)] = {
+            o.name: o.top1_agreement
+            for o in comparison.outputs
+            if o.distribution and o.top1_agreement is not None and o.top1_agreement < 1
+        }
+        return self.budget.check(comparison, self.reference, outputs)

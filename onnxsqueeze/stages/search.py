@@ -1,0 +1,170 @@
+"""The search every lossy family shares: the fewest nodes to leave untouched for the budget.
+
+A family (quantization now; factorization and pruning next) proposes candidate nodes and
+can build the model with every candidate changed except a given few (``Family``). The
+search ranks the candidates by the damage each does alone (``rank``: exact, one model per
+node; local, the error each adds to its own output in two runs; or local then exact for
+the worst), then bisects that ranking for the fewest most damaging nodes to keep so that
+the whole model meets the budget as onnxruntime runs it (``fewest_kept``). Keeping more
+nodes untouched does not, in practice, make the error larger, which is what lets a
+bisection stand in for trying every subset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
+
+import onnx_ir as ir
+
+from onnxsqueeze.stages.judge import Judge
+from onnxsqueeze.stages.sensitivity import exact_scores, local_scores
+
+#: When the change is already too slow to be worth it (the latency gate's draft timing),
+#: exact sensitivity (one model per node) only up to this many nodes; local scores beyond.
+QUICK_EXACT = 8
+
+
+class Family(Protocol):
+    """What a lossy family gives the search."""
+
+    #: The model before the family's change.
+    model: ir.Model
+
+    @property
+    def candidates(self) -> Mapping[str, ir.Node]:
+        """The nodes the family may change, by name."""
+        ...
+
+    def build(self, kept: Sequence[str]) -> ir.Model:
+        """A new model with every candidate changed except ``kept`` (and those the family
+        cannot change)."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class SensitivityOptions:
+    """How candidates are ranked: ``exact`` (one model per candidate), ``local`` (two runs),
+    ``local+exact`` (local ranking, then exact scores for its ``max_exact`` worst), ``auto``
+    (exact up to ``max_exact`` nodes, else local+exact), on the first ``samples`` feeds."""
+
+    method: str = "auto"
+    max_exact: int = 96
+    samples: int = 4
+
+
+@dataclasses.dataclass
+class Ranking:
+    #: Damage of each candidate (output noise-to-signal ratio, or local relative error).
+    scores: dict[str, float]
+    #: The order to keep candidates untouched in: most damaging first.
+    order: list[str]
+    #: The method that ranked them (auto resolved).
+    method: str
+
+
+def rank(
+    family: Family,
+    names: Sequence[str],
+    changed: ir.Model,
+    judge: Judge,
+    options: SensitivityOptions,
+    *,
+    quick: bool = False,
+) -> Ranking:
+    """Rank ``names`` (candidates ``changed`` changes) by the damage each does alone.
+    ``quick``: the change is too slow to matter already, so spend two runs, not one model
+    per node, beyond QUICK_EXACT candidates."""
+    names = list(names)
+    feeds = judge.feeds[: options.samples]
+    method = options.method
+    if method == "auto":
+        exact_up_to = QUICK_EXACT if quick else options.max_exact
+        method = "exact" if len(names) <= exact_up_to else "local+exact"
+        if quick and method != "exact":
+            method = "local"
+    reference = judge.reference[: len(feeds)]
+
+    def exact(subset: list[str]) -> dict[str, float]:
+        outside = [n for n in names if n not in subset]
+
+        def only(kept: Sequence[str]) -> ir.Model:
+            return family.build([*kept, *outside])
+
+        run = lambda m: judge.run(m, feeds, optimize=False)  # noqa: E731
+        return exact_scores(subset, only, run, reference)
+
+    if method == "exact":
+        scores = exact(names)
+        return Ranking(scores, sorted(names, key=lambda n: -scores[n]), method)
+    nodes = {n: family.candidates[n] for n in names}
+    local = local_scores(family.model, changed, nodes, feeds, judge.providers)
+    by_local = sorted(names, key=lambda n: -local[n])
+    if method == "local":
+        return Ranking(local, by_local, method)
+    # the local ranking picks the suspects, exact scores order them; the rest follow
+    suspects = exact(by_local[: options.max_exact])
+    order = sorted(suspects, key=lambda n: -suspects[n]) + by_local[options.max_exact :]
+    return Ranking({**local, **suspects}, order, method)
+
+
+@dataclasses.dataclass
+class Kept:
+    #: How many leading nodes of the order stay untouched.
+    count: int
+    #: The model that meets the budget with them untouched; None when none does.
+    model: ir.Model | None
+    #: What the judge measured on ``model`` (or on the last model tried, when None).
+    summary: str
+    #: Models built and judged.
+    tries: int
+
+
+def fewest_kept(
+    order: Sequence[str],
+    build: Callable[[Sequence[str]], ir.Model],
+    judge: Callable[[ir.Model], tuple[bool, str]],
+    *,
+    none_kept_fails: bool = True,
+) -> Kept:
+    """Fewest leading nodes of ``order`` to keep untouched so the budget holds, by
+    bisection; at least the last node stays changed, or there is nothing to ship.
+
+    ``none_kept_fails``: the fully changed model was judged already and missed the budget
+    (the stage's first measurement), so the search first checks that keeping all but the
+    last node is enough, then bisects between the two. Otherwise nothing is known of the
+    fully changed model and the bisection starts in the middle of the whole range."""
+    last = len(order) - 1
+    if not none_kept_fails:
+        found: Kept | None = None
+        lo, hi, tries, summary = 0, len(order), 0, ""
+        while lo < hi:
+            mid = (lo + hi) // 2
+            model = build(order[:mid])
+            ok, summary = judge(model)
+            tries += 1
+            if ok:
+                found, hi = Kept(mid, model, summary, 0), mid
+            else:
+                lo = mid + 1
+        if found is None:
+            return Kept(len(order), None, summary, tries)
+        found.tries = tries
+        return found
+    candidate = build(order[:last])
+    ok, summary = judge(candidate)
+    tries = 1
+    if not ok:
+        return Kept(len(order), None, summary, tries)
+    lo, hi, best = 0, last, (candidate, summary)  # lo fails, hi passes
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        candidate = build(order[:mid])
+        ok, summary = judge(candidate)
+        tries += 1
+        if ok:
+            hi, best = mid, (candidate, summary)
+        else:
+            lo = mid
+    return Kept(hi, best[0], best[1], tries)
