@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -183,8 +184,6 @@ def tensor_digest(tensor: ir.TensorProtocol) -> bytes:
     """BLAKE2b of the tensor's bytes; external tensors are read from the file in chunks."""
     hasher = hashlib.blake2b(digest_size=32)
     if isinstance(tensor, ir.ExternalTensor):
-        import os
-
         with open(os.path.join(tensor.base_dir, tensor.location), "rb") as fh:
             fh.seek(tensor.offset or 0)
             remaining = tensor.length if tensor.length is not None else tensor.nbytes

@@ -85,3 +85,20 @@ def test_squeeze_file_reports_sizes(tmp_path, mlp_path):
     assert report.file_bytes_before == mlp_path.stat().st_size
     assert report.file_bytes_after == (tmp_path / "out.onnx").stat().st_size
     assert report.output == str(tmp_path / "out.onnx")
+
+
+def test_the_config_and_budget_are_reachable_by_every_documented_path():
+    """README examples before the engine moved into rooms named onnxsqueeze.quantize and
+    onnxsqueeze.budget; those paths keep working next to the new ones."""
+    import onnxsqueeze.budget
+    import onnxsqueeze.quantize
+    from onnxsqueeze.stages.budget import Budget
+    from onnxsqueeze.stages.quantize import QuantizeConfig
+
+    assert onnxsqueeze.QuantizeConfig is onnxsqueeze.quantize.QuantizeConfig is QuantizeConfig
+    assert onnxsqueeze.Budget is onnxsqueeze.budget.Budget is Budget
+    config = onnxsqueeze.quantize.QuantizeConfig(
+        mode="dynamic", budget=onnxsqueeze.budget.Budget(min_cosine=0.99)
+    )
+    assert config.budget.min_cosine == 0.99
+    assert onnxsqueeze.calibrate.__module__ == "onnxsqueeze.calib.calibrate"

@@ -201,6 +201,21 @@ def test_help_does_not_import_heavy_modules():
     assert proc.stdout.strip() == "[]"
 
 
+def test_a_run_that_calibrates_nothing_does_not_import_numba(mlp_path, tmp_path):
+    """The engine imports its rooms at module level, calibration included; Numba (0.2 s with
+    llvmlite) still loads only when a kernel first runs (calib.kernels)."""
+    out = tmp_path / "out.onnx"
+    code = (
+        "import sys\n"
+        "from onnxsqueeze.cli import main\n"
+        f"code = main([{str(mlp_path)!r}, '-o', {str(out)!r}, '-q', '--quantize', 'none'])\n"
+        "print(code, 'numba' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["0", "False"] and out.is_file()
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

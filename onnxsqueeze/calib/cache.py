@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +67,6 @@ class Calibration:
         The searches run in threads: their kernels release the GIL, and the KL search is
         the costly part of entropy calibration (O(bins^2) per tensor).
         """
-        from concurrent.futures import ThreadPoolExecutor
-
         names = [name for name, obs in self.observers.items() if obs.finite]
 
         def one(name: str) -> tuple[float, float]:

@@ -5,15 +5,55 @@ above every finite |x| seen. Bin of x is floor(x * B / 2t) + B/2, exact (a produ
 power of two), so the histogram of a data set does not depend on how it was split into
 batches, and doubling t merges bins 2k, 2k+1 exactly (no count is lost or moved).
 
-Nothing here imports onnx or onnx_ir: the kernels are plain numeric code.
+Nothing here imports onnx or onnx_ir: the kernels are plain numeric code. Numba itself is
+imported when a kernel first runs (``njit`` below): importing it costs 0.2 s (with llvmlite),
+which most command-line runs, that calibrate nothing, should not pay.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
-from numba import njit
+
+#: Kernels to compile, in definition order (callees before their jitted callers).
+_KERNELS: dict[str, dict[str, Any]] = {}
+_COMPILING = threading.Lock()  # the entropy search runs kernels from several threads
+
+
+def njit(**options: Any) -> Callable[[Callable], Callable]:
+    """``numba.njit(**options)``, applied the first time any kernel of this module runs:
+    then every kernel is compiled (from numba's on-disk cache) and replaces its stand-in in
+    the module, so jitted callers find jitted callees and later calls go straight to the
+    compiled code."""
+
+    def mark(function: Callable) -> Callable:
+        _KERNELS[function.__name__] = options
+
+        @functools.wraps(function)
+        def stand_in(*args: Any) -> Any:
+            _compile()
+            return globals()[function.__name__](*args)
+
+        stand_in.py_func = function  # type: ignore[attr-defined]
+        return stand_in
+
+    return mark
+
+
+def _compile() -> None:
+    from numba import njit as numba_njit  # heavy: see the module docstring
+
+    module = globals()
+    with _COMPILING:
+        for name, options in _KERNELS.items():
+            if not hasattr(module[name], "signatures"):  # still the stand-in
+                module[name] = numba_njit(**options)(module[name].py_func)
+
 
 #: Indices into the stats vector that ``extremes`` fills.
 MIN, MAX, NAN, POS_INF, NEG_INF, FINITE = range(6)

@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
+import onnx
 import onnx_ir as ir
 
 from onnxsqueeze.core.errors import first_line
@@ -53,8 +54,6 @@ def inferred_shapes(model: ir.Model) -> Iterator[bool]:
 def _infer_without_maps(model: ir.Model) -> None:
     """onnx's inference, its map-typed results dropped before onnx_ir reads them back, the
     rest merged by value name (weights stay out of the serialised copy)."""
-    import onnx
-
     with weightless(model):
         proto = ir.serde.serialize_model(model)
     proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)

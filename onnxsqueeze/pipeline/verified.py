@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import onnx
@@ -350,9 +352,6 @@ def structural_problem(model: ir.Model) -> str | None:
 
 
 def _check_with_stand_ins(proto: onnx.ModelProto) -> None:
-    import tempfile
-    from pathlib import Path
-
     with tempfile.TemporaryDirectory(prefix="onnxsqueeze-check-") as tmp:
         for tensor in iter_tensor_protos(proto.graph):
             for entry in tensor.external_data:

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import onnx
 import onnx_ir as ir
 
 from onnxsqueeze.run.probes import random_feeds
@@ -100,7 +101,6 @@ def loaded_op_types(model: ir.Model, providers: Sequence[str]) -> Counter:
     Two models with the same counts run the same kernels on the same shapes: a weight-only
     model stored to fold at load (onnxsqueeze.quant.unpack) against its float original is compared
     this way, without timing noise."""
-    import onnx
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix="onnxsqueeze-loaded-") as tmp:

@@ -6,6 +6,8 @@ onnxruntime is imported inside the functions so that ``import onnxsqueeze`` stay
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -216,9 +218,6 @@ def crashes_onnxruntime(model: ir.Model, providers: Sequence[str] | None = None)
     For graphs onnxruntime's optimizers meet rarely (float16 on the CPU: a fully converted
     PyTorch TransformerEncoder export segfaults onnxruntime 1.32 at level ALL), before this
     process loads one."""
-    import subprocess
-    import sys
-
     names, _ = resolve_providers(providers or ("cpu",))
     code = "import onnxruntime as o, sys; o.InferenceSession(sys.argv[1], providers=sys.argv[2:])"
     with tempfile.TemporaryDirectory(prefix="onnxsqueeze-preflight-") as tmp:

@@ -24,7 +24,7 @@ from onnxsqueeze.calib.observers import (
 )
 from onnxsqueeze.core.errors import CalibrationError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DIGITS = REPO / "models" / "digits_cnn.onnx"
 
 finite_arrays = hnp.arrays(

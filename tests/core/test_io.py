@@ -336,7 +336,7 @@ def test_serialized_bytes_counts_external_weights_too(tmp_path):
     alone (31 KB for a 380 KB model), so every quantized copy looked larger than float."""
     from onnxsqueeze.core.io import serialized_bytes
 
-    digits = Path(__file__).resolve().parent.parent / "models" / "digits_cnn.onnx"
+    digits = Path(__file__).resolve().parents[2] / "models" / "digits_cnn.onnx"
     proto = onnx.load(digits)
     inline = serialized_bytes(load_model(digits).model)
     path = tmp_path / "ext.onnx"

@@ -17,7 +17,7 @@ from onnxsqueeze.stages.quantize import QuantizeConfig, quantize_model
 from conftest import parse_with, run_ort
 
 RNG = np.random.default_rng(7)
-DIGITS = Path(__file__).resolve().parent.parent / "models" / "digits_cnn.onnx"
+DIGITS = Path(__file__).resolve().parents[2] / "models" / "digits_cnn.onnx"
 
 SENSITIVE = """
 <ir_version: 8, opset_import: ["" : 13]>
