@@ -38,7 +38,7 @@ def test_wheel_contains_the_passes(tmp_path):
     }
     passes = {f"onnxsqueeze/passes/{p.name}" for p in (REPO / "passes").glob("*.py")}
     assert engine | passes <= names, sorted((engine | passes) - names)
-    assert "onnxsqueeze/cli.py" in names and "onnxsqueeze/py.typed" in names
+    assert "onnxsqueeze/cli/__init__.py" in names and "onnxsqueeze/py.typed" in names
     assert not any(n.startswith(("passes/", "tests/", "models/", "tools/")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert (

@@ -10,6 +10,12 @@ PYTHON=${PYTHON:-python3}
 # The CPU build of torch (the one on this project's machines; a bare `torch` pulls CUDA wheels).
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
 .venv/bin/python -m pip install --quiet -e ".[test,corpus,interop]"
+# The README's first command installs onnxsqueeze into this venv as a regular package; when
+# pip replaces it, the Numba cache files its calibration wrote next to calib/kernels.py stay
+# behind (pip removes only what it installed), and that leftover folder, a namespace package
+# now, would shadow the editable install for any process not started in the repository.
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+[ -e "$site/onnxsqueeze/__init__.py" ] || rm -rf "$site/onnxsqueeze"
 .venv/bin/python models/build_corpus.py
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
