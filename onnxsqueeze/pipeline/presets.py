@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from onnxsqueeze.passes.cleanup import CleanupPass
 from onnxsqueeze.passes.convert_fp16 import ConvertFp16Pass
+from onnxsqueeze.passes.factorize_svd import FactorizeSvdPass
 from onnxsqueeze.passes.fold_constants import FoldConstantsPass
 from onnxsqueeze.passes.fold_shapes import FoldShapesPass
 from onnxsqueeze.passes.fuse_activations import FuseActivationsPass
@@ -42,6 +43,7 @@ def builtin_registry() -> PassRegistry:
         InsertQdqPass,
         QuantizeDynamicPass,
         ConvertFp16Pass,
+        FactorizeSvdPass,
     ):
         registry.register(cls)
     lossless = [
