@@ -26,7 +26,9 @@ from onnxsqueeze.pipeline.presets import builtin_registry
 from onnxsqueeze.pipeline.report import Report
 from onnxsqueeze.pipeline.verified import Pipeline, VerifyOptions
 from onnxsqueeze.run.probes import DEFAULT_PROBE_SAMPLES, probe_feeds, retry_shapes
-from onnxsqueeze.stages.quantize import QuantizeConfig, run_quantize_stage
+from onnxsqueeze.stages.chain import run_lossy_stages
+from onnxsqueeze.stages.factorize import factorize_config
+from onnxsqueeze.stages.quantize import QuantizeConfig
 
 __all__ = ["Squeezed", "calibrate", "squeeze", "squeeze_file"]
 
@@ -52,6 +54,7 @@ def squeeze(
     seed: int = 0,
     strict: bool = True,
     quantize: Any = None,
+    factorize: Any = None,
 ) -> Squeezed:
     """Run passes (names, ``(name, options)`` pairs or pass objects; default: ``preset``).
 
@@ -62,6 +65,11 @@ def squeeze(
     ``quantize`` (a mode name such as ``"static"``/``"auto"``, or a ``QuantizeConfig``; see
     ``onnxsqueeze.stages.quantize``) quantizes the simplified model within its accuracy budget,
     calibrating on ``data``; the report's ``quantization`` says what was chosen and why.
+
+    ``factorize`` (``"auto"``, a share of parameters to keep such as ``0.5``, or a
+    ``FactorizeConfig``; see ``onnxsqueeze.stages.factorize``) replaces MatMul/Gemm weights
+    by low-rank factors first, whitened by ``data`` when given; ``report.factorization``
+    lists every layer.
     """
 
     loaded = load_model(model)
@@ -78,6 +86,7 @@ def squeeze(
         probe_samples,
         seed,
         quantize,
+        factorize,
     )
     report.source = loaded.label
     if strict and report.verification_status == "failed":
@@ -128,6 +137,7 @@ def _run_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
         "probe_samples": DEFAULT_PROBE_SAMPLES,
         "seed": 0,
         "quantize": None,
+        "factorize": None,
     }
     unknown = set(kwargs) - set(defaults)
     if unknown:
@@ -136,9 +146,20 @@ def _run_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run(
-    loaded, passes, preset, data, shapes, providers, verify, registry, probe_samples, seed, quantize
+    loaded,
+    passes,
+    preset,
+    data,
+    shapes,
+    providers,
+    verify,
+    registry,
+    probe_samples,
+    seed,
+    quantize,
+    factorize=None,
 ):
-    """The pipeline, then the quantize stage, on ``loaded.model`` (a LoadedModel)."""
+    """The pipeline, then the lossy stages, on ``loaded.model`` (a LoadedModel)."""
 
     model = loaded.model
     registry = registry or builtin_registry()
@@ -160,6 +181,11 @@ def _run(
     )
     report = Report(warnings=[loaded.note] if loaded.note else [])
     model, report = pipeline.run(model, report, original=loaded.original)
+    if factorize_config(factorize) is not None and not verify:
+        raise PipelineConfigError(
+            "factorization measures the result on data; it cannot run without verification "
+            "(drop --no-verify)"
+        )
     if quantize is not None and not verify:
         mode = quantize.mode if isinstance(quantize, QuantizeConfig) else str(quantize)
         if mode not in ("auto", "none"):
@@ -170,8 +196,9 @@ def _run(
         if mode == "auto":
             report.warnings.append("quantization skipped: verification is disabled")
         return model, report
-    if quantize is not None:
-        model = run_quantize_stage(model, report, quantize, data, probe_shapes[0], providers, seed)
+    model = run_lossy_stages(
+        model, report, factorize, quantize, data, probe_shapes[0], providers, seed
+    )
     return model, report
 
 

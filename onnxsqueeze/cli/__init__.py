@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
         "int8; the fastest within the budget and not slower than float (speed ties: the "
         "smaller). none: lossless passes only",
     )
+    quant.add_argument(
+        "--factorize",
+        default="off",
+        metavar="off|auto|RATIO",
+        help="low-rank factors for MatMul/Gemm weights before quantizing, under the same "
+        "budget: auto (the fewest parameters within the budget, kept only if not slower), or "
+        "the share of the factorizable parameters to keep, e.g. 0.5 (default: off)",
+    )
     quant.add_argument("--max-error", type=float, metavar="X", help="max abs output error")
     quant.add_argument(
         "--min-cosine",
@@ -257,6 +265,7 @@ def _squeeze(args: argparse.Namespace) -> int:
         external_data=external,
         overwrite_input=args.overwrite_input,
         quantize=_quantize_config(args),
+        factorize=_factorize_config(args),
     )
     if args.report:
         from onnxsqueeze.core.io import atomic_write_text
@@ -268,22 +277,37 @@ def _squeeze(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _quantize_config(args: argparse.Namespace):
-    """The quantize stage's settings from the flags (None: lossless only)."""
-    import dataclasses
-
-    from onnxsqueeze.core.errors import PipelineConfigError
+def _budget(args: argparse.Namespace):
+    """The accuracy budget the flags set (the default one when they set none)."""
     from onnxsqueeze.stages.budget import DEFAULT_BUDGET, Budget
-    from onnxsqueeze.stages.quantize import QuantizeConfig
 
-    if args.quantize == "none" or args.passes:
-        return None
     limits = {
         "max_error": args.max_error,
         "min_cosine": args.min_cosine,
         "min_top1_agreement": args.min_top1_agreement,
     }
-    budget = Budget(**limits) if any(v is not None for v in limits.values()) else DEFAULT_BUDGET
+    return Budget(**limits) if any(v is not None for v in limits.values()) else DEFAULT_BUDGET
+
+
+def _factorize_config(args: argparse.Namespace):
+    """The factorize stage's settings from the flags (None: off)."""
+    from onnxsqueeze.stages.factorize import factorize_config
+
+    if args.passes:
+        return None
+    return factorize_config(args.factorize, _budget(args))
+
+
+def _quantize_config(args: argparse.Namespace):
+    """The quantize stage's settings from the flags (None: lossless only)."""
+    import dataclasses
+
+    from onnxsqueeze.core.errors import PipelineConfigError
+    from onnxsqueeze.stages.quantize import QuantizeConfig
+
+    if args.quantize == "none" or args.passes:
+        return None
+    budget = _budget(args)
     if args.calib_samples is not None and args.calib_samples <= 0:
         raise PipelineConfigError("--calib-samples must be a positive number")
     config = QuantizeConfig(

@@ -233,3 +233,16 @@ def drop_if_unused(scope: GraphLike, value: ir.Value) -> None:
     producer = value.producer()
     if producer is not None and producer.op_type == "Constant":
         producer.graph.remove(producer, safe=True)
+
+
+def name_nodes(model: ir.Model) -> None:
+    """Every node gets a name (exclusions and the report refer to nodes by name)."""
+    taken = {n.name for scope in scopes(model) for n in scope if n.name}
+    count = 0
+    for scope in scopes(model):
+        for node in scope:
+            if not node.name:
+                while f"{node.op_type}_{count}" in taken:
+                    count += 1
+                node.name = f"{node.op_type}_{count}"
+                taken.add(node.name)

@@ -40,6 +40,8 @@ class Report:
     providers: list[str] = dataclasses.field(default_factory=list)
     verification_backend: str | None = None  # onnxruntime | reference
     warnings: list[str] = dataclasses.field(default_factory=list)
+    #: What the factorize stage chose per layer and measured (None: not asked).
+    factorization: dict[str, Any] | None = None
     #: What the quantize stage chose, measured and kept float (None: not asked).
     quantization: dict[str, Any] | None = None
     seconds: float = 0.0
@@ -78,6 +80,8 @@ class Report:
         )
         if self.file_bytes_before is not None and self.file_bytes_after is not None:
             lines.append(_delta("file", self.file_bytes_before, self.file_bytes_after, human=True))
+        if self.factorization is not None:
+            lines.append(_factorization_line(self.factorization))
         if self.quantization is not None:
             lines.append(_quantization_line(self.quantization))
         verdict = self.verification_status
@@ -86,6 +90,21 @@ class Report:
         lines.append(f"verification: {verdict}")
         lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
+
+
+def _factorization_line(f: dict[str, Any]) -> str:
+    if not f.get("applied"):
+        return f"factorization: {f.get('mode')} not applied ({f.get('reason', '?')})"
+    before, after = f.get("params_before") or 0, f.get("params_after") or 0
+    text = (
+        f"factorization: {f.get('mode')}, {f.get('factorized', 0)} of {len(f.get('layers', []))}"
+        f" layers, their parameters {before} -> {after}"
+    )
+    if before:
+        text += f" ({after / before:.0%})"
+    if f.get("speed_vs_before") is not None:
+        text += f", {f['speed_vs_before']:.2f}x the speed before"
+    return text + f" ({f.get('measured', '')})"
 
 
 def _quantization_line(q: dict[str, Any]) -> str:

@@ -61,6 +61,23 @@ class Budget:
             )
         )
 
+    def share(self, fraction: float) -> Budget:
+        """This budget with ``fraction`` of its room for error: a stage of a chain of lossy
+        stages gets a share, so that independent errors of all of them add up to about the
+        whole (cosine and agreement limits scale their distance from 1). A user metric keeps
+        its limit: only the chain's final check can hold it."""
+
+        def closer(limit: float | None) -> float | None:
+            return None if limit is None else 1.0 - (1.0 - limit) * fraction
+
+        return dataclasses.replace(
+            self,
+            max_error=None if self.max_error is None else self.max_error * fraction,
+            min_cosine=closer(self.min_cosine),
+            min_top1_agreement=closer(self.min_top1_agreement),
+            min_class_agreement=closer(self.min_class_agreement),
+        )
+
     def check(
         self, comparison: Comparison, reference: Outputs, candidate: Outputs
     ) -> tuple[bool, str]:

@@ -22,7 +22,7 @@ from onnxsqueeze.calib.collector import CollectOptions, Collector
 from onnxsqueeze.calib.outlier_plan import describe, find_outliers
 from onnxsqueeze.calib.tensors import RangesAsked
 from onnxsqueeze.core.errors import SqueezeError, UnsupportedModelError, first_line
-from onnxsqueeze.core.graphs import opset_version, scopes
+from onnxsqueeze.core.graphs import name_nodes, opset_version
 from onnxsqueeze.core.opsets import upgrade_opset
 from onnxsqueeze.quant.qdq import nothing_quantized
 from onnxsqueeze.run.compare import LOSSLESS_RTOL, compare_runs
@@ -103,7 +103,7 @@ class QuantizeStage:
         that cannot meet the budget then costs one model, not one per node (PP-OCR det at a
         top-1 limit: 117 s to end float with four searches)."""
         config = self.config
-        _name_nodes(self.model)
+        name_nodes(self.model)
         if config.weight_only:
             self._weight_only_setup(calib_feeds, calib_samples)
         if config.mode == "dynamic" and calib_feeds is not None and config.outlier_ratio > 0:
@@ -309,16 +309,3 @@ class QuantizeStage:
             return
         self.record["opset"] = f"{opset_version(self.model)} -> {target}"
         self.family.model = upgraded
-
-
-def _name_nodes(model: ir.Model) -> None:
-    """Every node gets a name (exclusions and the report refer to nodes by name)."""
-    taken = {n.name for scope in scopes(model) for n in scope if n.name}
-    count = 0
-    for scope in scopes(model):
-        for node in scope:
-            if not node.name:
-                while f"{node.op_type}_{count}" in taken:
-                    count += 1
-                node.name = f"{node.op_type}_{count}"
-                taken.add(node.name)

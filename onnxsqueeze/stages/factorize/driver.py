@@ -1,0 +1,56 @@
+"""The factorize stage as the API runs it after the lossless passes: the feeds that judge it
+(the user's data or generated probes), calibration samples for data-aware SVD, and what the
+report says (``report.factorization``, a warning when nothing was factorized or the result
+is slower)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import onnx_ir as ir
+
+from onnxsqueeze.core.io import model_stats
+from onnxsqueeze.run.feeds import iter_feeds
+from onnxsqueeze.run.probes import probe_feeds
+from onnxsqueeze.run.signature import input_specs
+from onnxsqueeze.stages.factorize.config import FactorizeConfig
+from onnxsqueeze.stages.factorize.stage import factorize_model
+
+
+def run_factorize_stage(
+    model: ir.Model,
+    report: Any,
+    config: FactorizeConfig,
+    data: Any,
+    shapes: Any,
+    providers: Any,
+    seed: int,
+) -> ir.Model:
+    """Factorize ``model`` per ``config``; the record goes to ``report.factorization``."""
+    if providers:
+        config = dataclasses.replace(config, providers=tuple(providers))
+    feeds = probe_feeds(model, data, shapes, max(config.eval_samples, 2), seed)
+    feeds = feeds[: config.eval_samples]
+    calib = None
+    if data is not None and config.data_aware:
+        calib = iter_feeds(data, input_specs(model), limit=config.calib_samples)
+    outcome = factorize_model(model, feeds, config, calib_feeds=calib)
+    record = outcome.record
+    report.factorization = record
+    if not record.get("applied"):
+        report.warnings.append(f"factorization not applied ({record.get('reason')})")
+        return model
+    if record.get("slower"):
+        report.warnings.append(
+            f"the factorized model runs at {record['speed_vs_before']:.2f}x the speed before it"
+        )
+    report.after = model_stats(outcome.model).as_dict()
+    report.verification = {"summary": f"factorize: {record['measured']}"}
+    report.verification_status = "passed"
+    if data is None and record.get("factorized"):
+        report.warnings.append(
+            "factorization judged on generated inputs: give --data for data-aware factors "
+            "and a budget measured on real inputs"
+        )
+    return outcome.model

@@ -1,0 +1,264 @@
+"""The factorize stage: low-rank factors for MatMul/Gemm weights within the accuracy budget.
+
+Every factorizable layer's spectrum is computed once (whitened by its input's Gram matrix
+on the calibration data where there is one), which predicts its output error at every rank.
+The allocator (``lowrank.allocate``) spreads a share of parameters to keep over the layers
+at the least predicted error. With a ratio, that allocation is built and judged as
+onnxruntime runs it; if it misses the budget, the shared search (``stages.search``) keeps
+the layers whose factorization hurts most whole. With auto, a bisection over the share
+finds the fewest parameters whose allocation meets the budget, and the latency gate ships
+it only if it is not slower than the model before it. The record lists every layer: shape,
+rank, parameters before and after, predicted and measured error, decision.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxsqueeze.calib.gram import activations, gram_matrices
+from onnxsqueeze.core.graphs import name_nodes
+from onnxsqueeze.lowrank.allocate import LayerCurve, allocate
+from onnxsqueeze.lowrank.svd import LowRank
+from onnxsqueeze.passes.factorize_svd import FactorizeSvdPass, Site, sites
+from onnxsqueeze.stages import latency_gate
+from onnxsqueeze.stages.factorize.config import GRAM_SAMPLES, FactorizeConfig, FactorizeOutcome
+from onnxsqueeze.stages.judge import Judge
+from onnxsqueeze.stages.search import fewest_kept, rank
+
+
+class FactorizeFamily:
+    """Factorization as a family of the shared search: the candidates are the layers the
+    allocation gave a rank; a build factorizes all of them but ``kept``."""
+
+    def __init__(self, model: ir.Model, config: FactorizeConfig, grams: Mapping | None) -> None:
+        self.model = model
+        self.config = config
+        self.grams = grams
+        self.ranks: dict[str, int] = {}
+        #: decompositions, shared with every build (one SVD per layer per run)
+        self.memo: dict = {}
+        self._nodes = {n.name: n for site in sites(model) for n in (site.node,)}
+
+    @property
+    def candidates(self) -> dict[str, ir.Node]:
+        return {name: self._nodes[name] for name in self.ranks}
+
+    def build(self, kept: Sequence[str]) -> ir.Model:
+        return self.build_with_stats(kept)[0]
+
+    def build_with_stats(self, kept: Sequence[str]) -> tuple[ir.Model, dict[str, Any]]:
+        c = self.config
+        ranks = {n: r for n, r in self.ranks.items() if n not in kept}
+        model = self.model.clone()
+        result = FactorizeSvdPass(
+            ranks=ranks,
+            grams=self.grams,
+            memo=self.memo,
+            min_saving=c.min_saving,
+            min_elements=0,
+            damping=c.damping,
+            refit=c.refit,
+        )(model)
+        return model, result.stats
+
+
+def factorize_model(
+    model: ir.Model,
+    eval_feeds: Sequence[Mapping[str, Any]],
+    config: FactorizeConfig,
+    *,
+    calib_feeds: Iterable[Mapping[str, Any]] | None = None,
+) -> FactorizeOutcome:
+    """Factorize ``model`` (not modified) per ``config``; ``eval_feeds`` judge the budget,
+    ``calib_feeds`` give the Gram matrices of data-aware SVD."""
+    started = time.perf_counter()
+    stage = FactorizeStage(model.clone(), list(eval_feeds), config)
+    outcome = stage.run(calib_feeds)
+    outcome.record["seconds"] = round(time.perf_counter() - started, 3)
+    return outcome
+
+
+class FactorizeStage:
+    def __init__(self, model: ir.Model, feeds: list[dict], config: FactorizeConfig) -> None:
+        name_nodes(model)
+        self.model = model
+        self.config = config
+        self.judge = Judge(model, feeds, config.budget, config.providers)
+        self.record: dict[str, Any] = {
+            "mode": config.mode if config.auto else f"ratio {float(config.mode):g}",
+            "applied": False,
+            "budget_met": False,
+        }
+
+    def run(self, calib_feeds: Iterable[Mapping[str, Any]] | None) -> FactorizeOutcome:
+        c = self.config
+        grams = None
+        if c.data_aware and calib_feeds is not None:
+            feeds = itertools.islice(calib_feeds, c.calib_samples or GRAM_SAMPLES)
+            grams = gram_matrices(self.model, feeds, providers=c.providers)
+        self.record["whitened"] = bool(grams)
+        self.family = FactorizeFamily(self.model, c, grams)
+        self.sites = [
+            s for s in sites(self.model, c.min_elements) if s.node.name not in c.exclude_nodes
+        ]
+        self.spectra = {s.node.name: self._low_rank(s, grams) for s in self.sites}
+        curves = [
+            LayerCurve(name, *low.shape, low.error, low.ranks) for name, low in self.spectra.items()
+        ]
+        if not curves:
+            return self._done(None, "no MatMul/Gemm with a constant weight large enough")
+        total = sum(curve.whole for curve in curves)
+        self.record["factorizable_params"] = total
+        if c.auto:
+            return self._auto(curves)
+        return self._ratio(curves, float(c.mode))
+
+    def _low_rank(self, site: Site, grams: Mapping | None) -> LowRank:
+        gram = (grams or {}).get(site.key) if site.key else None
+        low = LowRank(site.weight, gram, damping=self.config.damping)
+        self.family.memo[(site.node.name, gram is not None)] = low  # the pass reuses it
+        return low
+
+    # -------------------------------------------------------------- ratio
+
+    def _ratio(self, curves: list[LayerCurve], keep: float) -> FactorizeOutcome:
+        family = self.family
+        family.ranks = allocate(curves, keep, min_saving=self.config.min_saving)
+        self.record["keep"] = keep
+        if not family.ranks:
+            return self._done(None, f"no layer pays at {keep:g} of the parameters")
+        model = family.build(())
+        ok, summary = self.judge(model)
+        self.record["all_factorized"] = summary
+        kept: list[str] = []
+        scores: dict[str, float] = {}
+        if not ok:
+            ranking = rank(family, list(family.ranks), model, self.judge, self.config.sensitivity)
+            self.record["sensitivity"] = ranking.method
+            scores = ranking.scores
+            found = fewest_kept(ranking.order, family.build, self.judge)
+            self.record["budget_tries"] = found.tries
+            if found.model is None:
+                self.record["measured"] = found.summary
+                return self._done(
+                    None, f"budget not met even with every layer whole but one ({found.summary})"
+                )
+            kept, model, summary = ranking.order[: found.count], found.model, found.summary
+        return self._ship(model, summary, kept, scores)
+
+    # -------------------------------------------------------------- auto
+
+    def _auto(self, curves: list[LayerCurve]) -> FactorizeOutcome:
+        """Bisection over the share of parameters kept: the fewest whose allocation meets
+        the budget (keeping more does not, in practice, raise the error)."""
+        family, c = self.family, self.config
+        low, high, best, tried = 0.0, 1.0, None, []
+        for _ in range(c.search_steps):
+            keep = (low + high) / 2
+            ranks = allocate(curves, keep, min_saving=c.min_saving)
+            if not ranks:  # nothing pays this close to whole: ask for less
+                high = keep
+                continue
+            family.ranks = ranks
+            model = family.build(())
+            ok, summary = self.judge(model)
+            tried.append({"keep": round(keep, 4), "met": ok, "measured": summary})
+            if ok:
+                high, best = keep, (keep, ranks, model, summary)
+            else:
+                low = keep
+        self.record["keeps_tried"] = tried
+        if best is None:
+            last = tried[-1]["measured"] if tried else "nothing pays"
+            return self._done(None, f"no share of parameters met the budget ({last})")
+        keep, family.ranks, model, summary = best
+        self.record["keep"] = round(keep, 4)
+        return self._ship(model, summary, [], {})
+
+    # -------------------------------------------------------------- result
+
+    def _ship(
+        self, model: ir.Model, summary: str, kept: list[str], scores: dict[str, float]
+    ) -> FactorizeOutcome:
+        c = self.config
+        self.record.update(budget_met=True, measured=summary)
+        shipped = {n: r for n, r in self.family.ranks.items() if n not in kept}
+        self._layers(shipped, kept, scores)
+        if c.check_latency:
+            feed = self.judge.feeds[0] if self.judge.feeds else None
+            speed = latency_gate.speed(self.model, model, c.providers, feed)
+            self.record["speed_vs_before"] = round(speed.ratio, 3)
+            if speed.slower():
+                self.record["slower"] = True
+                if c.auto:
+                    return self._done(
+                        None, f"factorized model runs at {speed.ratio:.2f}x the speed before it"
+                    )
+        self.record["applied"] = True
+        self.record["min_cosine"] = self.judge.cosines.get(id(model))
+        return FactorizeOutcome(model, self.record)
+
+    def _layers(self, shipped: dict[str, int], kept: list[str], scores: dict) -> None:
+        """Per layer: shape, rank, parameters, predicted error, the error measured on the
+        evaluation samples (that layer alone, X A B against X W), decision."""
+        measured = self._measured(shipped)
+        layers = []
+        before = after = 0
+        for site in self.sites:
+            name = site.node.name
+            low = self.spectra[name]
+            k, n = low.shape
+            r = shipped.get(name)
+            entry: dict[str, Any] = {"name": name, "shape": [k, n], "params_before": k * n}
+            if r is not None:
+                entry.update(
+                    rank=r,
+                    params_after=r * (k + n),
+                    predicted_error=round(low.error(r), 6),
+                    measured_error=measured.get(name),
+                    decision="factorized",
+                )
+            else:
+                entry.update(
+                    params_after=k * n,
+                    decision="whole (budget)" if name in kept else "whole (does not pay)",
+                )
+            if name in scores:
+                entry["score"] = scores[name]
+            before += entry["params_before"]
+            after += entry["params_after"]
+            layers.append(entry)
+        self.record.update(layers=layers, params_before=before, params_after=after)
+        self.record["factorized"] = len(shipped)
+
+    def _measured(self, ranks: dict[str, int]) -> dict[str, float]:
+        """Each main-graph layer's relative squared output error alone on the evaluation
+        samples: its real input X through the factors, against X W."""
+        wanted = {s.node.name: s for s in self.sites if s.node.name in ranks and s.key}
+        if not wanted:
+            return {}
+        sums = {name: np.zeros(2) for name in wanted}
+        factors = {
+            name: self.spectra[name].factors(ranks[name], refit=self.config.refit)
+            for name in wanted
+        }
+        keys = {s.key for s in wanted.values()}
+        for sample in activations(self.model, self.judge.feeds, keys, self.config.providers):
+            for name, site in wanted.items():
+                if site.key not in sample:
+                    continue
+                x = np.asarray(sample[site.key], np.float64).reshape(-1, site.weight.shape[0])
+                a, b = factors[name]
+                y = x @ site.weight
+                sums[name] += (np.sum((x @ a @ b - y) ** 2), np.sum(y * y))
+        return {name: round(float(s[0] / s[1]), 6) if s[1] > 0 else 0.0 for name, s in sums.items()}
+
+    def _done(self, model: ir.Model | None, reason: str) -> FactorizeOutcome:
+        self.record["reason"] = reason
+        return FactorizeOutcome(model or self.model, self.record)
