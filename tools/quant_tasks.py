@@ -183,11 +183,44 @@ def silero(name: str, n_calib: int) -> Task:
     return Task(name, streamed[:n_calib], feeds, streamed[3], score, stateful=True)
 
 
+def wide_mlp(n_calib: int) -> Task:
+    """The over-parameterised MLP of models/train_wide_mlp.py: its calibration split (8
+    digits a sample), and its held-out split scored against the labels."""
+    import train_wide_mlp
+
+    train_wide_mlp.build()
+    folder = train_wide_mlp.out_dir()
+    calib = [dict(np.load(f)) for f in sorted((folder / "calib").glob("*.npz"))][:n_calib]
+    with np.load(folder / "test.npz") as arrays:
+        x, labels = arrays["x"], arrays["label"]
+    evaluation = [{"x": x[i : i + 8]} for i in range(0, len(x), 8)]
+
+    def score(ref, out):
+        a = np.concatenate([r["probs"].argmax(1) for r in ref])
+        b = np.concatenate([o["probs"].argmax(1) for o in out])
+        return {
+            "accuracy": float(np.mean(b == labels)),
+            "fp32 accuracy": float(np.mean(a == labels)),
+            "agreement": float(np.mean(a == b)),
+        }
+
+    return Task("wide_mlp", calib, evaluation, {"x": x[:1]}, score)
+
+
+def model_path(name: str) -> Path:
+    """The ONNX file of a task's model (the wide MLP is built here, not fetched)."""
+    if name == "wide_mlp":
+        import train_wide_mlp
+
+        return train_wide_mlp.build()
+    return corpus.get(name).path
+
+
 def get(name: str, n_calib: int) -> Task:
     if name.startswith("silero"):
         return silero(name, n_calib)
     return {"minilm": minilm, "ppocr_rec": ppocr_rec, "ppocr_cls": ppocr_cls,
-            "ppocr_det": ppocr_det, "magika": magika}[name](n_calib)  # fmt: skip
+            "ppocr_det": ppocr_det, "magika": magika, "wide_mlp": wide_mlp}[name](n_calib)  # fmt: skip
 
 
 def run_task(session, task: Task) -> list[dict]:

@@ -28,6 +28,7 @@ from onnxsqueeze.lowrank.svd import LowRank
 from onnxsqueeze.passes.factorize_svd import FactorizeSvdPass, Site, sites
 from onnxsqueeze.stages import latency_gate
 from onnxsqueeze.stages.factorize.config import GRAM_SAMPLES, FactorizeConfig, FactorizeOutcome
+from onnxsqueeze.stages.factorize.weights import propagation_weights
 from onnxsqueeze.stages.judge import Judge
 from onnxsqueeze.stages.search import fewest_kept, rank
 
@@ -108,16 +109,36 @@ class FactorizeStage:
             s for s in sites(self.model, c.min_elements) if s.node.name not in c.exclude_nodes
         ]
         self.spectra = {s.node.name: self._low_rank(s, grams) for s in self.sites}
-        curves = [
-            LayerCurve(name, *low.shape, low.error, low.ranks) for name, low in self.spectra.items()
-        ]
-        if not curves:
+        if not self.spectra:
             return self._done(None, "no MatMul/Gemm with a constant weight large enough")
+        self.weights = self._weights() if grams else dict.fromkeys(self.spectra, 1.0)
+        curves = [
+            LayerCurve(name, *low.shape, low.error, low.ranks, self.weights[name])
+            for name, low in self.spectra.items()
+        ]
         total = sum(curve.whole for curve in curves)
         self.record["factorizable_params"] = total
         if c.auto:
             return self._auto(curves)
         return self._ratio(curves, float(c.mode))
+
+    def _weights(self) -> dict[str, float]:
+        """Each layer's end-to-end error per unit of its own (``weights``)."""
+        samples = self.config.sensitivity.samples
+        feeds = self.judge.feeds[:samples]
+
+        def build(ranks: Mapping[str, int]) -> ir.Model:
+            model = self.model.clone()
+            FactorizeSvdPass(
+                ranks=ranks, grams=self.family.grams, memo=self.family.memo, min_saving=0.0,
+                min_elements=0, refit=self.config.refit,
+            )(model)  # fmt: skip
+            return model
+
+        def run(model: ir.Model) -> list[dict]:
+            return self.judge.run(model, feeds, optimize=False)
+
+        return propagation_weights(self.spectra, build, run, self.judge.reference[:samples])
 
     def _low_rank(self, site: Site, grams: Mapping | None) -> LowRank:
         gram = (grams or {}).get(site.key) if site.key else None
@@ -215,7 +236,12 @@ class FactorizeStage:
             low = self.spectra[name]
             k, n = low.shape
             r = shipped.get(name)
-            entry: dict[str, Any] = {"name": name, "shape": [k, n], "params_before": k * n}
+            entry: dict[str, Any] = {
+                "name": name,
+                "shape": [k, n],
+                "params_before": k * n,
+                "weight": round(self.weights[name], 4),
+            }
             if r is not None:
                 entry.update(
                     rank=r,
