@@ -63,10 +63,12 @@ class QuantizeWeightsOptions:
     #: auto | rtn | mse (see the module docstring)
     rounding: str = "auto"
     #: activation name -> X^T X on calibration data: its MatMul's weight gets GPTQ rounding
-    grams: Mapping[str, np.ndarray] | None = dataclasses.field(default=None, compare=False)
+    grams: Mapping[str, np.ndarray] | None = dataclasses.field(
+        default=None, compare=False, metadata={"hidden": True}
+    )
     exclude_nodes: tuple[str, ...] = ()
     #: (node, bits, block) -> (q, scales), kept by a caller that builds many variants
-    memo: dict | None = dataclasses.field(default=None, compare=False)
+    memo: dict | None = dataclasses.field(default=None, compare=False, metadata={"hidden": True})
 
 
 class QuantizeWeightsPass(SqueezePass):

@@ -413,6 +413,8 @@ def _list_passes() -> str:
         kind = "lossless" if cls.lossless else "lossy"
         lines.append(f"  {cls.name:<20} {cls.summary} [{kind}]")
         for field in dataclasses.fields(cls.Options):
+            if field.metadata.get("hidden"):  # set by the stages (ranges, memos), not by users
+                continue
             default = field.default if field.default is not dataclasses.MISSING else "-"
             lines.append(f"      {cls.name}.{field.name}={default}")
     lines.append("presets:")

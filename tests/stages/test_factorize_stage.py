@@ -68,10 +68,13 @@ def test_auto_factorizes_an_overparameterised_mlp_within_the_budget():
         assert 0.5 * layer["predicted_error"] <= layer["measured_error"]
         assert layer["measured_error"] <= 1.5 * layer["predicted_error"]
     assert record["keeps_tried"] and "speed_vs_before" in record
-    x = data[0]["x"]
-    want, got = run_ort(proto, {"x": x})[0], run_ort(small, {"x": x})[0]
-    cosine = np.sum(want * got) / np.linalg.norm(want) / np.linalg.norm(got)
-    assert cosine >= 0.997
+    assert record["judged_on"] == "6 samples"  # every 4th judges, the others fit the factors
+    assert record["min_cosine"] >= 0.997
+    cosines = []
+    for feed in _data(8):  # samples neither the factors nor the budget saw
+        want, got = run_ort(proto, feed)[0], run_ort(small, feed)[0]
+        cosines.append(np.sum(want * got) / np.linalg.norm(want) / np.linalg.norm(got))
+    assert np.mean(cosines) >= 0.99
     assert sum(1 for n in small.graph.node if n.op_type == "MatMul") == 6
 
 
