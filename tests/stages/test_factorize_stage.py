@@ -110,7 +110,8 @@ def test_factorize_then_quantize_under_one_budget():
     _, report = onnxsqueeze.squeeze(proto, data=_data(), factorize="auto", quantize="weights-int8")
     assert report.factorization["applied"] and report.quantization["applied"]
     assert report.verification["summary"].startswith("factorize + weights-int8: cosine")
-    assert "min 0.9985" in report.factorization["measured"]  # half of 0.997's room
+    # half of 0.997's room for the chain's first stage, half of that for auto's margin
+    assert "min 0.99925" in report.factorization["measured"]
 
 
 @pytest.mark.parametrize("value", ["0", "1.5", "sometimes"])

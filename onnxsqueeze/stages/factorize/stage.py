@@ -98,6 +98,8 @@ class FactorizeStage:
         self.model = model
         self.config = config
         self.judge = Judge(model, feeds, config.budget, config.providers)
+        #: the samples the factors are fit to (Gram matrices), also a last check of auto
+        self.fit_feeds: list[dict] = []
         self.record: dict[str, Any] = {
             "mode": config.mode if config.auto else f"ratio {float(config.mode):g}",
             "applied": False,
@@ -108,8 +110,8 @@ class FactorizeStage:
         c = self.config
         grams = None
         if c.data_aware and calib_feeds is not None:
-            feeds = itertools.islice(calib_feeds, c.calib_samples or GRAM_SAMPLES)
-            grams = gram_matrices(self.model, feeds, providers=c.providers)
+            self.fit_feeds = list(itertools.islice(calib_feeds, c.calib_samples or GRAM_SAMPLES))
+            grams = gram_matrices(self.model, self.fit_feeds, providers=c.providers)
         self.record["whitened"] = bool(grams)
         self.family = FactorizeFamily(self.model, c, grams)
         self.sites = [
@@ -186,6 +188,8 @@ class FactorizeStage:
         """Bisection over the share of parameters kept: the fewest whose allocation meets
         the budget (keeping more does not, in practice, raise the error)."""
         family, c = self.family, self.config
+        self.judge.budget = c.budget.share(c.auto_margin)
+        self.record["searched_within"] = f"{c.auto_margin:g} of the budget's room for error"
         low, high, best, tried = 0.0, 1.0, None, []
         for _ in range(c.search_steps):
             keep = (low + high) / 2
@@ -205,9 +209,41 @@ class FactorizeStage:
         if best is None:
             last = tried[-1]["measured"] if tried else "nothing pays"
             return self._done(None, f"no share of parameters met the budget ({last})")
+        best = self._confirmed(curves, best, [t["keep"] for t in tried if t["met"]])
+        if best is None:
+            return self._done(None, self.record["confirmed"])
         keep, family.ranks, model, summary = best
         self.record["keep"] = round(keep, 4)
         return self._ship(model, summary, [], {})
+
+    def _confirmed(self, curves: list[LayerCurve], best: tuple, met: list[float]):
+        """The bisection ends on the edge of what its few judged samples allow; the choice
+        must also hold on every sample of the data (those the factors were fit to too),
+        else the next larger share that met the budget is tried. PP-OCR rec met it on 16
+        judged lines at class agreement 0.995 and gave 0.984 on held-out lines."""
+        fit = [f for f in self.fit_feeds if not any(f is j for j in self.judge.feeds)]
+        if not fit:
+            return best
+        judge = Judge(
+            self.model, [*self.judge.feeds, *fit], self.judge.budget, self.config.providers
+        )
+        for keep in sorted(met):
+            if keep == best[0]:
+                ranks, model = best[1], best[2]
+            else:
+                ranks = allocate(curves, keep, min_saving=self.config.min_saving)
+                self.family.ranks = ranks
+                model = self.family.build(())
+            ok, summary = judge(model)
+            if ok:
+                self.record["confirmed"] = f"on all {len(judge.feeds)} samples: {summary}"
+                self.judge.cosines[id(model)] = judge.cosines[id(model)]
+                return keep, ranks, model, summary
+        self.record["confirmed"] = (
+            f"no share that met the budget on {len(self.judge.feeds)} judged samples holds on "
+            f"all {len(judge.feeds)} ({summary})"
+        )
+        return None
 
     # -------------------------------------------------------------- result
 
