@@ -8,6 +8,7 @@ file unless ``squeeze_file`` is asked to.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -74,20 +75,12 @@ def squeeze(
 
     loaded = load_model(model)
     working = dataclasses.replace(loaded, model=loaded.model.clone())
-    result, report = _run(
-        working,
-        passes,
-        preset,
-        data,
-        shapes,
-        providers,
-        verify,
-        registry,
-        probe_samples,
-        seed,
-        quantize,
-        factorize,
-    )
+    options = dict(
+        preset=preset, data=data, shapes=shapes, providers=providers, verify=verify,
+        registry=registry, probe_samples=probe_samples, seed=seed, quantize=quantize,
+        factorize=factorize,
+    )  # fmt: skip
+    result, report = _run(working, passes, **options)
     report.source = loaded.label
     if strict and report.verification_status == "failed":
         raise AccuracyBudgetError(
@@ -127,18 +120,10 @@ def squeeze_file(
 
 
 def _run_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    defaults = {
-        "preset": "default",
-        "data": None,
-        "shapes": None,
-        "providers": None,
-        "verify": True,
-        "registry": None,
-        "probe_samples": DEFAULT_PROBE_SAMPLES,
-        "seed": 0,
-        "quantize": None,
-        "factorize": None,
-    }
+    """``squeeze_file``'s keyword arguments with ``squeeze``'s defaults for the others."""
+    parameters = inspect.signature(squeeze).parameters.values()
+    defaults = {p.name: p.default for p in parameters if p.kind is p.KEYWORD_ONLY}
+    defaults.pop("strict")
     unknown = set(kwargs) - set(defaults)
     if unknown:
         raise TypeError(f"unexpected argument(s): {', '.join(sorted(unknown))}")
@@ -148,6 +133,7 @@ def _run_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 def _run(
     loaded,
     passes,
+    *,
     preset,
     data,
     shapes,
@@ -157,7 +143,7 @@ def _run(
     probe_samples,
     seed,
     quantize,
-    factorize=None,
+    factorize,
 ):
     """The pipeline, then the lossy stages, on ``loaded.model`` (a LoadedModel)."""
 
