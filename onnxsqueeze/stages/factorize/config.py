@@ -30,7 +30,8 @@ class FactorizeConfig:
     #: Weights with fewer elements stay whole.
     min_elements: int = 4096
     damping: float = DAMPING
-    refit: bool = True
+    #: see factorize-svd's refit (off: it overfits few samples)
+    refit: bool = False
     #: Whiten by the calibration data's Gram matrices (data-aware SVD) when data is given.
     data_aware: bool = True
     exclude_nodes: tuple[str, ...] = ()
