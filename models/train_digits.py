@@ -70,19 +70,26 @@ def train(epochs: int = 30) -> None:
         acc = (model(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean()
     print(f"torch test accuracy: {acc:.4f} on {len(y_test)} held-out digits")
     out = HERE / "digits_cnn.onnx"
+    export(model, x_test[:2], "image", "logits", out)
+    np.savez(HERE / "digits_test.npz", image=x_test, label=y_test)
+    print(f"onnx test accuracy: {accuracy(out):.4f}; wrote {out}")
+
+
+def export(model, sample: np.ndarray, input_name: str, output_name: str, path: Path) -> None:
+    """torch.onnx.export (dynamo) of a one-input model with a dynamic batch axis."""
+    import torch
+
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.onnx.export(
         model,
-        (torch.from_numpy(x_test[:2]),),
-        input_names=["image"],
-        output_names=["logits"],
+        (torch.from_numpy(sample),),
+        input_names=[input_name],
+        output_names=[output_name],
         dynamic_shapes={"input": {0: batch}},
         dynamo=True,
         optimize=False,
     )
-    program.save(str(out))
-    np.savez(HERE / "digits_test.npz", image=x_test, label=y_test)
-    print(f"onnx test accuracy: {accuracy(out):.4f}; wrote {out}")
+    program.save(str(path))
 
 
 def accuracy(onnx_path: str | Path, data: str | Path = HERE / "digits_test.npz") -> float:

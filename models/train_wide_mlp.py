@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_digits import export  # noqa: E402
+
 import corpus  # noqa: E402
 
 SEED = 0
@@ -79,17 +81,7 @@ def build(epochs: int = 40) -> Path:
     for index in range(0, len(x_calib) - 7, 8):
         np.savez(calib / f"{index // 8:04d}.npz", x=x_calib[index : index + 8])
     np.savez(out_dir() / "test.npz", x=x_test, label=y_test)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    program = torch.onnx.export(
-        model,
-        (torch.from_numpy(x_test[:2]),),
-        input_names=["x"],
-        output_names=["probs"],
-        dynamic_shapes={"input": {0: batch}},
-        dynamo=True,
-        optimize=False,
-    )
-    program.save(str(path))
+    export(model, x_test[:2], "x", "probs", path)
     return path
 
 
