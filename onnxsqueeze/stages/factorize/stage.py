@@ -51,7 +51,7 @@ class FactorizeFamily:
         self.ranks: dict[str, int] = {}
         #: decompositions, shared with every build (one SVD per layer per run)
         self.memo: dict = {}
-        self._nodes = {n.name: n for site in sites(model) for n in (site.node,)}
+        self._nodes = {site.node.name: site.node for site in sites(model)}
 
     @property
     def candidates(self) -> dict[str, ir.Node]:
