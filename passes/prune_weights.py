@@ -1,0 +1,170 @@
+"""prune-weights: zero the least important weights of Conv/MatMul/Gemm (unstructured or N:M).
+
+Importance is |W| alone, or with the input's Gram matrix (``grams``: calibration data, as
+``calib.gram`` gathers it for GPTQ) Wanda's |W| x ||X_j||; see ``prune.masks``. Each output
+keeps the same share of its weights (``sparsity``), or, with ``pattern="2:4"`` (any N:M), at
+most N of every M consecutive input channels. The weights stay dense in the graph: zeros
+make the file compress (and are what sparse kernels and sparse storage start from), not the
+model faster on onnxruntime's dense CPU kernels.
+
+Candidates: MatMul and Gemm with a constant 2-D float weight (Gemm's transB honoured),
+and Conv with constant filters and group 1 (a filter [N, C, k...] is seen as C k... input
+rows per output). Weights in initializers or Constant nodes, in every scope. A weight
+another node also reads, or smaller than ``min_elements``, is left alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxsqueeze.calib.gram import conv_key
+from onnxsqueeze.core.graphs import (
+    GraphLike,
+    add_constant,
+    all_value_names,
+    constant_array,
+    drop_if_unused,
+    read_elsewhere,
+    scopes,
+    unique_name,
+)
+from onnxsqueeze.core.pass_base import SqueezePass, SqueezeResult
+from onnxsqueeze.prune.masks import importance, n_of_m_mask, unstructured_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneWeightsOptions:
+    #: Share of each output's weights zeroed (unstructured).
+    sparsity: float = 0.5
+    #: "unstructured", or "N:M" (e.g. "2:4": at most N nonzeros in every M input channels).
+    pattern: str = "unstructured"
+    #: Weights with fewer elements stay dense.
+    min_elements: int = 4096
+    exclude_nodes: tuple[str, ...] = ()
+    #: activation (or Conv patch) key -> X^T X on calibration data: Wanda importance there.
+    grams: Mapping[str, np.ndarray] | None = dataclasses.field(
+        default=None, compare=False, metadata={"hidden": True}
+    )
+
+
+class PruneWeightsPass(SqueezePass):
+    """Conv/MatMul/Gemm weights -> the same weights with the least important zeroed."""
+
+    name = "prune-weights"
+    summary = "zero the least important Conv/MatMul/Gemm weights (magnitude or Wanda; N:M)"
+    lossless = False
+    Options = PruneWeightsOptions
+
+    def call(self, model: ir.Model) -> SqueezeResult:
+        opts: PruneWeightsOptions = self.options
+        self._nm = _pattern(opts.pattern)
+        if self._nm is None and not 0 <= opts.sparsity < 1:
+            raise ValueError(f"prune-weights.sparsity must be in [0, 1), got {opts.sparsity}")
+        self._model, self._names = model, all_value_names(model)
+        layers = []
+        for scope in list(scopes(model)):
+            for node in list(scope):
+                if node.name and node.name in opts.exclude_nodes:
+                    continue
+                layer = self._prune(scope, node)
+                if layer is not None:
+                    layers.append(layer)
+        zeros = sum(layer["zeros"] for layer in layers)
+        total = sum(layer["weights"] for layer in layers)
+        stats = {
+            "pruned": [layer["name"] for layer in layers],
+            "layers": layers,
+            "zeros": zeros,
+            "weights": total,
+            "sparsity": round(zeros / total, 4) if total else 0.0,
+        }
+        return SqueezeResult(model, modified=bool(layers), stats=stats)
+
+    def _prune(self, scope: GraphLike, node: ir.Node) -> dict | None:
+        opts: PruneWeightsOptions = self.options
+        view = _weight_view(node)
+        if view is None:
+            return None
+        stored, as_kn, key = view
+        if stored.size < opts.min_elements or read_elsewhere(node.inputs[1], node):
+            return None
+        gram = (opts.grams or {}).get(key) if key else None
+        if gram is not None and gram.shape[0] != as_kn.shape[0]:
+            gram = None
+        score = importance(as_kn, gram)
+        if self._nm is not None:
+            keep = n_of_m_mask(score, *self._nm)
+        else:
+            keep = unstructured_mask(score, opts.sparsity)
+        pruned_kn = np.where(keep, as_kn, 0).astype(stored.dtype)
+        pruned = _stored_form(node, pruned_kn, stored.shape)
+        old = node.inputs[1]
+        base = old.name or f"{node.name}_weight"
+        new = add_constant(
+            self._model, scope, pruned, unique_name(self._names, base + "_pruned"), node
+        )
+        node.replace_input_with(1, new)
+        drop_if_unused(scope, old)
+        zeros = int(np.count_nonzero(pruned == 0))
+        return {
+            "name": node.name or node.op_type,
+            "op": node.op_type,
+            "shape": list(stored.shape),
+            "weights": int(pruned.size),
+            "zeros": zeros,
+            "wanda": gram is not None,
+        }
+
+
+def _pattern(text: str) -> tuple[int, int] | None:
+    if text == "unstructured":
+        return None
+    try:
+        n, m = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise ValueError(
+            f"prune-weights.pattern must be unstructured or N:M, got {text!r}"
+        ) from None
+    if not 0 < n < m:
+        raise ValueError(f"prune-weights.pattern N:M needs 0 < N < M, got {text!r}")
+    return n, m
+
+
+def _weight_view(node: ir.Node) -> tuple[np.ndarray, np.ndarray, str | None] | None:
+    """(stored weight, its K x N view, the Gram key of its input) of a candidate node."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm", "Conv"):
+        return None
+    if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
+        return None
+    stored = constant_array(node.inputs[1])
+    if stored is None or stored.dtype.kind != "f":
+        return None
+    x = node.inputs[0]
+    if node.op_type == "Conv":
+        group = node.attributes.get("group")
+        if stored.ndim < 3 or (group is not None and group.as_int() != 1):
+            return None
+        return stored, stored.reshape(stored.shape[0], -1).T, conv_key(node)
+    if stored.ndim != 2:
+        return None
+    key = x.name or None
+    if node.op_type == "Gemm":
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        if attrs.get("transA", 0):
+            key = None
+        return stored, (stored.T if attrs.get("transB", 0) else stored), key
+    return stored, stored, key
+
+
+def _stored_form(node: ir.Node, pruned_kn: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The K x N view back in the layout the node reads."""
+    if node.op_type == "Conv":
+        return np.ascontiguousarray(pruned_kn.T).reshape(shape)
+    trans_b = node.attributes.get("transB")
+    if node.op_type == "Gemm" and trans_b is not None and trans_b.as_int():
+        return np.ascontiguousarray(pruned_kn.T)
+    return pruned_kn

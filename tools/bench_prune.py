@@ -1,0 +1,112 @@
+"""Unstructured pruning (prune-weights) on real models: magnitude vs Wanda importance at equal
+sparsity, and what the zeros buy in the stored file, in one run.
+
+For each model (after onnxsqueeze's lossless preset) and each sparsity (and 2:4), both
+importances zero the same share of every Conv/MatMul/Gemm output's weights; the result runs
+in onnxruntime on the task's held-out samples: relative squared output error (all outputs)
+and the task metrics of tools/quant_tasks.py. Wanda's input-channel norms come from the
+first --calib calibration samples' Gram matrices (calib.gram). File sizes: the .onnx as
+written (dense zeros), and after zlib level 9 (how sparse weights usually ship), each
+against the same for the unpruned model.
+
+This is the unstructured half of issue 24; structured channel pruning and the comparison
+with onnxsim's pruning are not built yet.
+
+    python tools/bench_prune.py [--models minilm,magika] [--calib 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import zlib
+from pathlib import Path
+
+import onnx_ir as ir
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+import quant_tasks  # noqa: E402
+from bench_factorize import relative_error, session_of, simplified  # noqa: E402
+
+from onnxsqueeze.calib.gram import gram_matrices  # noqa: E402
+from onnxsqueeze.passes.prune_weights import PruneWeightsPass  # noqa: E402
+from onnxsqueeze.run import cpu  # noqa: E402
+
+SETTINGS = (("25 %", 0.25, "unstructured"), ("50 %", 0.5, "unstructured"),
+            ("75 %", 0.75, "unstructured"), ("2:4", 0.5, "2:4"))  # fmt: skip
+
+
+def sizes(model: ir.Model) -> tuple[int, int]:
+    data = ir.serde.serialize_model(model).SerializeToString()
+    return len(data), len(zlib.compress(data, 9))
+
+
+def bench(name: str, args) -> list[dict]:
+    task = quant_tasks.get(name, args.calib)
+    model = simplified(quant_tasks.model_path(name))
+    grams = gram_matrices(model, task.calib[: args.calib])
+    reference = quant_tasks.run_task(session_of(model), task)
+    raw0, packed0 = sizes(model)
+    rows = []
+    for label, sparsity, pattern in SETTINGS:
+        for importance, g in (("magnitude", None), ("Wanda", grams)):
+            candidate = model.clone()
+            stats = PruneWeightsPass(sparsity=sparsity, pattern=pattern, grams=g)(candidate).stats
+            outputs = quant_tasks.run_task(session_of(candidate), task)
+            raw, packed = sizes(candidate)
+            rows.append(
+                {
+                    "setting": label,
+                    "importance": importance,
+                    "layers": len(stats["pruned"]),
+                    "zeros": stats["sparsity"],
+                    "error": relative_error(reference, outputs),
+                    "file": raw / raw0,
+                    "zlib": packed / packed0,
+                    **task.score(reference, outputs),
+                }
+            )
+            print(name, rows[-1], flush=True)
+    return rows
+
+
+def render(results: dict, args) -> str:
+    lines = [
+        "# Unstructured pruning: magnitude vs Wanda importance, and the stored file",
+        "",
+        f"`python tools/bench_prune.py --calib {args.calib}` on {cpu.describe()}. After the "
+        "lossless preset; every Conv/MatMul/Gemm weight of at least 4096 elements, each output "
+        "keeping the same share. error = sum over held-out samples of ||y' - y||^2 / ||y||^2 "
+        "(all float outputs). file = pruned .onnx / unpruned .onnx, as written (dense zeros); "
+        "zlib = the same ratio after zlib -9 of both. Structured (channel) pruning and the "
+        "comparison with onnxsim's pruning are not built yet (issue 24).",
+        "",
+    ]
+    for name, rows in results.items():
+        metrics = [k for k in rows[0] if k not in
+                   ("setting", "importance", "layers", "zeros", "error", "file", "zlib")]  # fmt: skip
+        head = ["sparsity", "importance", "layers", "zeros", "error", "file", "zlib", *metrics]
+        lines += [f"## {name}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            cells = [r["setting"], r["importance"], str(r["layers"]), f"{r['zeros']:.3f}",
+                     f"{r['error']:.3g}", f"{r['file']:.3f}", f"{r['zlib']:.3f}",
+                     *(f"{r[m]:.4f}" for m in metrics)]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="minilm,magika")
+    parser.add_argument("--calib", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks" / "prune.md")
+    args = parser.parse_args()
+    results = {name: bench(name, args) for name in args.models.split(",")}
+    args.out.write_text(render(results, args) + "\n")
+    print(render(results, args))
+
+
+if __name__ == "__main__":
+    main()
