@@ -276,3 +276,41 @@ def test_factorization_of_corpus_models(name: str, tmp_path: Path) -> None:
     got, want = _run(out, feeds), _run(entry.path, feeds)
     a, b = np.asarray(want[0], np.float64).ravel(), np.asarray(got[0], np.float64).ravel()
     assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) >= 0.98
+
+
+@pytest.mark.parametrize("name", ["magika", "ppocr_cls"])
+def test_prune_weights_on_corpus_models(name: str, tmp_path: Path) -> None:
+    """--passes default,prune-weights (2:4) on a real model: checker-valid, half the weights
+    of its pruned layers zero in every group of four, and onnxruntime runs it."""
+    import json
+
+    from onnxsqueeze.prune.masks import follows_n_of_m
+
+    entry = corpus.get(name)
+    _require(entry)
+    out, report = tmp_path / "p.onnx", tmp_path / "r.json"
+    code = _squeeze_cli(
+        entry, out, report, "--passes", "default,prune-weights",
+        "--option", "prune-weights.pattern=2:4",
+    )  # fmt: skip
+    assert code == 0
+    passes = json.loads(report.read_text())["passes"]
+    stats = next(p["stats"] for p in passes if p["name"].startswith("prune-weights"))
+    assert stats["pruned"] and stats["sparsity"] > 0.45
+    onnx.checker.check_model(str(out), full_check=True)
+    pruned = set(stats["pruned"])
+    model = onnx.load(str(out))
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    checked = 0
+    for node in model.graph.node:
+        if node.name in pruned and node.input[1] in weights:
+            w = weights[node.input[1]]
+            transposed = node.op_type == "Conv" or any(
+                a.name == "transB" and a.i for a in node.attribute
+            )
+            as_kn = w.reshape(w.shape[0], -1).T if transposed else w
+            assert follows_n_of_m(as_kn != 0, 2, 4), node.name
+            checked += 1
+    assert checked == len(pruned)
+    feeds = dict(np.load(next(iter(sorted(entry.probe_dir.glob("*.npz"))))))
+    assert all(np.all(np.isfinite(o)) for o in _run(out, feeds) if np.asarray(o).dtype.kind == "f")

@@ -62,7 +62,7 @@ class Report:
         """A short human table: passes, node/byte counts, verification."""
         rows = [("pass", "status", "time", "changes")]
         for p in self.passes:
-            changes = ", ".join(f"{k}={v}" for k, v in p.stats.items() if v) or "-"
+            changes = ", ".join(f"{k}={_brief(v)}" for k, v in p.stats.items() if v) or "-"
             if p.reason:
                 changes = f"{changes}; {p.reason}" if changes != "-" else p.reason
             rows.append((p.name, p.status, f"{p.seconds:.2f}s", changes))
@@ -90,6 +90,14 @@ class Report:
         lines.append(f"verification: {verdict}")
         lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
+
+
+def _brief(value: Any) -> Any:
+    """A stat as the table shows it: per-layer lists (names, records) by their length; the
+    JSON report keeps them whole."""
+    if isinstance(value, list) and (len(value) > 3 or any(isinstance(v, dict) for v in value)):
+        return f"{len(value)} entries"
+    return value
 
 
 def _factorization_line(f: dict[str, Any]) -> str:
