@@ -9,9 +9,11 @@ allocator decided), else one ``rank``, else the largest rank within ``ratio`` of
 parameters, else the smallest that keeps ``energy`` of the spectrum; a weight is factorized
 only where its factors save at least ``min_saving`` of its parameters.
 
-Rewritten: MatMul with a constant 2-D float weight (X of any rank), and Gemm with a
+Rewritten: MatMul with a constant 2-D float weight (X of any rank), Gemm with a
 constant B (transA, transB, alpha, beta and a bias C kept: alpha goes into the second
-factor, the second Gemm takes C and beta). Weights in initializers or Constant nodes, in
+factor, the second Gemm takes C and beta), and pointwise (1x1, group 1, unpadded) Conv as
+two 1x1 Convs (strides on the first, the bias on the second): the channel-mixing layers of
+MobileNet-style CNNs. Weights in initializers or Constant nodes, in
 the main graph, If/Loop/Scan bodies and functions. A weight another node also reads stays
 whole (its copy would grow the file). The original output value stays, so graph outputs
 and consumers do not change.
@@ -25,6 +27,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
+from onnxsqueeze.calib.gram import conv_key
 from onnxsqueeze.core.graphs import (
     GraphLike,
     add_constant,
@@ -94,15 +97,21 @@ def sites(model: ir.Model, min_elements: int = 0) -> list[Site]:
 
 
 def _site(scope: GraphLike, node: ir.Node) -> Site | None:
-    if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
+    if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm", "Conv"):
         return None
     if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
         return None
     w_value = node.inputs[1]
     weight = constant_array(w_value)
-    if weight is None or weight.ndim != 2 or weight.dtype.kind != "f" or weight.dtype.itemsize < 4:
+    if weight is None or weight.dtype.kind != "f" or weight.dtype.itemsize < 4:
         return None
     if read_elsewhere(w_value, node) or w_value.is_graph_output():
+        return None
+    if node.op_type == "Conv":
+        if not _pointwise(node, weight):
+            return None
+        return Site(scope, node, weight.reshape(weight.shape[:2]).T, conv_key(node))
+    if weight.ndim != 2:
         return None
     x = node.inputs[0]
     key = x.name if x.name and node.graph is scope else None
@@ -117,11 +126,20 @@ def _site(scope: GraphLike, node: ir.Node) -> Site | None:
     return Site(scope, node, weight, key)
 
 
+def _pointwise(node: ir.Node, weight: np.ndarray) -> bool:
+    """A 1x1 Conv (any spatial rank) that mixes channels only: group 1, no padding. Its
+    strides subsample positions, which the first of its two 1x1 Convs can do alike."""
+    attrs = {k: a.value for k, a in node.attributes.items()}
+    if weight.ndim < 3 or any(d != 1 for d in weight.shape[2:]) or attrs.get("group", 1) != 1:
+        return False
+    return attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID") and not any(attrs.get("pads", []))
+
+
 class FactorizeSvdPass(SqueezePass):
     """MatMul/Gemm constant weights -> two thinner products (truncated SVD)."""
 
     name = "factorize-svd"
-    summary = "low-rank factorization of MatMul/Gemm weights: X @ W -> (X @ A) @ B"
+    summary = "low-rank factorization of MatMul/Gemm/1x1 Conv weights: X @ W -> (X @ A) @ B"
     lossless = False
     Options = FactorizeSvdOptions
 
@@ -186,12 +204,25 @@ class FactorizeSvdPass(SqueezePass):
     def _rewrite(self, site: Site, a: np.ndarray, b: np.ndarray) -> None:
         scope, node = site.scope, site.node
         base = node.name
+        if node.op_type == "Conv":  # filters [out, in, 1, ...]: A^T and B^T with unit kernels
+            ones = (1,) * (constant_array(node.inputs[1]).ndim - 2)
+            a, b = (
+                a.T.reshape(a.shape[1], a.shape[0], *ones),
+                b.T.reshape(b.shape[1], b.shape[0], *ones),
+            )
         a_value = add_constant(self._model, scope, a, self._unique(f"{base}_svd_a"), node)
         b_value = add_constant(self._model, scope, b, self._unique(f"{base}_svd_b"), node)
         x, out = node.inputs[0], node.outputs[0]
         if node.op_type == "MatMul":
             first = ir.node("MatMul", [x, a_value], name=self._unique(f"{base}_svd_1"))
             second = ir.node("MatMul", [first.outputs[0], b_value], name=base)
+        elif node.op_type == "Conv":
+            attrs = {k: v.value for k, v in node.attributes.items()}
+            strided = {"strides": attrs["strides"]} if "strides" in attrs else {}
+            first = ir.node(
+                "Conv", [x, a_value], attributes=strided, name=self._unique(f"{base}_svd_1")
+            )
+            second = ir.node("Conv", [first.outputs[0], b_value, *node.inputs[2:3]], name=base)
         else:
             attrs = {k: v.value for k, v in node.attributes.items()}
             first = ir.node(

@@ -186,3 +186,59 @@ def test_data_aware_factors_cut_the_output_error_on_that_data():
         errors[label] = np.sum((got - x @ w) ** 2) / np.sum((x @ w) ** 2)
         assert stats["layers"][0]["whitened"] == (grams is not None)
     assert errors["whitened"] < errors["plain"] / 2, errors
+
+
+@pytest.mark.parametrize("strides", [1, 2])
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_pointwise_conv_becomes_two_pointwise_convs(strides, bias):
+    """A 1x1 Conv of exactly low rank: two 1x1 Convs (strides on the first, the bias on the
+    second) compute the same; a 3x3 or padded Conv stays whole."""
+    w = _low_rank(K, N).T.reshape(N, K, 1, 1).copy()  # [out, in, 1, 1]
+    arrays = {"w": w, "w3": RNG.standard_normal((N, K, 3, 3)).astype(np.float32)}
+    inputs = "x, w"
+    if bias:
+        arrays["c"] = RNG.standard_normal(N).astype(np.float32)
+        inputs = "x, w, c"
+    size = 8 // strides
+    proto = parse_with(
+        f"""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[2, {K}, 8, 8] x) => (float[2, {N}, {size}, {size}] y, float[2, {N}, 8, 8] z) {{
+            y = Conv <strides = [{strides}, {strides}]> ({inputs})
+            z = Conv <pads = [1, 1, 1, 1]> (x, w3)
+        }}""",
+        arrays,
+    )
+    out, stats = _apply(proto, rank=R, min_saving=0.0)
+    assert len(stats["factorized"]) == 1
+    assert [n.op_type for n in out.graph.node] == ["Conv", "Conv", "Conv"]
+    x = RNG.standard_normal((2, K, 8, 8)).astype(np.float32)
+    for got, want in zip(run_ort(out, {"x": x}), run_ort(proto, {"x": x}), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+
+
+def test_a_pointwise_conv_is_whitened_by_its_channel_gram():
+    """Data-aware factors of a 1x1 Conv from its patch Gram matrix (calib.gram): lower output
+    error than plain SVD on channels 100x apart in scale."""
+    from onnxsqueeze.calib.gram import gram_matrices
+
+    w = RNG.standard_normal((N, K, 1, 1)).astype(np.float32)
+    proto = parse_with(
+        f"""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, {K}, 6, 6] x) => (float[1, {N}, 6, 6] y) {{ y = Conv (x, w) }}""",
+        {"w": w},
+    )
+    scale = np.logspace(-1, 1, K)[None, :, None, None]
+    feeds = [
+        {"x": (RNG.standard_normal((1, K, 6, 6)) * scale).astype(np.float32)} for _ in range(16)
+    ]
+    grams = gram_matrices(ir.serde.deserialize_model(proto), feeds)
+    errors = {}
+    for label, g in (("plain", None), ("whitened", grams)):
+        out, stats = _apply(proto, rank=12, min_saving=0.0, grams=g)
+        assert stats["layers"][0]["whitened"] == (g is not None)
+        got = [run_ort(out, f)[0] for f in feeds]
+        want = [run_ort(proto, f)[0] for f in feeds]
+        errors[label] = sum(np.sum((a - b) ** 2) for a, b in zip(got, want, strict=True)) / sum(
+            np.sum(b**2) for b in want
+        )
+    assert errors["whitened"] < errors["plain"] / 2, errors

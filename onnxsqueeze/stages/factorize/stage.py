@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxsqueeze.calib.gram import activations, gram_matrices
+from onnxsqueeze.calib.gram import CONV_MARK, activations, gram_matrices
 from onnxsqueeze.core.graphs import name_nodes
 from onnxsqueeze.core.io import model_stats
 from onnxsqueeze.lowrank.allocate import LayerCurve, allocate
@@ -328,12 +328,12 @@ class FactorizeStage:
             name: self.spectra[name].factors(ranks[name], refit=self.config.refit)
             for name in wanted
         }
-        keys = {s.key for s in wanted.values()}
+        keys = {s.key.split(CONV_MARK)[0] for s in wanted.values()}
         for sample in activations(self.model, self.judge.feeds, keys, self.config.providers):
             for name, site in wanted.items():
-                if site.key not in sample:
+                if site.key.split(CONV_MARK)[0] not in sample:
                     continue
-                x = np.asarray(sample[site.key], np.float64).reshape(-1, site.weight.shape[0])
+                x = _rows(site, np.asarray(sample[site.key.split(CONV_MARK)[0]], np.float64))
                 a, b = factors[name]
                 y = x @ site.weight
                 sums[name] += (np.sum((x @ a @ b - y) ** 2), np.sum(y * y))
@@ -342,3 +342,14 @@ class FactorizeStage:
     def _done(self, model: ir.Model | None, reason: str) -> FactorizeOutcome:
         self.record["reason"] = reason
         return FactorizeOutcome(model or self.model, self.record)
+
+
+def _rows(site: Site, x: np.ndarray) -> np.ndarray:
+    """A layer's input as the rows its weight multiplies: a pointwise Conv's positions
+    (after its strides) with channels last; a MatMul/Gemm input's last axis."""
+    if site.node.op_type != "Conv":
+        return x.reshape(-1, site.weight.shape[0])
+    strides = site.node.attributes.get("strides")
+    steps = strides.as_ints() if strides is not None else [1] * (x.ndim - 2)
+    x = x[(slice(None), slice(None), *(slice(None, None, s) for s in steps))]
+    return np.moveaxis(x, 1, -1).reshape(-1, site.weight.shape[0])
