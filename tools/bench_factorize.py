@@ -3,7 +3,7 @@
 
 For each model (after onnxsqueeze's lossless preset, which is what the factorize stage sees):
 
-1. Frontier. At 10 %, 25 % and 50 % of the MatMul/Gemm parameters saved, five ways to get
+1. Frontier. At 10 %, 25 % and 50 % of the MatMul/Gemm/1x1 Conv parameters saved, six ways to get
    there: plain SVD with every layer at the same share of its parameters (the naive rule),
    plain SVD with the allocator, whitened SVD with a uniform energy threshold (bisected to
    the same parameters), whitened SVD with the allocator summing layers' predicted errors
@@ -262,7 +262,7 @@ def render(results: dict, args) -> str:
         "(what the factorize stage sees). Gram matrices: the first --calib samples of the task's "
         "calibration split; every figure below is measured on the held-out split "
         "(tools/quant_tasks.py). error = sum over held-out samples of ||y' - y||^2 / ||y||^2 "
-        "(all float outputs). kept = share of the factorizable MatMul/Gemm parameters kept "
+        "(all float outputs). kept = share of the factorizable MatMul/Gemm/1x1 Conv parameters kept "
         "(weights of at least 4096 elements).",
         "",
     ]
