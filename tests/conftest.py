@@ -50,6 +50,18 @@ def parse_with(text: str, arrays: dict) -> onnx.ModelProto:
     return proto
 
 
+def apply_pass(pass_class, proto: onnx.ModelProto, **options) -> tuple[onnx.ModelProto, dict]:
+    """``pass_class(**options)`` on a copy of ``proto`` (min_elements 0 unless given): the
+    checker-valid result and the pass's stats."""
+    import onnx_ir as ir
+
+    model = ir.serde.deserialize_model(proto)
+    result = pass_class(**{"min_elements": 0, **options})(model)
+    out = ir.serde.serialize_model(model)
+    onnx.checker.check_model(out, full_check=True)
+    return out, result.stats
+
+
 def run_ort(model: onnx.ModelProto | str | Path, feeds: dict) -> list:
     import onnxruntime as ort
 

@@ -10,7 +10,7 @@ import pytest
 
 from onnxsqueeze.passes.factorize_svd import FactorizeSvdPass
 
-from conftest import parse_with, run_ort
+from conftest import apply_pass, parse_with, run_ort
 
 RNG = np.random.default_rng(21)
 K, N, R = 64, 48, 6
@@ -22,11 +22,7 @@ def _low_rank(k: int = K, n: int = N, rank: int = R) -> np.ndarray:
 
 
 def _apply(proto: onnx.ModelProto, **options) -> tuple[onnx.ModelProto, dict]:
-    model = ir.serde.deserialize_model(proto)
-    result = FactorizeSvdPass(**{"min_elements": 0, **options})(model)
-    out = ir.serde.serialize_model(model)
-    onnx.checker.check_model(out, full_check=True)
-    return out, result.stats
+    return apply_pass(FactorizeSvdPass, proto, **options)
 
 
 def test_matmul_becomes_two_thinner_matmuls_that_compute_the_same_on_a_low_rank_weight():

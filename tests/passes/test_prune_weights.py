@@ -11,18 +11,14 @@ import pytest
 from onnxsqueeze.passes.prune_weights import PruneWeightsPass
 from onnxsqueeze.prune.masks import follows_n_of_m, n_of_m_mask, unstructured_mask
 
-from conftest import parse_with, run_ort
+from conftest import apply_pass, parse_with, run_ort
 
 RNG = np.random.default_rng(9)
 K, N = 64, 48
 
 
 def _apply(proto: onnx.ModelProto, **options) -> tuple[onnx.ModelProto, dict]:
-    model = ir.serde.deserialize_model(proto)
-    result = PruneWeightsPass(**{"min_elements": 0, **options})(model)
-    out = ir.serde.serialize_model(model)
-    onnx.checker.check_model(out, full_check=True)
-    return out, result.stats
+    return apply_pass(PruneWeightsPass, proto, **options)
 
 
 def _weight(proto: onnx.ModelProto, name: str = "w_pruned") -> np.ndarray:
