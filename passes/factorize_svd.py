@@ -27,7 +27,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from onnxsqueeze.calib.gram import conv_key
+from onnxsqueeze.calib.gram import gram_key
 from onnxsqueeze.core.graphs import (
     GraphLike,
     add_constant,
@@ -37,6 +37,7 @@ from onnxsqueeze.core.graphs import (
     read_elsewhere,
     scopes,
     unique_name,
+    weight_as_kn,
 )
 from onnxsqueeze.core.pass_base import SqueezePass, SqueezeResult
 from onnxsqueeze.lowrank.svd import DAMPING, LowRank, pays, rank_for_ratio
@@ -107,23 +108,15 @@ def _site(scope: GraphLike, node: ir.Node) -> Site | None:
         return None
     if read_elsewhere(w_value, node) or w_value.is_graph_output():
         return None
-    if node.op_type == "Conv":
-        if not _pointwise(node, weight):
-            return None
-        return Site(scope, node, weight.reshape(weight.shape[:2]).T, conv_key(node))
-    if weight.ndim != 2:
+    if node.op_type == "Conv" and not _pointwise(node, weight):
         return None
-    x = node.inputs[0]
-    key = x.name if x.name and node.graph is scope else None
-    if node.op_type == "MatMul":
-        return Site(scope, node, weight, key)
-    attrs = {k: a.value for k, a in node.attributes.items()}
-    if attrs.get("transB", 0):
-        weight = weight.T
-    weight = weight * np.float32(attrs.get("alpha", 1.0))
-    if attrs.get("transA", 0):
-        key = None  # its rows are not samples: no Gram matrix was gathered for it
-    return Site(scope, node, weight, key)
+    as_kn = weight_as_kn(node, weight)
+    if as_kn is None:
+        return None
+    alpha = node.attributes.get("alpha")
+    if node.op_type == "Gemm" and alpha is not None:
+        as_kn = as_kn * np.float32(alpha.as_float())
+    return Site(scope, node, as_kn, gram_key(node))
 
 
 def _pointwise(node: ir.Node, weight: np.ndarray) -> bool:

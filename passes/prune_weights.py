@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from onnxsqueeze.calib.gram import conv_key
+from onnxsqueeze.calib.gram import gram_key
 from onnxsqueeze.core.graphs import (
     GraphLike,
     add_constant,
@@ -31,6 +31,8 @@ from onnxsqueeze.core.graphs import (
     read_elsewhere,
     scopes,
     unique_name,
+    weight_as_kn,
+    weight_from_kn,
 )
 from onnxsqueeze.core.pass_base import SqueezePass, SqueezeResult
 from onnxsqueeze.prune.masks import importance, n_of_m_mask, unstructured_mask
@@ -86,12 +88,19 @@ class PruneWeightsPass(SqueezePass):
 
     def _prune(self, scope: GraphLike, node: ir.Node) -> dict | None:
         opts: PruneWeightsOptions = self.options
-        view = _weight_view(node)
-        if view is None:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm", "Conv"):
             return None
-        stored, as_kn, key = view
-        if stored.size < opts.min_elements or read_elsewhere(node.inputs[1], node):
+        if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
             return None
+        stored = constant_array(node.inputs[1])
+        if stored is None or stored.dtype.kind != "f":
+            return None
+        as_kn = weight_as_kn(node, stored)
+        if as_kn is None or stored.size < opts.min_elements:
+            return None
+        if read_elsewhere(node.inputs[1], node):
+            return None
+        key = gram_key(node)
         gram = (opts.grams or {}).get(key) if key else None
         if gram is not None and gram.shape[0] != as_kn.shape[0]:
             gram = None
@@ -101,7 +110,7 @@ class PruneWeightsPass(SqueezePass):
         else:
             keep = unstructured_mask(score, opts.sparsity)
         pruned_kn = np.where(keep, as_kn, 0).astype(stored.dtype)
-        pruned = _stored_form(node, pruned_kn, stored.shape)
+        pruned = weight_from_kn(node, pruned_kn, stored.shape)
         old = node.inputs[1]
         base = old.name or f"{node.name}_weight"
         new = add_constant(
@@ -132,39 +141,3 @@ def _pattern(text: str) -> tuple[int, int] | None:
     if not 0 < n < m:
         raise ValueError(f"prune-weights.pattern N:M needs 0 < N < M, got {text!r}")
     return n, m
-
-
-def _weight_view(node: ir.Node) -> tuple[np.ndarray, np.ndarray, str | None] | None:
-    """(stored weight, its K x N view, the Gram key of its input) of a candidate node."""
-    if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm", "Conv"):
-        return None
-    if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
-        return None
-    stored = constant_array(node.inputs[1])
-    if stored is None or stored.dtype.kind != "f":
-        return None
-    x = node.inputs[0]
-    if node.op_type == "Conv":
-        group = node.attributes.get("group")
-        if stored.ndim < 3 or (group is not None and group.as_int() != 1):
-            return None
-        return stored, stored.reshape(stored.shape[0], -1).T, conv_key(node)
-    if stored.ndim != 2:
-        return None
-    key = x.name or None
-    if node.op_type == "Gemm":
-        attrs = {k: a.value for k, a in node.attributes.items()}
-        if attrs.get("transA", 0):
-            key = None
-        return stored, (stored.T if attrs.get("transB", 0) else stored), key
-    return stored, stored, key
-
-
-def _stored_form(node: ir.Node, pruned_kn: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """The K x N view back in the layout the node reads."""
-    if node.op_type == "Conv":
-        return np.ascontiguousarray(pruned_kn.T).reshape(shape)
-    trans_b = node.attributes.get("transB")
-    if node.op_type == "Gemm" and trans_b is not None and trans_b.as_int():
-        return np.ascontiguousarray(pruned_kn.T)
-    return pruned_kn

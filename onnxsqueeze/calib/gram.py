@@ -70,6 +70,24 @@ def conv_key(node: ir.Node, geometry: Geometry | None = None) -> str | None:
     return f"{node.inputs[0].name}{CONV_MARK}{tuple(geometry)}"
 
 
+def gram_key(node: ir.Node) -> str | None:
+    """The key ``gram_matrices`` stores the Gram matrix of ``node``'s input under: the input's
+    name for MatMul/Gemm (none for Gemm with transA, whose rows are not samples), the patch
+    key for a plain Conv. The passes that read Gram matrices look them up by this."""
+    if node.op_type == "Conv":
+        return conv_key(node)
+    trans_a = node.attributes.get("transA")
+    x = node.inputs[0] if node.inputs else None
+    if x is None or not x.name or (trans_a is not None and trans_a.as_int()):
+        return None
+    return x.name
+
+
+def input_of(key: str) -> str:
+    """The activation a Gram key reads (a Conv's key also names its patch geometry)."""
+    return key.split(CONV_MARK)[0]
+
+
 def _patches(x: np.ndarray, geometry: Geometry) -> np.ndarray:
     """[rows, C * prod(kernel)] input patches in the filters' (c, k...) order, at most
     CONV_ROWS of them, evenly spaced."""
@@ -111,12 +129,11 @@ def _sources(model: ir.Model) -> dict[str, tuple[int, Geometry | None]]:
             continue
         if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
             continue
-        trans_a = node.attributes.get("transA")
-        if node.op_type == "Gemm" and trans_a is not None and trans_a.as_int():
+        if gram_key(node) is None:
             continue
         weight = constant_array(node.inputs[1])
         x = node.inputs[0]
-        if weight is None or weight.ndim != 2 or constant_array(x) is not None or not x.name:
+        if weight is None or weight.ndim != 2 or constant_array(x) is not None:
             continue
         trans_b = node.attributes.get("transB")
         k = weight.shape[1] if trans_b is not None and trans_b.as_int() else weight.shape[0]
@@ -180,12 +197,10 @@ def gram_matrices(
             grams[name] += x.T @ x
             pending[name], pooled[name] = [], 0
 
-    sample_values = activations(
-        model, feeds, {key.split(CONV_MARK)[0] for key in wanted}, providers
-    )
+    sample_values = activations(model, feeds, {input_of(key) for key in wanted}, providers)
     for values in sample_values:
         for name, k in wanted.items():
-            array = values.get(name.split(CONV_MARK)[0])
+            array = values.get(input_of(name))
             if array is None:
                 continue
             if name in geometries:

@@ -246,3 +246,30 @@ def name_nodes(model: ir.Model) -> None:
                     count += 1
                 node.name = f"{node.op_type}_{count}"
                 taken.add(node.name)
+
+
+def weight_as_kn(node: ir.Node, weight: np.ndarray) -> np.ndarray | None:
+    """A MatMul/Gemm/Conv (group 1) weight as X @ W multiplies it: K input rows by N
+    outputs (a Gemm weight with transB transposed, a Conv filter [N, C, k...] as its
+    C k... patch rows); None for other layouts. A view, not a copy."""
+    if node.op_type == "Conv":
+        group = node.attributes.get("group")
+        if weight.ndim < 3 or (group is not None and group.as_int() != 1):
+            return None
+        return weight.reshape(weight.shape[0], -1).T
+    if weight.ndim != 2 or node.op_type not in ("MatMul", "Gemm"):
+        return None
+    trans_b = node.attributes.get("transB")
+    return (
+        weight.T if node.op_type == "Gemm" and trans_b is not None and trans_b.as_int() else weight
+    )
+
+
+def weight_from_kn(node: ir.Node, kn: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``weight_as_kn``'s inverse: a K x N array back in the layout ``node`` reads."""
+    if node.op_type == "Conv":
+        return np.ascontiguousarray(kn.T).reshape(shape)
+    trans_b = node.attributes.get("transB")
+    if node.op_type == "Gemm" and trans_b is not None and trans_b.as_int():
+        return np.ascontiguousarray(kn.T)
+    return kn

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxsqueeze.calib.gram import CONV_MARK, activations, gram_matrices
+from onnxsqueeze.calib.gram import activations, gram_matrices, input_of
 from onnxsqueeze.core.graphs import name_nodes
 from onnxsqueeze.core.io import model_stats
 from onnxsqueeze.lowrank.allocate import LayerCurve, allocate
@@ -328,12 +328,12 @@ class FactorizeStage:
             name: self.spectra[name].factors(ranks[name], refit=self.config.refit)
             for name in wanted
         }
-        keys = {s.key.split(CONV_MARK)[0] for s in wanted.values()}
+        keys = {input_of(s.key) for s in wanted.values()}
         for sample in activations(self.model, self.judge.feeds, keys, self.config.providers):
             for name, site in wanted.items():
-                if site.key.split(CONV_MARK)[0] not in sample:
+                if input_of(site.key) not in sample:
                     continue
-                x = _rows(site, np.asarray(sample[site.key.split(CONV_MARK)[0]], np.float64))
+                x = _rows(site, np.asarray(sample[input_of(site.key)], np.float64))
                 a, b = factors[name]
                 y = x @ site.weight
                 sums[name] += (np.sum((x @ a @ b - y) ** 2), np.sum(y * y))
