@@ -48,17 +48,31 @@ def load_split() -> tuple[np.ndarray, ...]:
 
 def build(epochs: int = 40) -> Path:
     """Train (if not already built) and return the model's path."""
-    path = out_dir() / "model.onnx"
-    if path.is_file() and (out_dir() / "test.npz").is_file():
+    from torch import nn
+
+    def body() -> nn.Module:
+        return nn.Sequential(
+            nn.Linear(64, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH), nn.ReLU(),
+            nn.Linear(WIDTH, 10),
+        )  # fmt: skip
+
+    return train_digits_model(out_dir(), body, (64,), epochs, "wide MLP")
+
+
+def train_digits_model(folder: Path, make_body, shape: tuple[int, ...], epochs: int, label: str):
+    """Train ``make_body()`` (+ softmax) on the digits split, each image reshaped to
+    ``shape``; write the model, calibration samples (batch 8) and the held-out split into
+    ``folder`` (once: an existing build is reused). Returns the model's path."""
+    path = folder / "model.onnx"
+    if path.is_file() and (folder / "test.npz").is_file():
         return path
     import torch
     from torch import nn
 
     x_train, y_train, x_calib, _, x_test, y_test = load_split()
+    x_train, x_calib, x_test = (a.reshape(-1, *shape) for a in (x_train, x_calib, x_test))
     torch.manual_seed(SEED)
-    body = nn.Sequential(
-        nn.Linear(64, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, 10)
-    )
+    body = make_body()
     opt = torch.optim.Adam(body.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
     xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
@@ -73,23 +87,24 @@ def build(epochs: int = 40) -> Path:
     model = nn.Sequential(body, nn.Softmax(dim=-1))
     with torch.no_grad():
         acc = (model(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean()
-    print(f"wide MLP: {sum(p.numel() for p in body.parameters())} parameters, "
+    print(f"{label}: {sum(p.numel() for p in body.parameters())} parameters, "
           f"torch test accuracy {acc:.4f} on {len(y_test)} held-out digits")  # fmt: skip
-    out_dir().mkdir(parents=True, exist_ok=True)
-    calib = out_dir() / "calib"
+    folder.mkdir(parents=True, exist_ok=True)
+    calib = folder / "calib"
     calib.mkdir(exist_ok=True)
     for index in range(0, len(x_calib) - 7, 8):
         np.savez(calib / f"{index // 8:04d}.npz", x=x_calib[index : index + 8])
-    np.savez(out_dir() / "test.npz", x=x_test, label=y_test)
+    np.savez(folder / "test.npz", x=x_test, label=y_test)
     export(model, x_test[:2], "x", "probs", path)
     return path
 
 
-def accuracy(onnx_path: str | Path) -> float:
-    """Top-1 accuracy of a wide-MLP ONNX model on the held-out split."""
+def accuracy(onnx_path: str | Path, folder: Path | None = None) -> float:
+    """Top-1 accuracy of a digits ONNX model (the wide MLP's by default) on the held-out
+    split written next to it."""
     import onnxruntime as ort
 
-    with np.load(out_dir() / "test.npz") as arrays:
+    with np.load((folder or out_dir()) / "test.npz") as arrays:
         x, labels = arrays["x"], arrays["label"]
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     return float((session.run(None, {"x": x})[0].argmax(1) == labels).mean())

@@ -29,6 +29,7 @@ from onnxsqueeze.pipeline.verified import Pipeline, VerifyOptions
 from onnxsqueeze.run.probes import DEFAULT_PROBE_SAMPLES, probe_feeds, retry_shapes
 from onnxsqueeze.stages.chain import run_lossy_stages
 from onnxsqueeze.stages.factorize import factorize_config
+from onnxsqueeze.stages.prune import prune_config
 from onnxsqueeze.stages.quantize import QuantizeConfig
 
 __all__ = ["Squeezed", "calibrate", "squeeze", "squeeze_file"]
@@ -56,6 +57,7 @@ def squeeze(
     strict: bool = True,
     quantize: Any = None,
     factorize: Any = None,
+    prune: Any = None,
 ) -> Squeezed:
     """Run passes (names, ``(name, options)`` pairs or pass objects; default: ``preset``).
 
@@ -71,6 +73,11 @@ def squeeze(
     ``FactorizeConfig``; see ``onnxsqueeze.stages.factorize``) replaces MatMul/Gemm weights
     by low-rank factors first, whitened by ``data`` when given; ``report.factorization``
     lists every layer.
+
+    ``prune`` (``"auto"``, ``"channels=0.5"``, ``"sparsity=0.5"``, ``"2:4"`` or a
+    ``PruneConfig``; see ``onnxsqueeze.stages.prune``) removes channels (or zeroes weights)
+    after factorization, the consumers refitted on ``data``; ``report.pruning`` lists every
+    channel group or layer.
     """
 
     loaded = load_model(model)
@@ -78,7 +85,7 @@ def squeeze(
     options = dict(
         preset=preset, data=data, shapes=shapes, providers=providers, verify=verify,
         registry=registry, probe_samples=probe_samples, seed=seed, quantize=quantize,
-        factorize=factorize,
+        factorize=factorize, prune=prune,
     )  # fmt: skip
     result, report = _run(working, passes, **options)
     report.source = loaded.label
@@ -144,6 +151,7 @@ def _run(
     seed,
     quantize,
     factorize,
+    prune,
 ):
     """The pipeline, then the lossy stages, on ``loaded.model`` (a LoadedModel)."""
 
@@ -167,11 +175,13 @@ def _run(
     )
     report = Report(warnings=[loaded.note] if loaded.note else [])
     model, report = pipeline.run(model, report, original=loaded.original)
-    if factorize_config(factorize) is not None and not verify:
-        raise PipelineConfigError(
-            "factorization measures the result on data; it cannot run without verification "
-            "(drop --no-verify)"
-        )
+    for stage, config in (("factorization", factorize_config(factorize)),
+                          ("pruning", prune_config(prune))):  # fmt: skip
+        if config is not None and not verify:
+            raise PipelineConfigError(
+                f"{stage} measures the result on data; it cannot run without verification "
+                "(drop --no-verify)"
+            )
     if quantize is not None and not verify:
         mode = quantize.mode if isinstance(quantize, QuantizeConfig) else str(quantize)
         if mode not in ("auto", "none"):
@@ -183,7 +193,7 @@ def _run(
             report.warnings.append("quantization skipped: verification is disabled")
         return model, report
     model = run_lossy_stages(
-        model, report, factorize, quantize, data, probe_shapes[0], providers, seed
+        model, report, factorize, quantize, data, probe_shapes[0], providers, seed, prune
     )
     return model, report
 

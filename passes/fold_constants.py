@@ -5,7 +5,9 @@ onnxsqueeze.run.evaluate). Two guards keep the file from growing: ops that can b
 (ConstantOfShape, Expand, Tile, Range) are not even evaluated past ``max_eval_elements``,
 and a result is materialised only if it is no larger than its inputs or than
 ``max_growth_bytes`` (a peer grew a 500 MB model to 2.5 GB by folding such ops).
-Q/DQ pairs and random ops are never folded.
+Q/DQ pairs and random ops are never folded. A CastLike of a constant to a runtime tensor
+of known type is a Cast (PyTorch's dynamo exports a bias-free Conv's zero bias that way),
+so it folds too, and the bias becomes a constant that BatchNorm fusion and pruning can use.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class FoldConstantsPass(SqueezePass):
         self._large: list[tuple[ir.Value, ir.Value, list]] = []
         self._shared: dict[tuple, ir.Value] = {}
         for scope in list(scopes(model)):
+            _cast_like_to_cast(scope)
             self._fold_scope(model, scope, names, stats)
         # Large results are kept only if, model-wide, the constants they were computed from
         # die with them (one LSTM weight read by both If branches dies only when both fold).
@@ -218,6 +221,25 @@ class FoldConstantsPass(SqueezePass):
         except (ValueError, TypeError, OverflowError):
             return True  # malformed: let the runtime complain, not us
         return False
+
+
+def _cast_like_to_cast(scope: GraphLike) -> None:
+    """CastLike(constant, runtime value of known type) -> Cast(constant, to=that type)."""
+    for node in list(scope):
+        if node.op_type != "CastLike" or node.domain not in ("", "ai.onnx"):
+            continue
+        x, like = (node.inputs + (None, None))[:2]
+        if x is None or like is None or not is_constant(x) or is_constant(like):
+            continue
+        if like.dtype is None or node.outputs[0].is_graph_output():
+            continue
+        cast = ir.node("Cast", inputs=[x], attributes={"to": like.dtype.value})
+        cast.outputs[0].dtype = like.dtype
+        cast.outputs[0].shape = node.outputs[0].shape
+        scope.insert_before(node, cast)
+        node.outputs[0].replace_all_uses_with(cast.outputs[0])
+        cast.outputs[0].name = node.outputs[0].name
+        scope.remove(node, safe=True)
 
 
 def _bytes_freed(candidates: list[ir.Node], constants: dict[str, np.ndarray]) -> int:

@@ -51,12 +51,17 @@ def parse_with(text: str, arrays: dict) -> onnx.ModelProto:
 
 
 def apply_pass(pass_class, proto: onnx.ModelProto, **options) -> tuple[onnx.ModelProto, dict]:
-    """``pass_class(**options)`` on a copy of ``proto`` (min_elements 0 unless given): the
+    """``pass_class(**options)`` on a copy of ``proto`` (min_elements 0 unless given, where
+    the pass has one): the
     checker-valid result and the pass's stats."""
+    import dataclasses
+
     import onnx_ir as ir
 
     model = ir.serde.deserialize_model(proto)
-    result = pass_class(**{"min_elements": 0, **options})(model)
+    fields = {f.name for f in dataclasses.fields(pass_class.Options)}
+    defaults = {"min_elements": 0} if "min_elements" in fields else {}
+    result = pass_class(**{**defaults, **options})(model)
     out = ir.serde.serialize_model(model)
     onnx.checker.check_model(out, full_check=True)
     return out, result.stats

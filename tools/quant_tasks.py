@@ -183,13 +183,15 @@ def silero(name: str, n_calib: int) -> Task:
     return Task(name, streamed[:n_calib], feeds, streamed[3], score, stateful=True)
 
 
-def wide_mlp(n_calib: int) -> Task:
-    """The over-parameterised MLP of models/train_wide_mlp.py: its calibration split (8
-    digits a sample), and its held-out split scored against the labels."""
-    import train_wide_mlp
+def wide_mlp(n_calib: int, name: str = "wide_mlp") -> Task:
+    """The over-parameterised MLP of models/train_wide_mlp.py (or the CNN of
+    models/train_wide_cnn.py, ``name`` wide_cnn): its calibration split (8 digits a
+    sample), and its held-out split scored against the labels."""
+    import importlib
 
-    train_wide_mlp.build()
-    folder = train_wide_mlp.out_dir()
+    builder = importlib.import_module(f"train_{name}")
+    builder.build()
+    folder = builder.out_dir()
     calib = [dict(np.load(f)) for f in sorted((folder / "calib").glob("*.npz"))][:n_calib]
     with np.load(folder / "test.npz") as arrays:
         x, labels = arrays["x"], arrays["label"]
@@ -204,21 +206,23 @@ def wide_mlp(n_calib: int) -> Task:
             "agreement": float(np.mean(a == b)),
         }
 
-    return Task("wide_mlp", calib, evaluation, {"x": x[:1]}, score)
+    return Task(name, calib, evaluation, {"x": x[:1]}, score)
 
 
 def model_path(name: str) -> Path:
     """The ONNX file of a task's model (the wide MLP is built here, not fetched)."""
-    if name == "wide_mlp":
-        import train_wide_mlp
+    if name in ("wide_mlp", "wide_cnn"):
+        import importlib
 
-        return train_wide_mlp.build()
+        return importlib.import_module(f"train_{name}").build()
     return corpus.get(name).path
 
 
 def get(name: str, n_calib: int) -> Task:
     if name.startswith("silero"):
         return silero(name, n_calib)
+    if name == "wide_cnn":
+        return wide_mlp(n_calib, name)
     return {"minilm": minilm, "ppocr_rec": ppocr_rec, "ppocr_cls": ppocr_cls,
             "ppocr_det": ppocr_det, "magika": magika, "wide_mlp": wide_mlp}[name](n_calib)  # fmt: skip
 

@@ -175,9 +175,13 @@ def gram_matrices(
     feeds: Iterable[Mapping[str, Any]],
     names: Sequence[str] | None = None,
     providers: Sequence[str] = ("cpu",),
+    *,
+    ones: bool = False,
 ) -> dict[str, np.ndarray]:
     """Sum over the samples of X^T X (float64, K x K) for each activation in ``names``
-    (default: every ``weighted_inputs``), X = the activation with its last axis as channels."""
+    (default: every ``weighted_inputs``), X = the activation with its last axis as channels.
+    ``ones``: X gets a last column of ones, so the matrix (K + 1 square) also holds each
+    channel's sum and the row count (what a refit with a bias term needs)."""
     sources = _sources(model)
     wanted = {key: k for key, (k, _) in sources.items()}
     if names is not None:
@@ -185,7 +189,8 @@ def gram_matrices(
     if not wanted:
         return {}
     geometries = {key: sources[key][1] for key in wanted if sources[key][1] is not None}
-    grams = {n: np.zeros((k, k)) for n, k in wanted.items()}
+    extra = 1 if ones else 0
+    grams = {n: np.zeros((k + extra, k + extra)) for n, k in wanted.items()}
     # Rows are pooled before each product: a sentence has a dozen rows, and a product per
     # sample would read and write the whole K x K sum for each (MiniLM: 36 s -> 2 s).
     pending: dict[str, list[np.ndarray]] = {n: [] for n in wanted}
@@ -207,6 +212,8 @@ def gram_matrices(
                 rows = _patches(np.asarray(array), geometries[name])
             else:
                 rows = np.asarray(array, np.float64).reshape(-1, k)
+            if ones:
+                rows = np.hstack([rows, np.ones((rows.shape[0], 1))])
             pending[name].append(rows)
             pooled[name] += rows.shape[0]
             if pooled[name] >= POOL_ROWS:

@@ -87,6 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
         "budget: auto (the fewest parameters within the budget, kept only if not slower), or "
         "the share of the factorizable parameters to keep, e.g. 0.5 (default: off)",
     )
+    quant.add_argument(
+        "--prune",
+        default="off",
+        metavar="off|auto|channels=R|sparsity=S|N:M",
+        help="pruning after factorization, before quantizing, under the same budget: auto "
+        "(remove as many whole channels as the budget allows, consumers refitted on --data; "
+        "kept only if faster), channels=R (each channel group loses R of its channels), "
+        "sparsity=S or 2:4 (zero weights: a smaller compressed file, not a faster model) "
+        "(default: off)",
+    )
     quant.add_argument("--max-error", type=float, metavar="X", help="max abs output error")
     quant.add_argument(
         "--min-cosine",
@@ -266,6 +276,7 @@ def _squeeze(args: argparse.Namespace) -> int:
         overwrite_input=args.overwrite_input,
         quantize=_quantize_config(args),
         factorize=_factorize_config(args),
+        prune=_prune_config(args),
     )
     if args.report:
         from onnxsqueeze.core.io import atomic_write_text
@@ -287,6 +298,15 @@ def _budget(args: argparse.Namespace):
         "min_top1_agreement": args.min_top1_agreement,
     }
     return Budget(**limits) if any(v is not None for v in limits.values()) else DEFAULT_BUDGET
+
+
+def _prune_config(args: argparse.Namespace):
+    """The prune stage's settings from the flags (None: off)."""
+    from onnxsqueeze.stages.prune import prune_config
+
+    if args.passes:
+        return None
+    return prune_config(args.prune, _budget(args))
 
 
 def _factorize_config(args: argparse.Namespace):

@@ -14,6 +14,7 @@ from onnxsqueeze.passes.fuse_gemm import FuseGemmPass
 from onnxsqueeze.passes.inline_ifs import InlineIfsPass
 from onnxsqueeze.passes.insert_qdq import InsertQdqPass
 from onnxsqueeze.passes.merge_matmuls import MergeMatmulsPass
+from onnxsqueeze.passes.prune_channels import PruneChannelsPass
 from onnxsqueeze.passes.prune_weights import PruneWeightsPass
 from onnxsqueeze.passes.quantize_dynamic import QuantizeDynamicPass
 from onnxsqueeze.passes.quantize_weights import QuantizeWeightsPass
@@ -46,6 +47,7 @@ def builtin_registry() -> PassRegistry:
         ConvertFp16Pass,
         FactorizeSvdPass,
         PruneWeightsPass,
+        PruneChannelsPass,
     ):
         registry.register(cls)
     lossless = [

@@ -42,6 +42,8 @@ class Report:
     warnings: list[str] = dataclasses.field(default_factory=list)
     #: What the factorize stage chose per layer and measured (None: not asked).
     factorization: dict[str, Any] | None = None
+    #: What the prune stage removed per channel group or layer (None: not asked).
+    pruning: dict[str, Any] | None = None
     #: What the quantize stage chose, measured and kept float (None: not asked).
     quantization: dict[str, Any] | None = None
     seconds: float = 0.0
@@ -82,6 +84,8 @@ class Report:
             lines.append(_delta("file", self.file_bytes_before, self.file_bytes_after, human=True))
         if self.factorization is not None:
             lines.append(_factorization_line(self.factorization))
+        if self.pruning is not None:
+            lines.append(_pruning_line(self.pruning))
         if self.quantization is not None:
             lines.append(_quantization_line(self.quantization))
         verdict = self.verification_status
@@ -113,6 +117,25 @@ def _factorization_line(f: dict[str, Any]) -> str:
     if f.get("speed_vs_before") is not None:
         text += f", {f['speed_vs_before']:.2f}x the speed before"
     return text + f" ({f.get('measured', '')})"
+
+
+def _pruning_line(p: dict[str, Any]) -> str:
+    if not p.get("applied"):
+        return f"pruning: {p.get('mode')} not applied ({p.get('reason', '?')})"
+    if "clusters" in p:
+        groups = [c for c in p["clusters"] if c.get("removed")]
+        text = (
+            f"pruning: {p.get('mode')}, {p.get('channels_removed', 0)} channels removed from "
+            f"{len(groups)} of {len(p['clusters'])} channel groups"
+        )
+    else:
+        text = f"pruning: {p.get('mode')}, {p.get('sparsity', 0):.0%} of the pruned weights zero"
+    before, after = p.get("macs_before"), p.get("macs_after")
+    if before and after is not None:
+        text += f", multiply-adds {after / before:.0%} of before"
+    if p.get("speed_vs_before") is not None:
+        text += f", {p['speed_vs_before']:.2f}x the speed before"
+    return text + f" ({p.get('measured', '')})"
 
 
 def _quantization_line(q: dict[str, Any]) -> str:

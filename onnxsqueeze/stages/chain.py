@@ -1,26 +1,27 @@
-"""The lossy stages in order under one accuracy budget: factorize, then quantize the result.
+"""The lossy stages in order under one accuracy budget: factorize, prune, then quantize.
 
-Each stage judges against the model before it; when both run, each gets half the room for
-error (``Budget.share``), so that their independent errors add up to about the whole, and
-the chain is then checked against the model before both with the whole budget. A chain
-that misses it ships the factorized model alone (it met its share) and says so.
+Each stage judges against the model before it; when several run, each gets an equal share
+of the room for error (``Budget.share``), so that their independent errors add up to about
+the whole, and the chain is then checked against the model before all of them with the
+whole budget. A chain that misses it drops its last changes (quantization first) until it
+meets it, and says so.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import onnx_ir as ir
 
 from onnxsqueeze.core.io import model_stats
 from onnxsqueeze.run.probes import probe_feeds
+from onnxsqueeze.stages.budget import Budget
 from onnxsqueeze.stages.factorize import factorize_config, run_factorize_stage
 from onnxsqueeze.stages.judge import Judge
+from onnxsqueeze.stages.prune import prune_config, run_prune_stage
 from onnxsqueeze.stages.quantize import QuantizeConfig, run_quantize_stage
-
-#: Share of the budget's room for error each of two chained stages gets.
-CHAIN_SHARE = 0.5
 
 
 def run_lossy_stages(
@@ -32,42 +33,80 @@ def run_lossy_stages(
     shapes: Any,
     providers: Any,
     seed: int,
+    prune: Any = None,
 ) -> ir.Model:
-    """``factorize`` (None/"off", "auto", a ratio or a FactorizeConfig), then ``quantize``
+    """``factorize`` (None/"off", "auto", a ratio or a FactorizeConfig), ``prune`` (None/
+    "off", "auto", "channels=R", "sparsity=S", "N:M" or a PruneConfig), then ``quantize``
     (None, a mode name or a QuantizeConfig) on the simplified ``model``."""
     qconfig = _quantize_config(quantize)
     budget = qconfig.budget if qconfig is not None else QuantizeConfig().budget
     fconfig = factorize_config(factorize, budget)
-    if fconfig is None:
-        if quantize is None:
-            return model
-        return run_quantize_stage(model, report, quantize, data, shapes, providers, seed)
+    pconfig = prune_config(prune, budget)
+    stages: list[tuple[str, Any, Callable]] = []
+    if fconfig is not None:
+        stages.append(("factorize", fconfig, run_factorize_stage))
+    if pconfig is not None:
+        stages.append(("prune", pconfig, run_prune_stage))
     if qconfig is not None:
-        fconfig = dataclasses.replace(fconfig, budget=fconfig.budget.share(CHAIN_SHARE))
-    factorized = run_factorize_stage(model, report, fconfig, data, shapes, providers, seed)
-    if qconfig is None:
-        return factorized
-    if factorized is model:  # nothing factorized: quantization gets the whole budget
-        return run_quantize_stage(model, report, quantize, data, shapes, providers, seed)
-    half = dataclasses.replace(qconfig, budget=qconfig.budget.share(CHAIN_SHARE))
-    result = run_quantize_stage(factorized, report, half, data, shapes, providers, seed)
-    if result is factorized:
-        return factorized
-    feeds = probe_feeds(model, data, shapes, max(qconfig.eval_samples, 2), seed)
-    judge = Judge(
-        model, feeds[: qconfig.eval_samples], qconfig.budget, tuple(providers or qconfig.providers)
+        stages.append(("quantize", qconfig if isinstance(quantize, QuantizeConfig) else quantize,
+                       run_quantize_stage))  # fmt: skip
+    if not stages:
+        return model
+    if len(stages) == 1:
+        _, config, run = stages[0]
+        return run(model, report, config, data, shapes, providers, seed)
+    share = 1 / len(stages)
+    results = [("original", model)]
+    for index, (name, config, run) in enumerate(stages):
+        if name == "quantize":
+            config = qconfig
+        # the last stage gets the room the others left (all of it when they changed nothing)
+        room = 1 - share * (len(results) - 1) if index == len(stages) - 1 else share
+        shared = dataclasses.replace(config, budget=config.budget.share(room))
+        changed = run(results[-1][1], report, shared, data, shapes, providers, seed)
+        if changed is not results[-1][1]:
+            results.append((name, changed))
+    if len(results) <= 2:
+        return results[-1][1]  # one stage changed the model, within its (smaller) share
+    return _within_budget(model, report, results, budget, qconfig, data, shapes, providers, seed)
+
+
+def _within_budget(model, report, results, budget: Budget, qconfig, data, shapes, providers,
+                   seed) -> ir.Model:  # fmt: skip
+    """The chained result if it meets the whole budget against the original; else the
+    longest prefix of the chain that does."""
+    eval_samples = qconfig.eval_samples if qconfig is not None else 32
+    feeds = probe_feeds(model, data, shapes, max(eval_samples, 2), seed)
+    judge_providers = tuple(providers or ("cpu",))
+    judge = Judge(model, feeds[:eval_samples], budget, judge_providers)
+    names = " + ".join(
+        (report.quantization or {}).get("mode", name) if name == "quantize" else name
+        for name, _ in results[1:]
     )
-    ok, summary = judge(result)
-    report.verification = {"summary": f"factorize + {report.quantization['mode']}: {summary}"}
-    if ok:
-        return result
-    report.warnings.append(
-        f"factorized and quantized model misses the budget against the original ({summary}); "
-        "shipped the factorized model without quantization"
-    )
-    report.quantization = {**report.quantization, "applied": False, "reason": summary}
-    report.after = model_stats(factorized).as_dict()
-    return factorized
+    while len(results) > 1:
+        name, candidate = results[-1]
+        ok, summary = judge(candidate)
+        if ok:
+            report.verification = {"summary": f"{names}: {summary}"}
+            return candidate
+        report.warnings.append(
+            f"the chain up to {name} misses the budget against the original ({summary}); "
+            f"shipped without {name}"
+        )
+        _undo(report, name, summary)
+        results.pop()
+        if len(results) == 2:
+            break
+    _, shipped = results[-1]
+    report.after = model_stats(shipped).as_dict()
+    return shipped
+
+
+def _undo(report: Any, stage: str, summary: str) -> None:
+    field = {"factorize": "factorization", "prune": "pruning", "quantize": "quantization"}[stage]
+    record = getattr(report, field, None)
+    if record is not None:
+        setattr(report, field, {**record, "applied": False, "reason": summary})
 
 
 def _quantize_config(quantize: Any) -> QuantizeConfig | None:

@@ -109,7 +109,9 @@ def test_factorize_then_quantize_under_one_budget():
     """Both stages run, each judged on half the room for error, and the chain is checked
     against the original with the whole budget."""
     proto = _mlp([STEEP, STEEP])
-    _, report = onnxsqueeze.squeeze(proto, data=_data(), factorize="auto", quantize="weights-int8")
+    # the latency gate off: a small MLP's timing decided the test once in a full run
+    auto = FactorizeConfig(check_latency=False)
+    _, report = onnxsqueeze.squeeze(proto, data=_data(), factorize=auto, quantize="weights-int8")
     assert report.factorization["applied"] and report.quantization["applied"]
     assert report.verification["summary"].startswith("factorize + weights-int8: cosine")
     # half of 0.997's room for the chain's first stage, half of that for auto's margin

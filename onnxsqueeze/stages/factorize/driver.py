@@ -11,14 +11,10 @@ from typing import Any
 import onnx_ir as ir
 
 from onnxsqueeze.core.io import model_stats
-from onnxsqueeze.run.feeds import load_feeds
 from onnxsqueeze.run.probes import probe_feeds
-from onnxsqueeze.run.signature import input_specs
 from onnxsqueeze.stages.factorize.config import GRAM_SAMPLES, FactorizeConfig
 from onnxsqueeze.stages.factorize.stage import factorize_model
-
-#: With fewer samples than this, the same samples fit the factors and judge the budget.
-MIN_SPLIT = 16
+from onnxsqueeze.stages.samples import split_samples
 
 
 def run_factorize_stage(
@@ -37,7 +33,9 @@ def run_factorize_stage(
     if data is None:
         feeds = probe_feeds(model, None, shapes, max(config.eval_samples, 2), seed)
     else:
-        feeds, fit = split_samples(model, data, config)
+        feeds, fit = split_samples(
+            model, data, config.eval_samples, config.calib_samples or GRAM_SAMPLES
+        )
         calib = fit if config.data_aware else None
     outcome = factorize_model(model, feeds, config, calib_feeds=calib)
     record = outcome.record
@@ -61,18 +59,3 @@ def run_factorize_stage(
             "and a budget measured on real inputs"
         )
     return outcome.model
-
-
-def split_samples(model: ir.Model, data: Any, config: FactorizeConfig) -> tuple[list, list]:
-    """(samples that judge the budget, samples the factors are fit to): every fourth sample
-    judges, the others give the Gram matrices, so the budget is checked on samples the
-    whitening did not see (MiniLM, judged on the fit samples, shipped a model whose
-    held-out cosine was 0.994 under a 0.997 budget). Below MIN_SPLIT samples both use all.
-    """
-    limit = (config.calib_samples or GRAM_SAMPLES) + config.eval_samples
-    samples = load_feeds(data, input_specs(model), limit=limit)
-    if len(samples) < MIN_SPLIT:
-        return samples, samples
-    judge = samples[::4][: config.eval_samples]
-    fit = [s for i, s in enumerate(samples) if i % 4][: config.calib_samples or GRAM_SAMPLES]
-    return judge, fit

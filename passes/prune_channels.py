@@ -1,0 +1,355 @@
+"""prune-channels: remove whole channels, so that every layer on their path gets smaller.
+
+The channel dependency graph (``prune.channels``) says which channels go together (a
+residual stage's convolutions lose channel c together, a Concat's consumer loses the rows at
+the right offsets) and which may not go (graph outputs, channel-mixing reshapes...). Within
+each cluster of tied producers, the ``ratio`` share of its free channels with the least
+importance goes (``prune.refit.row_energy``: what the channel carries into its consumers on
+the calibration data, or its weights' magnitude without data); the kept count is rounded up
+to a ``multiple`` (CPU kernels work in blocks of 8 or 16 channels).
+
+Removing a channel removes its producers' filters (and bias), the matching BatchNorm and
+per-channel constants, depthwise filters (the group shrinks with them), Split sizes, Slice
+bounds and shape entries, and the consumers' input rows. With calibration Gram matrices
+(``grams``, gathered with a ones column), each consumer's kept rows are refitted by least
+squares to reproduce its original output, bias included (``prune.refit.refit_rows``): that
+is what keeps accuracy without fine-tuning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxsqueeze.calib.gram import gram_key
+from onnxsqueeze.core.flops import total_macs
+from onnxsqueeze.core.graphs import (
+    add_constant,
+    all_value_names,
+    constant_array,
+    drop_if_unused,
+    name_nodes,
+    unique_name,
+    weight_as_kn,
+    weight_from_kn,
+)
+from onnxsqueeze.core.pass_base import SqueezePass, SqueezeResult
+from onnxsqueeze.core.shapes import inferred_shapes
+from onnxsqueeze.prune.channels import ChannelGraph, Cluster, Edit, analyze
+from onnxsqueeze.prune.refit import DAMPING, refit_rows, row_energy
+
+#: Edits in the order they apply: a consumer's refit needs all its outputs.
+ORDER = {"in": 0, "out": 1, "depthwise": 2, "param": 3, "split": 4, "slice": 5, "shape": 6}
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneChannelsOptions:
+    #: Share of each cluster's free channels removed.
+    ratio: float = 0.5
+    #: Kept channels rounded up to a multiple of this (clusters of 2x as many channels).
+    multiple: int = 8
+    #: Least-squares refit of the consumers on the calibration data (when grams are given).
+    refit: bool = True
+    damping: float = DAMPING
+    #: Clusters with fewer channels stay whole.
+    min_channels: int = 8
+    exclude_nodes: tuple[str, ...] = ()
+    #: cluster name (its first producer) -> ratio, set by the prune stage; overrides ratio,
+    #: the clusters not named stay whole.
+    ratios: Mapping[str, float] | None = dataclasses.field(
+        default=None, compare=False, metadata={"hidden": True}
+    )
+    #: consumer Gram key -> [X 1]^T [X 1] on calibration data (calib.gram, ones=True).
+    grams: Mapping[str, np.ndarray] | None = dataclasses.field(
+        default=None, compare=False, metadata={"hidden": True}
+    )
+
+
+class PruneChannelsPass(SqueezePass):
+    """Conv/MatMul/Gemm chains -> the same chains with fewer channels."""
+
+    name = "prune-channels"
+    summary = "remove whole channels along their dependency groups (refit on data)"
+    lossless = False
+    Options = PruneChannelsOptions
+
+    def call(self, model: ir.Model) -> SqueezeResult:
+        opts: PruneChannelsOptions = self.options
+        if not 0 <= opts.ratio < 1:
+            raise ValueError(f"prune-channels.ratio must be in [0, 1), got {opts.ratio}")
+        name_nodes(model)
+        macs_before = total_macs(model)
+        with inferred_shapes(model):
+            graph = analyze(model)
+        clusters = graph.clusters()
+        removed: set[int] = set()
+        report = []
+        for cluster in clusters:
+            count, how = self._removal(graph, cluster)
+            if count:
+                removed.update(self._weakest(graph, cluster, count, how))
+            report.append(_describe(cluster, count, how))
+        if removed:
+            _Surgery(model, graph, removed, opts).run()
+        stats: dict[str, Any] = {
+            "pruned": [c["name"] for c in report if c["removed"]],
+            "clusters": report,
+            "channels_removed": sum(c["removed"] for c in report),
+            "macs_before": macs_before,
+        }
+        if removed:
+            stats["macs_after"] = total_macs(model)
+        return SqueezeResult(model, modified=bool(removed), stats=stats)
+
+    def _removal(self, graph: ChannelGraph, cluster: Cluster) -> tuple[int, str]:
+        """How many of the cluster's free channels go, and why (none)."""
+        opts: PruneChannelsOptions = self.options
+        if any(p in opts.exclude_nodes for p in cluster.producers):
+            return 0, "excluded"
+        ratio = opts.ratios.get(cluster.name, 0.0) if opts.ratios is not None else opts.ratio
+        if cluster.channels < opts.min_channels:
+            return 0, f"fewer than {opts.min_channels} channels"
+        if not cluster.free:
+            return 0, "no channel may go"
+        if ratio <= 0:
+            return 0, "kept whole"
+        count = math.floor(ratio * len(cluster.free))
+        m = opts.multiple
+        if m > 1 and cluster.channels >= 2 * m:
+            kept = math.ceil((cluster.channels - count) / m) * m
+            count = cluster.channels - kept
+        count = max(0, min(count, len(cluster.free) - 1, cluster.channels - 1))
+        return count, "pruned" if count else "ratio rounds to none"
+
+    def _weakest(self, graph: ChannelGraph, cluster: Cluster, count: int, how: str) -> set[int]:
+        """The ``count`` free channels of ``cluster`` its consumers miss least."""
+        scores = _scores(graph, cluster, self.options.grams)
+        free = sorted(cluster.free, key=lambda r: (scores.get(r, 0.0), r))
+        return set(free[:count])
+
+
+def _scores(graph: ChannelGraph, cluster: Cluster, grams: Mapping | None) -> dict[int, float]:
+    """Each channel root's share of its consumers' outputs (data-aware where every consumer
+    has a Gram matrix), plus its producers' share of weight magnitude without data."""
+    roots = set(cluster.free)
+    scores: dict[int, float] = dict.fromkeys(roots, 0.0)
+    consumers = []
+    for name, value in graph.consumers.items():
+        ids = graph.roots(graph.tracks[value].ids)
+        if roots.intersection(ids.tolist()):
+            consumers.append((graph.nodes[name], ids))
+    data = bool(consumers) and all(
+        (grams or {}).get(gram_key(node) or "") is not None for node, _ in consumers
+    )
+    for node, ids in consumers:
+        w = weight_as_kn(node, constant_array(node.inputs[1]))
+        gram = (grams or {}).get(gram_key(node) or "") if data else None
+        energy = row_energy(w, gram)
+        per_channel = energy.reshape(len(ids), -1).sum(axis=1)
+        total = per_channel.sum() or 1.0
+        for root, e in zip(ids.tolist(), per_channel, strict=True):
+            if root in scores:
+                scores[root] += float(e / total)
+    if data:
+        return scores
+    for name in cluster.producers:
+        node = graph.nodes[name]
+        w = weight_as_kn(node, constant_array(node.inputs[1]))
+        energy = np.einsum("kn,kn->n", w, w)
+        total = energy.sum() or 1.0
+        ids = graph.roots(graph.tracks[graph.producers[name]].ids)
+        for root, e in zip(ids.tolist(), energy, strict=True):
+            if root in scores:
+                scores[root] += float(e / total)
+    return scores
+
+
+def _describe(cluster: Cluster, count: int, how: str) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "name": cluster.name,
+        "layers": len(cluster.producers),
+        "channels": cluster.channels,
+        "free": len(cluster.free),
+        "removed": count,
+        "decision": how,
+    }
+    if cluster.reasons:
+        entry["blocked"] = cluster.reasons[:3]
+    return entry
+
+
+class _Surgery:
+    """Apply the edits the removal of ``removed`` channel roots implies."""
+
+    def __init__(
+        self, model: ir.Model, graph: ChannelGraph, removed: set[int], opts: PruneChannelsOptions
+    ) -> None:
+        self.model, self.graph, self.opts = model, graph, opts
+        gone = np.array(sorted(removed), dtype=np.int64)
+        self.keep = {name: ~np.isin(graph.roots(t.ids), gone) for name, t in graph.tracks.items()}
+        #: (node, input index) -> the constant as it is being rewritten
+        self.arrays: dict[tuple[ir.Node, int], np.ndarray] = {}
+
+    def array(self, node: ir.Node, index: int) -> np.ndarray | None:
+        key = (node, index)
+        if key not in self.arrays:
+            if len(node.inputs) <= index or node.inputs[index] is None:
+                return None
+            found = constant_array(node.inputs[index])
+            if found is None:
+                return None
+            self.arrays[key] = np.array(found)
+        return self.arrays[key]
+
+    def run(self) -> None:
+        for edit in sorted(self.graph.edits, key=lambda e: ORDER[e.kind]):
+            mask = self.keep[edit.value]
+            if mask.all():
+                continue
+            getattr(self, f"_{edit.kind}")(edit, mask)
+        self._write()
+        self._reshape()
+
+    # ------------------------------------------------------------ edits
+    def _in(self, edit: Edit, mask: np.ndarray) -> None:
+        node = edit.node
+        w = self.array(node, 1)
+        kn = weight_as_kn(node, w)
+        rows = np.repeat(mask, kn.shape[0] // len(mask))
+        gram = (self.opts.grams or {}).get(gram_key(node) or "") if self.opts.refit else None
+        if gram is not None and gram.shape[0] in (kn.shape[0], kn.shape[0] + 1):
+            bias = self._bias_target(node, kn.shape[1])
+            new, delta = refit_rows(kn, gram, rows, with_bias=bias is not None,
+                                    damping=self.opts.damping)  # fmt: skip
+            if delta is not None and bias is not None:
+                target, index, scale = bias
+                self.arrays[(target, index)] = (
+                    self.array(target, index) + (delta * scale).astype(np.float32)
+                ).astype(self.array(target, index).dtype)
+        else:
+            new = kn[rows]
+        shape = list(w.shape)
+        axis = _in_axis(node)
+        shape[axis] = int(mask.sum()) * (shape[axis] // len(mask))
+        self.arrays[(node, 1)] = weight_from_kn(node, new.astype(w.dtype), tuple(shape))
+
+    def _bias_target(self, node: ir.Node, n: int) -> tuple[ir.Node, int, float] | None:
+        """Where a consumer's bias correction goes: its own bias (made when absent), or for
+        a MatMul the constant of the Add right after it; None: nowhere (no correction)."""
+        if node.op_type in ("Conv", "Gemm"):
+            if node.op_type == "Gemm":
+                alpha = node.attributes.get("alpha")
+                beta = node.attributes.get("beta")
+                a = alpha.as_float() if alpha is not None else 1.0
+                b = beta.as_float() if beta is not None else 1.0
+                if b == 0:
+                    return None
+                scale = a / b
+            else:
+                scale = 1.0
+            c = self.array(node, 2)
+            if c is None:
+                if len(node.inputs) > 2 and node.inputs[2] is not None:
+                    return None  # a bias computed at run time
+                self.arrays[(node, 2)] = np.zeros(n, np.float32)
+            elif c.size == 1:
+                self.arrays[(node, 2)] = np.full(n, c.reshape(-1)[0], c.dtype)
+            elif c.shape[-1] != n or c.size != n:
+                return None
+            return node, 2, scale
+        uses = list(node.outputs[0].uses())
+        if len(uses) == 1 and uses[0][0].op_type == "Add":
+            add, index = uses[0]
+            other = 1 - index
+            c = self.array(add, other)
+            if c is not None and c.size == n and c.shape[-1] == n:
+                return add, other, 1.0
+        return None
+
+    def _out(self, edit: Edit, mask: np.ndarray) -> None:
+        node = edit.node
+        w = self.array(node, 1)
+        axis = 0 if node.op_type == "Conv" else 1
+        if node.op_type == "Gemm":
+            trans_b = node.attributes.get("transB")
+            axis = 0 if trans_b is not None and trans_b.as_int() else 1
+        self.arrays[(node, 1)] = np.compress(mask, w, axis=axis)
+        bias = self.array(node, 2)
+        if bias is not None and bias.size > 1:
+            self.arrays[(node, 2)] = np.compress(mask, bias, axis=bias.ndim - 1)
+
+    def _depthwise(self, edit: Edit, mask: np.ndarray) -> None:
+        node = edit.node
+        self.arrays[(node, 1)] = np.compress(mask, self.array(node, 1), axis=0)
+        bias = self.array(node, 2)
+        if bias is not None:
+            self.arrays[(node, 2)] = np.compress(mask, bias, axis=0)
+        node.attributes["group"] = ir.AttrInt64("group", int(mask.sum()))
+
+    def _param(self, edit: Edit, mask: np.ndarray) -> None:
+        array = self.array(edit.node, edit.index)
+        self.arrays[(edit.node, edit.index)] = np.compress(mask, array, axis=edit.axis)
+
+    def _split(self, edit: Edit, mask: np.ndarray) -> None:
+        node = edit.node
+        sizes = np.array([int(self.keep[o.name].sum()) for o in node.outputs], np.int64)
+        if node.attributes.get("split") is not None:
+            node.attributes["split"] = ir.AttrInt64s("split", sizes.tolist())
+            return
+        node.attributes.pop("num_outputs", None)
+        self.arrays[(node, 1)] = sizes
+
+    def _slice(self, edit: Edit, mask: np.ndarray) -> None:
+        node, i = edit.node, edit.index
+        c = len(mask)
+        starts, ends = self.array(node, 1).copy(), self.array(node, 2).copy()
+        lo, hi = (max(0, min(c, int(v) + c if v < 0 else int(v))) for v in (starts[i], ends[i]))
+        starts[i], ends[i] = mask[:lo].sum(), mask[:hi].sum()
+        self.arrays[(node, 1)], self.arrays[(node, 2)] = starts, ends
+
+    def _shape(self, edit: Edit, mask: np.ndarray) -> None:
+        array = self.array(edit.node, edit.index).copy()
+        array[edit.axis] = int(mask.sum())
+        self.arrays[(edit.node, edit.index)] = array
+
+    # ------------------------------------------------------------ writing back
+    def _write(self) -> None:
+        names = all_value_names(self.model)
+        graph = self.model.graph
+        for (node, index), array in self.arrays.items():
+            old = node.inputs[index] if len(node.inputs) > index else None
+            if old is not None and constant_array(old) is not None:
+                same = constant_array(old)
+                if same.shape == array.shape and np.array_equal(same, array):
+                    continue
+            base = old.name if old is not None and old.name else f"{node.name}_{index}"
+            new = add_constant(self.model, graph, np.ascontiguousarray(array),
+                               unique_name(names, f"{base}_pruned"), node)  # fmt: skip
+            if len(node.inputs) <= index:
+                node.resize_inputs(index + 1)
+            node.replace_input_with(index, new)
+            if old is not None:
+                drop_if_unused(graph, old)
+
+    def _reshape(self) -> None:
+        """Annotated shapes of the values whose channels went follow them."""
+        for name, track in self.graph.tracks.items():
+            value, kept = track.value, int(self.keep[name].sum())
+            if value.shape is None or len(value.shape) != track.rank or kept == len(track.ids):
+                continue
+            dims = list(value.shape.dims)
+            dims[track.axis] = kept
+            value.shape = ir.Shape(dims)
+
+
+def _in_axis(node: ir.Node) -> int:
+    """The axis of a layer's weight that its input rows index."""
+    if node.op_type == "Conv":
+        return 1
+    trans_b = node.attributes.get("transB")
+    return 1 if node.op_type == "Gemm" and trans_b is not None and trans_b.as_int() else 0
