@@ -144,7 +144,9 @@ def ppocr_det(n_calib: int) -> Task:
         return {"mask F1 vs fp32": 2 * tp / max(2 * tp + fp + fn, 1)}
 
     evaluation = [page(20 + 6 * i) for i in range(16)]
-    calib = [page(200 + 6 * i) for i in range(n_calib)]
+    # pages of 6 lines from line 200 on, wrapping round to line 200 when the lines run out
+    span = len(_sentences()) - 200 - 6
+    calib = [page(200 + (6 * i) % span) for i in range(n_calib)]
     return Task("ppocr_det", calib, evaluation, evaluation[0], score)
 
 

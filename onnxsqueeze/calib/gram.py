@@ -221,3 +221,61 @@ def gram_matrices(
     for name in wanted:
         flush(name)
     return {n: g for n, g in grams.items() if np.any(g)}
+
+
+def layer_rows(node: ir.Node, array: np.ndarray) -> np.ndarray | None:
+    """A layer's input as the rows its weight multiplies (float64): a plain Conv's patches
+    (``CONV_ROWS`` evenly spaced), a MatMul/Gemm input's last axis; None for other layers."""
+    geometry = conv_geometry(node)
+    if geometry is not None:
+        return _patches(np.asarray(array), geometry)
+    weight = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if node.op_type not in ("MatMul", "Gemm") or weight is None or weight.ndim != 2:
+        return None
+    if gram_key(node) is None:
+        return None
+    trans_b = node.attributes.get("transB")
+    k = (
+        weight.shape[1]
+        if node.op_type == "Gemm" and trans_b and trans_b.as_int()
+        else weight.shape[0]
+    )
+    return np.asarray(array, np.float64).reshape(-1, k)
+
+
+def cross_grams(
+    original: ir.Model,
+    changed: ir.Model,
+    feeds: Iterable[Mapping[str, Any]],
+    layers: Sequence[str],
+    providers: Sequence[str] = ("cpu",),
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """For each layer (a node name in both models whose input was changed upstream):
+    ([X' 1]^T [X' 1], [X' 1]^T X) summed over the samples, X' its input rows in
+    ``changed``, X in ``original`` (same positions). What a refit of the layer needs to
+    reproduce the original's output from what really reaches it after upstream changes."""
+    found_o = {n.name: n for n in original.graph if n.name in set(layers)}
+    found_c = {n.name: n for n in changed.graph if n.name in found_o}
+    names = [n for n in layers if n in found_c and found_c[n].inputs[0] is not None]
+    sums: dict[str, list[np.ndarray]] = {}
+    values_o = activations(original, feeds, {found_o[n].inputs[0].name for n in names}, providers)
+    for sample_o, sample_c in zip(
+        values_o,
+        activations(changed, feeds, {found_c[n].inputs[0].name for n in names}, providers),
+        strict=True,
+    ):
+        for name in names:
+            x_o = sample_o.get(found_o[name].inputs[0].name)
+            x_c = sample_c.get(found_c[name].inputs[0].name)
+            if x_o is None or x_c is None:
+                continue
+            rows_o, rows_c = layer_rows(found_o[name], x_o), layer_rows(found_c[name], x_c)
+            if rows_o is None or rows_c is None or len(rows_o) != len(rows_c):
+                continue
+            rows_c = np.hstack([rows_c, np.ones((rows_c.shape[0], 1))])
+            if name not in sums:
+                sums[name] = [rows_c.T @ rows_c, rows_c.T @ rows_o]
+            else:
+                sums[name][0] += rows_c.T @ rows_c
+                sums[name][1] += rows_c.T @ rows_o
+    return {name: (a, b) for name, (a, b) in sums.items()}

@@ -166,3 +166,27 @@ def test_folds_inside_an_if_nested_in_a_function_with_constant_nodes():
     for c in (True, False):
         feeds = {"c": np.array(c), "x": x}
         np.testing.assert_array_equal(run_ort(proto, feeds)[0], run_ort(original, feeds)[0])
+
+
+def test_castlike_of_a_constant_to_a_runtime_value_folds_like_a_cast():
+    # what PyTorch's dynamo writes for a bias-free Conv: Expand(CastLike(0, x), [C])
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1, 2, 4, 4] x) => (float[1, 3, 4, 4] y) {
+        zero = Constant <value = int64 {0}> ()
+        shape = Constant <value = int64[1] {3}> ()
+        z = CastLike (zero, x)
+        b = Expand (z, shape)
+        w = Constant <value = float[3, 2, 1, 1] {1, 2, 3, 4, 5, 6}> ()
+        y = Conv (x, w, b)
+    }"""
+    original, model, _ = _fold(text)
+    assert "CastLike" not in _ops(model.graph) and "Expand" not in _ops(model.graph)
+    bias = next(n for n in model.graph if n.op_type == "Conv").inputs[2]
+    assert bias.const_value is not None and bias.dtype == ir.DataType.FLOAT
+    x = np.random.default_rng(0).standard_normal((1, 2, 4, 4)).astype(np.float32)
+    np.testing.assert_allclose(
+        run_ort(ir.serde.serialize_model(model), {"x": x})[0],
+        run_ort(original, {"x": x})[0],
+        rtol=1e-6,
+    )

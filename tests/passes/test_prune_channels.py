@@ -239,3 +239,37 @@ def test_ratio_zero_changes_nothing_and_kept_counts_round_to_the_multiple(ratio)
     out, stats = apply_pass(PruneChannelsPass, proto, ratio=ratio, multiple=8)
     kept = _pruned_init(out, "w1").shape[0]
     assert kept == (32 if ratio == 0 else 16) and kept % 8 == 0
+
+
+def test_the_sequential_refit_fits_what_really_reaches_each_layer():
+    # three 3x3 convolutions, the first two lose half their channels: refitting the third
+    # from the second's refitted output (not the original's) lowers the error on the data
+    w1, w2, w3 = _weights((16, 3, 3, 3), (16, 16, 3, 3), (4, 16, 3, 3))
+    # redundant channels (what pruning removes in practice): 16 filters mixing 6
+    w1 = np.einsum("oc,c...->o...", RNG.standard_normal((16, 6)), w1[:6]).astype(np.float32)
+    w2 = np.einsum("oc,c...->o...", RNG.standard_normal((16, 6)), w2[:6]).astype(np.float32)
+    proto = parse_with(
+        f"""{HEAD} g (float[2, 3, 6, 6] x) => (float[2, 4, 6, 6] y) {{
+            a = Conv <pads = [1, 1, 1, 1]> (x, w1)
+            r = Relu (a)
+            b = Conv <pads = [1, 1, 1, 1]> (r, w2)
+            s = Relu (b)
+            y = Conv <pads = [1, 1, 1, 1]> (s, w3)
+        }}""",
+        {"w1": w1, "w2": w2, "w3": w3},
+    )
+    from onnxsqueeze.calib.gram import gram_matrices
+
+    feeds = [_image() for _ in range(24)]
+    grams = gram_matrices(ir.serde.deserialize_model(proto), feeds, ones=True)
+    options = dict(ratio=0.5, multiple=1, min_channels=1, grams=grams, damping=1e-4)
+    plain, _ = apply_pass(PruneChannelsPass, proto, **options)
+    sequential, _ = apply_pass(PruneChannelsPass, proto, **options, feeds=feeds)
+
+    def error(model):
+        return sum(np.sum((run_ort(model, f)[0] - run_ort(proto, f)[0]) ** 2) for f in feeds) / sum(
+            np.sum(run_ort(proto, f)[0] ** 2) for f in feeds
+        )
+
+    # (a 5 % gain here; the earlier all-at-once version made it 4x worse on PP-OCR cls)
+    assert error(sequential) < 0.98 * error(plain)

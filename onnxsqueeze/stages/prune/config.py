@@ -13,7 +13,7 @@ from onnxsqueeze.stages.search import SensitivityOptions
 
 #: Gram matrices (refit, Wanda) are summed over at most this many calibration samples.
 GRAM_SAMPLES = 128
-#: Channel ratios auto tries (share of each cluster's free channels removed), largest first.
+#: Channel ratios auto measures each group at (share of its free channels removed).
 AUTO_RATIOS = (0.875, 0.75, 0.5, 0.25)
 USAGE = "--prune must be off, auto, channels=R, sparsity=S or N:M (e.g. 2:4)"
 
@@ -38,9 +38,11 @@ class PruneConfig:
     eval_samples: int = 32
     calib_samples: int | None = None
     sensitivity: SensitivityOptions = SensitivityOptions(method="exact", max_exact=256)
-    #: auto: ratios tried, and the share of the budget's room for error searched within
-    #: (the rest is margin for samples the search did not see, as for factorization).
+    #: auto: the ratios each group is measured at, bisection steps over the error allowance,
+    #: and the share of the budget's room for error searched within (the rest is margin
+    #: for samples the search did not see, as for factorization).
     ratios: tuple[float, ...] = AUTO_RATIOS
+    search_steps: int = 8
     auto_margin: float = 0.5
     check_latency: bool = True
 

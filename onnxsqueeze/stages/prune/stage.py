@@ -16,7 +16,9 @@ channels (or weights) before and after, decision, why channels could not go.
 
 from __future__ import annotations
 
+import heapq
 import itertools
+import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -29,13 +31,17 @@ from onnxsqueeze.core.graphs import name_nodes
 from onnxsqueeze.core.io import model_stats
 from onnxsqueeze.passes.prune_channels import PruneChannelsPass
 from onnxsqueeze.passes.prune_weights import PruneWeightsPass
+from onnxsqueeze.prune.allocate import allocate
 from onnxsqueeze.stages import latency_gate
 from onnxsqueeze.stages.judge import Judge
 from onnxsqueeze.stages.prune.config import GRAM_SAMPLES, PruneConfig, PruneOutcome
 from onnxsqueeze.stages.search import fewest_kept, rank
+from onnxsqueeze.stages.sensitivity import output_nsr
 
-#: auto's per-cluster refinement builds at most this many models.
-MAX_REFINE = 24
+#: auto's refinement of the allocation builds at most this many models.
+MAX_REFINE = 16
+#: A group's sensitivity stops at the first ratio whose error alone is past this NSR.
+MAX_NSR = 0.5
 
 
 class ChannelFamily:
@@ -55,11 +61,11 @@ class ChannelFamily:
     def candidates(self) -> dict[str, ir.Node]:
         return self._candidates
 
-    def _pass(self, model: ir.Model, ratios: Mapping[str, float] | None):
+    def _pass(self, model: ir.Model, ratios: Mapping[str, float] | None, feeds=None):
         c = self.config
         return PruneChannelsPass(
             ratio=self.ratio, ratios=ratios, grams=self.grams, refit=c.refit,
-            multiple=c.multiple, exclude_nodes=c.exclude_nodes,
+            multiple=c.multiple, exclude_nodes=c.exclude_nodes, feeds=feeds,
         )(model)  # fmt: skip
 
     def ratios(self, kept: Sequence[str]) -> dict[str, float]:
@@ -69,10 +75,13 @@ class ChannelFamily:
     def build(self, kept: Sequence[str]) -> ir.Model:
         return self.build_ratios(self.ratios(kept))[0]
 
-    def build_ratios(self, ratios: Mapping[str, float]) -> tuple[ir.Model, dict[str, Any]]:
-        """A model with each named cluster at its own ratio (the others whole)."""
+    def build_ratios(
+        self, ratios: Mapping[str, float], feeds: Sequence[Mapping[str, Any]] | None = None
+    ) -> tuple[ir.Model, dict[str, Any]]:
+        """A model with each named cluster at its own ratio (the others whole); with
+        ``feeds``, refitted sequentially on them (see prune-channels)."""
         model = self.model.clone()
-        return model, self._pass(model, dict(ratios)).stats
+        return model, self._pass(model, dict(ratios), feeds).stats
 
 
 class WeightsFamily:
@@ -171,49 +180,130 @@ class PruneStage:
         return self._ship(model, summary, kept, family)
 
     def _auto(self, family: ChannelFamily) -> PruneOutcome:
+        """Per-group ratios: each group's error and saving measured alone at every ratio,
+        then a bisection over the error allowance the allocation (``prune.allocate``) may
+        spend, judged against the budget as onnxruntime runs the model."""
         c = self.config
         self.judge.budget = c.budget.share(c.auto_margin)
         self.record["searched_within"] = f"{c.auto_margin:g} of the budget's room for error"
+        options = self._sensitivity(family)
+        errors = [e for opts in options.values() for _, e, _ in opts if e > 0]
+        if not options or not errors:
+            return self._done(None, "no group saves multiply-adds", family)
+        low = math.log(min(errors) / 10)
+        high = math.log(sum(max(e for _, e, _ in opts) for opts in options.values() if opts))
         found: list[tuple[int, dict[str, float], ir.Model, str]] = []
-        tried, order = [], None
-        ladder = sorted(c.ratios, reverse=True)
-        for ratio in ladder:
-            family.ratio = ratio
-            model = family.build(())
-            ok, summary = self.judge(model)
-            kept: list[str] = []
-            if not ok:
-                if order is None:
-                    ranking = rank(
-                        family, list(family.candidates), model, self.judge, c.sensitivity
-                    )
-                    order, self.record["sensitivity"] = ranking.order, ranking.method
-                search = fewest_kept(order, family.build, self.judge)
-                ok, kept, model, summary = (
-                    search.model is not None,
-                    order[: search.count],
-                    search.model,
-                    search.summary,
-                )
-            entry = {"ratio": ratio, "met": ok, "kept_whole": len(kept), "measured": summary}
-            if ok:
-                macs = total_macs(model, self.feed)
-                entry["macs"] = macs
-                found.append((macs, family.ratios(kept), model, summary))
-            tried.append(entry)
-            if ok and not kept:
-                break  # every cluster at this ratio: smaller ratios only cost more
-        self.record["ratios_tried"] = tried
+        tried: list[dict[str, Any]] = []
+        met: dict[tuple, bool] = {}
+        for _ in range(c.search_steps):
+            middle = (low + high) / 2
+            ratios = allocate(options, math.exp(middle))
+            if not ratios:  # nothing fits this allowance
+                low = middle
+                continue
+            key = tuple(sorted(ratios.items()))
+            if key not in met:
+                model, _ = family.build_ratios(ratios)
+                ok, summary = self.judge(model)
+                met[key] = ok
+                entry = {"allowance": round(math.exp(middle), 6), "groups": len(ratios),
+                         "met": ok, "measured": summary}  # fmt: skip
+                if ok:
+                    entry["macs"] = total_macs(model, self.feed)
+                    found.append((entry["macs"], ratios, model, summary))
+                tried.append(entry)
+            if met[key]:
+                low = middle
+            else:
+                high = middle
+        self.record["allowances_tried"] = tried
         if not found:
-            return self._done(None, f"no ratio met the budget ({tried[-1]['measured']})", family)
+            last = tried[-1]["measured"] if tried else "no allocation fits"
+            return self._done(None, f"no allocation met the budget ({last})", family)
         confirm = self._confirm_judge()
         choice = self._confirmed(confirm, sorted(found, key=lambda f: f[0]))
         if choice is None:
             return self._done(None, self.record["confirmed"], family)
-        choice = self._refined(family, choice, ladder, confirm)
-        _, ratios, model, summary = choice
+        _, ratios, model, summary = self._refined(family, options, choice, confirm)
         self.record["ratios"] = ratios
         return self._ship(model, summary, ratios, family)
+
+    def _sensitivity(self, family: ChannelFamily) -> dict[str, list[tuple[float, float, float]]]:
+        """Group -> (ratio, output noise-to-signal ratio, multiply-adds saved) with only that
+        group pruned, on the first sensitivity samples; a group's larger ratios are skipped
+        once its error is past any budget (MAX_NSR)."""
+        c = self.config
+        feeds = self.judge.feeds[: c.sensitivity.samples]
+        reference = self.judge.reference[: len(feeds)]
+        before = self.record["macs_before"]
+        options: dict[str, list[tuple[float, float, float]]] = {}
+        for name in family.candidates:
+            options[name] = []
+            for ratio in sorted(c.ratios):
+                model, _ = family.build_ratios({name: ratio})
+                error = output_nsr(reference, self.judge.run(model, feeds, optimize=False))
+                saved = before - total_macs(model, self.feed)
+                options[name].append((ratio, error, float(saved)))
+                if error > MAX_NSR:
+                    break
+        self.record["sensitivity"] = {
+            name: [[r, round(e, 6), int(s)] for r, e, s in opts] for name, opts in options.items()
+        }
+        return options
+
+    def _refined(self, family: ChannelFamily, options, choice: tuple, confirm) -> tuple:
+        """The allocation assumes errors add up, which leaves room (or not) in practice: each
+        group's next larger ratio is tried on the chosen model, the most saving per unit of
+        its measured error first, kept where the budget (and the confirming judge) still
+        holds; at most MAX_REFINE builds."""
+        macs, ratios, model, summary = choice
+        ratios = dict(ratios)
+        heap: list[tuple[float, str, int]] = []
+
+        def push(name: str) -> None:
+            opts = options[name]
+            now = next((i for i, o in enumerate(opts) if o[0] == ratios.get(name)), -1)
+            if now + 1 < len(opts):
+                base = opts[now] if now >= 0 else (0.0, 0.0, 0.0)
+                step = opts[now + 1]
+                gain = (step[2] - base[2]) / max(step[1] - base[1], 1e-12)
+                heapq.heappush(heap, (-gain, name, now + 1))
+
+        for name in options:
+            push(name)
+        tries = 0
+        while heap and tries < MAX_REFINE:
+            _, name, index = heapq.heappop(heap)
+            trial = {**ratios, name: options[name][index][0]}
+            candidate, _ = family.build_ratios(trial)
+            tries += 1
+            ok, text = self.judge(candidate)
+            if ok and confirm is not None:
+                ok = confirm(candidate)[0]
+            if ok:
+                ratios, model, summary = trial, candidate, text
+                push(name)
+        self.record["refine_tries"] = tries
+        return total_macs(model, self.feed), ratios, model, summary
+
+    def _sequential(self, family: ChannelFamily, ratios, model: ir.Model, summary: str):
+        """The chosen ratios, refitted sequentially (each consumer from what really reaches
+        it: two runs of the calibration samples per layer, so only for the shipped model);
+        kept if it meets the budget on the judged samples with a better worst cosine."""
+        if not self.fit_feeds or not self.config.refit or not family.grams:
+            return model, summary, family.build_ratios(ratios)[1]
+        started = time.perf_counter()
+        refitted, stats = family.build_ratios(ratios, self.fit_feeds)
+        ok, text = self.judge(refitted)
+        gain = self.judge.cosines[id(refitted)] - self.judge.cosines.get(id(model), -1.0)
+        self.record["sequential_refit"] = {
+            "seconds": round(time.perf_counter() - started, 2),
+            "measured": text,
+            "kept": ok and gain >= 0,
+        }
+        if ok and gain >= 0:
+            return refitted, text, stats
+        return model, summary, family.build_ratios(ratios)[1]
 
     def _confirm_judge(self) -> Judge | None:
         """A judge on every sample (those the refit was fit to too) with the stage's whole
@@ -241,37 +331,15 @@ class PruneStage:
         )
         return None
 
-    def _refined(self, family: ChannelFamily, choice: tuple, ladder: list[float], confirm):
-        """Clusters the ladder left below the top ratio (or whole) try each larger ratio,
-        one cluster at a time, least damaging first: per-cluster ratios the budget allows,
-        not one ratio for all (at most MAX_REFINE builds)."""
-        macs, ratios, model, summary = choice
-        tries = 0
-        for name in family.candidates:
-            for ratio in ladder:
-                if ratio <= ratios.get(name, 0.0) or tries >= MAX_REFINE:
-                    break
-                trial = {**ratios, name: ratio}
-                candidate, _ = family.build_ratios(trial)
-                tries += 1
-                ok, text = self.judge(candidate)
-                if ok and confirm is not None:
-                    ok = confirm(candidate)[0]
-                if ok:
-                    ratios, model, summary = trial, candidate, text
-                    break
-        self.record["refine_tries"] = tries
-        return total_macs(model, self.feed), ratios, model, summary
-
     def _ship(self, model: ir.Model, summary: str, kept, family) -> PruneOutcome:
         """``kept``: the candidates left whole (or, for auto, each cluster's ratio)."""
         c = self.config
         self.record.update(budget_met=True, measured=summary)
-        if isinstance(kept, dict):
-            ratios, kept = kept, [n for n in family.candidates if not kept.get(n)]
-            _, stats = family.build_ratios(ratios)
-        elif isinstance(family, ChannelFamily):
-            _, stats = family.build_ratios(family.ratios(kept))
+        if isinstance(family, ChannelFamily):
+            ratios = kept if isinstance(kept, dict) else family.ratios(kept)
+            kept = [n for n in family.candidates if not ratios.get(n)]
+            model, summary, stats = self._sequential(family, ratios, model, summary)
+            self.record["measured"] = summary
         else:
             _, stats = family.build_with_stats(kept)
         self._describe(stats, kept)
