@@ -1,6 +1,6 @@
 """An over-parameterised CNN on real data a package ships, for the pruning benchmark: wide
 convolutions (1 -> 128 -> 256 channels, a residual block of two 256-channel convolutions,
-BatchNorm and ReLU throughout, global average pooling, a linear classifier; 1.8 M
+BatchNorm and ReLU throughout, global average pooling, a linear classifier; 1.5 M
 parameters) trained on scikit-learn's digits as 8x8 images. Far more channels than 1,797
 digits need: what structured pruning should find and remove.
 

@@ -9,7 +9,7 @@ model faster on onnxruntime's dense CPU kernels.
 
 Candidates: MatMul and Gemm with a constant 2-D float weight (Gemm's transB honoured),
 and Conv with constant filters and group 1 (a filter [N, C, k...] is seen as C k... input
-rows per output). Weights in initializers or Constant nodes, in every scope. A weight
+rows per output); with ``embeddings``, Gather tables too (each row alike). Weights in initializers or Constant nodes, in every scope. A weight
 another node also reads, or smaller than ``min_elements``, is left alone.
 """
 
@@ -46,6 +46,10 @@ class PruneWeightsOptions:
     pattern: str = "unstructured"
     #: Weights with fewer elements stay dense.
     min_elements: int = 4096
+    #: Also embedding tables (a Gather's constant 2-D data, indices at run time): each row
+    #: (a token's vector) keeps its largest weights. Off by default: a table has no input
+    #: norms for Wanda, and a transformer's embedding is often half its file.
+    embeddings: bool = False
     exclude_nodes: tuple[str, ...] = ()
     #: activation (or Conv patch) key -> X^T X on calibration data: Wanda importance there.
     grams: Mapping[str, np.ndarray] | None = dataclasses.field(
@@ -88,6 +92,8 @@ class PruneWeightsPass(SqueezePass):
 
     def _prune(self, scope: GraphLike, node: ir.Node) -> dict | None:
         opts: PruneWeightsOptions = self.options
+        if node.op_type == "Gather" and opts.embeddings and node.domain in ("", "ai.onnx"):
+            return self._prune_table(scope, node)
         if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm", "Conv"):
             return None
         if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
@@ -126,6 +132,40 @@ class PruneWeightsPass(SqueezePass):
             "weights": int(pruned.size),
             "zeros": zeros,
             "wanda": gram is not None,
+        }
+
+    def _prune_table(self, scope: GraphLike, node: ir.Node) -> dict | None:
+        """A Gather's embedding table: every row keeps the same share of its largest
+        weights (N:M over each row's consecutive entries)."""
+        opts: PruneWeightsOptions = self.options
+        axis = node.attributes.get("axis")
+        table = constant_array(node.inputs[0]) if node.inputs and node.inputs[0] else None
+        if table is None or table.ndim != 2 or table.dtype.kind != "f":
+            return None
+        if (axis is not None and axis.as_int() != 0) or table.size < opts.min_elements:
+            return None
+        if read_elsewhere(node.inputs[0], node) or constant_array(node.inputs[1]) is not None:
+            return None
+        score = importance(table.T)  # D x V: each column one row of the table
+        if self._nm is not None:
+            keep = n_of_m_mask(score, *self._nm)
+        else:
+            keep = unstructured_mask(score, opts.sparsity)
+        pruned = np.where(keep.T, table, 0).astype(table.dtype)
+        old = node.inputs[0]
+        base = old.name or f"{node.name}_table"
+        new = add_constant(
+            self._model, scope, pruned, unique_name(self._names, base + "_pruned"), node
+        )
+        node.replace_input_with(0, new)
+        drop_if_unused(scope, old)
+        return {
+            "name": node.name or node.op_type,
+            "op": node.op_type,
+            "shape": list(table.shape),
+            "weights": int(pruned.size),
+            "zeros": int(np.count_nonzero(pruned == 0)),
+            "wanda": False,
         }
 
 

@@ -6,7 +6,8 @@ each ratio R (the share of each prunable layer's / channel group's output channe
 - onnxsim ``apply_structured_pruning`` (L2 filter norms) and ``apply_structured_wanda_pruning``
   (||W|| x ||X|| on the same calibration samples), at sparsity R;
 - onnxsqueeze prune-channels at ratio R: magnitude without data, and with the calibration
-  Gram matrices (data-aware importance and the least-squares refit of the consumers);
+  samples (data-aware importance, the least-squares refit of the consumers, then their
+  sequential refit on what really reaches them);
 
 and what the API ships with ``prune="auto"`` (the budgeted search: per-group ratios, kept only
 if faster). Columns: multiply-adds per sample (at the latency input's shape) and .onnx file
@@ -102,7 +103,8 @@ def bench(name: str, args, tmp: Path) -> list[dict]:
             rows.append(measure(label, ratio, pruned, base, reference, task, args))
         for label, g in (("onnxsqueeze magnitude", None), ("onnxsqueeze refit", grams)):
             pruned = model.clone()
-            stats = PruneChannelsPass(ratio=ratio, grams=g)(pruned).stats
+            feeds = calib if g is not None else None  # the sequential refit too
+            stats = PruneChannelsPass(ratio=ratio, grams=g, feeds=feeds)(pruned).stats
             note = f"{stats['channels_removed']} channels"
             rows.append(measure(label, ratio, pruned, base, reference, task, args, note))
     dest = tmp / f"{name}_auto.onnx"
@@ -133,8 +135,8 @@ def render(results: dict, args) -> str:
     lines = [
         "# Structured pruning: onnxsqueeze prune-channels vs onnxsim 0.8, side by side",
         "",
-        f"`python tools/bench_prune_channels.py --calib {args.calib}` on {cpu.describe()}, "
-        f"onnxruntime {_version('onnxruntime')}, onnxsim {_version('onnxsim')}. Both start from "
+        f"`python tools/bench_prune_channels.py --models {args.models} --calib {args.calib}` on "
+        f"{cpu.describe()}, onnxsim {_version('onnxsim')}. Both start from "
         "onnxsqueeze's lossless preset; ratio = share of each layer's (onnxsim) or channel "
         "group's (onnxsqueeze) channels removed. macs = multiply-adds per sample at the latency "
         "input's shape, file and zlib (-9) = pruned / unpruned, speed = unpruned ms / pruned ms "

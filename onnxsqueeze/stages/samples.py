@@ -7,6 +7,7 @@ from typing import Any
 import onnx_ir as ir
 
 from onnxsqueeze.run.feeds import load_feeds
+from onnxsqueeze.run.probes import probe_feeds
 from onnxsqueeze.run.signature import input_specs
 
 #: With fewer samples than this, the same samples fit the change and judge the budget.
@@ -25,3 +26,13 @@ def split_samples(model: ir.Model, data: Any, judged: int, fitted: int) -> tuple
     judge = samples[::4][:judged]
     fit = [s for i, s in enumerate(samples) if i % 4][:fitted]
     return judge, fit
+
+
+def stage_samples(
+    model: ir.Model, data: Any, shapes: Any, seed: int, judged: int, fitted: int
+) -> tuple[list, list | None]:
+    """(samples that judge a stage, samples its change is fit to, None without data):
+    generated probes when the user gave no data, else ``split_samples``."""
+    if data is None:
+        return probe_feeds(model, None, shapes, max(judged, 2), seed), None
+    return split_samples(model, data, judged, fitted)

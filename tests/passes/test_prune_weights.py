@@ -129,3 +129,22 @@ def test_masks_directly():
     assert follows_n_of_m(keep, 1, 4) and np.all(keep[8:])
     with pytest.raises(ValueError):
         n_of_m_mask(score, 4, 4)
+
+
+def test_embedding_tables_are_pruned_row_by_row_only_when_asked():
+    table = RNG.standard_normal((100, 64)).astype(np.float32)
+    proto = parse_with(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (int64[3] ids) => (float[3, 64] y) { y = Gather (table, ids) }""",
+        {"table": table},
+    )
+    untouched, stats = _apply(proto, sparsity=0.5)
+    assert not stats["pruned"]
+    out, stats = _apply(proto, sparsity=0.5, embeddings=True)
+    pruned = _weight(out, "table_pruned")
+    assert np.all(np.sum(pruned == 0, axis=1) == 32)
+    for row in range(100):  # each row keeps its largest half
+        kept = pruned[row] != 0
+        assert np.abs(table[row, kept]).min() >= np.abs(table[row, ~kept]).max()
+    ids = np.array([0, 5, 99], np.int64)
+    np.testing.assert_array_equal(run_ort(out, {"ids": ids})[0], pruned[ids])

@@ -11,10 +11,9 @@ from typing import Any
 import onnx_ir as ir
 
 from onnxsqueeze.core.io import model_stats
-from onnxsqueeze.run.probes import probe_feeds
 from onnxsqueeze.stages.factorize.config import GRAM_SAMPLES, FactorizeConfig
 from onnxsqueeze.stages.factorize.stage import factorize_model
-from onnxsqueeze.stages.samples import split_samples
+from onnxsqueeze.stages.samples import stage_samples
 
 
 def run_factorize_stage(
@@ -29,14 +28,9 @@ def run_factorize_stage(
     """Factorize ``model`` per ``config``; the record goes to ``report.factorization``."""
     if providers:
         config = dataclasses.replace(config, providers=tuple(providers))
-    calib = None
-    if data is None:
-        feeds = probe_feeds(model, None, shapes, max(config.eval_samples, 2), seed)
-    else:
-        feeds, fit = split_samples(
-            model, data, config.eval_samples, config.calib_samples or GRAM_SAMPLES
-        )
-        calib = fit if config.data_aware else None
+    fitted = config.calib_samples or GRAM_SAMPLES
+    feeds, fit = stage_samples(model, data, shapes, seed, config.eval_samples, fitted)
+    calib = fit if config.data_aware else None
     outcome = factorize_model(model, feeds, config, calib_feeds=calib)
     record = outcome.record
     record["judged_on"] = f"{len(feeds)} samples" + (

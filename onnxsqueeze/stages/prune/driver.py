@@ -10,10 +10,9 @@ from typing import Any
 import onnx_ir as ir
 
 from onnxsqueeze.core.io import model_stats
-from onnxsqueeze.run.probes import probe_feeds
 from onnxsqueeze.stages.prune.config import GRAM_SAMPLES, PruneConfig
 from onnxsqueeze.stages.prune.stage import prune_model
-from onnxsqueeze.stages.samples import split_samples
+from onnxsqueeze.stages.samples import stage_samples
 
 
 def run_prune_stage(
@@ -28,13 +27,8 @@ def run_prune_stage(
     """Prune ``model`` per ``config``; the record goes to ``report.pruning``."""
     if providers:
         config = dataclasses.replace(config, providers=tuple(providers))
-    calib = None
-    if data is None:
-        feeds = probe_feeds(model, None, shapes, max(config.eval_samples, 2), seed)
-    else:
-        feeds, calib = split_samples(
-            model, data, config.eval_samples, config.calib_samples or GRAM_SAMPLES
-        )
+    fitted = config.calib_samples or GRAM_SAMPLES
+    feeds, calib = stage_samples(model, data, shapes, seed, config.eval_samples, fitted)
     outcome = prune_model(model, feeds, config, calib_feeds=calib)
     record = outcome.record
     record["judged_on"] = f"{len(feeds)} samples" + (

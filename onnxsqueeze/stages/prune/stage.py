@@ -38,6 +38,9 @@ from onnxsqueeze.stages.prune.config import GRAM_SAMPLES, PruneConfig, PruneOutc
 from onnxsqueeze.stages.search import fewest_kept, rank
 from onnxsqueeze.stages.sensitivity import output_nsr
 
+#: auto ships channel pruning only this much faster than the model before it: beyond timing
+#: noise (latency_gate.NOT_SLOWER counts 0.97 as a tie), since speed is what it is for.
+MIN_SPEEDUP = 1.05
 #: auto's refinement of the allocation builds at most this many models.
 MAX_REFINE = 16
 #: A group's sensitivity stops at the first ratio whose error alone is past this NSR.
@@ -107,6 +110,7 @@ class WeightsFamily:
             sparsity=c.amount if c.kind == "sparsity" else 0.5,
             pattern=c.pattern if c.kind == "n:m" else "unstructured",
             grams=self.grams, exclude_nodes=(*c.exclude_nodes, *kept),
+            embeddings=True,  # tables too: the budget, not a default, keeps them dense
         )(model)  # fmt: skip
         return model, result.stats
 
@@ -347,13 +351,13 @@ class PruneStage:
         if c.check_latency:
             speed = latency_gate.speed(self.model, model, c.providers, self.feed)
             self.record["speed_vs_before"] = round(speed.ratio, 3)
-            if c.structured and speed.ratio < 1 / latency_gate.SPEED_TIE:
+            if c.structured and speed.ratio < MIN_SPEEDUP:
                 self.record["not_faster"] = True
                 if c.kind == "auto":
                     return self._done(
                         None,
                         f"pruned model runs at {speed.ratio:.2f}x the speed before it: "
-                        f"not {1 / latency_gate.SPEED_TIE:.2f}x faster, not worth its error",
+                        f"not {MIN_SPEEDUP:.2f}x faster, not worth its error",
                         family,
                     )
         before = model_stats(self.model).weight_bytes
@@ -366,10 +370,17 @@ class PruneStage:
     def _describe(self, stats: dict[str, Any], kept: list[str]) -> None:
         if self.config.structured:
             clusters = []
+            measured = self.record.get("sensitivity")  # auto's per-group measurements
+            measured = measured if isinstance(measured, dict) else {}
+            ratios = self.record.get("ratios", {})
             for entry in stats["clusters"]:
                 entry = dict(entry)
                 if entry["name"] in kept:
                     entry["decision"] = "whole (budget)"
+                ratio = ratios.get(entry["name"])
+                found = [m for m in measured.get(entry["name"], []) if m[0] == ratio]
+                if found:  # what that group's ratio did alone: output NSR, multiply-adds saved
+                    entry.update(ratio=ratio, error_alone=found[0][1], macs_saved=found[0][2])
                 clusters.append(entry)
             self.record["clusters"] = clusters
             self.record["channels_removed"] = stats["channels_removed"]
