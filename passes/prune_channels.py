@@ -58,8 +58,11 @@ class PruneChannelsOptions:
     #: Least-squares refit of the consumers on the calibration data (when grams are given).
     refit: bool = True
     damping: float = DAMPING
-    #: Clusters with fewer channels stay whole.
+    #: Clusters with fewer channels stay whole (a group of attention heads counts heads).
     min_channels: int = 8
+    #: Attention heads: Reshapes that split channels into heads are followed (a head goes
+    #: whole: its query, key and value channels and the output projection's rows).
+    heads: bool = True
     exclude_nodes: tuple[str, ...] = ()
     #: cluster name (its first producer) -> ratio, set by the prune stage; overrides ratio,
     #: the clusters not named stay whole.
@@ -92,7 +95,7 @@ class PruneChannelsPass(SqueezePass):
         name_nodes(model)
         macs_before = total_macs(model)
         with inferred_shapes(model):
-            graph = analyze(model)
+            graph = analyze(model, heads=opts.heads)
         clusters = graph.clusters()
         removed: set[int] = set()
         report = []
@@ -205,6 +208,8 @@ class _Surgery:
         self.keep = {name: ~np.isin(graph.roots(t.ids), gone) for name, t in graph.tracks.items()}
         #: (node, input index) -> the constant as it is being rewritten
         self.arrays: dict[tuple[ir.Node, int], np.ndarray] = {}
+        #: (shared shape Concat, Reshape) -> that Reshape's own copy
+        self.copies: dict[tuple[ir.Node, ir.Node], ir.Node] = {}
         #: consumer name -> where its bias correction went (node, input index, scale); None:
         #: refitted without a bias (it has nowhere to go)
         self.refitted: dict[str, tuple[ir.Node, int, float] | None] = {}
@@ -328,9 +333,28 @@ class _Surgery:
         self.arrays[(node, 1)], self.arrays[(node, 2)] = starts, ends
 
     def _shape(self, edit: Edit, mask: np.ndarray) -> None:
-        array = self.array(edit.node, edit.index).copy()
-        array[edit.axis] = int(mask.sum())
-        self.arrays[(edit.node, edit.index)] = array
+        node = edit.node
+        if edit.reader is not None and len(node.outputs[0].uses()) > 1:
+            node = self._own_concat(node, edit.reader)
+        array = self.array(node, edit.index).copy()
+        array[edit.axis] = int(mask.sum()) // edit.per
+        self.arrays[(node, edit.index)] = array
+
+    def _own_concat(self, concat: ir.Node, reader: ir.Node) -> ir.Node:
+        """A copy of a shape Concat that several Reshapes read, for ``reader`` alone (each
+        layer's heads are pruned on their own; exporters share one shape among all)."""
+        key = (concat, reader)
+        if key not in self.copies:
+            copy = ir.node("Concat", inputs=list(concat.inputs),
+                           attributes={"axis": concat.attributes["axis"].as_int()})  # fmt: skip
+            copy.outputs[0].type = concat.outputs[0].type
+            copy.outputs[0].shape = concat.outputs[0].shape
+            copy.outputs[0].name = f"{concat.outputs[0].name}_{reader.name}"
+            copy.name = f"{concat.name}_{reader.name}"
+            self.model.graph.insert_before(reader, copy)
+            reader.replace_input_with(1, copy.outputs[0])
+            self.copies[key] = copy
+        return self.copies[key]
 
     # ------------------------------------------------------------ writing back
     def _write(self) -> None:

@@ -34,6 +34,7 @@ from bench_factorize import relative_error, session_of, simplified  # noqa: E402
 
 from onnxsqueeze.calib.gram import gram_matrices  # noqa: E402
 from onnxsqueeze.passes.prune_weights import PruneWeightsPass  # noqa: E402
+from onnxsqueeze.passes.quantize_weights import QuantizeWeightsPass  # noqa: E402
 from onnxsqueeze.run import cpu  # noqa: E402
 
 SETTINGS = (("25 %", 0.25, "unstructured", False), ("50 %", 0.5, "unstructured", False),
@@ -44,6 +45,14 @@ SETTINGS = (("25 %", 0.25, "unstructured", False), ("50 %", 0.5, "unstructured",
 def sizes(model: ir.Model) -> tuple[int, int]:
     data = ir.serde.serialize_model(model).SerializeToString()
     return len(data), len(zlib.compress(data, 9))
+
+
+def int8(model: ir.Model) -> ir.Model:
+    """The model's weights as int8 (quantize-weights, symmetric: a zero stays a zero), what
+    ships when quantization runs after pruning."""
+    quantized = model.clone()
+    QuantizeWeightsPass()(quantized)
+    return quantized
 
 
 def sparse_proto(model: ir.Model) -> onnx.ModelProto:
@@ -90,6 +99,7 @@ def bench(name: str, args) -> list[dict]:
     grams = gram_matrices(model, task.calib[: args.calib])
     reference = quant_tasks.run_task(session_of(model), task)
     raw0, packed0 = sizes(model)
+    int8_0 = sizes(int8(model))[1]
     rows = []
     for label, sparsity, pattern, tables in SETTINGS:
         for importance, g in (("magnitude", None), ("Wanda", grams)):
@@ -100,6 +110,7 @@ def bench(name: str, args) -> list[dict]:
             outputs = quant_tasks.run_task(session_of(candidate), task)
             raw, packed = sizes(candidate)
             sparse_raw, sparse_packed = sparse_check(sparse_proto(candidate), candidate, task)
+            int8_packed = sizes(int8(candidate))[1]
             rows.append(
                 {
                     "setting": label,
@@ -111,6 +122,7 @@ def bench(name: str, args) -> list[dict]:
                     "zlib": packed / packed0,
                     "sparse": sparse_raw / raw0,
                     "sparse zlib": sparse_packed / packed0,
+                    "int8 zlib": int8_packed / int8_0,
                     **task.score(reference, outputs),
                 }
             )
@@ -134,20 +146,22 @@ def render(results: dict, args) -> str:
         "bytes of index per kept weight it only shrinks the file above 2/3 sparsity. Zeros "
         "stored dense plus a generic compressor ship smaller. Structured (channel) pruning: "
         'docs/benchmarks/prune_channels.md. "+ embeddings": embedding tables (Gather) '
-        "pruned too, each row keeping its largest half (importance column: the other layers').",
+        "pruned too, each row keeping its largest half (importance column: the other layers'). "
+        "int8 zlib: the pruned model's weights then quantized to int8 (quantize-weights, "
+        "symmetric, so zeros stay zeros), zlib -9, against the unpruned model's int8 zlib.",
         "",
     ]
     for name, rows in results.items():
         metrics = [k for k in rows[0] if k not in
                    ("setting", "importance", "layers", "zeros", "error", "file", "zlib", "sparse",
-                    "sparse zlib")]  # fmt: skip
+                    "sparse zlib", "int8 zlib")]  # fmt: skip
         head = ["sparsity", "importance", "layers", "zeros", "error", "file", "zlib", "sparse",
-                "sparse zlib", *metrics]  # fmt: skip
+                "sparse zlib", "int8 zlib", *metrics]  # fmt: skip
         lines += [f"## {name}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
             cells = [r["setting"], r["importance"], str(r["layers"]), f"{r['zeros']:.3f}",
                      f"{r['error']:.3g}", f"{r['file']:.3f}", f"{r['zlib']:.3f}",
-                     f"{r['sparse']:.3f}", f"{r['sparse zlib']:.3f}",
+                     f"{r['sparse']:.3f}", f"{r['sparse zlib']:.3f}", f"{r['int8 zlib']:.3f}",
                      *(f"{r[m]:.4f}" for m in metrics)]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")

@@ -79,6 +79,10 @@ class Edit:
     value: str
     index: int = 0
     axis: int = 0
+    #: "shape": the entry is the kept count divided by this (heads of ``per`` channels)
+    per: int = 1
+    #: "shape" of a Concat's piece: the Reshape that reads it (it gets its own copy)
+    reader: ir.Node | None = None
 
 
 class ChannelGraph:
@@ -178,15 +182,17 @@ class Cluster:
     reasons: list[str]
 
 
-def analyze(model: ir.Model) -> ChannelGraph:
+def analyze(model: ir.Model, *, heads: bool = True) -> ChannelGraph:
     """The channel dependency graph of ``model``'s main graph. Shapes must be annotated
-    (``core.shapes.inferred_shapes``) for ranks and static dims."""
-    return _Analysis(model).run()
+    (``core.shapes.inferred_shapes``) for ranks and static dims. ``heads``: follow Reshapes
+    that split channels into attention heads (heads pruned whole); else they block."""
+    return _Analysis(model, heads).run()
 
 
 class _Analysis:
-    def __init__(self, model: ir.Model) -> None:
+    def __init__(self, model: ir.Model, heads: bool = True) -> None:
         self.model = model
+        self.heads = heads
         self.g = ChannelGraph()
         self.opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
 
@@ -342,6 +348,15 @@ class _Analysis:
         return True
 
     def _op_MatMul(self, node: ir.Node) -> bool:
+        a, b = (self._track(v) for v in node.inputs[:2])
+        if a is not None and b is not None:  # attention: heads on a batch axis of both
+            if a.rank != b.rank or a.axis != b.axis or a.axis >= a.rank - 2:
+                return False
+            if len(a.ids) != len(b.ids):
+                return False
+            self.g.tie(a.ids, b.ids)
+            self._pass(node, a)
+            return True
         w = self._weight(node)
         rank = self._rank(node.inputs[0])
         if w is None or w.ndim != 2 or rank is None or rank < 2:
@@ -566,6 +581,48 @@ class _Analysis:
                     return False
                 self._pass(node, track, j, len(after))
                 return True
+        if not self.heads:
+            return False
+        return self._heads(node, track, before, after, entries)
+
+    def _heads(self, node: ir.Node, track: Track, before: list, after: list, entries) -> bool:
+        """A Reshape that splits the channel axis into (heads, head size), or merges them
+        back: a head's channels go together (tied), and the heads axis is tracked in their
+        place, so attention heads are pruned whole (MiniLM's [B, S, 384] -> [B, S, 12, 32])."""
+        a = track.axis
+        if len(after) == len(before) + 1:  # split: C -> (H, D)
+            h, d = after[a : a + 2] if a + 2 <= len(after) else (None, None)
+            if not (isinstance(h, int) and isinstance(d, int) and h * d == len(track.ids)):
+                return False
+            if before[:a] != after[:a] or before[a + 1 :] != after[a + 2 :]:
+                return False
+            entry, edit = entries[a] if a < len(entries) else (None, None)
+            if entry == h and edit is not None:
+                self.g.edits.append(dataclasses.replace(edit, value=node.inputs[0].name, per=d))
+            elif entry != -1:
+                return False
+            if entries[a + 1][0] not in (d, -1) or (entries[a + 1][0] == -1 and entry == -1):
+                return False
+            heads = track.ids.reshape(h, d)
+            for column in range(1, d):
+                self.g.tie(heads[:, 0], heads[:, column])
+            self._set(node.outputs[0], a, len(after), heads[:, 0].copy())
+            return True
+        if len(after) == len(before) - 1 and a + 1 < len(before):  # merge: (H, D) -> C
+            h, d = before[a], before[a + 1]
+            if not (isinstance(d, int) and h == len(track.ids) and after[a] == h * d):
+                return False
+            if before[:a] != after[:a] or before[a + 2 :] != after[a + 1 :]:
+                return False
+            entry, edit = entries[a] if a < len(entries) else (None, None)
+            fresh = self.g.new(h * d)
+            if entry == h * d and edit is not None:
+                self.g.edits.append(dataclasses.replace(edit, value=node.outputs[0].name))
+            elif entry != -1:
+                return False
+            self.g.tie(np.repeat(track.ids, d), fresh)
+            self._set(node.outputs[0], a, len(after), fresh)
+            return True
         return False
 
     def _shape_entries(self, value: ir.Value | None, reader: ir.Node):
@@ -576,13 +633,15 @@ class _Analysis:
         if array is not None:
             return [(int(v), Edit("shape", reader, "", 1, i)) for i, v in enumerate(array)]
         concat = value.producer() if value is not None else None
-        if concat is None or concat.op_type != "Concat" or len(value.uses()) != 1:
+        if concat is None or concat.op_type != "Concat":
             return None
+        if any(user.op_type != "Reshape" or index != 1 for user, index in value.uses()):
+            return None  # shared only by Reshapes (each gets its own copy when rewritten)
         entries: list = []
         for index, piece in enumerate(concat.inputs):
             part = constant_array(piece)
             if part is not None:
-                entries += [(int(v), Edit("shape", concat, "", index, i))
+                entries += [(int(v), Edit("shape", concat, "", index, i, reader=reader))
                             for i, v in enumerate(part.reshape(-1))]  # fmt: skip
                 continue
             if piece is None or piece.shape is None or not isinstance(piece.shape[0], int):

@@ -273,3 +273,38 @@ def test_the_sequential_refit_fits_what_really_reaches_each_layer():
 
     # (a 5 % gain here; the earlier all-at-once version made it 4x worse on PP-OCR cls)
     assert error(sequential) < 0.98 * error(plain)
+
+
+def test_attention_heads_go_whole_through_the_head_reshapes():
+    # q, k, v: [2, 3, 8] -> [2, 3, 2 heads, 4] -> attention per head -> [2, 3, 8] -> wo
+    wq, wk, wv, wo = _weights((8, 8), (8, 8), (8, 8), (8, 8))
+    for w in (wq, wk, wv):
+        w[:, :4] *= 1e-3  # head 0 is the weak one
+    shapes = {"split": np.array([0, 0, 2, 4], np.int64), "merge": np.array([0, 0, 8], np.int64)}
+    proto = parse_with(
+        f"""{HEAD} g (float[2, 3, 8] x) => (float[2, 3, 8] y) {{
+            q0 = MatMul (x, wq)
+            k0 = MatMul (x, wk)
+            v0 = MatMul (x, wv)
+            q1 = Reshape (q0, split)
+            k1 = Reshape (k0, split)
+            v1 = Reshape (v0, split)
+            q = Transpose <perm = [0, 2, 1, 3]> (q1)
+            k = Transpose <perm = [0, 2, 3, 1]> (k1)
+            v = Transpose <perm = [0, 2, 1, 3]> (v1)
+            s = MatMul (q, k)
+            p = Softmax <axis = -1> (s)
+            c = MatMul (p, v)
+            c1 = Transpose <perm = [0, 2, 1, 3]> (c)
+            c2 = Reshape (c1, merge)
+            y = MatMul (c2, wo)
+        }}""",
+        {"wq": wq, "wk": wk, "wv": wv, "wo": wo, **shapes},
+    )
+    out, stats = apply_pass(PruneChannelsPass, proto, ratio=0.5, multiple=1, min_channels=1)
+    (group,) = [c for c in stats["clusters"] if c["removed"]]
+    assert group["layers"] == 3 and group["channels"] == 2 and group["removed"] == 1
+    np.testing.assert_array_equal(_pruned_init(out, "wq"), wq[:, 4:])
+    assert _pruned_init(out, "wo").shape == (4, 8)
+    feed = {"x": RNG.standard_normal((2, 3, 8)).astype(np.float32)}
+    _check_same(proto, out, {"wo": (0, [0, 1, 2, 3])}, feed)

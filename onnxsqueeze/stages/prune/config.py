@@ -34,6 +34,8 @@ class PruneConfig:
     refit: bool = True
     #: Kept channel counts rounded up to this multiple (CPU kernels' blocks).
     multiple: int = 8
+    #: Attention heads may go (whole), see prune-channels.
+    heads: bool = True
     exclude_nodes: tuple[str, ...] = ()
     eval_samples: int = 32
     calib_samples: int | None = None

@@ -68,7 +68,7 @@ class ChannelFamily:
         c = self.config
         return PruneChannelsPass(
             ratio=self.ratio, ratios=ratios, grams=self.grams, refit=c.refit,
-            multiple=c.multiple, exclude_nodes=c.exclude_nodes, feeds=feeds,
+            multiple=c.multiple, exclude_nodes=c.exclude_nodes, feeds=feeds, heads=c.heads,
         )(model)  # fmt: skip
 
     def ratios(self, kept: Sequence[str]) -> dict[str, float]:
