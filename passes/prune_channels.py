@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxsqueeze.calib.gram import cross_grams, gram_key
 from onnxsqueeze.core.flops import total_macs
@@ -108,6 +109,7 @@ class PruneChannelsPass(SqueezePass):
             original = model.clone() if opts.feeds and opts.refit and opts.grams else None
             surgery = _Surgery(model, graph, removed, opts)
             surgery.run()
+            RemoveUnusedNodesPass()(model)  # shape Concats each Reshape now has a copy of
             if original is not None:
                 _sequential_refit(original, model, surgery, opts)
         stats: dict[str, Any] = {
