@@ -290,3 +290,46 @@ def test_a_model_onnxruntime_cannot_load_names_the_file_and_the_way_out(tmp_path
     assert len(lines) == 1 and lines[0].startswith(f"onnxsqueeze: error: {src}: cannot verify")
     assert "--no-verify" in lines[0] and "--data" not in lines[0]
     assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("target", ["report-onto-model", "output-onto-data", "report-onto-data"])
+def test_no_destination_overwrites_what_the_run_reads(tmp_path, target):
+    src, data = tmp_path / "m.onnx", tmp_path / "d.npz"
+    src.write_bytes(DIGITS.read_bytes())
+    data.write_bytes((REPO / "models" / "digits_test.npz").read_bytes())
+    before = {p: _digest(p) for p in (src, data)}
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    if target == "report-onto-model":
+        report = src
+    elif target == "output-onto-data":
+        out = data
+    else:
+        report = data
+    proc = cli(str(src), "-o", str(out), "--data", str(data), "--report", str(report), "-q")
+    assert proc.returncode == 1 and "refusing to overwrite" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert {p: _digest(p) for p in (src, data)} == before
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_a_bad_report_destination_fails_before_any_output_is_written(tmp_path):
+    src = tmp_path / "m.onnx"
+    src.write_bytes(DIGITS.read_bytes())
+    out = tmp_path / "o.onnx"
+    for report, says in ((tmp_path / "missing" / "r.json", "does not exist"),
+                         (tmp_path, "is a folder")):  # fmt: skip
+        proc = cli(str(src), "-o", str(out), "--report", str(report), "-q")
+        assert proc.returncode == 1 and says in proc.stderr, proc.stderr
+        assert not out.exists()
+
+
+def test_output_onto_a_pipe_is_refused_and_the_pipe_stays(tmp_path):
+    import os
+    import stat
+
+    src, fifo = tmp_path / "m.onnx", tmp_path / "pipe"
+    src.write_bytes(DIGITS.read_bytes())
+    os.mkfifo(fifo)
+    proc = cli(str(src), "-o", str(fifo), "-q")
+    assert proc.returncode == 1 and "not a regular file" in proc.stderr, proc.stderr
+    assert stat.S_ISFIFO(fifo.stat().st_mode)

@@ -261,7 +261,13 @@ def _squeeze(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from onnxsqueeze.api import squeeze_file
+    from onnxsqueeze.cli.destinations import check_destinations, read_files
 
+    reads = read_files(args.model, args.data, args.calib_cache)
+    writes = {"-o": args.output, "--report": args.report}
+    if args.output:
+        writes["-o's external data"] = f"{args.output}.data"
+    check_destinations(writes, reads, overwrite_input=args.overwrite_input)
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
     report = squeeze_file(
         args.model,
