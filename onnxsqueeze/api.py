@@ -58,6 +58,7 @@ def squeeze(
     quantize: Any = None,
     factorize: Any = None,
     prune: Any = None,
+    base_dir: str | os.PathLike | None = None,
 ) -> Squeezed:
     """Run passes (names, ``(name, options)`` pairs or pass objects; default: ``preset``).
 
@@ -78,9 +79,13 @@ def squeeze(
     ``PruneConfig``; see ``onnxsqueeze.stages.prune``) removes channels (or zeroes weights)
     after factorization, the consumers refitted on ``data``; ``report.pruning`` lists every
     channel group or layer.
+
+    ``base_dir``: the folder an in-memory model's external data files are in (without it
+    such a model is refused: its locations would be read from the current directory);
+    locations outside that folder are always refused.
     """
 
-    loaded = load_model(model)
+    loaded = load_model(model, base_dir=None if base_dir is None else str(base_dir))
     working = dataclasses.replace(loaded, model=loaded.model.clone())
     options = dict(
         preset=preset, data=data, shapes=shapes, providers=providers, verify=verify,
@@ -131,6 +136,7 @@ def _run_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     parameters = inspect.signature(squeeze).parameters.values()
     defaults = {p.name: p.default for p in parameters if p.kind is p.KEYWORD_ONLY}
     defaults.pop("strict")
+    defaults.pop("base_dir")
     unknown = set(kwargs) - set(defaults)
     if unknown:
         raise TypeError(f"unexpected argument(s): {', '.join(sorted(unknown))}")

@@ -125,6 +125,8 @@ def _from_proto(
     _check_header(proto, label)
     if base_dir is not None:
         _check_external_data(proto, label, Path(base_dir))
+    else:
+        _refuse_external_data(proto, label)
     if validate:
         try:
             _run_checker(proto, label, checker_path)
@@ -180,14 +182,35 @@ def iter_tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                 yield from iter_tensor_protos(sub)
 
 
+def _refuse_external_data(proto: onnx.ModelProto, label: str) -> None:
+    """An in-memory model has no folder its external data could be read from safely (a
+    location such as ../../etc/passwd would be read relative to the current directory)."""
+    for tensor in iter_tensor_protos(proto.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            raise ModelLoadError(
+                f"{label}: tensor '{tensor.name}' keeps its data in an external file, and an "
+                "in-memory model has no folder to read it from: pass base_dir= (the model's "
+                "folder), or the model's path"
+            )
+
+
 def _check_external_data(proto: onnx.ModelProto, label: str, base_dir: Path) -> None:
-    """Fail early, naming the file, when external data is missing or too short."""
+    """Fail early, naming the file, when external data is missing or too short, or lies
+    outside the model's folder (an absolute path, a ``..`` or a symlink leaving it: onnx's
+    own rule), before anything about such a file (even its size) is looked at."""
+    folder = base_dir.resolve()
     for tensor in iter_tensor_protos(proto.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {entry.key: entry.value for entry in tensor.external_data}
         location = info.get("location", "")
         data_path = base_dir / location
+        inside = data_path.resolve()
+        if Path(location).is_absolute() or not inside.is_relative_to(folder) or inside == folder:
+            raise ModelLoadError(
+                f"{label}: external data location '{location}' of tensor '{tensor.name}' is "
+                "outside the model's folder; refusing to read it"
+            )
         if not location or not data_path.is_file():
             raise ModelLoadError(
                 f"{label}: external data file '{location}' for tensor '{tensor.name}' not found"

@@ -344,3 +344,46 @@ def test_serialized_bytes_counts_external_weights_too(tmp_path):
     external = serialized_bytes(load_model(path).model)
     assert abs(external - inline) <= 0.05 * inline
     assert abs(inline - digits.stat().st_size) <= 0.05 * inline
+
+
+def _point_external_data_at(path: Path, location: str) -> onnx.ModelProto:
+    proto = onnx.load(str(path), load_external_data=False)
+    for entry in proto.graph.initializer[0].external_data:
+        if entry.key == "location":
+            entry.value = location
+    onnx.save(proto, str(path))
+    return proto
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute", "symlink"])
+def test_external_data_outside_the_models_folder_is_never_read(tmp_path, where):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    path = _external_model(folder)
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes((folder / "ext.bin").read_bytes() + b"more")  # readable, large enough
+    if where == "symlink":
+        (folder / "link.bin").symlink_to(secret)
+    location = {"parent": "../secret.bin", "absolute": str(secret), "symlink": "link.bin"}[where]
+    proto = _point_external_data_at(path, location)
+    with pytest.raises(ModelLoadError, match="outside the model's folder") as info:
+        load_model(path)
+    assert str(secret.stat().st_size) not in str(info.value)  # nothing about the file leaks
+    with pytest.raises(ModelLoadError, match="outside the model's folder"):
+        load_model(proto, base_dir=str(folder))
+    # in memory, without a folder: refused whatever the location
+    with pytest.raises(ModelLoadError, match="no folder to read it from"):
+        load_model(proto)
+    with pytest.raises(ModelLoadError, match="no folder to read it from"):
+        load_model(proto.SerializeToString())
+
+
+def test_an_in_memory_model_reads_external_data_from_the_folder_given(tmp_path):
+    import onnxsqueeze
+
+    path = _external_model(tmp_path)
+    proto = onnx.load(str(path), load_external_data=False)
+    with pytest.raises(ModelLoadError, match="pass base_dir="):
+        onnxsqueeze.squeeze(proto)
+    squeezed, report = onnxsqueeze.squeeze(proto, base_dir=tmp_path)
+    assert report.verification_status == "passed"
