@@ -103,7 +103,7 @@ class PruneChannelsPass(SqueezePass):
         for cluster in clusters:
             count, how = self._removal(graph, cluster)
             if count:
-                removed.update(self._weakest(graph, cluster, count, how))
+                removed.update(self._weakest(graph, cluster, count))
             report.append(_describe(cluster, count, how))
         if removed:
             original = model.clone() if opts.feeds and opts.refit and opts.grams else None
@@ -143,7 +143,7 @@ class PruneChannelsPass(SqueezePass):
         count = max(0, min(count, len(cluster.free) - 1, cluster.channels - 1))
         return count, "pruned" if count else "ratio rounds to none"
 
-    def _weakest(self, graph: ChannelGraph, cluster: Cluster, count: int, how: str) -> set[int]:
+    def _weakest(self, graph: ChannelGraph, cluster: Cluster, count: int) -> set[int]:
         """The ``count`` free channels of ``cluster`` its consumers miss least."""
         scores = _scores(graph, cluster, self.options.grams)
         free = sorted(cluster.free, key=lambda r: (scores.get(r, 0.0), r))

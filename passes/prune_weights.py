@@ -110,29 +110,10 @@ class PruneWeightsPass(SqueezePass):
         gram = (opts.grams or {}).get(key) if key else None
         if gram is not None and gram.shape[0] != as_kn.shape[0]:
             gram = None
-        score = importance(as_kn, gram)
-        if self._nm is not None:
-            keep = n_of_m_mask(score, *self._nm)
-        else:
-            keep = unstructured_mask(score, opts.sparsity)
+        keep = self._mask(importance(as_kn, gram))
         pruned_kn = np.where(keep, as_kn, 0).astype(stored.dtype)
         pruned = weight_from_kn(node, pruned_kn, stored.shape)
-        old = node.inputs[1]
-        base = old.name or f"{node.name}_weight"
-        new = add_constant(
-            self._model, scope, pruned, unique_name(self._names, base + "_pruned"), node
-        )
-        node.replace_input_with(1, new)
-        drop_if_unused(scope, old)
-        zeros = int(np.count_nonzero(pruned == 0))
-        return {
-            "name": node.name or node.op_type,
-            "op": node.op_type,
-            "shape": list(stored.shape),
-            "weights": int(pruned.size),
-            "zeros": zeros,
-            "wanda": gram is not None,
-        }
+        return self._replace(scope, node, 1, pruned, wanda=gram is not None)
 
     def _prune_table(self, scope: GraphLike, node: ir.Node) -> dict | None:
         """A Gather's embedding table: every row keeps the same share of its largest
@@ -146,26 +127,34 @@ class PruneWeightsPass(SqueezePass):
             return None
         if read_elsewhere(node.inputs[0], node) or constant_array(node.inputs[1]) is not None:
             return None
-        score = importance(table.T)  # D x V: each column one row of the table
-        if self._nm is not None:
-            keep = n_of_m_mask(score, *self._nm)
-        else:
-            keep = unstructured_mask(score, opts.sparsity)
+        keep = self._mask(importance(table.T))  # D x V: each column one row of the table
         pruned = np.where(keep.T, table, 0).astype(table.dtype)
-        old = node.inputs[0]
-        base = old.name or f"{node.name}_table"
+        return self._replace(scope, node, 0, pruned, wanda=False)
+
+    def _mask(self, score: np.ndarray) -> np.ndarray:
+        """Keep-mask over a K x N score: N:M, or the sparsity share of each column."""
+        if self._nm is not None:
+            return n_of_m_mask(score, *self._nm)
+        return unstructured_mask(score, self.options.sparsity)
+
+    def _replace(
+        self, scope: GraphLike, node: ir.Node, index: int, pruned: np.ndarray, *, wanda: bool
+    ) -> dict:
+        """``node``'s input ``index`` becomes ``pruned``; the layer's record."""
+        old = node.inputs[index]
+        base = old.name or f"{node.name}_{index}"
         new = add_constant(
             self._model, scope, pruned, unique_name(self._names, base + "_pruned"), node
         )
-        node.replace_input_with(0, new)
+        node.replace_input_with(index, new)
         drop_if_unused(scope, old)
         return {
             "name": node.name or node.op_type,
             "op": node.op_type,
-            "shape": list(table.shape),
+            "shape": list(pruned.shape),
             "weights": int(pruned.size),
             "zeros": int(np.count_nonzero(pruned == 0)),
-            "wanda": False,
+            "wanda": wanda,
         }
 
 
