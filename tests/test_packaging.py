@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -52,3 +53,24 @@ def test_installed_package_resolves_passes():
 
     assert Path(onnxsqueeze.passes.__file__).parent.name == "passes"
     assert cleanup.CleanupPass.name == "cleanup"
+
+
+def test_numba_cache_stays_out_of_the_package(tmp_path):
+    """Numba's compiled kernels go to the user's cache folder: a cache written beside the
+    installed package survives the test command's editable reinstall as an empty namespace
+    package that shadows it (the README's two commands in order broke the CLI that way)."""
+    import onnxsqueeze.calib.kernels as kernels
+
+    package = Path(kernels.__file__).parent / "__pycache__"
+    before = set(package.glob("*.nb*")) if package.exists() else set()
+    code = (
+        "import numpy as np; from onnxsqueeze.calib import kernels; "
+        "s = np.zeros(6); kernels.minmax(np.array([1.0, np.nan]), s); print(s[1])"
+    )
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    env.pop("NUMBA_CACHE_DIR", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert list((tmp_path / "onnxsqueeze" / "numba").rglob("*.nbi"))
+    after = set(package.glob("*.nb*")) if package.exists() else set()
+    assert after == before

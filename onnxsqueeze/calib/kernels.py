@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -45,9 +46,21 @@ def njit(**options: Any) -> Callable[[Callable], Callable]:
     return mark
 
 
-def _compile() -> None:
-    from numba import njit as numba_njit  # heavy: see the module docstring
+def cache_dir() -> str:
+    """Where numba's compiled kernels are cached: the user's cache folder, never the installed
+    package (numba's default is a ``__pycache__`` beside this file; a later ``pip install -e``
+    leaves that folder behind in site-packages, where Python imports it as an empty namespace
+    package that shadows the editable install)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "onnxsqueeze", "numba")
 
+
+def _compile() -> None:
+    import numba  # heavy: see the module docstring
+
+    if not numba.config.CACHE_DIR:  # the user's NUMBA_CACHE_DIR wins
+        numba.config.CACHE_DIR = cache_dir()
+    numba_njit = numba.njit
     module = globals()
     with _COMPILING:
         for name, options in _KERNELS.items():
