@@ -186,14 +186,14 @@ def _run(
         if config is not None and not verify:
             raise PipelineConfigError(
                 f"{stage} measures the result on data; it cannot run without verification "
-                "(drop --no-verify)"
+                "(drop verify=False)"
             )
     if quantize is not None and not verify:
         mode = quantize.mode if isinstance(quantize, QuantizeConfig) else str(quantize)
         if mode not in ("auto", "none"):
             raise PipelineConfigError(
                 f"quantization ({mode}) measures the result on data; it cannot run without "
-                "verification (drop --no-verify)"
+                "verification (drop verify=False)"
             )
         if mode == "auto":
             report.warnings.append("quantization skipped: verification is disabled")

@@ -48,11 +48,11 @@ class FactorizeSvdOptions:
     #: Rank of every factorized weight; 0: by ``ratio``, else by ``energy``.
     rank: int = 0
     #: Parameters each factorized weight keeps at most (r (K + N) <= ratio K N); 0: unused.
-    ratio: float = 0.0
+    ratio: float = dataclasses.field(default=0.0, metadata={"range": (0, 1)})
     #: Share of the (whitened) spectrum's energy each weight keeps.
-    energy: float = 0.99
+    energy: float = dataclasses.field(default=0.99, metadata={"range": (0, 1)})
     #: Factorize only where the factors save at least this share of the weight's parameters.
-    min_saving: float = 0.1
+    min_saving: float = dataclasses.field(default=0.1, metadata={"range": (0, 1)})
     #: Weights with fewer elements stay whole.
     min_elements: int = 4096
     #: Damping of the Gram matrix's diagonal (share of its mean) before the Cholesky.

@@ -53,7 +53,7 @@ SEQUENTIAL_SAMPLES = 32
 @dataclasses.dataclass(frozen=True)
 class PruneChannelsOptions:
     #: Share of each cluster's free channels removed.
-    ratio: float = 0.5
+    ratio: float = dataclasses.field(default=0.5, metadata={"range": (0, 1)})
     #: Kept channels rounded up to a multiple of this (clusters of 2x as many channels).
     multiple: int = 8
     #: Least-squares refit of the consumers on the calibration data (when grams are given).

@@ -41,7 +41,7 @@ from onnxsqueeze.prune.masks import importance, n_of_m_mask, unstructured_mask
 @dataclasses.dataclass(frozen=True)
 class PruneWeightsOptions:
     #: Share of each output's weights zeroed (unstructured).
-    sparsity: float = 0.5
+    sparsity: float = dataclasses.field(default=0.5, metadata={"range": (0, 1)})
     #: "unstructured", or "N:M" (e.g. "2:4": at most N nonzeros in every M input channels).
     pattern: str = "unstructured"
     #: Weights with fewer elements stay dense.

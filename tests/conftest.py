@@ -91,3 +91,14 @@ def weighted_model(
     proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
     proto.ir_version = ir_version
     return onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The edge-case suite's folder (tests/edges/harness.py): a small model, its data and a
+    file outside it; the current directory set to it."""
+    from edges.harness import make_workspace
+
+    made = make_workspace(tmp_path)
+    monkeypatch.chdir(made.root)
+    return made

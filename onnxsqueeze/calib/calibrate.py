@@ -70,7 +70,7 @@ def calibrate(
             )
         return stored
     if data is None:
-        raise CalibrationError(f"{loaded.label}: calibration needs data (--data)")
+        raise CalibrationError(f"{loaded.label}: calibration needs data (data=)")
     feeds = iter_feeds(data, input_specs(loaded.model), limit=samples)
     result = Collector(loaded.model, options).collect(feeds, total=samples, progress=progress)
     if cache is not None:

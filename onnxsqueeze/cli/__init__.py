@@ -12,167 +12,29 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from onnxsqueeze import __version__
+from onnxsqueeze.cli.arguments import EXIT_USAGE, build_parser, check_arguments
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="onnxsqueeze",
-        description="Compress an ONNX model with verified graph passes.",
-        epilog="Example: onnxsqueeze model.onnx -o small.onnx --report report.json",
-    )
-    parser.add_argument("model", nargs="?", help="input .onnx file")
-    parser.add_argument("-o", "--output", help="output .onnx file (written atomically)")
-    parser.add_argument("--passes", help="comma-separated pass or preset names (see --list-passes)")
-    parser.add_argument(
-        "--preset", default="default", help="named pass list (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--option",
-        action="append",
-        default=[],
-        metavar="PASS.KEY=VALUE",
-        help="set a pass option, e.g. cleanup.dedup_initializers=false (repeatable)",
-    )
-    parser.add_argument(
-        "--list-passes", action="store_true", help="list passes and presets, then exit"
-    )
-    parser.add_argument("--report", metavar="FILE", help="write the JSON report here")
-    parser.add_argument(
-        "--shape",
-        action="append",
-        default=[],
-        metavar="SPEC",
-        help="input shape NAME:1x128 or dynamic dim SYMBOL=128 for probe feeds (repeatable)",
-    )
-    parser.add_argument("--data", metavar="PATH", help="real inputs: .npz file or folder of .npz")
-    calib = parser.add_argument_group(
-        "calibration",
-        "statistics of activations on --data for quantization; with --calib-cache and no -o, "
-        "only calibrate and write the cache",
-    )
-    calib.add_argument(
-        "--calib-method",
-        choices=("auto", "entropy", "percentile", "mse", "minmax"),
-        default="auto",
-        help="range method (default: %(default)s: each tried on the fully quantized model, the "
-        "most accurate kept; one histogram serves all of them)",
-    )
-    calib.add_argument("--calib-samples", type=int, metavar="N", help="use at most N samples")
-    calib.add_argument(
-        "--calib-cache",
-        metavar="FILE",
-        help="reuse statistics from FILE if it exists, else collect and write them there",
-    )
-    quant = parser.add_argument_group(
-        "quantization",
-        "after the lossless passes; the result must meet the accuracy budget on --data "
-        "(nodes that break it stay float) or the model stays float and the report says why",
-    )
-    quant.add_argument(
-        "--quantize",
-        choices=("auto", "none", "static", "dynamic", "fp16", "weights-int8", "weights-int4"),
-        default="auto",
-        help="auto (default): static int8 with --data, dynamic int8 without, and weight-only "
-        "int8; the fastest within the budget and not slower than float (speed ties: the "
-        "smaller). none: lossless passes only",
-    )
-    quant.add_argument(
-        "--factorize",
-        default="off",
-        metavar="off|auto|RATIO",
-        help="low-rank factors for MatMul/Gemm weights before quantizing, under the same "
-        "budget: auto (the fewest parameters within the budget, kept only if not slower), or "
-        "the share of the factorizable parameters to keep, e.g. 0.5 (default: off)",
-    )
-    quant.add_argument(
-        "--prune",
-        default="off",
-        metavar="off|auto|channels=R|sparsity=S|N:M",
-        help="pruning after factorization, before quantizing, under the same budget: auto "
-        "(remove as many whole channels as the budget allows, consumers refitted on --data; "
-        "kept only if faster), channels=R (each channel group loses R of its channels), "
-        "sparsity=S or 2:4 (zero weights: a smaller compressed file, not a faster model) "
-        "(default: off)",
-    )
-    quant.add_argument("--max-error", type=float, metavar="X", help="max abs output error")
-    quant.add_argument(
-        "--min-cosine",
-        type=float,
-        metavar="C",
-        help="min mean output cosine (default budget: 0.997, and 0.99 top-1 agreement on "
-        "softmax-like class outputs)",
-    )
-    quant.add_argument(
-        "--min-top1-agreement", type=float, metavar="A", help="min argmax agreement, 0..1"
-    )
-    quant.add_argument(
-        "--exclude-nodes", default="", metavar="A,B", help="node names to keep float"
-    )
-    quant.add_argument("--exclude-ops", default="", metavar="OP,OP", help="op types to keep float")
-    quant.add_argument(
-        "--activations",
-        choices=("uint8", "int8", "uint16", "int16"),
-        default="uint8",
-        help="activation type of static quantization (default: %(default)s)",
-    )
-    quant.add_argument(
-        "--reduce-range",
-        action="store_true",
-        help="7-bit weights even where not needed (default: only on AVX2 CPUs without VNNI, "
-        "whose u8s8 kernels saturate with full-range weights)",
-    )
-    quant.add_argument(
-        "--weight-format",
-        choices=("auto", "fold", "dq", "matmulnbits"),
-        default="auto",
-        help="weights-int8/int4 storage. fold: codes expanded to float when the runtime loads "
-        "the model (float speed and memory, smaller file); dq: DequantizeLinear (opset 13, "
-        "int4: 21); matmulnbits: onnxruntime's MatMulNBits/GatherBlockQuantized (int4 kept "
-        "in memory). auto: fold on the CPU, else dq/matmulnbits",
-    )
-    quant.add_argument(
-        "--outlier-ratio",
-        type=float,
-        metavar="R",
-        help="dynamic with --data, when the fully quantized model misses the budget: MatMul "
-        "input channels whose peak is over R x the median channel's are computed in float, "
-        "off the int8 range, before any node is kept float; 0 turns it off (default: 6)",
-    )
-    quant.add_argument(
-        "--require-faster",
-        action="store_true",
-        help="time the result against float on --providers; a slower static/dynamic result "
-        "falls back to weight-only int8 stored to fold at load, else float",
-    )
-    parser.add_argument(
-        "--providers",
-        default="cpu",
-        help="execution providers, e.g. cuda,cpu (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--no-verify", action="store_true", help="skip comparing outputs with the original"
-    )
-    parser.add_argument(
-        "--external-data",
-        choices=("auto", "yes", "no"),
-        default="auto",
-        help="store weights in OUTPUT.data (auto: when the input did or the model exceeds 2 GB)",
-    )
-    parser.add_argument(
-        "--overwrite-input", action="store_true", help="allow OUTPUT to be the input file"
-    )
-    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
-    parser.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
-    parser.add_argument("--version", action="version", version=f"onnxsqueeze {__version__}")
-    return parser
+EXIT_OK, EXIT_FAILURE = 0, 1
+#: The API's argument names as library messages write them, and the flags that set them.
+FLAG_OF = {
+    "verify=False": "--no-verify",
+    "shapes=": "--shape",
+    "data=": "--data",
+    "quantize=": "--quantize",
+    "factorize=": "--factorize",
+    "prune=": "--prune",
+    "providers=": "--providers",
+    "passes=": "--passes",
+    "preset=": "--preset",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # a usage error (said), --help or --version
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.ERROR,
         format="%(levelname)s %(name)s: %(message)s",
@@ -182,8 +44,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     defer_heavy_imports()
     try:
+        check_arguments(args)
         if args.list_passes:
             print(_list_passes())
+            if args.model or args.output:
+                print("onnxsqueeze: --list-passes: nothing squeezed", file=sys.stderr)
             return EXIT_OK
         if args.model and not args.output and args.calib_cache:
             return _calibrate(args)
@@ -211,6 +76,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
 
 
+def cli_words(text: str) -> str:
+    """A library message with the API's argument names (``data=``) in the flags' words."""
+    import re
+
+    for api, flag in FLAG_OF.items():
+        text = re.sub(rf"(?<![\w-]){re.escape(api)}", flag, text)
+    return text
+
+
 def _fail(exc: Exception, debug: bool, model: str | None = None) -> None:
     """One line; errors about running the model (verification) name its file too."""
     from onnxsqueeze.core.errors import RuntimeSessionError, VerificationError
@@ -219,7 +93,7 @@ def _fail(exc: Exception, debug: bool, model: str | None = None) -> None:
         import traceback
 
         traceback.print_exc()
-    text = str(exc)
+    text = cli_words(str(exc))
     if model and model not in text and isinstance(exc, (VerificationError, RuntimeSessionError)):
         text = f"{model}: {text}"
     print(f"onnxsqueeze: error: {text}", file=sys.stderr)
@@ -261,13 +135,14 @@ def _squeeze(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from onnxsqueeze.api import squeeze_file
-    from onnxsqueeze.cli.destinations import check_destinations, read_files
+    from onnxsqueeze.cli.destinations import check_cache, check_destinations, read_files
 
     reads = read_files(args.model, args.data, args.calib_cache)
     writes = {"-o": args.output, "--report": args.report}
     if args.output:
         writes["-o's external data"] = f"{args.output}.data"
     check_destinations(writes, reads, overwrite_input=args.overwrite_input)
+    check_cache(args.calib_cache)
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
     report = squeeze_file(
         args.model,
@@ -288,8 +163,10 @@ def _squeeze(args: argparse.Namespace) -> int:
         from onnxsqueeze.core.io import atomic_write_text
 
         atomic_write_text(Path(args.report), report.to_json())
+    for warning in report.warnings:  # on stderr: stdout is the table a script may parse
+        print(f"onnxsqueeze: warning: {cli_words(warning)}", file=sys.stderr)
     if not args.quiet:
-        print(report.to_table())
+        print(report.to_table(warnings=False))
         print(f"wrote {report.output}")
     return EXIT_OK
 
@@ -328,29 +205,24 @@ def _quantize_config(args: argparse.Namespace):
     """The quantize stage's settings from the flags (None: lossless only)."""
     import dataclasses
 
-    from onnxsqueeze.core.errors import PipelineConfigError
     from onnxsqueeze.stages.quantize import QuantizeConfig
 
     if args.quantize == "none" or args.passes:
         return None
     budget = _budget(args)
-    if args.calib_samples is not None and args.calib_samples <= 0:
-        raise PipelineConfigError("--calib-samples must be a positive number")
     config = QuantizeConfig(
         mode=args.quantize,
         method=args.calib_method,
         activations=args.activations,
         reduce_range=True if args.reduce_range else None,
-        exclude_nodes=tuple(n for n in args.exclude_nodes.split(",") if n),
-        exclude_ops=tuple(n for n in args.exclude_ops.split(",") if n),
+        exclude_nodes=tuple(n.strip() for n in args.exclude_nodes.split(",") if n.strip()),
+        exclude_ops=tuple(n.strip() for n in args.exclude_ops.split(",") if n.strip()),
         budget=budget,
         calib_samples=args.calib_samples,
         calib_cache=args.calib_cache,
         weight_format=args.weight_format,
     )
     if args.outlier_ratio is not None:
-        if args.outlier_ratio < 0:
-            raise PipelineConfigError("--outlier-ratio must be 0 (off) or a positive ratio")
         config = dataclasses.replace(config, outlier_ratio=args.outlier_ratio)
     if args.require_faster:
         config = dataclasses.replace(config, check_latency=True, require_faster=True)
@@ -364,10 +236,11 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     from onnxsqueeze.api import calibrate
     from onnxsqueeze.calib.choice import collected_with
-    from onnxsqueeze.core.errors import PipelineConfigError
+    from onnxsqueeze.cli.destinations import check_cache, check_destinations, read_files
 
-    if args.calib_samples is not None and args.calib_samples <= 0:
-        raise PipelineConfigError("--calib-samples must be a positive number")
+    check_cache(args.calib_cache)
+    reads = read_files(args.model, args.data, None)
+    check_destinations({"--report": args.report}, reads, overwrite_input=False)
     started = time.perf_counter()
     method = collected_with(args.calib_method)  # auto: histograms, shown as entropy ranges
     progress = _progress_bar() if sys.stderr.isatty() and not args.quiet else None

@@ -30,6 +30,21 @@ def read_files(model: str, data: str | None, cache: str | None) -> dict[Path, st
     return found
 
 
+def check_cache(path: str | None) -> None:
+    """The calibration cache is read if it exists and written if not: either way it must be
+    a regular file (or nothing yet) in an existing folder."""
+    if not path:
+        return
+    cache = Path(path)
+    if cache.is_dir():
+        raise ModelSaveError(f"{path}: --calib-cache is a folder, not a file")
+    if cache.exists() and not stat.S_ISREG(cache.stat().st_mode):
+        raise ModelSaveError(f"{path}: --calib-cache is not a regular file (a pipe or device)")
+    parent = cache.parent if str(cache.parent) else Path(".")
+    if not parent.is_dir():
+        raise ModelSaveError(f"{path}: --calib-cache's folder {parent} does not exist")
+
+
 def check_destinations(
     writes: dict[str, str | None], reads: dict[Path, str], *, overwrite_input: bool
 ) -> None:

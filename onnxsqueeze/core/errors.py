@@ -48,10 +48,14 @@ class RuntimeSessionError(SqueezeError):
 
 
 def first_line(exc: BaseException, limit: int = 400) -> str:
-    """The first non-empty line of an exception's text: what a one-line error can quote."""
-    text = str(exc).strip() or type(exc).__name__
-    line = next((s.strip() for s in text.splitlines() if s.strip()), text)
-    return line[:limit]
+    """An exception's text as one line a one-line error can quote: its lines joined (a
+    message such as onnx's "... however input 't2' of node:" goes on after the break), and
+    cut at a word, marked with an ellipsis, only past ``limit`` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(" ", 0, limit)
+    return text[: cut if cut > limit // 2 else limit] + " ..."
 
 
 class CalibrationError(SqueezeError):

@@ -27,6 +27,11 @@ from onnxsqueeze.core.errors import (
     UnsupportedModelError,
     first_line,
 )
+from onnxsqueeze.core.external_data import (
+    check_external_data,
+    has_external,
+    refuse_external_data,
+)
 from onnxsqueeze.core.legalize import legalize
 
 logger = logging.getLogger(__name__)
@@ -102,8 +107,15 @@ def _load_path(path: Path, *, validate: bool) -> LoadedModel:
         raise ModelLoadError(f"{label}: file not found")
     if path.is_dir():
         raise ModelLoadError(f"{label}: is a directory, not an ONNX file")
+    if not path.is_file():  # a pipe would block the read, /dev/zero never end it
+        raise ModelLoadError(f"{label}: not a regular file (a pipe, socket or device)")
     if path.stat().st_size == 0:
         raise ModelLoadError(f"{label}: empty file, not an ONNX model")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ModelLoadError(f"{label}: cannot read ({exc.strerror or first_line(exc)})") from exc
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
@@ -124,9 +136,9 @@ def _from_proto(
     """LoadedModel's model (and original, note where the model had to be converted)."""
     _check_header(proto, label)
     if base_dir is not None:
-        _check_external_data(proto, label, Path(base_dir))
+        check_external_data(proto, label, Path(base_dir))
     else:
-        _refuse_external_data(proto, label)
+        refuse_external_data(proto, label)
     if validate:
         try:
             _run_checker(proto, label, checker_path)
@@ -169,76 +181,16 @@ def _check_header(proto: onnx.ModelProto, label: str) -> None:
             )
 
 
-def iter_tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from iter_tensor_protos(attr.g)
-            for sub in attr.graphs:
-                yield from iter_tensor_protos(sub)
-
-
-def _refuse_external_data(proto: onnx.ModelProto, label: str) -> None:
-    """An in-memory model has no folder its external data could be read from safely (a
-    location such as ../../etc/passwd would be read relative to the current directory)."""
-    for tensor in iter_tensor_protos(proto.graph):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            raise ModelLoadError(
-                f"{label}: tensor '{tensor.name}' keeps its data in an external file, and an "
-                "in-memory model has no folder to read it from: pass base_dir= (the model's "
-                "folder), or the model's path"
-            )
-
-
-def _check_external_data(proto: onnx.ModelProto, label: str, base_dir: Path) -> None:
-    """Fail early, naming the file, when external data is missing or too short, or lies
-    outside the model's folder (an absolute path, a ``..`` or a symlink leaving it: onnx's
-    own rule), before anything about such a file (even its size) is looked at."""
-    folder = base_dir.resolve()
-    for tensor in iter_tensor_protos(proto.graph):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = {entry.key: entry.value for entry in tensor.external_data}
-        location = info.get("location", "")
-        data_path = base_dir / location
-        inside = data_path.resolve()
-        if Path(location).is_absolute() or not inside.is_relative_to(folder) or inside == folder:
-            raise ModelLoadError(
-                f"{label}: external data location '{location}' of tensor '{tensor.name}' is "
-                "outside the model's folder; refusing to read it"
-            )
-        if not location or not data_path.is_file():
-            raise ModelLoadError(
-                f"{label}: external data file '{location}' for tensor '{tensor.name}' not found"
-            )
-        end = int(info.get("offset", 0)) + int(info.get("length", 0))
-        if data_path.stat().st_size < end:
-            raise ModelLoadError(
-                f"{label}: external data file '{location}' is truncated "
-                f"(tensor '{tensor.name}' needs {end} bytes, file has {data_path.stat().st_size})"
-            )
-
-
 def _run_checker(proto: onnx.ModelProto, label: str, path: Path | None) -> None:
     try:
         if path is not None:
             onnx.checker.check_model(str(path))
-        elif proto.ByteSize() < 2**31 - 1 and not _has_external(proto):
+        elif proto.ByteSize() < 2**31 - 1 and not has_external(proto):
             onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
         raise InvalidModelError(f"{label}: invalid ONNX graph ({first_line(exc)})") from exc
     except Exception as exc:  # the checker raises plain errors on unreadable protos
         raise InvalidModelError(f"{label}: invalid ONNX model ({first_line(exc)})") from exc
-
-
-def _has_external(proto: onnx.ModelProto) -> bool:
-    return any(
-        t.data_location == onnx.TensorProto.EXTERNAL for t in iter_tensor_protos(proto.graph)
-    )
 
 
 # ---------------------------------------------------------------------------- inspect
@@ -446,6 +398,7 @@ def save_model(
             raise ModelSaveError(
                 f"{label}: cannot serialize the model ({first_line(exc)})"
             ) from exc
+        _check_written(tmp_model, label)
         tmp_data = tmpdir / data_name
         if tmp_data.exists():
             os.replace(tmp_data, parent / data_name)
@@ -454,6 +407,20 @@ def save_model(
         shutil.rmtree(tmpdir, ignore_errors=True)
     logger.info("saved %s (external data: %s)", dest, bool(external_data))
     return dest
+
+
+def _check_written(path: Path, label: str) -> None:
+    """The file about to be renamed into place loads as the model it should be (onnx.load,
+    its external data whole, onnx.checker), whatever happened before: a model that does not
+    load is never handed over."""
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+        check_external_data(proto, label, path.parent)
+        onnx.checker.check_model(str(path))
+    except Exception as exc:
+        raise ModelSaveError(
+            f"{label}: the model written does not load ({first_line(exc)}); nothing written"
+        ) from exc
 
 
 @contextlib.contextmanager
@@ -581,7 +548,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 is for secrets, not reports
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

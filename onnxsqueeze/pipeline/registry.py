@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -81,6 +82,7 @@ class PassRegistry:
                 known = ", ".join(fields) or "none"
                 raise PipelineConfigError(f"pass '{name}' has no option '{key}' (options: {known})")
             kwargs[key] = coerce_option(name, key, hints[key], value)
+            check_number(name, key, kwargs[key], fields[key].metadata.get("range", (0, math.inf)))
         return cls(cls.Options(**kwargs))
 
     def build(self, specs: Iterable[Any]) -> list[SqueezePass]:
@@ -98,6 +100,20 @@ class PassRegistry:
             else:
                 raise PipelineConfigError(f"cannot build a pass from {spec!r}")
         return out
+
+
+def check_number(pass_name: str, key: str, value: Any, bounds: tuple[float, float]) -> None:
+    """A numeric option is finite and within its field's ``range`` metadata (default: not
+    negative: sizes, counts, tolerances and ratios all are), so ``rtol=-5`` or ``rtol=nan``
+    (which every comparison lets through) is refused, not run."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    low, high = bounds
+    if not (math.isfinite(value) and low <= value <= high):
+        where = f"at least {low:g}" if math.isinf(high) else f"from {low:g} to {high:g}"
+        raise PipelineConfigError(
+            f"pass '{pass_name}': option '{key}' must be a number {where}, got {value!r}"
+        )
 
 
 def coerce_option(pass_name: str, key: str, hint: Any, value: Any) -> Any:

@@ -60,7 +60,7 @@ class Report:
     def to_json(self) -> str:
         return json.dumps(self.as_dict(), indent=2, default=_json_default)
 
-    def to_table(self) -> str:
+    def to_table(self, warnings: bool = True) -> str:
         """A short human table: passes, node/byte counts, verification."""
         rows = [("pass", "status", "time", "changes")]
         for p in self.passes:
@@ -92,7 +92,8 @@ class Report:
         if self.verification:
             verdict += f" ({self.verification.get('summary', '')})"
         lines.append(f"verification: {verdict}")
-        lines.extend(f"warning: {w}" for w in self.warnings)
+        if warnings:  # the CLI prints them on stderr instead
+            lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
 
 

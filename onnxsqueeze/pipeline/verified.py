@@ -16,14 +16,15 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
 from onnxsqueeze.core.errors import RuntimeSessionError, VerificationError
+from onnxsqueeze.core.external_data import iter_tensor_protos
 from onnxsqueeze.core.io import (
     has_external_tensors,
     initializer_bytes,
-    iter_tensor_protos,
     model_stats,
     serialize,
     weightless,
@@ -229,17 +230,22 @@ class Pipeline:
         except RuntimeSessionError as exc:
             if str(exc).startswith("onnxruntime cannot load"):  # no input can help
                 raise VerificationError(
-                    f"cannot verify: {exc}; squeeze it unverified with --no-verify"
+                    f"cannot verify: {exc}; squeeze it unverified with verify=False"
                 ) from exc
             outputs = self._retry(model, report)
             if outputs is None:
                 raise VerificationError(
                     f"cannot verify: the original model fails on the probe feeds ({exc}); "
-                    "give real inputs (--data), input shapes (--shape), or disable verification (--no-verify)"
+                    "give real inputs (data=), input shapes (shapes=), or disable verification (verify=False)"
                 ) from exc
             report.warnings.append(
                 f"the original model rejects the default probe inputs ({_innermost(exc)}); "
                 f"verified on {self._retry_label} instead"
+            )
+        if _nothing_finite(outputs):
+            raise VerificationError(
+                "cannot verify: the original model's outputs are NaN/inf on every probe input, "
+                "so any model would match them; give inputs it computes numbers for (data=)"
             )
         report.providers = list(self._providers_used)
         report.verification_backend = self._backend
@@ -325,6 +331,15 @@ class Pipeline:
         record.reason = reason
         logger.warning("pass %s rolled back: %s", record.name, reason)
         return snapshot, current
+
+
+def _nothing_finite(outputs: list[dict]) -> bool:
+    """True when every float output value on every feed is NaN/inf (and there is one)."""
+    floats = [
+        np.asarray(v) for feed in outputs for v in feed.values()
+        if np.asarray(v).dtype.kind == "f" and np.asarray(v).size
+    ]  # fmt: skip
+    return bool(floats) and not any(np.isfinite(v).any() for v in floats)
 
 
 def structural_problem(model: ir.Model) -> str | None:

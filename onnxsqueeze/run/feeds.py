@@ -115,5 +115,12 @@ def check_feed(raw: Mapping[str, Any], specs: Sequence[InputSpec], label: str) -
             raise CalibrationDataError(
                 f"{label}: input '{name}' has shape {list(arr.shape)}, the model expects {list(spec.shape)}"
             )
+        if arr.dtype.kind in "fc" and arr.size and not np.isfinite(arr).any():
+            # a few NaN are data (scikit-learn imputers read them as missing values); only
+            # NaN/inf is no data: every model "agrees" with the original on it
+            raise CalibrationDataError(
+                f"{label}: input '{name}' holds only NaN/inf values: nothing to verify or "
+                "calibrate on"
+            )
         feed[name] = arr
     return feed

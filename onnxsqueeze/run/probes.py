@@ -4,6 +4,7 @@ rejects those, larger sizes and the sizes the graph's shape constants name."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,6 +29,9 @@ DEFAULT_DYNAMIC_DIM = 32
 PROBE_DIM_RETRIES = (128, 512)
 #: Then, at most this many sizes the graph itself names (see sizes_in_graph).
 GRAPH_SIZE_RETRIES = 6
+#: A generated probe input holds at most this many values (1 GiB of float32): a dim declared
+#: as 10**6 x 10**6 needs real data or smaller sizes, not an out-of-memory kill.
+MAX_PROBE_ELEMENTS = 2**28
 
 
 _SHAPE_RE = re.compile(r"^(?P<name>[^:=]+)(?P<sep>[:=])(?P<dims>.+)$")
@@ -47,15 +51,46 @@ def parse_shape_overrides(
             if match["sep"] == ":":
                 text = match["dims"].lower()
                 shapes[match["name"]] = (
-                    () if text in ("scalar", "()") else tuple(int(d) for d in text.split("x"))
+                    () if text in ("scalar", "()") else tuple(_size(d) for d in text.split("x"))
                 )
             else:
-                dims[match["name"]] = int(match["dims"])
+                dims[match["name"]] = _size(match["dims"])
         except ValueError:
             raise PipelineConfigError(
-                f"--shape '{item}': expected NAME:DxDxD (e.g. input_ids:1x128) or SYMBOL=N (e.g. batch=1)"
+                f"shapes= '{item}': expected NAME:DxDxD (e.g. input_ids:1x128) or SYMBOL=N "
+                "(e.g. batch=1), sizes from 1"
             ) from None
     return shapes, dims
+
+
+def _size(text: str) -> int:
+    size = int(text)
+    if size < 1:
+        raise ValueError(text)
+    return size
+
+
+def check_overrides(
+    specs: Sequence[InputSpec], shapes: Mapping[str, tuple[int, ...]], dims: Mapping[str, int]
+) -> None:
+    """Every shape names an input the model has, every symbol a dim its inputs declare:
+    a misspelt name would otherwise be ignored without a word."""
+    names = [s.name for s in specs]
+    for name, shape in shapes.items():
+        if name not in names:
+            raise PipelineConfigError(
+                f"shapes= names input '{name}', which the model does not have "
+                f"(inputs: {', '.join(names) or 'none'})"
+            )
+        if any(not isinstance(d, int) or d < 1 for d in shape):
+            raise PipelineConfigError(f"shapes= for '{name}': {shape}: sizes from 1")
+    symbols = {d for s in specs for d in (s.shape or ()) if isinstance(d, str)}
+    for symbol in dims:
+        if symbol not in symbols:
+            raise PipelineConfigError(
+                f"shapes= names the dim '{symbol}', which no input declares "
+                f"(dynamic dims: {', '.join(sorted(symbols)) or 'none'})"
+            )
 
 
 def concrete_shape(
@@ -72,13 +107,14 @@ def concrete_shape(
                 isinstance(d, int) and d != s for d, s in zip(spec.shape, shape, strict=False)
             )
             if bad:
-                raise CalibrationDataError(
-                    f"--shape for '{spec.name}': {shape} does not fit the model's {list(spec.shape)}"
+                raise PipelineConfigError(
+                    f"shapes= for '{spec.name}': {list(shape)} does not fit the model's "
+                    f"{list(spec.shape)}"
                 )
         return shape
     if spec.shape is None:
         raise CalibrationDataError(
-            f"input '{spec.name}' has unknown rank; give its shape with --shape"
+            f"input '{spec.name}' has unknown rank; give its shape with shapes="
         )
     out = []
     for axis, dim in enumerate(spec.shape):
@@ -122,6 +158,13 @@ def random_feeds(
     """
     rng = np.random.default_rng(seed)
     resolved = {s.name: concrete_shape(s, shapes or {}, dims or {}) for s in specs}
+    for name, shape in resolved.items():
+        elements = math.prod(shape)
+        if elements > MAX_PROBE_ELEMENTS:
+            raise CalibrationDataError(
+                f"input '{name}': a probe of shape {list(shape)} would hold {elements:.3g} "
+                "values; give smaller sizes with shapes=, or real inputs with data="
+            )
     feeds = []
     for _ in range(count):
         feed = {}
@@ -138,7 +181,7 @@ def random_feeds(
                 arr = np.full(shape, "onnxsqueeze", dtype=object)
             else:
                 raise CalibrationDataError(
-                    f"input '{spec.name}': cannot generate {spec.dtype} probe data; pass --data"
+                    f"input '{spec.name}': cannot generate {spec.dtype} probe data; pass data="
                 )
             feed[spec.name] = arr
         feeds.append(feed)
@@ -148,9 +191,10 @@ def random_feeds(
 def probe_feeds(model: ir.Model, data: Any, shapes: Any, count: int, seed: int) -> list[dict]:
     """User data (up to MAX_DATA_PROBES samples) or seeded random feeds from the signature."""
     specs = input_specs(model)
+    fixed, dims = shape_overrides(shapes)
+    check_overrides(specs, fixed, dims)
     if data is not None:
         return load_feeds(data, specs, limit=max(count, MAX_DATA_PROBES))
-    fixed, dims = shape_overrides(shapes)
     return random_feeds(specs, count=count, seed=seed, shapes=fixed, dims=dims)
 
 
@@ -158,7 +202,18 @@ def shape_overrides(shapes: Any) -> tuple[dict, dict]:
     """``shapes`` as (input shapes, symbol sizes): a mapping of input shapes, or ``--shape``
     strings."""
     if isinstance(shapes, Mapping):
-        return {k: tuple(v) for k, v in shapes.items()}, {}
+        try:
+            return {str(k): tuple(int(d) for d in v) for k, v in shapes.items()}, {}
+        except (TypeError, ValueError):
+            raise PipelineConfigError(
+                f"shapes= {dict(shapes)!r}: expected input name -> sequence of sizes"
+            ) from None
+    if isinstance(shapes, str):  # one spec, not its characters
+        shapes = [shapes]
+    if not all(isinstance(item, str) for item in shapes or []):
+        raise PipelineConfigError(
+            f"shapes= {shapes!r}: expected a mapping or 'NAME:1x128' / 'SYMBOL=N' strings"
+        )
     return parse_shape_overrides(shapes or [])
 
 

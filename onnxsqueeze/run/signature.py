@@ -27,7 +27,7 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
             continue
         if not isinstance(value.type, ir.TensorType) or value.dtype is None:
             raise CalibrationDataError(
-                f"input '{value.name}': non-tensor inputs ({value.type}) need user data (--data)"
+                f"input '{value.name}': non-tensor inputs ({value.type}) need user data (data=)"
             )
         dims: tuple[int | str | None, ...] | None = None
         if value.shape is not None:

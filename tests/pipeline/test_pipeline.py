@@ -9,7 +9,7 @@ import onnx_ir as ir
 import pytest
 
 import onnxsqueeze
-from onnxsqueeze.core.errors import CalibrationDataError, PipelineConfigError, VerificationError
+from onnxsqueeze.core.errors import PipelineConfigError, VerificationError
 from onnxsqueeze.core.pass_base import SqueezePass, SqueezeResult
 from onnxsqueeze.pipeline.presets import builtin_registry
 from onnxsqueeze.pipeline.registry import PassRegistry
@@ -130,7 +130,7 @@ def test_presets_expand_and_registries_are_independent():
 
 
 def test_shape_override_that_contradicts_the_model(mlp):
-    with pytest.raises(CalibrationDataError, match="--shape for 'x'.*does not fit"):
+    with pytest.raises(PipelineConfigError, match="shapes= for .x.*does not fit"):
         onnxsqueeze.squeeze(mlp, shapes=["x:2x5"])
 
 

@@ -61,7 +61,7 @@ def test_prune_values(text, kind, amount, pattern):
 
 @pytest.mark.parametrize("text", ["channels=1.5", "sparsity", "4:2", "heads=0.5", "lots"])
 def test_bad_prune_values_are_config_errors(text):
-    with pytest.raises(PipelineConfigError, match="--prune"):
+    with pytest.raises(PipelineConfigError, match="prune="):
         prune_config(text)
 
 

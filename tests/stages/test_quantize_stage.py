@@ -11,6 +11,7 @@ import onnx_ir as ir
 import pytest
 
 import onnxsqueeze
+from onnxsqueeze.core.errors import CalibrationDataError, VerificationError
 from onnxsqueeze.stages.budget import Budget
 from onnxsqueeze.stages.quantize import QuantizeConfig, quantize_model
 
@@ -366,7 +367,7 @@ def test_cli_static_without_data_fails_cleanly(tmp_path, capsys):
 
     out = tmp_path / "q.onnx"
     code = main([str(DIGITS), "-o", str(out), "--quantize", "static"])
-    assert code == 1 and not out.exists()
+    assert code == 2 and not out.exists()  # a usage error, before any work
     err = capsys.readouterr().err
     assert "needs calibration data" in err and "Traceback" not in err
 
@@ -647,21 +648,27 @@ def test_a_budget_no_result_can_meet_is_a_usage_error(tmp_path, capsys, flag, va
     out = tmp_path / "q.onnx"
     assert main([str(DIGITS), "-o", str(out), flag, value, "-q"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("onnxsqueeze: error: budget") and len(err.splitlines()) == 1
+    assert err.startswith(f"onnxsqueeze: error: argument {flag}") and len(err.splitlines()) == 1
     assert not out.exists()
 
 
 def test_data_whose_outputs_are_all_nan_cannot_judge_a_budget(tmp_path):
     """All-NaN samples made every comparison vacuous (NaN == NaN): a weight-only draft whose
-    GPTQ rounding had turned NaN into int8 garbage passed as 'cosine 1.00000' and shipped."""
+    GPTQ rounding had turned NaN into int8 garbage passed as 'cosine 1.00000' and shipped.
+    Such data is refused where it is read; a model whose outputs are all NaN on finite
+    inputs (here: x * inf - x * inf) cannot be verified at all."""
     data = tmp_path / "nan.npz"
     np.savez(data, image=np.full((4, 1, 8, 8), np.nan, np.float32))
-    squeezed = onnxsqueeze.squeeze(onnx.load(DIGITS), data=str(data), quantize="weights-int8")
-    record = squeezed.report.quantization
-    assert not record["applied"]
-    assert "all NaN/inf" in record["reason"]
-    weights = [i for i in squeezed.model.graph.initializer if i.data_type == onnx.TensorProto.INT8]
-    assert weights == []  # the model stays float
+    with pytest.raises(CalibrationDataError, match="only NaN/inf"):
+        onnxsqueeze.squeeze(onnx.load(DIGITS), data=str(data), quantize="weights-int8")
+    nan_out = onnx.parser.parse_model("""
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 4] x) => (float[N, 4] y) <float i = {inf}> {
+    a = Mul (x, i)
+    y = Sub (a, a)
+}""")  # fmt: skip
+    with pytest.raises(VerificationError, match="NaN/inf on every probe"):
+        onnxsqueeze.squeeze(nan_out, quantize="weights-int8")
 
 
 def test_gptq_falls_back_to_plain_rounding_on_a_non_finite_gram():

@@ -53,7 +53,7 @@ class FactorizeConfig:
             isinstance(self.mode, (int, float)) and 0 < float(self.mode) < 1
         ):
             raise PipelineConfigError(
-                f"--factorize must be off, auto or a share of parameters to keep in (0, 1), "
+                f"factorize= must be off, auto or a share of parameters to keep in (0, 1), "
                 f"got {self.mode!r}"
             )
 
@@ -76,7 +76,7 @@ def factorize_config(value: Any, budget: Budget = DEFAULT_BUDGET) -> FactorizeCo
             value = float(value)
         except ValueError:
             raise PipelineConfigError(
-                f"--factorize must be off, auto or a share of parameters to keep, got {value!r}"
+                f"factorize= must be off, auto or a share of parameters to keep, got {value!r}"
             ) from None
     return FactorizeConfig(mode=float(value), budget=budget)
 

@@ -49,7 +49,7 @@ def run_factorize_stage(
     report.verification_status = "passed"
     if data is None and record.get("factorized"):
         report.warnings.append(
-            "factorization judged on generated inputs: give --data for data-aware factors "
+            "factorization judged on generated inputs: give data= for data-aware factors "
             "and a budget measured on real inputs"
         )
     return outcome.model

@@ -15,7 +15,7 @@ from onnxsqueeze.stages.search import SensitivityOptions
 GRAM_SAMPLES = 128
 #: Channel ratios auto measures each group at (share of its free channels removed).
 AUTO_RATIOS = (0.875, 0.75, 0.5, 0.25)
-USAGE = "--prune must be off, auto, channels=R, sparsity=S or N:M (e.g. 2:4)"
+USAGE = "prune= must be off, auto, channels=R, sparsity=S or N:M (e.g. 2:4)"
 
 
 @dataclasses.dataclass(frozen=True)

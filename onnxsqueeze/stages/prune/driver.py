@@ -43,7 +43,7 @@ def run_prune_stage(
     report.verification_status = "passed"
     if data is None:
         report.warnings.append(
-            "pruning judged on generated inputs and not refitted: give --data for the "
+            "pruning judged on generated inputs and not refitted: give data= for the "
             "least-squares refit and a budget measured on real inputs"
         )
     return outcome.model

@@ -12,6 +12,7 @@ import onnx_ir as ir
 from onnxsqueeze.calib.calibrate import calibrate
 from onnxsqueeze.calib.choice import collected_with
 from onnxsqueeze.core.errors import CalibrationError, RuntimeSessionError
+from onnxsqueeze.core.graphs import scopes
 from onnxsqueeze.core.io import model_stats
 from onnxsqueeze.run.feeds import iter_feeds
 from onnxsqueeze.run.probes import probe_feeds
@@ -20,6 +21,21 @@ from onnxsqueeze.stages.latency_gate import SPEED_TIE
 from onnxsqueeze.stages.quantize.alternatives import not_smaller, pick, resolve_configs
 from onnxsqueeze.stages.quantize.config import QuantizeConfig, QuantizeOutcome
 from onnxsqueeze.stages.quantize.stage import quantize_model
+
+
+def _warn_unmatched_exclusions(model: ir.Model, config: QuantizeConfig, report: Any) -> None:
+    """Node names and op types to keep float that the model does not have: a misspelt name
+    would otherwise keep nothing float without a word."""
+    nodes = [n for scope in scopes(model) for n in scope]
+    for what, asked, present in (
+        ("node", config.exclude_nodes, {n.name for n in nodes}),
+        ("op type", config.exclude_ops, {n.op_type for n in nodes}),
+    ):
+        missing = [name for name in asked if name not in present]
+        if missing:
+            report.warnings.append(
+                f"kept float as asked, but the model has no {what} {', '.join(map(repr, missing))}"
+            )
 
 
 def run_quantize_stage(
@@ -36,10 +52,11 @@ def run_quantize_stage(
     if providers:
         configs = [dataclasses.replace(c, providers=tuple(providers)) for c in configs]
     if configs[0].mode == "static" and data is None:
-        raise CalibrationError("static quantization needs calibration data (--data)")
+        raise CalibrationError("static quantization needs calibration data (data=)")
     feeds = probe_feeds(model, data, shapes, max(configs[0].eval_samples, 2), seed)
     feeds = feeds[: configs[0].eval_samples]
     _warn_if_unresolvable("top-1 budget", configs[0].budget.min_top1_agreement, feeds, report)
+    _warn_unmatched_exclusions(model, configs[0], report)
     outcomes: list[QuantizeOutcome] = []
     for config in configs:
         speeds = [o.record.get("speed_vs_float") or 0.0 for o in outcomes if o.record["applied"]]

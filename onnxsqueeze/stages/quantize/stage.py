@@ -254,7 +254,7 @@ class QuantizeStage:
         if calibration is not None:
             return calibration
         if calib_feeds is None:
-            raise SqueezeError("static quantization needs calibration data (--data)")
+            raise SqueezeError("static quantization needs calibration data (data=)")
         options = CollectOptions(
             method=collected_with(self.config.method),
             providers=self.config.providers,
