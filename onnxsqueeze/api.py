@@ -85,6 +85,10 @@ def squeeze(
     locations outside that folder are always refused.
     """
 
+    if not isinstance(strict, bool):
+        raise PipelineConfigError(f"strict= must be True or False, got {strict!r}")
+    if base_dir is not None and not isinstance(base_dir, (str, os.PathLike)):
+        raise PipelineConfigError(f"base_dir= must be a folder path, got {base_dir!r}")
     loaded = load_model(model, base_dir=None if base_dir is None else str(base_dir))
     working = dataclasses.replace(loaded, model=loaded.model.clone())
     options = dict(
@@ -162,6 +166,7 @@ def _run(
     """The pipeline, then the lossy stages, on ``loaded.model`` (a LoadedModel)."""
 
     model = loaded.model
+    passes, providers = _checked(passes, preset, providers, verify, probe_samples, seed)
     registry = registry or builtin_registry()
     pass_objects = registry.build(passes if passes is not None else [preset])
     feeds = probe_feeds(model, data, shapes, probe_samples, seed) if verify else None
@@ -202,6 +207,51 @@ def _run(
         model, report, factorize, quantize, data, probe_shapes[0], providers, seed, prune
     )
     return model, report
+
+
+#: The most generated probe samples a run takes (each is run through every model checked).
+MAX_PROBE_SAMPLES = 1024
+
+
+def _checked(passes, preset, providers, verify, probe_samples, seed) -> tuple[Any, Any]:
+    """The arguments' kinds, checked where a mistake would otherwise surface deep inside (an
+    AttributeError) or be read another way (``passes="cleanup"`` as the passes c, l, e...);
+    returns passes and providers with a comma-separated string read as its names."""
+    if isinstance(passes, str):
+        passes = [name.strip() for name in passes.split(",") if name.strip()]
+        if not passes:
+            raise PipelineConfigError("passes= names no pass")
+    elif passes is not None:
+        if not isinstance(passes, Sequence):
+            raise PipelineConfigError(f"passes= must be a list of pass names, got {passes!r}")
+        for spec in passes:
+            if isinstance(spec, tuple) and not (
+                len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], Mapping)
+            ):
+                raise PipelineConfigError(f"passes=: {spec!r} is not a (name, options dict) pair")
+    if not isinstance(preset, str):
+        raise PipelineConfigError(f"preset= must be a preset name, got {preset!r}")
+    if isinstance(providers, str):
+        providers = [p.strip() for p in providers.split(",") if p.strip()]
+    if providers is not None and (
+        not isinstance(providers, Sequence)
+        or not providers
+        or not all(isinstance(p, str) for p in providers)
+    ):
+        raise PipelineConfigError(
+            f"providers= must name execution providers, e.g. ['cpu'], got {providers!r}"
+        )
+    if not isinstance(verify, bool):
+        raise PipelineConfigError(f"verify= must be True or False, got {verify!r}")
+    for name, value, low, high in (
+        ("probe_samples", probe_samples, 1, MAX_PROBE_SAMPLES),
+        ("seed", seed, 0, 2**63 - 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise PipelineConfigError(
+                f"{name}= must be a whole number from {low} to {high}, got {value!r}"
+            )
+    return passes, providers
 
 
 def _file_bytes(path: Path, data_files: set[Path]) -> int:

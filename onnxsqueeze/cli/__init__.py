@@ -87,14 +87,19 @@ def cli_words(text: str) -> str:
 
 def _fail(exc: Exception, debug: bool, model: str | None = None) -> None:
     """One line; errors about running the model (verification) name its file too."""
-    from onnxsqueeze.core.errors import RuntimeSessionError, VerificationError
+    from onnxsqueeze.core.errors import (
+        CalibrationDataError,
+        RuntimeSessionError,
+        VerificationError,
+    )
 
     if debug:
         import traceback
 
         traceback.print_exc()
     text = cli_words(str(exc))
-    if model and model not in text and isinstance(exc, (VerificationError, RuntimeSessionError)):
+    about_model = (VerificationError, RuntimeSessionError, CalibrationDataError)
+    if model and model not in text and isinstance(exc, about_model):
         text = f"{model}: {text}"
     print(f"onnxsqueeze: error: {text}", file=sys.stderr)
 

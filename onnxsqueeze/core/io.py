@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -17,7 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnx_ir as ir
 
 from onnxsqueeze.core.errors import (
@@ -135,6 +138,9 @@ def _from_proto(
 ) -> dict[str, Any]:
     """LoadedModel's model (and original, note where the model had to be converted)."""
     _check_header(proto, label)
+    dense_note = None
+    if proto.graph.sparse_initializer:
+        proto, dense_note = densify_sparse(proto)
     if base_dir is not None:
         check_external_data(proto, label, Path(base_dir))
     else:
@@ -149,8 +155,31 @@ def _from_proto(
             _run_checker(legal[0], label, None)
             original = _deserialize(proto, label, base_dir)
             model = _deserialize(legal[0], label, base_dir)
-            return {"model": model, "original": original, "note": legal[1]}
-    return {"model": _deserialize(proto, label, base_dir)}
+            note = "; ".join(n for n in (dense_note, legal[1]) if n)
+            return {"model": model, "original": original, "note": note}
+    return {"model": _deserialize(proto, label, base_dir), "note": dense_note}
+
+
+def densify_sparse(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+    """A copy of ``proto`` with its sparse initializers stored dense: onnx_ir has no sparse
+    tensors (it would drop them, leaving the graph reading nothing), and onnxruntime
+    densifies them when it loads the model anyway. The caller's proto is not touched."""
+    dense = onnx.ModelProto()
+    dense.CopyFrom(proto)
+    for sparse in dense.graph.sparse_initializer:
+        values = onnx.numpy_helper.to_array(sparse.values).reshape(-1)
+        indices = onnx.numpy_helper.to_array(sparse.indices).astype(np.int64)
+        shape = tuple(int(d) for d in sparse.dims)
+        if indices.ndim == 2:  # one row of coordinates per value
+            indices = np.ravel_multi_index(tuple(indices.T), shape)
+        array = np.zeros(math.prod(shape), values.dtype)
+        array[indices.reshape(-1)] = values
+        dense.graph.initializer.append(
+            onnx.numpy_helper.from_array(array.reshape(shape), sparse.values.name)
+        )
+    count = len(dense.graph.sparse_initializer)
+    del dense.graph.sparse_initializer[:]
+    return dense, f"{count} sparse initializer(s) stored dense (onnxruntime densifies them at load)"
 
 
 def _deserialize(proto: onnx.ModelProto, label: str, base_dir: str | None) -> ir.Model:

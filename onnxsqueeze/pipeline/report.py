@@ -149,6 +149,8 @@ def _quantization_line(q: dict[str, Any]) -> str:
             text += f" ({q['int8_for_budget']} of them int8 for the budget)"
     if q.get("speed_vs_float") is not None:
         text += f", {q['speed_vs_float']:.2f}x float speed"
+    if "->" in str(q.get("opset", "")):  # the opset the quantized ops need, said
+        text += f", opset {q['opset']}"
     return text + f" ({q.get('measured', '')})"
 
 

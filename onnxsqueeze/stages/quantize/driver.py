@@ -11,7 +11,7 @@ import onnx_ir as ir
 
 from onnxsqueeze.calib.calibrate import calibrate
 from onnxsqueeze.calib.choice import collected_with
-from onnxsqueeze.core.errors import CalibrationError, RuntimeSessionError
+from onnxsqueeze.core.errors import CalibrationError, RuntimeSessionError, UnsupportedModelError
 from onnxsqueeze.core.graphs import scopes
 from onnxsqueeze.core.io import model_stats
 from onnxsqueeze.run.feeds import iter_feeds
@@ -64,7 +64,7 @@ def run_quantize_stage(
             config = dataclasses.replace(config, worth_speed=max(speeds) / SPEED_TIE)
         try:
             outcomes.append(_run_config(model, config, data, feeds))
-        except RuntimeSessionError as exc:
+        except (RuntimeSessionError, UnsupportedModelError) as exc:
             if not auto:
                 raise
             report.warnings.append(f"quantization ({config.mode}) skipped: {exc}")

@@ -108,6 +108,13 @@ class QuantizeStage:
             self._weight_only_setup(calib_feeds, calib_samples)
         if config.mode == "dynamic" and calib_feeds is not None and config.outlier_ratio > 0:
             self._peak_data = (calib_feeds, calib_samples)  # read only if the budget needs it
+        if config.mode == "dynamic" and opset_version(self.model) < 11:
+            self._upgrade(13)  # DynamicQuantizeLinear is opset 11
+            if opset_version(self.family.model) < 11:
+                raise UnsupportedModelError(
+                    f"dynamic quantization needs opset >= 11 (DynamicQuantizeLinear), the model "
+                    f"has {opset_version(self.model)} and was not upgraded ({self.record['opset']})"
+                )
         if config.mode != "static":
             return self._search()
         if config.per_channel and opset_version(self.model) < 13:
