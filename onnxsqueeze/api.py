@@ -23,6 +23,7 @@ from onnxsqueeze.core.io import (
     release_weights,
     save_model,
 )
+from onnxsqueeze.core.scratch import remove_stale
 from onnxsqueeze.pipeline.presets import builtin_registry
 from onnxsqueeze.pipeline.report import Report
 from onnxsqueeze.pipeline.verified import Pipeline, VerifyOptions
@@ -166,6 +167,7 @@ def _run(
     """The pipeline, then the lossy stages, on ``loaded.model`` (a LoadedModel)."""
 
     model = loaded.model
+    remove_stale()  # scratch copies of runs that were killed
     passes, providers = _checked(passes, preset, providers, verify, probe_samples, seed)
     registry = registry or builtin_registry()
     pass_objects = registry.build(passes if passes is not None else [preset])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 
 from onnxsqueeze.calib.observers import Observer, from_state
 from onnxsqueeze.core.errors import CalibrationError
+from onnxsqueeze.core.scratch import scratch_file
 from onnxsqueeze.quant.qmath import QParams
 
 FORMAT = "onnxsqueeze-calibration/1"
@@ -135,7 +135,7 @@ class Calibration:
             "skipped": self.skipped,
         }
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-        fd, tmp = tempfile.mkstemp(prefix=".onnxsqueeze-calib-", suffix=".npz", dir=parent)
+        fd, tmp = scratch_file("calib", parent, ".npz")
         try:
             with os.fdopen(fd, "wb") as fh:
                 np.savez(fh, **arrays)

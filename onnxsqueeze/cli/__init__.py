@@ -43,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from onnxsqueeze.core.errors import PipelineConfigError, SqueezeError
 
     defer_heavy_imports()
+    previous = _interrupt_on_sigterm()
     try:
         check_arguments(args)
         if args.list_passes:
@@ -53,8 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.model and not args.output and args.calib_cache:
             return _calibrate(args)
         if not args.model or not args.output:
-            parser.print_usage(sys.stderr)
-            print("onnxsqueeze: error: MODEL and -o/--output are required", file=sys.stderr)
+            print(
+                "onnxsqueeze: error: MODEL and -o/--output are required (see --help)",
+                file=sys.stderr,
+            )
             return EXIT_USAGE
         return _squeeze(args)
     except PipelineConfigError as exc:
@@ -63,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SqueezeError as exc:
         _fail(exc, args.debug, args.model)
         return EXIT_FAILURE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # SIGINT, or SIGTERM (see _interrupt_on_sigterm)
         print("onnxsqueeze: interrupted; no output written", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug, not a user error: say so, keep the trace behind --debug
@@ -74,6 +77,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILURE
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt_on_sigterm():
+    """SIGTERM (a pipeline's timeout, ``kill``) unwinds like Ctrl-C, so every temporary
+    folder and partial output is removed on the way out instead of left behind. Returns the
+    handler it replaced (None off the main thread, where none can be set)."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):  # noqa: ARG001 (signal handler signature)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def cli_words(text: str) -> str:

@@ -36,6 +36,7 @@ from onnxsqueeze.core.external_data import (
     refuse_external_data,
 )
 from onnxsqueeze.core.legalize import legalize
+from onnxsqueeze.core.scratch import remove_stale, scratch_file
 
 logger = logging.getLogger(__name__)
 
@@ -407,7 +408,8 @@ def save_model(
         external_data = (
             has_external_tensors(model) or initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
         )
-    tmpdir = Path(tempfile.mkdtemp(prefix=".onnxsqueeze-", dir=parent))
+    remove_stale(parent)  # what a killed run left beside its output
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".onnxsqueeze-save-{os.getpid()}-", dir=parent))
     try:
         tmp_model = tmpdir / dest.name
         try:
@@ -573,7 +575,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise ModelSaveError(f"{path}: directory '{parent}' does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".onnxsqueeze-", dir=parent)
+    fd, tmp = scratch_file("text", parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)

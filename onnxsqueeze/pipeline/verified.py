@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ from onnxsqueeze.core.io import (
     weightless,
 )
 from onnxsqueeze.core.pass_base import SqueezePass, SqueezeResult
+from onnxsqueeze.core.scratch import scratch_dir
 from onnxsqueeze.pipeline.report import PassRecord, Report
 from onnxsqueeze.run.compare import LOSSLESS_RTOL, Comparison, compare_runs
 from onnxsqueeze.run.session import Session, crashes_onnxruntime
@@ -367,7 +367,7 @@ def structural_problem(model: ir.Model) -> str | None:
 
 
 def _check_with_stand_ins(proto: onnx.ModelProto) -> None:
-    with tempfile.TemporaryDirectory(prefix="onnxsqueeze-check-") as tmp:
+    with scratch_dir("check") as tmp:
         for tensor in iter_tensor_protos(proto.graph):
             for entry in tensor.external_data:
                 if entry.key == "location":

@@ -13,7 +13,6 @@ of rounds of 5 runs from 0.72 (each model timed alone) to 0.80-0.83.
 from __future__ import annotations
 
 import statistics
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -23,6 +22,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
+from onnxsqueeze.core.scratch import scratch_dir
 from onnxsqueeze.run.probes import random_feeds
 from onnxsqueeze.run.session import Session, make_session, resolve_providers, session_options
 from onnxsqueeze.run.signature import input_specs
@@ -103,7 +103,7 @@ def loaded_op_types(model: ir.Model, providers: Sequence[str]) -> Counter:
     this way, without timing noise."""
     import onnxruntime as ort
 
-    with tempfile.TemporaryDirectory(prefix="onnxsqueeze-loaded-") as tmp:
+    with scratch_dir("loaded") as tmp:
         path = Path(tmp) / "loaded.onnx"
         options = session_options(True, None)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from onnxsqueeze.core.errors import (
     first_line,
 )
 from onnxsqueeze.core.io import has_external_tensors, initializer_bytes, to_proto, weightless
+from onnxsqueeze.core.scratch import scratch_dir
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def make_session(model: ir.Model, options: Any, providers: list[str]) -> Any:
         return ort.InferenceSession(data, options, providers=providers)
     # Large or externally stored weights: write them next to a temporary model file;
     # onnxruntime maps them at creation, so the directory can go right after.
-    with tempfile.TemporaryDirectory(prefix="onnxsqueeze-session-") as tmp:
+    with scratch_dir("session") as tmp:
         path = Path(tmp) / "model.onnx"
         ir.save(model, path, external_data="model.onnx.data", size_threshold_bytes=1024)
         return ort.InferenceSession(str(path), options, providers=providers)
@@ -220,7 +220,7 @@ def crashes_onnxruntime(model: ir.Model, providers: Sequence[str] | None = None)
     process loads one."""
     names, _ = resolve_providers(providers or ("cpu",))
     code = "import onnxruntime as o, sys; o.InferenceSession(sys.argv[1], providers=sys.argv[2:])"
-    with tempfile.TemporaryDirectory(prefix="onnxsqueeze-preflight-") as tmp:
+    with scratch_dir("preflight") as tmp:
         path = Path(tmp) / "model.onnx"
         ir.save(model, path, external_data="model.onnx.data", size_threshold_bytes=1024)
         done = subprocess.run(
