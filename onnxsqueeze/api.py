@@ -23,7 +23,8 @@ from onnxsqueeze.core.io import (
     release_weights,
     save_model,
 )
-from onnxsqueeze.core.scratch import remove_stale
+from onnxsqueeze.core.scratch import remove_stale, scratch_dir
+from onnxsqueeze.core.spill import Spill
 from onnxsqueeze.pipeline.presets import builtin_registry
 from onnxsqueeze.pipeline.report import Report
 from onnxsqueeze.pipeline.verified import Pipeline, VerifyOptions
@@ -32,6 +33,7 @@ from onnxsqueeze.stages.chain import run_lossy_stages
 from onnxsqueeze.stages.factorize import factorize_config
 from onnxsqueeze.stages.prune import prune_config
 from onnxsqueeze.stages.quantize import QuantizeConfig
+from onnxsqueeze.stages.quantize.unverified import quantize_unverified
 
 __all__ = ["Squeezed", "calibrate", "squeeze", "squeeze_file"]
 
@@ -120,14 +122,20 @@ def squeeze_file(
     loaded = load_model(source)
     report_source = loaded.label
     strict = kwargs.pop("strict", True)
-    model, report = _run(loaded, passes, **_run_kwargs(kwargs))
-    report.source = report_source
-    if strict and report.verification_status == "failed":
-        raise AccuracyBudgetError(
-            f"{report_source}: squeezed model differs from the original ({report.verification['summary']})"
-        )
-    protected = set() if overwrite_input else loaded.protected_paths()
-    saved = save_model(model, output, external_data=external_data, protected=protected)
+    with scratch_dir("spill") as folder:
+        spill = Spill(folder)
+        try:
+            model, report = _run(loaded, passes, **_run_kwargs(kwargs), spill=spill)
+            report.source = report_source
+            if strict and report.verification_status == "failed":
+                raise AccuracyBudgetError(
+                    f"{report_source}: squeezed model differs from the original "
+                    f"({report.verification['summary']})"
+                )
+            protected = set() if overwrite_input else loaded.protected_paths()
+            saved = save_model(model, output, external_data=external_data, protected=protected)
+        finally:
+            spill.close()
     report.output = str(saved)
     report.file_bytes_before = _file_bytes(Path(source), external_data_files(loaded.model))
     report.file_bytes_after = _file_bytes(saved, {saved.with_name(saved.name + ".data")})
@@ -163,8 +171,10 @@ def _run(
     quantize,
     factorize,
     prune,
+    spill=None,
 ):
-    """The pipeline, then the lossy stages, on ``loaded.model`` (a LoadedModel)."""
+    """The pipeline, then the lossy stages, on ``loaded.model`` (a LoadedModel); ``spill``
+    (a core.spill.Spill) takes an unverified quantization's new weights out of memory."""
 
     model = loaded.model
     remove_stale()  # scratch copies of runs that were killed
@@ -197,13 +207,10 @@ def _run(
             )
     if quantize is not None and not verify:
         mode = quantize.mode if isinstance(quantize, QuantizeConfig) else str(quantize)
-        if mode not in ("auto", "none"):
-            raise PipelineConfigError(
-                f"quantization ({mode}) measures the result on data; it cannot run without "
-                "verification (drop verify=False)"
-            )
         if mode == "auto":
             report.warnings.append("quantization skipped: verification is disabled")
+        elif mode != "none":
+            model = quantize_unverified(model, quantize, report, spill)
         return model, report
     model = run_lossy_stages(
         model, report, factorize, quantize, data, probe_shapes[0], providers, seed, prune

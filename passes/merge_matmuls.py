@@ -37,6 +37,7 @@ from onnxsqueeze.core.graphs import (
 )
 from onnxsqueeze.core.io import count_nodes
 from onnxsqueeze.core.pass_base import SqueezePass, SqueezeResult
+from onnxsqueeze.core.spill import lazy_concatenate
 
 #: First opset whose Split takes its sizes as an input.
 SPLIT_INPUT_OPSET = 13
@@ -73,12 +74,16 @@ class MergeMatmulsPass(SqueezePass):
     def _merge(self, scope: GraphLike, group: list) -> None:
         first = group[0][0]
         x, base = first.inputs[0], first.name or "matmul"
-        weights = np.concatenate([w for _, w, _ in group], axis=1)
+        sources = [node.inputs[1].const_value for node, _, _ in group]
+        if all(isinstance(t, ir.ExternalTensor) for t in sources):
+            weights = lazy_concatenate(sources, axis=1)  # weights on disk stay there
+        else:
+            weights = np.concatenate([w for _, w, _ in group], axis=1)
         w_value = add_constant(self._model, scope, weights, self._unique(base + "_merged"), first)
         matmul = ir.node("MatMul", [x, w_value])
         nodes, result = [matmul], matmul.outputs[0]
         if group[0][2] is not None:
-            biases = np.concatenate([b[1] for _, _, b in group]).astype(weights.dtype)
+            biases = np.concatenate([b[1] for _, _, b in group]).astype(group[0][1].dtype)
             b_value = add_constant(self._model, scope, biases, self._unique(base + "_bias"), first)
             add = ir.node("Add", [result, b_value])
             nodes.append(add)

@@ -132,7 +132,11 @@ def is_constant(value: ir.Value | None) -> bool:
 
 
 def add_constant(
-    model: ir.Model, scope: GraphLike, array: np.ndarray, name: str, before: ir.Node
+    model: ir.Model,
+    scope: GraphLike,
+    array: np.ndarray | ir.TensorProtocol,
+    name: str,
+    before: ir.Node,
 ) -> ir.Value:
     """A new constant value in ``scope``: an initializer where allowed, else a Constant node.
 
@@ -140,7 +144,11 @@ def add_constant(
     graphs need every initializer listed as an input (which would make it overridable), so
     those get a Constant node inserted before ``before`` instead.
     """
-    tensor = ir.tensor(array, name=name)
+    if isinstance(array, np.ndarray):
+        tensor = ir.tensor(array, name=name)
+    else:  # a tensor made elsewhere (a lazy one, computed when the model is written)
+        tensor = array
+        tensor.name = name
     if in_main_tree(model, scope) and (model.ir_version or 0) >= 4:
         value = ir.Value(
             name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor

@@ -7,6 +7,7 @@ that had none are removed again, so the output does not gain value_info it did n
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 from collections.abc import Iterator
@@ -25,6 +26,16 @@ def _values(model: ir.Model) -> Iterator[ir.Value]:
         yield from _graph_values(graph)
 
 
+def _forget_cleared_inputs(model: ir.Model) -> None:
+    """onnx_ir's ShapeInferencePass lists every initializer as a graph input while onnx
+    infers, then clears the list; the inputs' reference Counter keeps a zero entry for each
+    value, so every weight seen then (a memory-mapped file's pages, a replaced float weight)
+    stays alive after the graph drops it. Adding an empty Counter drops the zero entries."""
+    counter = getattr(model.graph.inputs, "_ref_counter", None)
+    if isinstance(counter, collections.Counter):
+        counter += collections.Counter()
+
+
 @contextlib.contextmanager
 def inferred_shapes(model: ir.Model) -> Iterator[bool]:
     """Annotate shapes/dtypes for the duration of the block; yields whether inference ran."""
@@ -32,7 +43,10 @@ def inferred_shapes(model: ir.Model) -> Iterator[bool]:
 
     saved = {value: (value.type, value.shape) for value in _values(model)}
     try:
-        ShapeInferencePass(strict_mode=False, data_prop=True)(model)
+        try:
+            ShapeInferencePass(strict_mode=False, data_prop=True)(model)
+        finally:
+            _forget_cleared_inputs(model)
         ok = True
     except Exception:
         try:  # onnx_ir cannot read back map types (scikit-learn's ZipMap): without them

@@ -23,6 +23,7 @@ from onnxsqueeze.calib.outlier_plan import describe, find_outliers
 from onnxsqueeze.calib.tensors import RangesAsked
 from onnxsqueeze.core.errors import SqueezeError, UnsupportedModelError, first_line
 from onnxsqueeze.core.graphs import name_nodes, opset_version
+from onnxsqueeze.core.io import initializer_bytes
 from onnxsqueeze.core.opsets import upgrade_opset
 from onnxsqueeze.quant.qdq import nothing_quantized
 from onnxsqueeze.run.compare import LOSSLESS_RTOL, compare_runs
@@ -226,7 +227,8 @@ class QuantizeStage:
     def _weight_only_setup(self, calib_feeds, calib_samples) -> None:
         """Bits, block and form of the weights-* mode (``weight_only``)."""
         c = self.config
-        bits, form = weight_only.bits_and_format(c.mode, c.weight_format, c.providers)
+        weight_bytes = initializer_bytes(self.model)
+        bits, form = weight_only.bits_and_format(c.mode, c.weight_format, c.providers, weight_bytes)
         if form != "fold" and bits == 8 and opset_version(self.model) < 13:
             self._upgrade(13)  # per-channel DequantizeLinear (Conv filters, MatMul weights)
         self.family.weights = weight_only.weight_settings(

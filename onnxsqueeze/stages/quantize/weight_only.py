@@ -15,16 +15,26 @@ from onnxsqueeze.calib.gram import gram_matrices
 
 #: Smallest weight the weight-only stage quantizes in the fold form.
 FOLD_MIN_ELEMENTS = 256
+#: Weights above this (bytes) are stored in a form onnxruntime keeps integer in memory.
+LARGE_WEIGHT_BYTES = 512 * 2**20
 #: Calibration samples GPTQ's Gram matrices are summed over, unless calib_samples says.
 GPTQ_SAMPLES = 128
 
 
-def bits_and_format(mode: str, weight_format: str, providers: Sequence[str]) -> tuple[int, str]:
-    """Bits of the mode and the storage form; ``auto`` on CPU alone is the fold form (int8
-    in the file, float again at load: nothing to pay at run time)."""
+def bits_and_format(
+    mode: str, weight_format: str, providers: Sequence[str], weight_bytes: int = 0
+) -> tuple[int, str]:
+    """Bits of the mode and the storage form. ``auto`` on CPU alone: the fold form (int8 in
+    the file, float again at load: nothing to pay at run time) for a model under
+    LARGE_WEIGHT_BYTES; above it, forms onnxruntime runs on the integer weights, since the
+    fold form holds the float weights and the codes at load (twice the original's memory):
+    DequantizeLinear for int8, MatMulNBits for int4 (docs/benchmarks/large_model.md)."""
     bits = 4 if mode.endswith("int4") else 8
     if weight_format == "auto" and set(providers) <= {"cpu"}:
-        weight_format = "fold"
+        if weight_bytes < LARGE_WEIGHT_BYTES:
+            weight_format = "fold"
+        else:
+            weight_format = "dq" if bits == 8 else "matmulnbits"
     return bits, weight_format
 
 

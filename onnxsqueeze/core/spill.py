@@ -1,0 +1,81 @@
+"""Large tensors a pass creates, moved out of memory as soon as they exist.
+
+Quantizing a 4 GB model's weights one tensor at a time still holds every result until the
+model is saved (1 GB of int8 for a 4 GB fp32 model). ``Spill`` appends each new in-memory
+tensor above ``min_bytes`` to one scratch file and puts in its place a lazy tensor that
+reads it back (through a short-lived memory map) only when the model is saved or run:
+the process then holds about one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+#: Tensors smaller than this stay in memory (scales, biases, norms).
+SPILL_MIN_BYTES = 1 << 20
+
+
+def lazy_concatenate(tensors: list[ir.TensorProtocol], axis: int) -> ir.TensorProtocol:
+    """The concatenation of memory-mapped tensors, computed each time it is read (when the
+    model is written or quantized) instead of held: merging a 4 GB model's Q/K/V weights
+    would otherwise hold a quarter of it in memory. Its sources are unmapped after each
+    read (they map again if read)."""
+    arrays = [t.numpy() for t in tensors]  # maps; reads nothing yet
+    shape = list(arrays[0].shape)
+    shape[axis] = sum(a.shape[axis] for a in arrays)
+    dtype = tensors[0].dtype
+    del arrays
+
+    def compute() -> ir.Tensor:
+        merged = np.concatenate([t.numpy() for t in tensors], axis=axis)
+        for tensor in tensors:
+            if isinstance(tensor, ir.ExternalTensor):
+                with contextlib.suppress(BufferError):
+                    tensor.release()
+        return ir.Tensor(merged)
+
+    return ir.LazyTensor(compute, dtype, ir.Shape(shape))
+
+
+class Spill:
+    """Call with a model after each step that creates tensors: every in-memory initializer of
+    at least ``min_bytes`` moves to ``folder/spill.bin``. Close it once the model is saved."""
+
+    def __init__(self, folder: str | os.PathLike, min_bytes: int = SPILL_MIN_BYTES) -> None:
+        self.path = Path(folder) / "spill.bin"
+        self._file = open(self.path, "wb")  # noqa: SIM115 (open until close())
+        self._offset = 0
+        self.min_bytes = min_bytes
+        self.spilled = 0
+
+    def __call__(self, model: ir.Model) -> None:
+        for graph in model.graphs():
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                if type(tensor) is ir.Tensor and tensor.nbytes >= self.min_bytes:
+                    value.const_value = self._lazy(tensor)
+
+    def _lazy(self, tensor: ir.Tensor) -> ir.LazyTensor:
+        raw = tensor.tobytes()
+        self._file.write(raw)
+        self._file.flush()
+        offset, length = self._offset, len(raw)
+        self._offset += length
+        self.spilled += length
+        dtype, shape, name = tensor.dtype, tensor.shape, tensor.name or ""
+        path = self.path
+
+        def load() -> ir.ExternalTensor:  # a fresh map each time, gone with the caller's use
+            return ir.ExternalTensor(
+                path.name, offset, length, dtype, shape=shape, name=name, base_dir=path.parent
+            )
+
+        return ir.LazyTensor(load, dtype, shape, name=name)
+
+    def close(self) -> None:
+        self._file.close()
