@@ -44,7 +44,7 @@ from onnxsqueeze.quant.qmath import ROUNDINGS
 from onnxsqueeze.quant.unpack import MIN_OPSET, SLICE_OPSET, can_unpack
 from onnxsqueeze.quant.weight_store import WeightStore
 
-FORMATS = ("auto", "dq", "matmulnbits", "fold")
+FORMATS = ("auto", "dq", "matmulnbits", "fold", "mixed")
 WEIGHT_OPS = ("MatMul", "Gemm", "Gather", "Conv", "ConvTranspose", "Einsum", "LSTM", "GRU", "RNN")
 #: onnxruntime contrib ops and their weight inputs (fold form only: their kernels take no
 #: DequantizeLinear): an onnxruntime-optimized transformer's attention and embedding tables.
@@ -139,6 +139,13 @@ class QuantizeWeightsPass(SqueezePass):
 
     def _form(self) -> str | None:
         opts: QuantizeWeightsOptions = self.options
+        if opts.format == "mixed":  # integer where onnxruntime runs it so, folded elsewhere
+            matmul = self._op in ("MatMul", "Gemm", "Gather") and not (self._half or self._contrib)
+            return (
+                "dq"
+                if matmul and self._opset >= 13
+                else ("fold" if self._opset >= MIN_OPSET else None)
+            )
         if opts.format == "fold" or self._half or self._contrib:  # the fold form only
             return "fold" if self._opset >= MIN_OPSET and opts.format in ("auto", "fold") else None
         dq_opset = 21 if (opts.bits == 4 or opts.block_size) else 13
@@ -154,6 +161,7 @@ class QuantizeWeightsPass(SqueezePass):
         """(bytes before, bytes after) if the node's weight was quantized, (0, 0) if it was a
         candidate left alone, None if not a candidate."""
         self._contrib = node.domain == "com.microsoft" and node.op_type in CONTRIB_WEIGHTS
+        self._op = node.op_type
         if not self._contrib and (
             node.domain not in ("", "ai.onnx") or node.op_type not in WEIGHT_OPS
         ):

@@ -64,7 +64,7 @@ def build(path: Path, hidden: int, blocks: int, seed: int = 0) -> int:
             p = f"b{b}_"
 
             def n(op, ins, outs, **attrs):
-                nodes.append(oh.make_node(op, ins, outs, name=f"{p}{outs[0]}", **attrs))
+                nodes.append(oh.make_node(op, ins, outs, name=outs[0], **attrs))
                 return outs[0]
 
             ln = n("LayerNormalization", [x, weight(p + "ln1_g", (hidden,), 1.0),

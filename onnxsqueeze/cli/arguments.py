@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quant.add_argument(
         "--weight-format",
-        choices=("auto", "fold", "dq", "matmulnbits"),
+        choices=("auto", "fold", "dq", "matmulnbits", "mixed"),
         default=None,
         help="weights-int8/int4 storage. fold: codes expanded to float when the runtime loads "
         "the model (float speed and memory, smaller file); dq: DequantizeLinear (opset 13, "

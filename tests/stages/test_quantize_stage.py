@@ -229,12 +229,16 @@ def test_weights_int4_gives_the_most_damaging_weight_int8_for_the_budget():
     assert record["kept_float"] == {}
     assert record["rounding"] == "gptq (1 weights)"  # the int4 weight, not the int8 one
     assert float(record["measured"].split()[1]) >= 0.9995
-    # no MatMul reads a float weight: int4 and int8 codes, both unpacked at load
-    weights = [n.input[1] for n in small.graph.node if n.op_type == "MatMul"]
+    # no product reads a float weight: int4 and int8 codes (MatMulNBits, the CPU default)
+    weights = [n.input[1] for n in small.graph.node if n.op_type in ("MatMul", "MatMulNBits")]
     floats = {i.name for i in small.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
-    assert not any(w in floats for w in weights)
-    codes = sorted(i.data_type for i in small.graph.initializer if i.dims and i.dims[0] >= 64)
-    assert codes == [onnx.TensorProto.UINT8, onnx.TensorProto.INT8], codes  # int4 packed, int8
+    assert len(weights) == 2 and not any(w in floats for w in weights)
+    bits = sorted(
+        next(a.i for a in n.attribute if a.name == "bits")
+        for n in small.graph.node
+        if n.op_type == "MatMulNBits"
+    )
+    assert bits == [4, 8], bits  # one int4 weight, the damaging one int8
     held_out = {"x": rng.standard_normal((4, 128)).astype(np.float32)}
     want = held_out["x"] @ w1 @ w2
     got = run_ort(small, held_out)[0]

@@ -102,8 +102,9 @@ def test_shape_inference_does_not_keep_dropped_weights_alive(tmp_path):
 
 def test_a_large_models_weights_keep_a_form_onnxruntime_runs_integer():
     """The fold form is expanded back to float when onnxruntime loads it, beside the codes
-    (twice the original's memory): above LARGE_WEIGHT_BYTES auto picks DequantizeLinear
-    (int8) or MatMulNBits (int4), which onnxruntime keeps integer."""
+    (twice the original's memory; int4's unpacking far more): auto picks MatMulNBits for
+    int4, and DequantizeLinear for int8 above LARGE_WEIGHT_BYTES, which onnxruntime keeps
+    integer."""
     from onnxsqueeze.stages.quantize.weight_only import LARGE_WEIGHT_BYTES, bits_and_format
 
     assert bits_and_format("weights-int8", "auto", ("cpu",), 1 << 20) == (8, "fold")
@@ -113,3 +114,4 @@ def test_a_large_models_weights_keep_a_form_onnxruntime_runs_integer():
         "matmulnbits",
     )
     assert bits_and_format("weights-int8", "fold", ("cpu",), LARGE_WEIGHT_BYTES) == (8, "fold")
+    assert bits_and_format("weights-int4", "auto", ("cpu",), 1 << 20) == (4, "matmulnbits")

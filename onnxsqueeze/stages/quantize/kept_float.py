@@ -26,13 +26,15 @@ def int8_for_kept(
     (a float weight costs 8x its int4 bytes, an int8 one 2x): MiniLM's default-budget
     int4 file was 0.75x the float one, larger than int8's. ``kept`` is most damaging
     first; the shared bisection (``stages.search.fewest_kept``) finds the fewest of them
-    that must stay float. Fold form only (the CPU default), where int8 needs no opset.
+    that must stay float. Fold and MatMulNBits forms (the CPU defaults: int8 needs no
+    opset there; MatMulNBits takes 8 bits with the same blocks).
     ``settings``: the stage's quantize-weights options (see weight_only). Returns the
     model, what stays float and what went int8."""
-    if settings["format"] != "fold":
+    if settings["format"] not in ("fold", "matmulnbits"):
         return candidate, kept, []
     others = tuple(n for n in stage.candidates if n not in kept)
-    int8 = {**settings, "bits": 8, "block_size": 0}
+    block = settings["block_size"] if settings["format"] == "matmulnbits" else 0
+    int8 = {**settings, "bits": 8, "block_size": block}
     changed: dict[int, int] = {}  # weights each built model gave int8, by id
 
     def build(still_float: Sequence[str]) -> ir.Model:
