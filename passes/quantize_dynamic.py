@@ -1,30 +1,26 @@
 """quantize-dynamic: int8 weights, activations quantized at run time (no calibration data).
 
-Embedding tables (Gather on a constant 2-D table) become int8 rows with one scale per row,
-dequantized after the lookup, or (``embedding_fold``, what the CPU gets) stored so that the
-runtime expands them to float once, at load.
+Embedding tables (Gather on a constant 2-D table) become int8 rows, one scale per row,
+dequantized after the lookup, or (``embedding_fold``, the CPU's) expanded to float at load.
+Each MatMul (and plain Gemm) with a constant weight becomes ``DynamicQuantizeLinear(x) ->
+MatMulInteger -> Cast -> Mul(x_scale * w_scale)`` (+ ``Add(bias)``), which onnxruntime fuses
+into DynamicQuantizeMatMul: the activation range is each run's own min/max, so no
+calibration is needed (the usual choice for transformers on CPU). Weights are per output
+column, symmetric (7-bit where u8s8 kernels saturate); one DynamicQuantizeLinear serves
+every MatMul reading the same tensor (Q, K and V).
 
-Each MatMul (and plain Gemm) with a constant weight becomes
-``DynamicQuantizeLinear(x) -> MatMulInteger(xq, Wq, x_zp, w_zp) -> Cast -> Mul(x_scale *
-w_scale)`` (+ ``Add(bias)`` for Gemm), which onnxruntime fuses into one
-DynamicQuantizeMatMul kernel. The activation range is each run's own min/max, so nothing can
-fall outside it and no calibration is needed: the usual choice for transformers on CPU.
-Weights are per output column, symmetric (7-bit on CPUs whose u8s8 kernels saturate). One
-DynamicQuantizeLinear serves every MatMul that reads the same tensor (Q, K and V).
-
-``outliers`` (input name -> channels, found on calibration data by calib.peaks) keeps a
-few huge input channels out of the run-time range: the MatMul reads the input with those
-channels zeroed (``Mul`` by a 0/1 mask) and their share, ``Gather(x, channels) @ W[channels]``,
-is added in float after the bias. One outlier channel at 16x the others otherwise leaves
-the ordinary channels 1/16 of the int8 levels (LLM.int8()'s decomposition, with standard ops).
-``outlier_scales`` instead divides them into the ordinary range (SmoothQuant on those channels
-alone): one ``Mul``, no float share, a little less accurate (calib.outlier_plan chooses).
+``outliers`` (input -> channels, from calib.peaks) keeps huge input channels out of the
+run-time range: the MatMul reads the input with them zeroed (``Mul`` by a 0/1 mask) and
+their share, ``Gather(x, channels) @ W[channels]``, is added in float after the bias (one
+channel at 16x otherwise leaves the others 1/16 of the levels; LLM.int8()'s decomposition).
+``outlier_scales`` instead divides them into range (SmoothQuant on those channels alone):
+one ``Mul``, no float share, a little less accurate (calib.outlier_plan chooses).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -42,6 +38,7 @@ from onnxsqueeze.core.graphs import (
 )
 from onnxsqueeze.core.io import count_nodes
 from onnxsqueeze.core.pass_base import SqueezePass, SqueezeResult
+from onnxsqueeze.core.spill import after_each_field, forget_replaced
 from onnxsqueeze.quant.qdq import saturating_u8s8_cpu
 from onnxsqueeze.quant.qmath import quantize_per_channel
 from onnxsqueeze.quant.weight_store import WeightStore
@@ -56,16 +53,15 @@ class QuantizeDynamicOptions:
     #: 7-bit weights; None: on CPUs whose u8s8 kernels saturate (AVX2 without VNNI).
     reduce_range: bool | None = None
     exclude_nodes: tuple[str, ...] = ()
+    after_each: Callable[[ir.Model], None] | None = after_each_field()
     #: Weights with fewer elements stay float (their run-time quantization costs more).
     min_elements: int = 1024
     #: Input value name -> channels (last axis) whose share is computed in float.
     outliers: Mapping[str, tuple[int, ...]] | None = None
-    #: Input value name -> per-channel factors s: the MatMul reads x / s, its weight rows
-    #: times s (wins over ``outliers`` for the same input).
+    #: Input -> per-channel s: the MatMul reads x / s, weight rows times s (beats outliers).
     outlier_scales: Mapping[str, np.ndarray] | None = None
-    #: Embedding tables stored to fold back to float at load (onnxsqueeze.quant.unpack): a plain
-    #: float Gather at run time, float-size memory. False: int8 rows gathered, then scaled
-    #: (int8 memory, four small ops per lookup: MiniLM 1.57 vs 1.49 ms a sentence here).
+    #: Tables folded back to float at load (quant.unpack): float Gather, float memory. False:
+    #: int8 rows gathered, then scaled (int8 memory; MiniLM 1.57 vs 1.49 ms a sentence).
     embedding_fold: bool = False
 
 
@@ -92,11 +88,17 @@ class QuantizeDynamicPass(SqueezePass):
             shared: dict[tuple, tuple[ir.Value, ir.Value, ir.Value]] = {}
             for node in list(scope):
                 if node.op_type in opts.op_types and node.domain in ("", "ai.onnx"):
+                    weights = [
+                        v for v in node.inputs if v is not None and v.const_value is not None
+                    ]
                     reason = self._rewrite(scope, node, shared)
                     if reason:
                         self._skipped[node.name or node.op_type] = reason
                     else:
                         self._quantized.append(node.name or node.op_type)
+                        if opts.after_each is not None:  # stream: see QuantizeWeightsPass
+                            forget_replaced(weights)
+                            opts.after_each(model)
         stats = {
             "nodes_quantized": len(self._quantized),
             "quantized": self._quantized,
@@ -142,13 +144,11 @@ class QuantizeDynamicPass(SqueezePass):
             weight = (weight * factors[:, None]).astype(np.float32)
         else:
             factors = None
-        side_weight = None
+        side_weight = weight[list(channels)] if channels else None
         if channels:
-            side_weight = weight[list(channels)]
             weight = weight.copy()
             weight[list(channels)] = 0  # their inputs are zero: rows free for the scale
-        axis = 1 if opts.per_channel else None
-        q, qp = quantize_per_channel(weight, axis, "int8", self._reduce)
+        q, qp = quantize_per_channel(weight, 1 if opts.per_channel else None, "int8", self._reduce)
         base = node.inputs[1].name or "weight"
         key = (x, channels, factors is not None)
         if key not in shared:

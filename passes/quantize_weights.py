@@ -20,7 +20,6 @@ MatMul's input on calibration data) that weight is rounded by GPTQ instead.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Callable, Mapping
 
@@ -38,6 +37,7 @@ from onnxsqueeze.core.graphs import (
 )
 from onnxsqueeze.core.io import count_nodes
 from onnxsqueeze.core.pass_base import SqueezePass, SqueezeResult
+from onnxsqueeze.core.spill import after_each_field, forget_replaced
 from onnxsqueeze.quant.gptq import WeightRounder
 from onnxsqueeze.quant.nbits import NBitsBuilder
 from onnxsqueeze.quant.qmath import ROUNDINGS
@@ -70,25 +70,7 @@ class QuantizeWeightsOptions:
     exclude_nodes: tuple[str, ...] = ()
     #: (node, bits, block) -> (q, scales), kept by a caller that builds many variants
     memo: dict | None = dataclasses.field(default=None, compare=False, metadata={"hidden": True})
-    #: called with the model after each weight is replaced (onnxsqueeze.core.spill.Spill:
-    #: a large model's new weights leave memory one by one)
-    after_each: Callable[[ir.Model], None] | None = dataclasses.field(
-        default=None, compare=False, metadata={"hidden": True}
-    )
-
-
-def _forget_replaced(values: list[ir.Value]) -> None:
-    """Drop the tensors of weights the graph no longer holds: their values sit in reference
-    cycles only the cyclic collector frees, and meanwhile a large model's memory-mapped
-    float weights would all stay mapped (streaming mode only: nothing reads them again)."""
-    for value in values:
-        graph = value.graph
-        if graph is None or graph.initializers.get(value.name or "") is not value:
-            tensor = value.const_value
-            value.const_value = None
-            if isinstance(tensor, ir.ExternalTensor):  # another copy of the graph may share
-                with contextlib.suppress(BufferError):  # it: unmap now, it maps again if read
-                    tensor.release()
+    after_each: Callable[[ir.Model], None] | None = after_each_field()
 
 
 class QuantizeWeightsPass(SqueezePass):
@@ -124,7 +106,7 @@ class QuantizeWeightsPass(SqueezePass):
                 weights = [v for v in node.inputs if v is not None and v.const_value is not None]
                 outcome = self._quantize(scope, node)
                 if opts.after_each is not None:
-                    _forget_replaced(weights)
+                    forget_replaced(weights)
                 if outcome is None or outcome == (0, 0):
                     stats["skipped"] += outcome is not None  # a candidate left alone
                     continue

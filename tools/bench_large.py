@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -51,7 +52,10 @@ def measure(argv: list[str], timeout: float = 3600) -> tuple[int, float, float, 
     """(exit code, seconds, peak RSS in GiB, last stderr line) of one process."""
     started = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
     _, status, usage = os.wait4(proc.pid, 0)
+    timer.cancel()
     seconds = time.perf_counter() - started
     err = proc.stderr.read().strip().splitlines() if proc.stderr else []
     code = os.waitstatus_to_exitcode(status)
@@ -66,6 +70,7 @@ def rows(model: Path, out: Path) -> dict[str, list[str]]:
         "onnxsqueeze none": [*cli, "-o", str(out / "none.onnx"), "--quantize", "none"],
         "onnxsqueeze weights-int8 --no-verify": [*cli, "-o", str(out / "w8_nv.onnx"), "--quantize", "weights-int8", "--no-verify"],
         "onnxsqueeze weights-int4 --no-verify": [*cli, "-o", str(out / "w4_nv.onnx"), "--quantize", "weights-int4", "--no-verify"],
+        "onnxsqueeze dynamic --no-verify": [*cli, "-o", str(out / "dyn_nv.onnx"), "--quantize", "dynamic", "--no-verify"],
         "onnxsqueeze weights-int8": [*cli, "-o", str(out / "w8.onnx"), "--quantize", "weights-int8"],
         "onnxsqueeze weights-int4": [*cli, "-o", str(out / "w4.onnx"), "--quantize", "weights-int4"],
         "onnxsqueeze dynamic": [*cli, "-o", str(out / "dyn.onnx"), "--quantize", "dynamic"],

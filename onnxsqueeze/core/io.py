@@ -332,9 +332,11 @@ def weightless(model: ir.Model, min_bytes: int = 4096) -> Iterator[dict[str, Any
     """Within the block, the main graph's big in-memory weights are placeholders.
 
     Each such initializer points at external data that does not exist; the block gets its
-    array by name. Serialising the model then copies no weights, which is most of the time
-    the checker and onnxruntime sessions cost on a large model (the session takes the arrays
-    through ``add_external_initializers``). The weights are back when the block ends.
+    tensor by name (``.numpy()`` when the array is wanted: a lazy tensor, such as a merged
+    weight still on disk, is computed only then). Serialising the model then copies no
+    weights, which is most of the time the checker and onnxruntime sessions cost on a large
+    model (the session takes the arrays through ``add_external_initializers``). The weights
+    are back when the block ends.
     """
     detached: dict[str, Any] = {}
     swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
@@ -349,7 +351,7 @@ def weightless(model: ir.Model, min_bytes: int = 4096) -> Iterator[dict[str, Any
                 or not value.name
             ):
                 continue
-            detached[value.name] = tensor.numpy()
+            detached[value.name] = tensor
             swapped.append((value, tensor))
             value.const_value = ir.ExternalTensor(
                 PLACEHOLDER_LOCATION,
@@ -370,7 +372,8 @@ def release_weights(model: ir.Model) -> None:
     for graph in model.graphs():
         for value in graph.initializers.values():
             if isinstance(value.const_value, ir.ExternalTensor):
-                value.const_value.release()
+                with contextlib.suppress(BufferError):  # an array still views it: later
+                    value.const_value.release()
 
 
 # ---------------------------------------------------------------------------- save

@@ -10,14 +10,39 @@ the process then holds about one tensor at a time.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 #: Tensors smaller than this stay in memory (scales, biases, norms).
 SPILL_MIN_BYTES = 1 << 20
+
+
+def after_each_field() -> Any:
+    """A pass option (hidden from --list-passes): a callable the pass calls with the model
+    after each weight it replaces, e.g. a ``Spill``, so a large model's new weights leave
+    memory one by one."""
+    return dataclasses.field(default=None, compare=False, metadata={"hidden": True})
+
+
+def forget_replaced(values: list[ir.Value]) -> None:
+    """Drop the tensors of weights the graph no longer holds (call after a pass replaced
+    them): their values sit in reference cycles only the cyclic collector frees, and
+    meanwhile a large model's memory-mapped float weights would all stay mapped; another
+    copy of the graph may share a tensor, so it is unmapped, not invalidated (it maps again
+    if read)."""
+    for value in values:
+        graph = value.graph
+        if graph is None or graph.initializers.get(value.name or "") is not value:
+            tensor = value.const_value
+            value.const_value = None
+            if isinstance(tensor, ir.ExternalTensor):
+                with contextlib.suppress(BufferError):
+                    tensor.release()
 
 
 def lazy_concatenate(tensors: list[ir.TensorProtocol], axis: int) -> ir.TensorProtocol:

@@ -20,7 +20,13 @@ from onnxsqueeze.core.errors import (
     RuntimeSessionError,
     first_line,
 )
-from onnxsqueeze.core.io import has_external_tensors, initializer_bytes, to_proto, weightless
+from onnxsqueeze.core.io import (
+    has_external_tensors,
+    initializer_bytes,
+    release_weights,
+    to_proto,
+    weightless,
+)
 from onnxsqueeze.core.scratch import scratch_dir
 
 logger = logging.getLogger(__name__)
@@ -162,7 +168,8 @@ def make_session(model: ir.Model, options: Any, providers: list[str]) -> Any:
             data = ir.serde.serialize_model(model).SerializeToString()
         if detached:
             values = [
-                ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in detached.values()
+                ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(t.numpy()))
+                for t in detached.values()
             ]
             options.add_external_initializers(list(detached), values)
         return ort.InferenceSession(data, options, providers=providers)
@@ -171,6 +178,7 @@ def make_session(model: ir.Model, options: Any, providers: list[str]) -> Any:
     with scratch_dir("session") as tmp:
         path = Path(tmp) / "model.onnx"
         ir.save(model, path, external_data="model.onnx.data", size_threshold_bytes=1024)
+        release_weights(model)  # the copy is written: our mapped pages are not needed now
         return ort.InferenceSession(str(path), options, providers=providers)
 
 

@@ -55,7 +55,7 @@ def quantize_unverified(
         )(model)
         record["weight_format"] = form
     elif config.mode == "dynamic":
-        result = QuantizeDynamicPass(exclude_nodes=config.exclude_nodes)(model)
+        result = QuantizeDynamicPass(exclude_nodes=config.exclude_nodes, after_each=spill)(model)
     else:
         result = ConvertFp16Pass(exclude_nodes=config.exclude_nodes)(model)
     if spill is not None:
