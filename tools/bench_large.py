@@ -51,13 +51,15 @@ q.model.save_model_to_file(sys.argv[2], use_external_data_format=True)
 def measure(argv: list[str], timeout: float = 3600) -> tuple[int, float, float, str]:
     """(exit code, seconds, peak RSS in GiB, last stderr line) of one process."""
     started = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    timer = threading.Timer(timeout, proc.kill)
-    timer.start()
-    _, status, usage = os.wait4(proc.pid, 0)
-    timer.cancel()
-    seconds = time.perf_counter() - started
-    err = proc.stderr.read().strip().splitlines() if proc.stderr else []
+    with tempfile.TemporaryFile("w+") as log:  # a pipe would fill and block a chatty child
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log, text=True)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        timer.cancel()
+        seconds = time.perf_counter() - started
+        log.seek(0)
+        err = log.read().strip().splitlines()
     code = os.waitstatus_to_exitcode(status)
     return code, seconds, usage.ru_maxrss / 2**20, (err[-1] if err else "")
 

@@ -32,17 +32,9 @@ def read_files(model: str, data: str | None, cache: str | None) -> dict[Path, st
 
 def check_cache(path: str | None) -> None:
     """The calibration cache is read if it exists and written if not: either way it must be
-    a regular file (or nothing yet) in an existing folder."""
-    if not path:
-        return
-    cache = Path(path)
-    if cache.is_dir():
-        raise ModelSaveError(f"{path}: --calib-cache is a folder, not a file")
-    if cache.exists() and not stat.S_ISREG(cache.stat().st_mode):
-        raise ModelSaveError(f"{path}: --calib-cache is not a regular file (a pipe or device)")
-    parent = cache.parent if str(cache.parent) else Path(".")
-    if not parent.is_dir():
-        raise ModelSaveError(f"{path}: --calib-cache's folder {parent} does not exist")
+    a regular file (or nothing yet) in an existing, writable folder."""
+    if path:
+        _check_file(path, "--calib-cache")
 
 
 def check_destinations(
@@ -66,12 +58,19 @@ def check_destinations(
         if resolved in seen:
             raise ModelSaveError(f"{path}: both {seen[resolved]} and {flag} would write it")
         seen[resolved] = flag
-        if dest.is_dir():
-            raise ModelSaveError(f"{path}: {flag} is a folder, not a file")
-        if dest.exists() and not stat.S_ISREG(dest.stat().st_mode):
-            raise ModelSaveError(f"{path}: {flag} is not a regular file (a pipe or device)")
-        parent = dest.parent if str(dest.parent) else Path(".")
-        if not parent.is_dir():
-            raise ModelSaveError(f"{path}: output directory {parent} does not exist ({flag})")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise ModelSaveError(f"{path}: output directory {parent} is not writable ({flag})")
+        _check_file(path, flag)
+
+
+def _check_file(path: str, flag: str) -> None:
+    """``path`` can be written as a regular file: not a folder, pipe or device, in a folder
+    that exists and is writable."""
+    dest = Path(path)
+    if dest.is_dir():
+        raise ModelSaveError(f"{path}: {flag} is a folder, not a file")
+    if dest.exists() and not stat.S_ISREG(dest.stat().st_mode):
+        raise ModelSaveError(f"{path}: {flag} is not a regular file (a pipe or device)")
+    parent = dest.parent if str(dest.parent) else Path(".")
+    if not parent.is_dir():
+        raise ModelSaveError(f"{path}: output directory {parent} does not exist ({flag})")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ModelSaveError(f"{path}: output directory {parent} is not writable ({flag})")
