@@ -60,6 +60,7 @@ def quantize_unverified(
         result = ConvertFp16Pass(exclude_nodes=config.exclude_nodes)(model)
     if spill is not None:
         spill(model)
+        record["spilled_bytes"] = spill.spilled  # new weights that went through the scratch file
     stats = {k: v for k, v in result.stats.items() if not isinstance(v, (list, dict))}
     record.update(applied=result.modified, stats=stats)
     record["reason"] = "verify=False: outputs were not compared with the original"
