@@ -96,8 +96,11 @@ def run_cli(argv: list[str]) -> Outcome:
 
 
 def temp_leftovers() -> set[str]:
+    """This process's scratch names in the temp folder (they carry its pid: another run on
+    the machine may have its own there meanwhile)."""
     folder = Path(tempfile.gettempdir())
-    return {p.name for p in folder.iterdir() if p.name.startswith(TEMP_PREFIXES)}
+    mine = f"-{os.getpid()}-"
+    return {p.name for p in folder.iterdir() if p.name.startswith(TEMP_PREFIXES) and mine in p.name}
 
 
 def check_refusal(outcome: Outcome, *needles: str) -> None:
