@@ -96,8 +96,8 @@ class QuantizeDynamicPass(SqueezePass):
                         self._skipped[node.name or node.op_type] = reason
                     else:
                         self._quantized.append(node.name or node.op_type)
-                        if opts.after_each is not None:  # stream: see QuantizeWeightsPass
-                            forget_replaced(weights)
+                        forget_replaced(weights, streaming=opts.after_each is not None)
+                        if opts.after_each is not None:
                             opts.after_each(model)
         stats = {
             "nodes_quantized": len(self._quantized),

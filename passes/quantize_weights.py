@@ -105,8 +105,7 @@ class QuantizeWeightsPass(SqueezePass):
                     continue
                 weights = [v for v in node.inputs if v is not None and v.const_value is not None]
                 outcome = self._quantize(scope, node)
-                if opts.after_each is not None:
-                    forget_replaced(weights)
+                forget_replaced(weights, streaming=opts.after_each is not None)
                 if outcome is None or outcome == (0, 0):
                     stats["skipped"] += outcome is not None  # a candidate left alone
                     continue

@@ -29,20 +29,21 @@ def after_each_field() -> Any:
     return dataclasses.field(default=None, compare=False, metadata={"hidden": True})
 
 
-def forget_replaced(values: list[ir.Value]) -> None:
-    """Drop the tensors of weights the graph no longer holds (call after a pass replaced
-    them): their values sit in reference cycles only the cyclic collector frees, and
-    meanwhile a large model's memory-mapped float weights would all stay mapped; another
-    copy of the graph may share a tensor, so it is unmapped, not invalidated (it maps again
-    if read)."""
+def forget_replaced(values: list[ir.Value], *, streaming: bool) -> None:
+    """Unmap the memory-mapped tensors of weights a pass just replaced (call after each
+    one): another copy of the graph (the float model a candidate was built from) may
+    share a tensor, so it is unmapped, not invalidated (it maps again if read), and a 4 GB
+    model's float weights do not all stay mapped while candidates are built and run.
+    ``streaming``: also drop the tensors of values the graph no longer holds; they sit in
+    reference cycles only the cyclic collector frees."""
     for value in values:
+        tensor = value.const_value
         graph = value.graph
-        if graph is None or graph.initializers.get(value.name or "") is not value:
-            tensor = value.const_value
+        if streaming and (graph is None or graph.initializers.get(value.name or "") is not value):
             value.const_value = None
-            if isinstance(tensor, ir.ExternalTensor):
-                with contextlib.suppress(BufferError):
-                    tensor.release()
+        if isinstance(tensor, ir.ExternalTensor):
+            with contextlib.suppress(BufferError):  # an array still views it: left mapped
+                tensor.release()
 
 
 def lazy_concatenate(tensors: list[ir.TensorProtocol], axis: int) -> ir.TensorProtocol:
