@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--calib-method",
         choices=("auto", "entropy", "percentile", "mse", "minmax"),
         default=None,
-        help="range method (default: %(default)s: each tried on the fully quantized model, the "
+        help="range method (default: auto: each tried on the fully quantized model, the "
         "most accurate kept; one histogram serves all of them)",
     )
     calib.add_argument("--calib-samples", type=_count, metavar="N", help="use at most N samples")
