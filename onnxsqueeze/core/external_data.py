@@ -9,6 +9,7 @@ out as a model that ``onnx.load`` rejects.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def check_external_data(proto: onnx.ModelProto, label: str, base_dir: Path) -> N
                 f"{label}: external data location '{location}' of tensor '{tensor.name}' is "
                 "outside the model's folder; refusing to read it"
             )
-        if not location or not data_path.is_file():
+        if not location or not data_path.exists():
             raise ModelLoadError(
                 f"{label}: external data file '{location}' for tensor '{tensor.name}' not found"
             )
@@ -104,9 +105,8 @@ def _external_extent(tensor: onnx.TensorProto, info: dict[str, str], label: str)
     itemsize = _FIXED_ITEMSIZE.get(tensor.data_type)
     needed = None
     if itemsize is not None and all(d >= 0 for d in tensor.dims):
-        needed = int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
-        if tensor.data_type in _PACKED_4BIT:
-            needed = (int(np.prod(tensor.dims, dtype=np.int64)) + 1) // 2
+        count = math.prod(tensor.dims)
+        needed = (count + 1) // 2 if tensor.data_type in _PACKED_4BIT else count * itemsize
     if offset < 0 or (declared is not None and declared < 0):
         raise ModelLoadError(
             f"{label}: tensor '{tensor.name}': negative external data offset/length"

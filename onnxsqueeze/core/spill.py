@@ -51,11 +51,9 @@ def lazy_concatenate(tensors: list[ir.TensorProtocol], axis: int) -> ir.TensorPr
     model is written or quantized) instead of held: merging a 4 GB model's Q/K/V weights
     would otherwise hold a quarter of it in memory. Its sources are unmapped after each
     read (they map again if read)."""
-    arrays = [t.numpy() for t in tensors]  # maps; reads nothing yet
-    shape = list(arrays[0].shape)
-    shape[axis] = sum(a.shape[axis] for a in arrays)
+    shape = list(tensors[0].shape)
+    shape[axis] = sum(t.shape[axis] for t in tensors)
     dtype = tensors[0].dtype
-    del arrays
 
     def compute() -> ir.Tensor:
         merged = np.concatenate([t.numpy() for t in tensors], axis=axis)

@@ -335,11 +335,9 @@ class Pipeline:
 
 def _nothing_finite(outputs: list[dict]) -> bool:
     """True when every float output value on every feed is NaN/inf (and there is one)."""
-    floats = [
-        np.asarray(v) for feed in outputs for v in feed.values()
-        if np.asarray(v).dtype.kind == "f" and np.asarray(v).size
-    ]  # fmt: skip
-    return bool(floats) and not any(np.isfinite(v).any() for v in floats)
+    arrays = [np.asarray(v) for feed in outputs for v in feed.values()]
+    floats = [a for a in arrays if a.dtype.kind == "f" and a.size]
+    return bool(floats) and not any(np.isfinite(a).any() for a in floats)
 
 
 def structural_problem(model: ir.Model) -> str | None:

@@ -47,9 +47,7 @@ def quantize_unverified(
         )
         if form == "dq" and opset_version(model) < 13:
             form = "fold"  # upgrading the opset needs the whole model serialized: not here
-        options = dict(bits=bits, block_size=32 if bits == 4 else 0, format=form)
-        if form == "fold":
-            options["min_elements"] = weight_only.FOLD_MIN_ELEMENTS
+        options = weight_only.pass_options(bits, form)  # no memo: nothing is held
         result = QuantizeWeightsPass(
             **options, exclude_nodes=config.exclude_nodes, after_each=spill
         )(model)

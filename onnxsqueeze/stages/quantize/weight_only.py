@@ -39,6 +39,17 @@ def bits_and_format(
     return bits, weight_format
 
 
+def pass_options(bits: int, form: str) -> dict[str, Any]:
+    """The quantize-weights options every weight-only run shares: block, form, and the
+    smallest weight worth quantizing."""
+    options: dict[str, Any] = {"bits": bits, "block_size": 32 if bits == 4 else 0, "format": form}
+    if form == "fold":
+        # Folded weights cost nothing at run time, so small ones are worth their bytes in
+        # a small model's file (PP-OCR cls: 0.51x -> 0.33x); the budget guards accuracy.
+        options["min_elements"] = FOLD_MIN_ELEMENTS
+    return options
+
+
 def weight_settings(
     model: ir.Model,
     bits: int,
@@ -49,16 +60,7 @@ def weight_settings(
 ) -> dict[str, Any]:
     """The quantize-weights pass options the stage builds every variant with. Rounded
     weights are memoised (``memo``): the budget search builds many variants of one model."""
-    settings: dict[str, Any] = {
-        "bits": bits,
-        "block_size": 32 if bits == 4 else 0,
-        "format": form,
-        "memo": {},
-    }
-    if form == "fold":
-        # Folded weights cost nothing at run time, so small ones are worth their bytes in
-        # a small model's file (PP-OCR cls: 0.51x -> 0.33x); the budget guards accuracy.
-        settings["min_elements"] = FOLD_MIN_ELEMENTS
+    settings: dict[str, Any] = {**pass_options(bits, form), "memo": {}}
     if calib_feeds is not None:
         feeds = itertools.islice(calib_feeds, calib_samples or GPTQ_SAMPLES)
         settings["grams"] = gram_matrices(model, feeds, providers=providers)
