@@ -10,11 +10,18 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from onnxsqueeze.cli.arguments import EXIT_USAGE, build_parser, check_arguments
 
 EXIT_OK, EXIT_FAILURE = 0, 1
+#: ``onnxsqueeze COMMAND ...``: the module whose ``main(argv)`` runs it. Anything else is a
+#: model to squeeze (a file named like a command: ``./bench``).
+COMMANDS = {
+    "bench": "onnxsqueeze.cli.bench",
+    "compare": "onnxsqueeze.cli.compare",
+    "inspect": "onnxsqueeze.cli.inspect",
+}
 #: The API's argument names as library messages write them, and the flags that set them.
 FLAG_OF = {
     "verify=False": "--no-verify",
@@ -30,11 +37,40 @@ FLAG_OF = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:
+        import importlib
+
+        return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # a usage error (said), --help or --version
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    return guarded(_dispatch, args)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    check_arguments(args)
+    if args.list_passes:
+        print(_list_passes())
+        if args.model or args.output:
+            print("onnxsqueeze: --list-passes: nothing squeezed", file=sys.stderr)
+        return EXIT_OK
+    if args.model and not args.output and args.calib_cache:
+        return _calibrate(args)
+    if not args.model or not args.output:
+        print(
+            "onnxsqueeze: error: MODEL and -o/--output are required (see --help)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    return _squeeze(args)
+
+
+def guarded(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Runs a command the way every command runs: logs per ``--debug``, heavy imports
+    deferred, SIGTERM as Ctrl-C, and each kind of error as one line with its exit code."""
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.ERROR,
         format="%(levelname)s %(name)s: %(message)s",
@@ -44,27 +80,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     defer_heavy_imports()
     previous = _interrupt_on_sigterm()
+    model = getattr(args, "model", None) or (getattr(args, "models", None) or [None])[0]
     try:
-        check_arguments(args)
-        if args.list_passes:
-            print(_list_passes())
-            if args.model or args.output:
-                print("onnxsqueeze: --list-passes: nothing squeezed", file=sys.stderr)
-            return EXIT_OK
-        if args.model and not args.output and args.calib_cache:
-            return _calibrate(args)
-        if not args.model or not args.output:
-            print(
-                "onnxsqueeze: error: MODEL and -o/--output are required (see --help)",
-                file=sys.stderr,
-            )
-            return EXIT_USAGE
-        return _squeeze(args)
+        return command(args)
     except PipelineConfigError as exc:
         _fail(exc, args.debug)
         return EXIT_USAGE
     except SqueezeError as exc:
-        _fail(exc, args.debug, args.model)
+        _fail(exc, args.debug, model)
         return EXIT_FAILURE
     except KeyboardInterrupt:  # SIGINT, or SIGTERM (see _interrupt_on_sigterm)
         print("onnxsqueeze: interrupted; no output written", file=sys.stderr)

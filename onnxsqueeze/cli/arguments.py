@@ -41,7 +41,7 @@ STAGE_FLAGS = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (plus where to look), not the 16-line usage."""
 
     def error(self, message: str) -> NoReturn:
@@ -49,14 +49,14 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
-def _text(value: str) -> str:
+def text_value(value: str) -> str:
     """A value that may not be empty: ``--data ''`` would read the current folder."""
     if not value.strip():
         raise argparse.ArgumentTypeError("needs a value, got an empty one")
     return value
 
 
-def _count(value: str) -> int:
+def count_value(value: str) -> int:
     try:
         number = int(value)
     except ValueError:
@@ -93,21 +93,23 @@ def _outlier_ratio(value: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="onnxsqueeze",
         description="Compress an ONNX model with verified graph passes.",
         epilog="Example: onnxsqueeze model.onnx -o small.onnx --report report.json",
     )
     parser.add_argument("model", nargs="?", help="input .onnx file")
-    parser.add_argument("-o", "--output", type=_text, help="output .onnx file (written atomically)")
+    parser.add_argument(
+        "-o", "--output", type=text_value, help="output .onnx file (written atomically)"
+    )
     parser.add_argument(
         "--passes",
-        type=_text,
+        type=text_value,
         help="comma-separated pass or preset names (see --list-passes)",
     )
     parser.add_argument(
         "--preset",
-        type=_text,
+        type=text_value,
         default="default",
         help="named pass list (default: %(default)s)",
     )
@@ -121,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--list-passes", action="store_true", help="list passes and presets, then exit"
     )
-    parser.add_argument("--report", type=_text, metavar="FILE", help="write the JSON report here")
+    parser.add_argument(
+        "--report", type=text_value, metavar="FILE", help="write the JSON report here"
+    )
     parser.add_argument(
         "--shape",
         action="append",
@@ -131,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--data",
-        type=_text,
+        type=text_value,
         metavar="PATH",
         help="real inputs: .npz file or folder of .npz",
     )
@@ -147,10 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="range method (default: auto: each tried on the fully quantized model, the "
         "most accurate kept; one histogram serves all of them)",
     )
-    calib.add_argument("--calib-samples", type=_count, metavar="N", help="use at most N samples")
+    calib.add_argument(
+        "--calib-samples", type=count_value, metavar="N", help="use at most N samples"
+    )
     calib.add_argument(
         "--calib-cache",
-        type=_text,
+        type=text_value,
         metavar="FILE",
         help="reuse statistics from FILE if it exists, else collect and write them there",
     )
@@ -169,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quant.add_argument(
         "--factorize",
-        type=_text,
+        type=text_value,
         default=None,
         metavar="off|auto|RATIO",
         help="low-rank factors for MatMul/Gemm weights before quantizing, under the same "
@@ -178,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quant.add_argument(
         "--prune",
-        type=_text,
+        type=text_value,
         default=None,
         metavar="off|auto|channels=R|sparsity=S|N:M",
         help="pruning after factorization, before quantizing, under the same budget: auto "
@@ -242,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--providers",
-        type=_text,
+        type=text_value,
         default="cpu",
         help="execution providers, e.g. cuda,cpu (default: %(default)s)",
     )

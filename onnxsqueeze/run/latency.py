@@ -15,7 +15,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from onnxsqueeze.run.signature import input_specs
 SETTLE_S = 0.15
 
 
-def settle(session: Any, feed: Mapping[str, Any], run: Any = None) -> None:
+def settle(session: Any, feed: Any, run: Any = None) -> None:
     """Let the previous session's worker threads stop spinning, then run ``session`` once
     untimed (its own workers awake, as in steady serving). ``run``: how to run it."""
     time.sleep(SETTLE_S)
@@ -53,15 +53,64 @@ FAST_ROUND_S = 0.02
 MAX_RUNS = 200
 
 
-def median_ms(session: Any, feed: Mapping[str, Any], runs: int) -> float:
-    """Median of ``runs`` timed runs, after ``settle``."""
-    settle(session, feed)
+def runs_per_round(slowest_s: float, runs: int, round_s: float | None = None) -> int:
+    """Timed runs in a round for a model whose warm run takes ``slowest_s``: more for fast
+    models (``round_s`` of runs, FAST_ROUND_S by default, at most MAX_RUNS), fewer for slow
+    ones (ROUND_BUDGET_S, at least MIN_RUNS)."""
+    slowest_s = max(slowest_s, 1e-6)
+    fast = FAST_ROUND_S if round_s is None else round_s
+    runs = max(runs, min(MAX_RUNS, int(fast / slowest_s)))
+    return max(MIN_RUNS, min(runs, int(ROUND_BUDGET_S / slowest_s)))
+
+
+def warm_up(run: Callable[[Any], Any], feed: Any, times: int = 3) -> float:
+    """Run ``times`` times untimed for the caller (first-run allocations, lazy kernels);
+    returns the seconds the last one took."""
+    elapsed = 0.0
+    for _ in range(times):
+        start = time.perf_counter()
+        run(feed)
+        elapsed = time.perf_counter() - start
+    return elapsed
+
+
+def timed_runs(run: Callable[[Any], Any], feed: Any, runs: int) -> list[float]:
+    """Milliseconds of ``runs`` runs, after ``settle``."""
+    settle(None, feed, run)
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        session.run(feed)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+        run(feed)
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def interleaved_rounds(
+    runners: Sequence[Callable[[Any], Any]],
+    feeds: Sequence[Any],
+    *,
+    rounds: int,
+    runs: int,
+    round_s: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[list[list[float]]]:
+    """Times each runner on its feed in ``rounds`` alternating rounds (drift hits all of
+    them alike) of the same number of runs, sized by the slowest warm runner. Returns, per
+    runner, per round, the run times in milliseconds."""
+    slowest = max(warm_up(run, feed) for run, feed in zip(runners, feeds, strict=True))
+    count = runs_per_round(slowest, runs, round_s)
+    times: list[list[list[float]]] = [[] for _ in runners]
+    for round_index in range(rounds):
+        for index, (run, feed) in enumerate(zip(runners, feeds, strict=True)):
+            times[index].append(timed_runs(run, feed, count))
+        if progress is not None:
+            progress(round_index + 1, rounds)
+    return times
+
+
+def median_ms(session: Any, feed: Mapping[str, Any], runs: int) -> float:
+    """Median of ``runs`` timed runs, after ``settle``."""
+    return statistics.median(timed_runs(session.run, feed, runs))
 
 
 def compare_latency(
@@ -78,20 +127,12 @@ def compare_latency(
     if feed is None:
         feed = random_feeds(input_specs(baseline), count=1, seed=0)[0]
     sessions = [Session(m, providers, optimize=True) for m in (baseline, candidate)]
-    slowest = 0.0  # of the warm runs (the third of each session)
-    for session in sessions:
-        for _ in range(3):
-            start = time.perf_counter()
-            session.run(feed)
-        slowest = max(slowest, time.perf_counter() - start)
-    slowest = max(slowest, 1e-6)
-    runs = max(runs, min(MAX_RUNS, int(FAST_ROUND_S / slowest)))
-    runs = max(MIN_RUNS, min(runs, int(ROUND_BUDGET_S / slowest)))
-    base, cand = [], []
-    for _ in range(rounds):
-        base.append(median_ms(sessions[0], feed, runs))
-        cand.append(median_ms(sessions[1], feed, runs))
-    return statistics.median(base) / statistics.median(cand)
+    base, cand = interleaved_rounds(
+        [s.run for s in sessions], [feed, feed], rounds=rounds, runs=runs
+    )
+    return statistics.median(map(statistics.median, base)) / statistics.median(
+        map(statistics.median, cand)
+    )
 
 
 def loaded_op_types(model: ir.Model, providers: Sequence[str]) -> Counter:

@@ -63,7 +63,28 @@ def resolve_providers(requested: Sequence[str] | None) -> tuple[list[str], list[
         logger.warning("execution provider %s is not available here; falling back", name)
     if "CPUExecutionProvider" not in usable:
         usable.append("CPUExecutionProvider")
+    prepare_gpu(usable)
     return usable, dropped
+
+
+_GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
+_prepared: list[bool] = []
+
+
+def prepare_gpu(providers: Sequence[str]) -> None:
+    """Load CUDA's libraries from their pip packages (nvidia-cublas-cu13, ...) once, before
+    the first GPU session: onnxruntime-gpu from pip finds them only this way
+    (``onnxruntime.preload_dlls``, onnxruntime >= 1.21) unless the system has them."""
+    if _prepared or not _GPU_PROVIDERS.intersection(providers):
+        return
+    import contextlib
+
+    import onnxruntime as ort
+
+    _prepared.append(True)
+    if hasattr(ort, "preload_dlls"):
+        with contextlib.suppress(Exception):  # a system-wide CUDA needs none of this
+            ort.preload_dlls()
 
 
 # ---------------------------------------------------------------------------- sessions

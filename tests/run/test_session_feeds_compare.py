@@ -227,7 +227,7 @@ def test_runs_per_round_follow_the_models_run_time(mlp, monkeypatch):
 
     counted: list[int] = []
     monkeypatch.setattr(latency.time, "sleep", lambda s: None)
-    monkeypatch.setattr(latency, "median_ms", lambda s, f, runs: counted.append(runs) or 1.0)
+    monkeypatch.setattr(latency, "timed_runs", lambda r, f, runs: counted.append(runs) or [1.0])
     model = ir.serde.deserialize_model(mlp)
     latency.compare_latency(model, model, ["cpu"], rounds=2, runs=10)
     assert counted == [latency.MAX_RUNS] * 4  # a tiny model: as many runs as allowed
