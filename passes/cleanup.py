@@ -23,8 +23,8 @@ from onnx_ir.passes.common import (
     RemoveUnusedOpsetsPass,
 )
 
-from onnxsqueeze.core.io import model_stats
 from onnxsqueeze.core.pass_base import SqueezePass, SqueezeResult
+from onnxsqueeze.core.stats import model_stats
 
 logger = logging.getLogger(__name__)
 

@@ -130,7 +130,7 @@ def _emit(scale: ir.Node, found: _HardSigmoid, *, multiply: bool) -> str | None:
         node.outputs[0].type = found.x.type
         node.outputs[0].shape = found.x.shape
     graph.insert_before(scale, new)
-    if replace_value(scale.outputs[0], new[-1].outputs[0]):
+    if replace_value(scale.outputs[0], new[-1].outputs[0], take_name=True):
         return "hard_swishes" if multiply else "hard_sigmoids"
     for node in reversed(new):
         graph.remove(node, safe=True)

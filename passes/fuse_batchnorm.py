@@ -128,7 +128,7 @@ class FuseBatchnormPass(SqueezePass):
             done = False
         if not done:
             return None
-        if not replace_value(node.outputs[0], producer.outputs[0]):
+        if not replace_value(node.outputs[0], producer.outputs[0], take_name=True):
             return None
         # Gone now, not at the end: a chain (Add, then BN, then Mul) needs the producer's
         # output to have one reader again for the next fusion.

@@ -86,7 +86,7 @@ def _fuse(add: ir.Node) -> bool:
         )
         add.graph.insert_before(add, gemm)
         gemm.outputs[0].type = add.outputs[0].type or product.type
-        if replace_value(add.outputs[0], gemm.outputs[0]):
+        if replace_value(add.outputs[0], gemm.outputs[0], take_name=True):
             return True
         add.graph.remove(gemm, safe=True)
     return False

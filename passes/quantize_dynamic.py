@@ -3,18 +3,18 @@
 Embedding tables (Gather on a constant 2-D table) become int8 rows, one scale per row,
 dequantized after the lookup, or (``embedding_fold``, the CPU's) expanded to float at load.
 Each MatMul (and plain Gemm) with a constant weight becomes ``DynamicQuantizeLinear(x) ->
-MatMulInteger -> Cast -> Mul(x_scale * w_scale)`` (+ ``Add(bias)``), which onnxruntime fuses
-into DynamicQuantizeMatMul: the activation range is each run's own min/max, so no
-calibration is needed (the usual choice for transformers on CPU). Weights are per output
-column, symmetric (7-bit where u8s8 kernels saturate); one DynamicQuantizeLinear serves
-every MatMul reading the same tensor (Q, K and V).
+MatMulInteger -> Cast -> Mul(x_scale * w_scale)`` (+ ``Add(bias)``), fused by onnxruntime into
+DynamicQuantizeMatMul: the activation range is each run's own min/max (no calibration).
+Weights are per output column, symmetric (7-bit where u8s8 kernels saturate); one
+DynamicQuantizeLinear serves every MatMul reading the same tensor (Q, K and V).
 
 ``outliers`` (input -> channels, from calib.peaks) keeps huge input channels out of the
 run-time range: the MatMul reads the input with them zeroed (``Mul`` by a 0/1 mask) and
 their share, ``Gather(x, channels) @ W[channels]``, is added in float after the bias (one
 channel at 16x otherwise leaves the others 1/16 of the levels; LLM.int8()'s decomposition).
-``outlier_scales`` instead divides them into range (SmoothQuant on those channels alone):
-one ``Mul``, no float share, a little less accurate (calib.outlier_plan chooses).
+``outlier_scales`` divides them into range instead (SmoothQuant on those channels alone): one
+``Mul``, no float share, a little less accurate (calib.outlier_plan chooses). A partial
+product keeps no name of the float model's (``_inliers``): tensors are matched by name.
 """
 
 from __future__ import annotations
@@ -82,15 +82,12 @@ class QuantizeDynamicPass(SqueezePass):
         self._reduce = opts.reduce_range if opts.reduce_range is not None else saturating_u8s8_cpu()
         self._quantized: list[str] = []
         self._skipped: dict[str, str] = {}
-        #: (input, outlier channels) -> (input with them zeroed, their values)
-        self._splits: dict[tuple, tuple[ir.Value, ir.Value]] = {}
+        self._splits: dict[tuple, tuple[ir.Value, ir.Value]] = {}  # (x, channels) -> (x', x[c])
         for scope in list(scopes(model)):
             shared: dict[tuple, tuple[ir.Value, ir.Value, ir.Value]] = {}
             for node in list(scope):
                 if node.op_type in opts.op_types and node.domain in ("", "ai.onnx"):
-                    weights = [
-                        v for v in node.inputs if v is not None and v.const_value is not None
-                    ]
+                    weights = [v for v in node.inputs if v and v.const_value is not None]
                     reason = self._rewrite(scope, node, shared)
                     if reason:
                         self._skipped[node.name or node.op_type] = reason
@@ -237,6 +234,8 @@ class QuantizeDynamicPass(SqueezePass):
         target.replace_all_uses_with(total.outputs[0], replace_graph_outputs=True)
         total.replace_input_with(0, target)
         target.name = unique_name(self._names, f"{name}_inliers")
+        if target is not result and not result.is_graph_output() and result.name:
+            result.name = unique_name(self._names, f"{result.name}_inliers")
         total.outputs[0].name = name
         total.outputs[0].type, total.outputs[0].shape = target.type, target.shape
 

@@ -9,7 +9,14 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install --quiet --upgrade pip
 # The CPU build of torch (the one on this project's machines; a bare `torch` pulls CUDA wheels).
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
-.venv/bin/python -m pip install --quiet -e ".[test,corpus,interop]"
+.venv/bin/python -m pip install --quiet -e ".[test,corpus,interop,html]"
+# The HTML report's test renders its pages in headless Chromium (Debian's package); as root on
+# Debian/Ubuntu it is installed when missing, elsewhere that test skips and says why.
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
+    || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1) \
+    || echo "tools/test.sh: could not install chromium; the HTML rendering test will skip"
+fi
 # The README's first command installs onnxsqueeze into this venv as a regular package; when
 # pip replaces it, the Numba cache files its calibration wrote next to calib/kernels.py stay
 # behind (pip removes only what it installed), and that leftover folder, a namespace package

@@ -75,6 +75,8 @@ def guarded(command: Callable[[argparse.Namespace], int], args: argparse.Namespa
         level=logging.DEBUG if args.debug else logging.ERROR,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if getattr(args, "verbose", False) and not args.debug:  # our decisions, not libraries' logs
+        logging.getLogger("onnxsqueeze").setLevel(logging.INFO)
     from onnxsqueeze.cli.lazy_imports import defer_heavy_imports
     from onnxsqueeze.core.errors import PipelineConfigError, SqueezeError
 
@@ -189,7 +191,11 @@ def _squeeze(args: argparse.Namespace) -> int:
     from onnxsqueeze.cli.destinations import check_cache, check_destinations, read_files
 
     reads = read_files(args.model, args.data, args.calib_cache)
-    writes = {"-o": args.output, "--report": args.report}
+    writes = {"-o": args.output, "--report": args.report, "--report-html": args.report_html}
+    if args.report_html:
+        from onnxsqueeze.pipeline.html import check_available
+
+        check_available()
     if args.output:
         writes["-o's external data"] = f"{args.output}.data"
     check_destinations(writes, reads, overwrite_input=args.overwrite_input)
@@ -214,10 +220,15 @@ def _squeeze(args: argparse.Namespace) -> int:
         from onnxsqueeze.core.io import atomic_write_text
 
         atomic_write_text(Path(args.report), report.to_json())
+    if args.report_html:
+        from onnxsqueeze.core.io import atomic_write_text
+        from onnxsqueeze.pipeline.html import squeeze_page
+
+        atomic_write_text(Path(args.report_html), squeeze_page(report))
     for warning in report.warnings:  # on stderr: stdout is the table a script may parse
         print(f"onnxsqueeze: warning: {cli_words(warning)}", file=sys.stderr)
     if not args.quiet:
-        print(report.to_table(warnings=False))
+        print(report.to_table(warnings=False, verbose=args.verbose))
         print(f"wrote {report.output}")
     return EXIT_OK
 
@@ -294,18 +305,18 @@ def _calibrate(args: argparse.Namespace) -> int:
     check_destinations({"--report": args.report}, reads, overwrite_input=False)
     started = time.perf_counter()
     method = collected_with(args.calib_method)  # auto: histograms, shown as entropy ranges
-    progress = _progress_bar() if sys.stderr.isatty() and not args.quiet else None
-    result = calibrate(
-        args.model,
-        args.data,
-        method=method,
-        samples=args.calib_samples,
-        cache=args.calib_cache,
-        providers=[p.strip() for p in args.providers.split(",") if p.strip()],
-        progress=progress,
-    )
-    if progress is not None:
-        print(file=sys.stderr)
+    from onnxsqueeze.cli.tables import progress_bar
+
+    with progress_bar(not args.quiet) as bar:
+        result = calibrate(
+            args.model,
+            args.data,
+            method=method,
+            samples=args.calib_samples,
+            cache=args.calib_cache,
+            providers=[p.strip() for p in args.providers.split(",") if p.strip()],
+            progress=(lambda done, total: bar("calibrating", done, total)) if bar else None,
+        )
     ranges = result.ranges(method)
     nonfinite = result.nonfinite()
     if args.report:
@@ -335,21 +346,6 @@ def _calibrate(args: argparse.Namespace) -> int:
         if result.skipped:
             print(f"{len(result.skipped)} tensors not calibrated (see --report for why)")
     return EXIT_OK
-
-
-def _progress_bar():
-    """A one-line progress display on stderr (only when it is a terminal)."""
-
-    def show(done: int, total: int | None) -> None:
-        if total:
-            filled = int(30 * done / total)
-            bar = "#" * filled + "." * (30 - filled)
-            sys.stderr.write(f"\rcalibrating [{bar}] {done}/{total}")
-        else:
-            sys.stderr.write(f"\rcalibrating: {done} samples")
-        sys.stderr.flush()
-
-    return show
 
 
 def _list_passes() -> str:

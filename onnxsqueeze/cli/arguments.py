@@ -45,7 +45,9 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (plus where to look), not the 16-line usage."""
 
     def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        command = self.prog.split(" ", 1)  # "onnxsqueeze bench": say which --help
+        where = f"{self.prog} --help" if len(command) > 1 else "--help"
+        print(f"{command[0]}: error: {message} (see {where})", file=sys.stderr)
         sys.exit(EXIT_USAGE)
 
 
@@ -265,7 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite-input", action="store_true", help="allow OUTPUT to be the input file"
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
-    parser.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
+    parser.add_argument(
+        "--report-html",
+        type=text_value,
+        metavar="FILE",
+        help="a self-contained HTML page with plots (needs the html extra: matplotlib)",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="every pass's row, and onnxsqueeze's own decisions as they are made",
+    )
+    parser.add_argument("--debug", action="store_true", help="all logs and tracebacks")
     parser.add_argument("--version", action="version", version=f"onnxsqueeze {__version__}")
     return parser
 

@@ -38,6 +38,9 @@ def build_bench_parser() -> argparse.ArgumentParser:
         help="skip the load-time and memory measurement (a child process per model)",
     )
     parser.add_argument("--json", type=text_value, metavar="FILE", help="write the figures")
+    parser.add_argument(
+        "--report-html", type=text_value, metavar="FILE", help="a page with plots (html extra)"
+    )
     parser.add_argument("-q", "--quiet", action="store_true")
     parser.add_argument("--debug", action="store_true")
     return parser
@@ -60,7 +63,13 @@ def run_bench(args: argparse.Namespace) -> int:
     reads: dict = {}
     for model in args.models:
         reads.update(read_files(model, args.data, None))
-    check_destinations({"--json": args.json}, reads, overwrite_input=False)
+    check_destinations(
+        {"--json": args.json, "--report-html": args.report_html}, reads, overwrite_input=False
+    )
+    if args.report_html:
+        from onnxsqueeze.pipeline.html import check_available
+
+        check_available()
     with progress_bar(not args.quiet) as progress:
         report = bench(
             args.models,
@@ -80,6 +89,11 @@ def run_bench(args: argparse.Namespace) -> int:
         atomic_write_text(Path(args.json), dump("bench", report.as_dict()))
     for warning in report.warnings:
         print(f"onnxsqueeze: warning: {warning}", file=sys.stderr)
+    if args.report_html:
+        from onnxsqueeze.core.io import atomic_write_text
+        from onnxsqueeze.pipeline.html import bench_page
+
+        atomic_write_text(Path(args.report_html), bench_page(report))
     if not args.quiet:
         print(bench_table(report))
     failed = [r for r in report.results if r.status == "failed"]

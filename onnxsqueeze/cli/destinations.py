@@ -53,7 +53,7 @@ def check_destinations(
         if what and not (overwrite_input and what == "the input model" and flag == "-o"):
             raise ModelSaveError(
                 f"{path}: refusing to overwrite {what} ({flag}; choose another path"
-                + (", or --overwrite-input)" if what == "the input model" else ")")
+                + (", or --overwrite-input)" if what == "the input model" and flag == "-o" else ")")
             )
         if resolved in seen:
             raise ModelSaveError(f"{path}: both {seen[resolved]} and {flag} would write it")

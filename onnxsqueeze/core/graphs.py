@@ -194,14 +194,22 @@ def opset_version(model: ir.Model, domain: str = "") -> int:
     return model.opset_imports.get(domain, model.opset_imports.get("ai.onnx", 1))
 
 
-def replace_value(old: ir.Value, new: ir.Value) -> bool:
+def replace_value(old: ir.Value, new: ir.Value, *, take_name: bool = False) -> bool:
     """Make every reader of ``old`` read ``new``; False if that would change the interface.
 
     A graph output keeps its name (callers fetch outputs by name): ``new`` takes it over,
     which is only possible when ``new`` is a plain node output of the same graph.
+    ``take_name``: ``new`` takes ``old``'s name anyway (a fusion, whose ``new`` now computes
+    what ``old`` did: tools that match tensors by name, ``onnxsqueeze compare`` among them,
+    must not find the fused value under the name of the partial one it was).
     """
     if not old.is_graph_output():
         old.replace_all_uses_with(new)
+        producer = new.producer()
+        if take_name and old.name and producer is not None and not new.is_graph_output():
+            name = old.name
+            old.name = f"{name}__replaced"
+            new.name = name
         return True
     producer = new.producer()
     if (

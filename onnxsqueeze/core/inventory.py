@@ -70,10 +70,12 @@ class Inventory:
 def inventory(path: str | Path) -> Inventory:
     """The inventory of the model file at ``path`` (its weights left unread)."""
     path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: file not found")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a directory, not an ONNX file")
     if not path.is_file():
-        raise ModelLoadError(
-            f"{path}: file not found" if not path.exists() else f"{path}: not a regular file"
-        )
+        raise ModelLoadError(f"{path}: not a regular file (a pipe, socket or device)")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:

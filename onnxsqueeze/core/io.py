@@ -226,35 +226,6 @@ def _run_checker(proto: onnx.ModelProto, label: str, path: Path | None) -> None:
 # ---------------------------------------------------------------------------- inspect
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelStats:
-    """Counts that say how big a model is; subgraphs and Constant-node tensors included."""
-
-    nodes: int
-    initializers: int
-    weight_bytes: int
-
-    def as_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
-
-
-def model_stats(model: ir.Model) -> ModelStats:
-    nodes = 0
-    nbytes = 0
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        nodes += 1
-        if node.op_type == "Constant":
-            nbytes += sum(_constant_attr_nbytes(a) for a in node.attributes.values())
-    nodes += sum(len(f) for f in model.functions.values())
-    count = 0
-    for graph in model.graphs():
-        for value in graph.initializers.values():
-            count += 1
-            if value.const_value is not None:
-                nbytes += tensor_nbytes(value.const_value)
-    return ModelStats(nodes=nodes, initializers=count, weight_bytes=nbytes)
-
-
 def count_nodes(model: ir.Model) -> int:
     """Nodes in every graph and function: cheap enough to call around every pass."""
     total = sum(len(f) for f in model.functions.values())
@@ -283,16 +254,6 @@ def initializer_bytes(model: ir.Model) -> int:
         for v in g.initializers.values()
         if v.const_value is not None and v.const_value.dtype != ir.DataType.STRING
     )
-
-
-def _constant_attr_nbytes(attr: ir.Attr) -> int:
-    if attr.is_ref():
-        return 0
-    if attr.type == ir.AttributeType.TENSOR:
-        return tensor_nbytes(attr.as_tensor())
-    if attr.type in (ir.AttributeType.INTS, ir.AttributeType.FLOATS):
-        return (8 if attr.type == ir.AttributeType.INTS else 4) * len(attr.value)
-    return {ir.AttributeType.INT: 8, ir.AttributeType.FLOAT: 4}.get(attr.type, 0)
 
 
 def tensor_nbytes(tensor: ir.TensorProtocol) -> int:

@@ -58,36 +58,37 @@ class Report:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.as_dict(), indent=2, default=_json_default)
+        """The JSON report, in the versioned envelope (pipeline.schema)."""
+        from onnxsqueeze.pipeline.schema import envelope
 
-    def to_table(self, warnings: bool = True) -> str:
-        """A short human table: passes, node/byte counts, verification."""
-        rows = [("pass", "status", "time", "changes")]
-        for p in self.passes:
-            changes = ", ".join(f"{k}={_brief(v)}" for k, v in p.stats.items() if v) or "-"
-            if p.reason:
-                changes = f"{changes}; {p.reason}" if changes != "-" else p.reason
-            rows.append((p.name, p.status, f"{p.seconds:.2f}s", changes))
-        widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        lines = ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
-        lines.append("")
-        lines.append(_delta("nodes", self.before.get("nodes"), self.after.get("nodes")))
-        lines.append(
-            _delta(
-                "weights",
-                self.before.get("weight_bytes"),
-                self.after.get("weight_bytes"),
-                human=True,
-            )
-        )
-        if self.file_bytes_before is not None and self.file_bytes_after is not None:
-            lines.append(_delta("file", self.file_bytes_before, self.file_bytes_after, human=True))
+        return json.dumps(envelope("squeeze", self.as_dict()), indent=2, default=_json_default)
+
+    def to_table(self, warnings: bool = True, verbose: bool = False) -> str:
+        """The summary a person reads first: sizes and op counts before/after, what each
+        lossy stage chose and why, the measured error; the per-pass rows when ``verbose``."""
+        lines = _pass_rows(self.passes) + [""] if verbose else []
+        lines += _size_rows(self)
+        lines += _op_rows(self.before.get("ops") or {}, self.after.get("ops") or {})
+        if not verbose:
+            applied = [p for p in self.passes if p.status == "applied" and not p.lossless]
+            lossless = [p.name for p in self.passes if p.status == "applied" and p.lossless]
+            if lossless:
+                lines.append(
+                    f"lossless passes that changed the graph: {', '.join(dict.fromkeys(lossless))}"
+                )
+            if applied and self.quantization is None:
+                lines.append(f"lossy passes: {', '.join(p.name for p in applied)}")
+            for p in self.rolled_back:
+                lines.append(f"rolled back: {p.name} ({p.reason or p.status})")
         if self.factorization is not None:
             lines.append(_factorization_line(self.factorization))
         if self.pruning is not None:
             lines.append(_pruning_line(self.pruning))
         if self.quantization is not None:
             lines.append(_quantization_line(self.quantization))
+            why = _quantization_choice(self.quantization)
+            if why:
+                lines.append(f"  {why}")
         verdict = self.verification_status
         if self.verification:
             verdict += f" ({self.verification.get('summary', '')})"
@@ -95,6 +96,87 @@ class Report:
         if warnings:  # the CLI prints them on stderr instead
             lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
+
+
+def _pass_rows(passes: list[PassRecord]) -> list[str]:
+    rows = [("pass", "status", "time", "changes")]
+    for p in passes:
+        changes = ", ".join(f"{k}={_brief(v)}" for k, v in p.stats.items() if v) or "-"
+        if p.reason:
+            changes = f"{changes}; {p.reason}" if changes != "-" else p.reason
+        rows.append((p.name, p.status, f"{p.seconds:.2f}s", changes))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
+
+
+def _size_rows(report: Report) -> list[str]:
+    """Nodes, weight bytes by element type, and the file, before -> after."""
+    rows = [("", "before", "after", "")]
+    before, after = report.before, report.after
+    rows.append(("nodes", *_pair(before.get("nodes"), after.get("nodes"), str)))
+    old, new = before.get("bytes_by_dtype") or {}, after.get("bytes_by_dtype") or {}
+    if old or new:
+        for dtype in dict.fromkeys([*old, *new]):
+            rows.append((f"weights {dtype}", *_pair(old.get(dtype), new.get(dtype), _human)))
+    else:
+        rows.append(
+            ("weights", *_pair(before.get("weight_bytes"), after.get("weight_bytes"), _human))
+        )
+    if report.file_bytes_before is not None and report.file_bytes_after is not None:
+        rows.append(("file", *_pair(report.file_bytes_before, report.file_bytes_after, _human)))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return [
+        f"{r[0].ljust(widths[0])}  {r[1].rjust(widths[1])}  {r[2].rjust(widths[2])}  {r[3]}".rstrip()
+        for r in rows
+    ]
+
+
+def _pair(before: int | None, after: int | None, fmt: Any) -> tuple[str, str, str]:
+    text = (fmt(before) if before else "-", fmt(after) if after else "-")
+    change = f"({(after - before) / before:+.1%})" if before and after is not None else ""
+    return (*text, change)
+
+
+#: At most this many op types in the summary's before/after table (the most changed first).
+MAX_OP_ROWS = 12
+
+
+def _op_rows(before: dict[str, int], after: dict[str, int]) -> list[str]:
+    """Op types whose count changed: the new nodes a user sees are named (Q/DQ pairs,
+    integer MatMuls), not only counted."""
+    changed = [op for op in dict.fromkeys([*before, *after]) if before.get(op) != after.get(op)]
+    if not changed:
+        return [""] if before else []
+    changed.sort(key=lambda op: -abs(after.get(op, 0) - before.get(op, 0)))
+    shown = changed[:MAX_OP_ROWS]
+    width = max(len(op) for op in shown)
+    lines = ["", f"{'op'.ljust(width)}  before  after"]
+    for op in shown:
+        lines.append(f"{op.ljust(width)}  {before.get(op, '-')!s:>6}  {after.get(op, '-')!s:>5}")
+    if len(changed) > len(shown):
+        lines.append(f"(and {len(changed) - len(shown)} more op types changed: see --report)")
+    return [*lines, ""]
+
+
+def _quantization_choice(q: dict[str, Any]) -> str | None:
+    """Why the shipped mode won over auto's other alternatives (they all met the budget)."""
+    alternatives = [a for a in q.get("alternatives") or [] if a.get("mode") != q.get("mode")]
+    if not alternatives or not q.get("applied"):
+        return None
+    others = []
+    for a in alternatives:
+        if a.get("speed_vs_float") is not None and a.get("applied"):
+            others.append(f"{a['mode']} {a['speed_vs_float']:.2f}x ({a.get('measured', '')})")
+        else:
+            others.append(f"{a['mode']}: {a.get('reason') or 'not applied'}")
+    speeds = [a.get("speed_vs_float") or 0 for a in alternatives if a.get("applied")]
+    mine = q.get("speed_vs_float") or 0
+    why = (
+        "the fastest"
+        if not speeds or mine >= max(speeds)
+        else ("within 15 % of the fastest and smaller")
+    )
+    return f"chosen as {why} of: {'; '.join(others)}"
 
 
 def _brief(value: Any) -> Any:

@@ -24,12 +24,12 @@ from onnxsqueeze.core.external_data import iter_tensor_protos
 from onnxsqueeze.core.io import (
     has_external_tensors,
     initializer_bytes,
-    model_stats,
     serialize,
     weightless,
 )
 from onnxsqueeze.core.pass_base import SqueezePass, SqueezeResult
 from onnxsqueeze.core.scratch import scratch_dir
+from onnxsqueeze.core.stats import model_stats
 from onnxsqueeze.pipeline.report import PassRecord, Report
 from onnxsqueeze.run.compare import LOSSLESS_RTOL, Comparison, compare_runs
 from onnxsqueeze.run.session import Session, crashes_onnxruntime

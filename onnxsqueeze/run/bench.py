@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxsqueeze.core.errors import CalibrationDataError, first_line
+from onnxsqueeze.core.errors import CalibrationDataError, PipelineConfigError, first_line
 from onnxsqueeze.run.latency import interleaved_rounds
 from onnxsqueeze.run.probes import check_overrides, random_feeds, shape_overrides
 from onnxsqueeze.run.session import PROVIDER_ALIASES
@@ -98,6 +98,12 @@ def bench(
     """Time ``models`` on each provider and batch size (None: the batch the feeds have)."""
     from onnxsqueeze.run.cpu import describe
 
+    for provider in providers:
+        if PROVIDER_ALIASES.get(provider.lower(), provider) not in PROVIDER_ALIASES.values():
+            raise PipelineConfigError(
+                f"providers= '{provider}': unknown execution provider (known: "
+                f"{', '.join(PROVIDER_ALIASES)}, or onnxruntime's names of them)"
+            )
     paths = [Path(m) for m in models]
     opened = [_open(p) for p in paths]
     specs = [spec for spec, _ in opened]

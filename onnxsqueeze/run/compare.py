@@ -27,6 +27,8 @@ class OutputMetrics:
     cosine: float = 1.0
     sqnr_db: float = math.inf
     top1_agreement: float | None = None
+    #: Mean share of each row's 5 largest entries (last axis) that stay among its 5 largest.
+    top5_agreement: float | None = None
     #: Every reference sample is a probability distribution over the last axis (softmax-like:
     #: class scores, where a changed argmax is a changed answer).
     distribution: bool | None = None
@@ -98,16 +100,18 @@ def compare_runs(
     metrics = {n: OutputMetrics(n) for n in names}
     cos_sums = dict.fromkeys(names, 0.0)
     top1: dict[str, list[float]] = {n: [] for n in names}
+    top5: dict[str, list[float]] = {n: [] for n in names}
     for ref, cand in zip(reference, candidate, strict=True):
         for name in names:
             m = metrics[name]
             if name not in cand:
                 m.mismatch = "output missing"
                 continue
-            _accumulate(m, ref[name], cand[name], cos_sums, top1)
+            _accumulate(m, ref[name], cand[name], cos_sums, top1, top5)
     for name, m in metrics.items():
         m.cosine = cos_sums[name] / max(len(reference), 1) if m.mismatch is None else 0.0
         m.top1_agreement = float(np.mean(top1[name])) if top1[name] else None
+        m.top5_agreement = float(np.mean(top5[name])) if top5[name] else None
     return Comparison(list(metrics.values()), len(reference))
 
 
@@ -130,7 +134,9 @@ def _tensor_like(x: Any) -> Any:
     return table[0] if isinstance(x, dict) else table
 
 
-def _accumulate(m: OutputMetrics, a: Any, b: Any, cos_sums: dict, top1: dict) -> None:
+def _accumulate(
+    m: OutputMetrics, a: Any, b: Any, cos_sums: dict, top1: dict, top5: dict | None = None
+) -> None:
     a, b = _tensor_like(a), _tensor_like(b)
     if not isinstance(a, np.ndarray) or not isinstance(b, np.ndarray):
         # Sequences and maps (ai.onnx.ml ZipMap...) must match exactly.
@@ -194,6 +200,13 @@ def _accumulate(m: OutputMetrics, a: Any, b: Any, cos_sums: dict, top1: dict) ->
     if a.ndim >= 1 and a.shape[-1] > 1:
         m.distribution = m.distribution is not False and is_distribution(a64)
         top1[m.name].append(float(np.mean(np.argmax(a, axis=-1) == np.argmax(b, axis=-1))))
+        if (
+            top5 is not None
+            and a.shape[-1] > 5
+            and np.isfinite(a64).all()
+            and np.isfinite(b64).all()
+        ):
+            top5[m.name].append(top_k_agreement(a64, b64, 5))
 
 
 def is_distribution(a: Any) -> bool:
@@ -203,3 +216,12 @@ def is_distribution(a: Any) -> bool:
     if a.size == 0 or not np.all(np.isfinite(a)) or a.min() < 0 or a.max() > 1:
         return False
     return bool(np.allclose(a.sum(axis=-1), 1.0, atol=1e-3))
+
+
+def top_k_agreement(a: np.ndarray, b: np.ndarray, k: int) -> float:
+    """Mean share of each row's ``k`` largest entries (last axis) of ``a`` that are among the
+    ``k`` largest of ``b``: a retrieval or classification answer's top list kept."""
+    rows_a = np.argpartition(-a.reshape(-1, a.shape[-1]), k - 1, axis=-1)[:, :k]
+    rows_b = np.argpartition(-b.reshape(-1, b.shape[-1]), k - 1, axis=-1)[:, :k]
+    shared = (rows_a[:, :, None] == rows_b[:, None, :]).sum(axis=(1, 2))
+    return float(shared.mean()) / k

@@ -15,7 +15,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from onnxsqueeze.core.io import model_stats
+from onnxsqueeze.core.stats import model_stats
 from onnxsqueeze.run.probes import probe_feeds
 from onnxsqueeze.stages.budget import Budget
 from onnxsqueeze.stages.factorize import factorize_config, run_factorize_stage

@@ -17,7 +17,8 @@ from onnxsqueeze.core.errors import (
     SqueezeError,
     UnsupportedModelError,
 )
-from onnxsqueeze.core.io import load_model, model_stats, save_model
+from onnxsqueeze.core.io import load_model, save_model
+from onnxsqueeze.core.stats import model_stats
 
 
 def _one_line_naming(exc: SqueezeError, name: str) -> None:

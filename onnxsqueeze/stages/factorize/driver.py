@@ -10,7 +10,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from onnxsqueeze.core.io import model_stats
+from onnxsqueeze.core.stats import model_stats
 from onnxsqueeze.stages.factorize.config import GRAM_SAMPLES, FactorizeConfig
 from onnxsqueeze.stages.factorize.stage import factorize_model
 from onnxsqueeze.stages.samples import stage_samples

@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from onnxsqueeze.calib.gram import activations, gram_matrices, input_of
 from onnxsqueeze.core.graphs import name_nodes
-from onnxsqueeze.core.io import model_stats
+from onnxsqueeze.core.stats import model_stats
 from onnxsqueeze.lowrank.allocate import LayerCurve, allocate
 from onnxsqueeze.lowrank.svd import LowRank
 from onnxsqueeze.passes.factorize_svd import FactorizeSvdPass, Site, sites

@@ -9,7 +9,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from onnxsqueeze.core.io import model_stats
+from onnxsqueeze.core.stats import model_stats
 from onnxsqueeze.stages.prune.config import GRAM_SAMPLES, PruneConfig
 from onnxsqueeze.stages.prune.stage import prune_model
 from onnxsqueeze.stages.samples import stage_samples

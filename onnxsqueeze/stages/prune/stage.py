@@ -28,7 +28,7 @@ import onnx_ir as ir
 from onnxsqueeze.calib.gram import gram_matrices
 from onnxsqueeze.core.flops import total_macs
 from onnxsqueeze.core.graphs import name_nodes
-from onnxsqueeze.core.io import model_stats
+from onnxsqueeze.core.stats import model_stats
 from onnxsqueeze.passes.prune_channels import PruneChannelsPass
 from onnxsqueeze.passes.prune_weights import PruneWeightsPass
 from onnxsqueeze.prune.allocate import allocate

@@ -13,7 +13,7 @@ from onnxsqueeze.calib.calibrate import calibrate
 from onnxsqueeze.calib.choice import collected_with
 from onnxsqueeze.core.errors import CalibrationError, RuntimeSessionError, UnsupportedModelError
 from onnxsqueeze.core.graphs import scopes
-from onnxsqueeze.core.io import model_stats
+from onnxsqueeze.core.stats import model_stats
 from onnxsqueeze.run.feeds import iter_feeds
 from onnxsqueeze.run.probes import probe_feeds
 from onnxsqueeze.run.signature import input_specs
