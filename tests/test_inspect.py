@@ -89,6 +89,11 @@ def test_inspect_tells_quantized_models_apart(tmp_path):
     assert report["quantization"]["integer_ops"]["MatMulInteger"] == 1
     assert report["quantization"]["low_bit_weight_share"] > 0.5
     assert any("already quantized" in line for line in report["squeeze"]["notes"])
+    # weight-only int8 stored to fold back at load (int8 + Cast + Mul, no Q/DQ op)
+    folded = onnxsqueeze.squeeze(proto, quantize="weights-int8", verify=False).model
+    onnx.save(folded, tmp_path / "w.onnx")
+    report = _inspect(tmp_path / "w.onnx", tmp_path)
+    assert report["quantization"]["state"] == "quantized (weights)"
 
 
 def test_inspect_refuses_a_missing_or_broken_file_in_one_line(tmp_path, capsys):

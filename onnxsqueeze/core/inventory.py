@@ -235,12 +235,10 @@ def _quantization(
     total = sum(v["bytes"] for v in by_dtype.values()) or 1
     state = "float"
     if pairs or integer:
-        state = (
-            "quantized (activations)"
-            if pairs or "DynamicQuantizeLinear" in integer
-            else "quantized (weights)"
-        )
-    elif ops.get("DequantizeLinear"):
+        activations = pairs or "DynamicQuantizeLinear" in integer
+        state = "quantized (activations)" if activations else "quantized (weights)"
+    elif ops.get("DequantizeLinear") or low_bit / total > 0.25:
+        # int8 weights that a Cast/Mul or a DequantizeLinear turns back into float
         state = "quantized (weights)"
     return {
         "state": state,
