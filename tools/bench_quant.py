@@ -176,28 +176,21 @@ MIN_ROUNDS = 8
 
 
 def latency_ratio(base, cand, feed: dict, runs: int) -> tuple[float, float]:
-    """(median candidate ms, fp32 ms / candidate ms), alternating rounds (this VM's speed
-    drifts within seconds) of at least 5 runs and ROUND_S each, each round after
-    onnxsqueeze.run.latency.settle (the other session's spinning threads asleep)."""
-    from onnxsqueeze.run.latency import settle
+    """(median candidate ms, fp32 ms / candidate ms): onnxsqueeze.run.latency's interleaved
+    rounds (this VM's speed drifts within seconds; each round after the other session's
+    spinning threads are asleep) of at least 5 runs and ROUND_S each."""
+    from onnxsqueeze.run.latency import interleaved_rounds
 
-    warm = []
-    for s in (base, cand):
-        for _ in range(5):
-            start = time.perf_counter()
-            s.run(None, feed)
-            warm.append(time.perf_counter() - start)
-    per = max(5, int(ROUND_S / max(statistics.median(warm), 1e-6)))
-    rounds = max(runs // 5, MIN_ROUNDS)
-    b, c = [], []
-    for _ in range(rounds):
-        for s, sink in ((base, b), (cand, c)):
-            settle(s, feed, lambda f, s=s: s.run(None, f))
-            for _ in range(per):
-                start = time.perf_counter()
-                s.run(None, feed)
-                sink.append(time.perf_counter() - start)
-    return statistics.median(c) * 1000, statistics.median(b) / statistics.median(c)
+    b, c = interleaved_rounds(
+        [lambda f: base.run(None, f), lambda f: cand.run(None, f)],
+        [feed, feed],
+        rounds=max(runs // 5, MIN_ROUNDS),
+        runs=5,
+        round_s=ROUND_S,
+    )
+    every_b = [t for r in b for t in r]
+    every_c = [t for r in c for t in r]
+    return statistics.median(every_c), statistics.median(every_b) / statistics.median(every_c)
 
 
 def bench_model(model: str, args: argparse.Namespace, tmp: Path) -> list[dict]:
