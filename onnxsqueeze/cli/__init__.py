@@ -201,21 +201,25 @@ def _squeeze(args: argparse.Namespace) -> int:
     check_destinations(writes, reads, overwrite_input=args.overwrite_input)
     check_cache(args.calib_cache)
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
-    report = squeeze_file(
-        args.model,
-        args.output,
-        _pass_specs(args),
-        preset=args.preset,
-        data=args.data,
-        shapes=args.shape,
-        providers=[p.strip() for p in args.providers.split(",") if p.strip()],
-        verify=not args.no_verify,
-        external_data=external,
-        overwrite_input=args.overwrite_input,
-        quantize=_quantize_config(args),
-        factorize=_factorize_config(args),
-        prune=_prune_config(args),
-    )
+    from onnxsqueeze.cli.tables import progress_bar
+    from onnxsqueeze.core.progress import reporting
+
+    with progress_bar(not args.quiet) as bar, reporting(bar):
+        report = squeeze_file(
+            args.model,
+            args.output,
+            _pass_specs(args),
+            preset=args.preset,
+            data=args.data,
+            shapes=args.shape,
+            providers=[p.strip() for p in args.providers.split(",") if p.strip()],
+            verify=not args.no_verify,
+            external_data=external,
+            overwrite_input=args.overwrite_input,
+            quantize=_quantize_config(args),
+            factorize=_factorize_config(args),
+            prune=_prune_config(args),
+        )
     if args.report:
         from onnxsqueeze.core.io import atomic_write_text
 
@@ -228,7 +232,9 @@ def _squeeze(args: argparse.Namespace) -> int:
     for warning in report.warnings:  # on stderr: stdout is the table a script may parse
         print(f"onnxsqueeze: warning: {cli_words(warning)}", file=sys.stderr)
     if not args.quiet:
-        print(report.to_table(warnings=False, verbose=args.verbose))
+        from onnxsqueeze.cli.tables import render
+
+        print(report.to_table(warnings=False, verbose=args.verbose, render=render))
         print(f"wrote {report.output}")
     return EXIT_OK
 

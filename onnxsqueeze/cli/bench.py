@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from onnxsqueeze.cli.arguments import Parser, count_value, text_value
+from onnxsqueeze.cli.reports import add_report_flags, check_reports, run_command, write_reports
 
 
 def build_bench_parser() -> argparse.ArgumentParser:
@@ -37,12 +38,7 @@ def build_bench_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the load-time and memory measurement (a child process per model)",
     )
-    parser.add_argument("--json", type=text_value, metavar="FILE", help="write the figures")
-    parser.add_argument(
-        "--report-html", type=text_value, metavar="FILE", help="a page with plots (html extra)"
-    )
-    parser.add_argument("-q", "--quiet", action="store_true")
-    parser.add_argument("--debug", action="store_true")
+    add_report_flags(parser)
     return parser
 
 
@@ -54,22 +50,15 @@ def _batches(value: str) -> list[int]:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from onnxsqueeze.cli.destinations import check_destinations, read_files
+    from onnxsqueeze.cli.destinations import read_files
     from onnxsqueeze.cli.tables import progress_bar
+    from onnxsqueeze.pipeline.html import bench_page
     from onnxsqueeze.run.bench import bench
 
     reads: dict = {}
     for model in args.models:
         reads.update(read_files(model, args.data, None))
-    check_destinations(
-        {"--json": args.json, "--report-html": args.report_html}, reads, overwrite_input=False
-    )
-    if args.report_html:
-        from onnxsqueeze.pipeline.html import check_available
-
-        check_available()
+    check_reports(args, reads)
     with progress_bar(not args.quiet) as progress:
         report = bench(
             args.models,
@@ -82,18 +71,9 @@ def run_bench(args: argparse.Namespace) -> int:
             measure_cost=not args.no_memory,
             progress=progress,
         )
-    if args.json:
-        from onnxsqueeze.core.io import atomic_write_text
-        from onnxsqueeze.pipeline.schema import dump
-
-        atomic_write_text(Path(args.json), dump("bench", report.as_dict()))
+    write_reports(args, "bench", report.as_dict(), lambda: bench_page(report))
     for warning in report.warnings:
         print(f"onnxsqueeze: warning: {warning}", file=sys.stderr)
-    if args.report_html:
-        from onnxsqueeze.core.io import atomic_write_text
-        from onnxsqueeze.pipeline.html import bench_page
-
-        atomic_write_text(Path(args.report_html), bench_page(report))
     if not args.quiet:
         print(bench_table(report))
     failed = [r for r in report.results if r.status == "failed"]
@@ -125,21 +105,9 @@ def bench_table(report) -> str:
                 _mib(r.size_bytes),
             ]
         )
-    headers = [
-        "model",
-        "provider",
-        "batch",
-        "p50 ms",
-        "p90 ms",
-        "p99 ms",
-        "spread",
-        "speed",
-        "samples/s",
-        "load ms",
-        "RAM MiB",
-        "GPU MiB",
-        "file MiB",
-    ]
+    from onnxsqueeze.run.bench import FIGURES
+
+    headers = ["model", "provider", "batch", *FIGURES]
     text = render(headers, rows, right=range(2, len(headers)))
     notes = [
         f"  {r.provider.removesuffix('ExecutionProvider')}: {r.status}: {r.reason}"
@@ -166,11 +134,4 @@ def _mib(value: int | None) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
-    from onnxsqueeze.cli import guarded
-
-    parser = build_bench_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 2
-    return guarded(run_bench, args)
+    return run_command(build_bench_parser(), run_bench, argv)

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from onnxsqueeze.cli.arguments import Parser, count_value, text_value
+from onnxsqueeze.cli.reports import add_report_flags, check_reports, run_command, write_reports
 
 
 def build_compare_parser() -> argparse.ArgumentParser:
@@ -26,29 +27,17 @@ def build_compare_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples", type=count_value, default=4, help="inputs compared")
     parser.add_argument("--per-tensor", action="store_true")
     parser.add_argument("--providers", default="cpu", type=text_value)
-    parser.add_argument("--json", type=text_value, metavar="FILE", help="write the figures")
-    parser.add_argument(
-        "--report-html", type=text_value, metavar="FILE", help="a page with plots (html extra)"
-    )
-    parser.add_argument("-q", "--quiet", action="store_true")
-    parser.add_argument("--debug", action="store_true")
+    add_report_flags(parser)
     return parser
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from onnxsqueeze.cli.destinations import check_destinations, read_files
+    from onnxsqueeze.cli.destinations import read_files
+    from onnxsqueeze.pipeline.html import compare_page
     from onnxsqueeze.run.model_compare import compare_models
 
     reads = {**read_files(args.original, args.data, None), **read_files(args.candidate, None, None)}
-    check_destinations(
-        {"--json": args.json, "--report-html": args.report_html}, reads, overwrite_input=False
-    )
-    if args.report_html:
-        from onnxsqueeze.pipeline.html import check_available
-
-        check_available()
+    check_reports(args, reads)
     result = compare_models(
         args.original,
         args.candidate,
@@ -58,16 +47,7 @@ def run_compare(args: argparse.Namespace) -> int:
         per_tensor=args.per_tensor,
         providers=[p.strip() for p in args.providers.split(",") if p.strip()],
     )
-    if args.json:
-        from onnxsqueeze.core.io import atomic_write_text
-        from onnxsqueeze.pipeline.schema import dump
-
-        atomic_write_text(Path(args.json), dump("compare", result.as_dict()))
-    if args.report_html:
-        from onnxsqueeze.core.io import atomic_write_text
-        from onnxsqueeze.pipeline.html import compare_page
-
-        atomic_write_text(Path(args.report_html), compare_page(result))
+    write_reports(args, "compare", result.as_dict(), lambda: compare_page(result))
     if not args.quiet:
         print(compare_text(result))
     return 0
@@ -156,14 +136,7 @@ def _share(value: float | None) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
-    from onnxsqueeze.cli import guarded
-
-    parser = build_compare_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 2
-    return guarded(run_compare, args)
+    return run_command(build_compare_parser(), run_compare, argv)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from onnxsqueeze.cli.arguments import Parser, text_value
+from onnxsqueeze.cli.reports import add_report_flags, check_reports, run_command, write_reports
 
 
 def build_inspect_parser() -> argparse.ArgumentParser:
@@ -19,32 +20,23 @@ def build_inspect_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("model", metavar="MODEL", type=text_value)
     parser.add_argument("--data", type=text_value, help="say what the squeeze would do with it")
-    parser.add_argument("--json", type=text_value, metavar="FILE", help="write the figures")
-    parser.add_argument("-q", "--quiet", action="store_true")
-    parser.add_argument("--debug", action="store_true")
+    add_report_flags(parser, html=False)
     return parser
 
 
 def run_inspect(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import onnx
-
-    from onnxsqueeze.cli.destinations import check_destinations, read_files
+    from onnxsqueeze.cli.destinations import read_files
     from onnxsqueeze.core.inventory import inventory
+    from onnxsqueeze.core.io import read_model_file
     from onnxsqueeze.stages.preview import preview
 
-    check_destinations(
-        {"--json": args.json}, read_files(args.model, None, None), overwrite_input=False
-    )
+    check_reports(args, read_files(args.model, None, None))
     facts = inventory(args.model)
-    proto = onnx.load(args.model, load_external_data=False)
+    proto = read_model_file(Path(args.model))
     plan = preview(proto, facts, has_data=args.data is not None)
-    if args.json:
-        from onnxsqueeze.core.io import atomic_write_text
-        from onnxsqueeze.pipeline.schema import dump
-
-        atomic_write_text(Path(args.json), dump("inspect", {**facts.as_dict(), "squeeze": plan}))
+    write_reports(args, "inspect", {**facts.as_dict(), "squeeze": plan}, None)
     if not args.quiet:
         print(inspect_text(facts, plan))
     return 0
@@ -137,14 +129,7 @@ def _size(n: int) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
-    from onnxsqueeze.cli import guarded
-
-    parser = build_inspect_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 2
-    return guarded(run_inspect, args)
+    return run_command(build_inspect_parser(), run_inspect, argv)
 
 
 if __name__ == "__main__":

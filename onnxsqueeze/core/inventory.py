@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxsqueeze.core.errors import ModelLoadError, first_line
+from onnxsqueeze.core.io import read_model_file
 
 #: Ops that compute in integers or read packed low-bit weights: the model is quantized.
 INTEGER_OPS = frozenset(
@@ -70,18 +70,7 @@ class Inventory:
 def inventory(path: str | Path) -> Inventory:
     """The inventory of the model file at ``path`` (its weights left unread)."""
     path = Path(path)
-    if not path.exists():
-        raise ModelLoadError(f"{path}: file not found")
-    if path.is_dir():
-        raise ModelLoadError(f"{path}: is a directory, not an ONNX file")
-    if not path.is_file():
-        raise ModelLoadError(f"{path}: not a regular file (a pipe, socket or device)")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise ModelLoadError(
-            f"{path}: not a valid ONNX model (cannot parse protobuf: {first_line(exc)})"
-        ) from exc
+    proto = read_model_file(path)
     graphs = list(_graphs(proto.graph, "main"))
     ops: Counter = Counter()
     subgraphs = []

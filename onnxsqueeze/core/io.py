@@ -106,6 +106,14 @@ def load_model(
 
 
 def _load_path(path: Path, *, validate: bool) -> LoadedModel:
+    proto = read_model_file(path)
+    loaded = _from_proto(proto, str(path), validate, str(path.parent), checker_path=path)
+    return LoadedModel(kind="path", path=path, label=str(path), **loaded)
+
+
+def read_model_file(path: Path) -> onnx.ModelProto:
+    """The model file's protobuf, its external data left unread; a one-line error for what
+    is not one (missing, a folder, a pipe or device, empty, unreadable, not protobuf)."""
     label = str(path)
     if not path.exists():
         raise ModelLoadError(f"{label}: file not found")
@@ -121,13 +129,11 @@ def _load_path(path: Path, *, validate: bool) -> LoadedModel:
     except OSError as exc:
         raise ModelLoadError(f"{label}: cannot read ({exc.strerror or first_line(exc)})") from exc
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        return onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise ModelLoadError(
             f"{label}: not a valid ONNX model (cannot parse protobuf: {first_line(exc)})"
         ) from exc
-    loaded = _from_proto(proto, label, validate, str(path.parent), checker_path=path)
-    return LoadedModel(kind="path", path=path, label=label, **loaded)
 
 
 def _from_proto(

@@ -243,6 +243,8 @@ def _nodes_plot(plt: Any, nodes: list[dict[str, Any]]) -> str:
 
 
 def bench_page(report: Any) -> str:
+    from onnxsqueeze.run.bench import FIGURES
+
     plt = _pyplot()
     rows = [r for r in report.results if r.status == "ok"]
     sections = [f"<p>{_fmt(report.machine)}, {report.rounds} interleaved rounds</p>"]
@@ -275,22 +277,7 @@ def bench_page(report: Any) -> str:
         sections.append(_figure("latency per provider and batch", _svg(fig)))
     sections.append(
         _table(
-            [
-                "model",
-                "provider",
-                "batch",
-                "status",
-                "p50 ms",
-                "p90 ms",
-                "p99 ms",
-                "spread",
-                "speed",
-                "samples/s",
-                "load ms",
-                "RAM MiB",
-                "GPU MiB",
-                "file MiB",
-            ],
+            ["model", "provider", "batch", "status", *FIGURES],
             [
                 [
                     r.model,

@@ -63,12 +63,18 @@ class Report:
 
         return json.dumps(envelope("squeeze", self.as_dict()), indent=2, default=_json_default)
 
-    def to_table(self, warnings: bool = True, verbose: bool = False) -> str:
+    def to_table(self, warnings: bool = True, verbose: bool = False, render: Any = None) -> str:
         """The summary a person reads first: sizes and op counts before/after, what each
-        lossy stage chose and why, the measured error; the per-pass rows when ``verbose``."""
+        lossy stage chose and why, the measured error; the per-pass rows when ``verbose``.
+        ``render(headers, rows, right=...)`` draws the tables (the CLI's: rich on a
+        terminal); plain aligned text by default."""
+        render = render or _plain
         lines = _pass_rows(self.passes) + [""] if verbose else []
-        lines += _size_rows(self)
-        lines += _op_rows(self.before.get("ops") or {}, self.after.get("ops") or {})
+        lines.append(render(["", "before", "after", "change"], _size_rows(self), right=(1, 2)))
+        ops = _op_rows(self.before.get("ops") or {}, self.after.get("ops") or {})
+        if ops:
+            lines += ["", render(["op", "before", "after"], ops[0], right=(1, 2)), *ops[1]]
+        lines.append("")
         if not verbose:
             applied = [p for p in self.passes if p.status == "applied" and not p.lossless]
             lossless = [p.name for p in self.passes if p.status == "applied" and p.lossless]
@@ -109,9 +115,9 @@ def _pass_rows(passes: list[PassRecord]) -> list[str]:
     return ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
 
 
-def _size_rows(report: Report) -> list[str]:
+def _size_rows(report: Report) -> list[tuple[str, str, str, str]]:
     """Nodes, weight bytes by element type, and the file, before -> after."""
-    rows = [("", "before", "after", "")]
+    rows = []
     before, after = report.before, report.after
     rows.append(("nodes", *_pair(before.get("nodes"), after.get("nodes"), str)))
     old, new = before.get("bytes_by_dtype") or {}, after.get("bytes_by_dtype") or {}
@@ -124,16 +130,12 @@ def _size_rows(report: Report) -> list[str]:
         )
     if report.file_bytes_before is not None and report.file_bytes_after is not None:
         rows.append(("file", *_pair(report.file_bytes_before, report.file_bytes_after, _human)))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    return [
-        f"{r[0].ljust(widths[0])}  {r[1].rjust(widths[1])}  {r[2].rjust(widths[2])}  {r[3]}".rstrip()
-        for r in rows
-    ]
+    return rows
 
 
 def _pair(before: int | None, after: int | None, fmt: Any) -> tuple[str, str, str]:
     text = (fmt(before) if before else "-", fmt(after) if after else "-")
-    change = f"({(after - before) / before:+.1%})" if before and after is not None else ""
+    change = f"{(after - before) / before:+.1%}" if before and after is not None else ""
     return (*text, change)
 
 
@@ -141,21 +143,28 @@ def _pair(before: int | None, after: int | None, fmt: Any) -> tuple[str, str, st
 MAX_OP_ROWS = 12
 
 
-def _op_rows(before: dict[str, int], after: dict[str, int]) -> list[str]:
-    """Op types whose count changed: the new nodes a user sees are named (Q/DQ pairs,
-    integer MatMuls), not only counted."""
+def _op_rows(before: dict[str, int], after: dict[str, int]) -> tuple[list, list[str]] | None:
+    """Op types whose count changed, and a note on those left out: the new nodes a user
+    sees are named (Q/DQ pairs, integer MatMuls), not only counted."""
     changed = [op for op in dict.fromkeys([*before, *after]) if before.get(op) != after.get(op)]
     if not changed:
-        return [""] if before else []
+        return None
     changed.sort(key=lambda op: -abs(after.get(op, 0) - before.get(op, 0)))
-    shown = changed[:MAX_OP_ROWS]
-    width = max(len(op) for op in shown)
-    lines = ["", f"{'op'.ljust(width)}  before  after"]
-    for op in shown:
-        lines.append(f"{op.ljust(width)}  {before.get(op, '-')!s:>6}  {after.get(op, '-')!s:>5}")
-    if len(changed) > len(shown):
-        lines.append(f"(and {len(changed) - len(shown)} more op types changed: see --report)")
-    return [*lines, ""]
+    rows = [(op, before.get(op, "-"), after.get(op, "-")) for op in changed[:MAX_OP_ROWS]]
+    more = len(changed) - len(rows)
+    return rows, [f"(and {more} more op types changed: see --report)"] if more else []
+
+
+def _plain(headers: Any, rows: Any, *, right: Any = ()) -> str:
+    cells = [[str(h) for h in headers], *([str(v) for v in row] for row in rows)]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(
+            v.rjust(w) if i in right else v.ljust(w)
+            for i, (v, w) in enumerate(zip(r, widths, strict=True))
+        ).rstrip()
+        for r in cells
+    )
 
 
 def _quantization_choice(q: dict[str, Any]) -> str | None:
@@ -171,12 +180,13 @@ def _quantization_choice(q: dict[str, Any]) -> str | None:
             others.append(f"{a['mode']}: {a.get('reason') or 'not applied'}")
     speeds = [a.get("speed_vs_float") or 0 for a in alternatives if a.get("applied")]
     mine = q.get("speed_vs_float") or 0
-    why = (
-        "the fastest"
-        if not speeds or mine >= max(speeds)
-        else ("within 15 % of the fastest and smaller")
-    )
-    return f"chosen as {why} of: {'; '.join(others)}"
+    if not speeds:
+        why = "the only alternative within the budget and not slower"
+    elif mine >= max(speeds):
+        why = "the fastest"
+    else:
+        why = "within 15 % of the fastest and smaller"
+    return f"chosen: {why}; the others: {'; '.join(others)}"
 
 
 def _brief(value: Any) -> Any:

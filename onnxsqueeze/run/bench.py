@@ -37,6 +37,21 @@ DEFAULT_RUNS = 10
 ROUND_S = 0.25
 
 
+#: The columns a bench table shows after model, provider and batch (terminal and HTML alike).
+FIGURES = (
+    "p50 ms",
+    "p90 ms",
+    "p99 ms",
+    "spread",
+    "speed",
+    "samples/s",
+    "load ms",
+    "RAM MiB",
+    "GPU MiB",
+    "file MiB",
+)
+
+
 @dataclasses.dataclass
 class BenchResult:
     """One model on one provider at one batch size."""

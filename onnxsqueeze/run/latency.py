@@ -22,6 +22,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
+from onnxsqueeze.core import progress
 from onnxsqueeze.core.scratch import scratch_dir
 from onnxsqueeze.run.probes import random_feeds
 from onnxsqueeze.run.session import Session, make_session, resolve_providers, session_options
@@ -128,7 +129,11 @@ def compare_latency(
         feed = random_feeds(input_specs(baseline), count=1, seed=0)[0]
     sessions = [Session(m, providers, optimize=True) for m in (baseline, candidate)]
     base, cand = interleaved_rounds(
-        [s.run for s in sessions], [feed, feed], rounds=rounds, runs=runs
+        [s.run for s in sessions],
+        [feed, feed],
+        rounds=rounds,
+        runs=runs,
+        progress=lambda done, total: progress.step("timing", done, total),
     )
     return statistics.median(map(statistics.median, base)) / statistics.median(
         map(statistics.median, cand)

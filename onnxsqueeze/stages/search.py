@@ -13,17 +13,22 @@ bisection stand in for trying every subset.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import onnx_ir as ir
 
+from onnxsqueeze.core import progress
 from onnxsqueeze.stages.judge import Judge
 from onnxsqueeze.stages.sensitivity import exact_scores, local_scores
 
 #: When the change is already too slow to be worth it (the latency gate's draft timing),
 #: exact sensitivity (one model per node) only up to this many nodes; local scores beyond.
 QUICK_EXACT = 8
+
+
+logger = logging.getLogger(__name__)
 
 
 class Family(Protocol):
@@ -144,6 +149,7 @@ def fewest_kept(
             model = build(order[:mid])
             ok, summary = judge(model)
             tries += 1
+            progress.step("budget search", tries, _bisections(len(order)))
             if ok:
                 found, hi = Kept(mid, model, summary, 0), mid
             else:
@@ -163,8 +169,21 @@ def fewest_kept(
         candidate = build(order[:mid])
         ok, summary = judge(candidate)
         tries += 1
+        progress.step("budget search", tries, _bisections(len(order)) + 1)
         if ok:
             hi, best = mid, (candidate, summary)
         else:
             lo = mid
+    logger.info(
+        "budget search: %d of %d nodes kept unchanged (%d tries): %s",
+        hi,
+        len(order),
+        tries,
+        best[1],
+    )
     return Kept(hi, best[0], best[1], tries)
+
+
+def _bisections(count: int) -> int:
+    """Judgements a bisection over ``count`` nodes takes at most."""
+    return max(1, count.bit_length())

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from onnxsqueeze.core import progress
 from onnxsqueeze.core.graphs import is_constant
 from onnxsqueeze.run.compare import compare_runs
 from onnxsqueeze.run.session import Session
@@ -51,9 +52,10 @@ def exact_scores(
 ) -> dict[str, float]:
     """Output NSR with only each candidate quantized (every other candidate excluded)."""
     scores = {}
-    for name in candidates:
+    for index, name in enumerate(candidates):
         others = [c for c in candidates if c != name]
         scores[name] = output_nsr(reference, run(build(others)))
+        progress.step("sensitivity", index + 1, len(candidates))
     return scores
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from onnxsqueeze.core import progress
 from onnxsqueeze.core.stats import model_stats
 from onnxsqueeze.stages.factorize.config import GRAM_SAMPLES, FactorizeConfig
 from onnxsqueeze.stages.factorize.stage import factorize_model
@@ -31,7 +32,8 @@ def run_factorize_stage(
     fitted = config.calib_samples or GRAM_SAMPLES
     feeds, fit = stage_samples(model, data, shapes, seed, config.eval_samples, fitted)
     calib = fit if config.data_aware else None
-    outcome = factorize_model(model, feeds, config, calib_feeds=calib)
+    with progress.stage("factorize"):
+        outcome = factorize_model(model, feeds, config, calib_feeds=calib)
     record = outcome.record
     record["judged_on"] = f"{len(feeds)} samples" + (
         "" if calib is None or calib is not feeds else ", the same the factors were fit to"

@@ -9,6 +9,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from onnxsqueeze.core import progress
 from onnxsqueeze.core.stats import model_stats
 from onnxsqueeze.stages.prune.config import GRAM_SAMPLES, PruneConfig
 from onnxsqueeze.stages.prune.stage import prune_model
@@ -29,7 +30,8 @@ def run_prune_stage(
         config = dataclasses.replace(config, providers=tuple(providers))
     fitted = config.calib_samples or GRAM_SAMPLES
     feeds, calib = stage_samples(model, data, shapes, seed, config.eval_samples, fitted)
-    outcome = prune_model(model, feeds, config, calib_feeds=calib)
+    with progress.stage("prune"):
+        outcome = prune_model(model, feeds, config, calib_feeds=calib)
     record = outcome.record
     record["judged_on"] = f"{len(feeds)} samples" + (
         ", the same the refit was fit to" if calib is not None and calib is feeds else ""

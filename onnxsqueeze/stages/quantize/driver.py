@@ -5,12 +5,14 @@ the outcomes, and what the report says about it. One configuration's search: ``s
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import onnx_ir as ir
 
 from onnxsqueeze.calib.calibrate import calibrate
 from onnxsqueeze.calib.choice import collected_with
+from onnxsqueeze.core import progress
 from onnxsqueeze.core.errors import CalibrationError, RuntimeSessionError, UnsupportedModelError
 from onnxsqueeze.core.graphs import scopes
 from onnxsqueeze.core.stats import model_stats
@@ -21,6 +23,8 @@ from onnxsqueeze.stages.latency_gate import SPEED_TIE
 from onnxsqueeze.stages.quantize.alternatives import not_smaller, pick, resolve_configs
 from onnxsqueeze.stages.quantize.config import QuantizeConfig, QuantizeOutcome
 from onnxsqueeze.stages.quantize.stage import quantize_model
+
+logger = logging.getLogger(__name__)
 
 
 def _warn_unmatched_exclusions(model: ir.Model, config: QuantizeConfig, report: Any) -> None:
@@ -63,7 +67,9 @@ def run_quantize_stage(
         if auto and speeds:
             config = dataclasses.replace(config, worth_speed=max(speeds) / SPEED_TIE)
         try:
-            outcomes.append(_run_config(model, config, data, feeds))
+            with progress.stage(f"quantize {config.mode}"):
+                outcomes.append(_run_config(model, config, data, feeds))
+            _say(outcomes[-1].record)
         except (RuntimeSessionError, UnsupportedModelError) as exc:
             if not auto:
                 raise
@@ -91,6 +97,8 @@ def run_quantize_stage(
         ]
     report.quantization = best.record
     mode = best.record["mode"]
+    if len(outcomes) > 1:
+        logger.info("quantize: ships %s", mode if best.record.get("applied") else "nothing")
     if not best.record.get("applied"):
         reasons = "; ".join(f"{o.record['mode']}: {o.record.get('reason', '?')}" for o in outcomes)
         report.warnings.append(f"quantization not applied ({reasons})")
@@ -145,3 +153,18 @@ def _run_config(model: ir.Model, config: QuantizeConfig, data: Any, feeds: list)
         calib_feeds=calib_feeds,
         calib_samples=config.calib_samples,
     )
+
+
+def _say(record: dict) -> None:
+    """One alternative's outcome, for ``-v``: what was measured and decided."""
+    if record.get("applied"):
+        logger.info(
+            "quantize %s: %s of %s nodes, %s float speed, %s",
+            record.get("mode"),
+            record.get("quantized", "?"),
+            record.get("candidates", "?"),
+            f"{record['speed_vs_float']:.2f}x" if record.get("speed_vs_float") else "untimed",
+            record.get("measured", ""),
+        )
+    else:
+        logger.info("quantize %s: not applied (%s)", record.get("mode"), record.get("reason"))

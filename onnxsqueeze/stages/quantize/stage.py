@@ -21,6 +21,7 @@ from onnxsqueeze.calib.choice import collected_with, ranked_ranges
 from onnxsqueeze.calib.collector import CollectOptions, Collector
 from onnxsqueeze.calib.outlier_plan import describe, find_outliers
 from onnxsqueeze.calib.tensors import RangesAsked
+from onnxsqueeze.core import progress
 from onnxsqueeze.core.errors import SqueezeError, UnsupportedModelError, first_line
 from onnxsqueeze.core.graphs import name_nodes, opset_version
 from onnxsqueeze.core.io import initializer_bytes
@@ -269,7 +270,11 @@ class QuantizeStage:
             providers=self.config.providers,
             only=frozenset(asked),
         )
-        return Collector(self.model, options).collect(calib_feeds, total=calib_samples)
+        return Collector(self.model, options).collect(
+            calib_feeds,
+            total=calib_samples,
+            progress=lambda done, total: progress.step("calibrating", done, total),
+        )
 
     def _ranked_ranges(self, calibration) -> list[tuple[str, dict]]:
         """The configured method's ranges; for "auto", every method's, the one whose fully
