@@ -31,6 +31,7 @@ from onnxsqueeze.pipeline.verified import Pipeline, VerifyOptions
 from onnxsqueeze.run.probes import DEFAULT_PROBE_SAMPLES, probe_feeds, retry_shapes
 from onnxsqueeze.stages.chain import run_lossy_stages
 from onnxsqueeze.stages.factorize import factorize_config
+from onnxsqueeze.stages.plan import NOISE, Plan, load_replay, recording
 from onnxsqueeze.stages.prune import prune_config
 from onnxsqueeze.stages.quantize import QuantizeConfig
 from onnxsqueeze.stages.quantize.unverified import quantize_unverified
@@ -61,6 +62,7 @@ def squeeze(
     quantize: Any = None,
     factorize: Any = None,
     prune: Any = None,
+    replay: Any = None,
     base_dir: str | os.PathLike | None = None,
 ) -> Squeezed:
     """Run passes (names, ``(name, options)`` pairs or pass objects; default: ``preset``).
@@ -83,6 +85,10 @@ def squeeze(
     after factorization, the consumers refitted on ``data``; ``report.pruning`` lists every
     channel group or layer.
 
+    ``replay`` (a plan or report JSON path, or its mapping): the timing decisions of an
+    earlier run (``report.timings``), used instead of timing again, so the same data gives the
+    same bytes (see ``onnxsqueeze.stages.plan``).
+
     ``base_dir``: the folder an in-memory model's external data files are in (without it
     such a model is refused: its locations would be read from the current directory);
     locations outside that folder are always refused.
@@ -97,7 +103,7 @@ def squeeze(
     options = dict(
         preset=preset, data=data, shapes=shapes, providers=providers, verify=verify,
         registry=registry, probe_samples=probe_samples, seed=seed, quantize=quantize,
-        factorize=factorize, prune=prune,
+        factorize=factorize, prune=prune, replay=replay,
     )  # fmt: skip
     result, report = _run(working, passes, **options)
     report.source = loaded.label
@@ -171,6 +177,7 @@ def _run(
     quantize,
     factorize,
     prune,
+    replay,
     spill=None,
 ):
     """The pipeline, then the lossy stages, on ``loaded.model`` (a LoadedModel); ``spill``
@@ -179,6 +186,7 @@ def _run(
     model = loaded.model
     remove_stale()  # scratch copies of runs that were killed
     passes, providers = _checked(passes, preset, providers, verify, probe_samples, seed)
+    plan = Plan(load_replay(replay))
     registry = registry or builtin_registry()
     pass_objects = registry.build(passes if passes is not None else [preset])
     feeds = probe_feeds(model, data, shapes, probe_samples, seed) if verify else None
@@ -212,10 +220,29 @@ def _run(
         elif mode != "none":
             model = quantize_unverified(model, quantize, report, spill)
         return model, report
-    model = run_lossy_stages(
-        model, report, factorize, quantize, data, probe_shapes[0], providers, seed, prune
-    )
+    with recording(plan):
+        model = run_lossy_stages(
+            model, report, factorize, quantize, data, probe_shapes[0], providers, seed, prune
+        )
+    _say_timings(plan, report)
     return model, report
+
+
+def _say_timings(plan: Plan, report: Report) -> None:
+    """The run's timing decisions into the report (the plan ``--plan`` writes), and the ones
+    a rerun could take the other way."""
+    report.timings = plan.as_list()
+    if plan.missing:
+        report.warnings.append(
+            f"replay: {len(plan.missing)} timing(s) the plan does not hold were measured "
+            f"({', '.join(plan.missing[:3])}): the run took another path than the plan's"
+        )
+    near = [t.key for t in plan.timings if t.near_line and not t.replayed]
+    if near:
+        report.warnings.append(
+            f"timing decision(s) within {NOISE:.0%} of the not-slower line ({', '.join(near)}): "
+            "a rerun may decide otherwise; replay=/--replay with this run's plan pins them"
+        )
 
 
 #: The most generated probe samples a run takes (each is run through every model checked).

@@ -28,14 +28,16 @@ def reports(tmp_path_factory) -> dict[str, Path]:
     """One run of each command on the shipped digits CNN, JSON and HTML written."""
     pytest.importorskip("matplotlib", reason="the html extra (matplotlib) is not installed")
     tmp = tmp_path_factory.mktemp("reports")
-    out = {name: tmp / f"{name}.json" for name in ("squeeze", "bench", "compare", "inspect")}
+    out = {
+        name: tmp / f"{name}.json" for name in ("squeeze", "bench", "compare", "inspect", "plan")
+    }
     pages = {name: tmp / f"{name}.html" for name in ("squeeze", "bench", "compare")}
     small = tmp / "small.onnx"
     base = ["--data", str(DIGITS_DATA)]
     assert (
         main(
             [str(DIGITS), "-o", str(small), *base, "--report", str(out["squeeze"])]
-            + ["--report-html", str(pages["squeeze"]), "-q"]
+            + ["--report-html", str(pages["squeeze"]), "--plan", str(out["plan"]), "-q"]
         )
         == 0
     )

@@ -33,6 +33,7 @@ FLAG_OF = {
     "providers=": "--providers",
     "passes=": "--passes",
     "preset=": "--preset",
+    "replay=": "--replay",
 }
 
 
@@ -191,7 +192,14 @@ def _squeeze(args: argparse.Namespace) -> int:
     from onnxsqueeze.cli.destinations import check_cache, check_destinations, read_files
 
     reads = read_files(args.model, args.data, args.calib_cache)
-    writes = {"-o": args.output, "--report": args.report, "--report-html": args.report_html}
+    writes = {
+        "-o": args.output,
+        "--report": args.report,
+        "--report-html": args.report_html,
+        "--plan": args.plan,
+    }
+    if args.replay:
+        reads[Path(args.replay).resolve()] = "the --replay plan"
     if args.report_html:
         from onnxsqueeze.pipeline.html import check_available
 
@@ -219,11 +227,20 @@ def _squeeze(args: argparse.Namespace) -> int:
             quantize=_quantize_config(args),
             factorize=_factorize_config(args),
             prune=_prune_config(args),
+            replay=args.replay,
         )
+    if args.plan:
+        _compare_with_earlier_plan(args.plan, report)
     if args.report:
         from onnxsqueeze.core.io import atomic_write_text
 
         atomic_write_text(Path(args.report), report.to_json())
+    if args.plan:
+        from onnxsqueeze.core.io import atomic_write_text
+        from onnxsqueeze.pipeline.schema import dump
+
+        plan = {"source": report.source, "timings": report.timings}
+        atomic_write_text(Path(args.plan), dump("plan", plan))
     if args.report_html:
         from onnxsqueeze.core.io import atomic_write_text
         from onnxsqueeze.pipeline.html import squeeze_page
@@ -237,6 +254,29 @@ def _squeeze(args: argparse.Namespace) -> int:
         print(report.to_table(warnings=False, verbose=args.verbose, render=render))
         print(f"wrote {report.output}")
     return EXIT_OK
+
+
+def _compare_with_earlier_plan(path: str, report) -> None:
+    """``--plan`` onto the plan of an earlier run of the same model: say which timing
+    decisions this run took otherwise (the reason two runs' bytes differ)."""
+    from pathlib import Path
+
+    from onnxsqueeze.core.errors import PipelineConfigError
+    from onnxsqueeze.stages.latency_gate import NOT_SLOWER, SPEED_TIE
+    from onnxsqueeze.stages.plan import differences, load_replay
+
+    if not Path(path).is_file():
+        return
+    try:
+        earlier = load_replay(path)
+    except PipelineConfigError:
+        return  # not a plan: nothing to compare with
+    changed = differences(earlier or {}, report.timings, line=NOT_SLOWER, tie=SPEED_TIE)
+    if changed:
+        report.warnings.append(
+            f"timing decisions differ from {path}'s earlier run: {'; '.join(changed)} "
+            "(--replay that plan to get its bytes)"
+        )
 
 
 def _budget(args: argparse.Namespace):

@@ -268,6 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     parser.add_argument(
+        "--plan",
+        type=text_value,
+        metavar="FILE",
+        help="write the run's timing decisions (for --replay)",
+    )
+    parser.add_argument(
+        "--replay",
+        type=text_value,
+        metavar="FILE",
+        help="use a --plan (or --report) file's timings instead of timing: the same bytes",
+    )
+    parser.add_argument(
         "--report-html",
         type=text_value,
         metavar="FILE",

@@ -43,3 +43,8 @@ def step(label: str, done: int, total: int | None = None) -> None:
     if callback is not None:
         prefix = _STAGE.get()
         callback(f"{prefix}: {label}" if prefix else label, done, total)
+
+
+def current_stage() -> str:
+    """The stage the running step belongs to ("quantize static"; "" outside any)."""
+    return _STAGE.get()

@@ -47,6 +47,8 @@ class Report:
     #: What the quantize stage chose, measured and kept float (None: not asked).
     quantization: dict[str, Any] | None = None
     seconds: float = 0.0
+    #: Every timing the lossy stages decided on, in order (stages.plan): what --plan writes.
+    timings: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     file_bytes_before: int | None = None
     file_bytes_after: int | None = None
 

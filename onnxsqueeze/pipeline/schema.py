@@ -9,7 +9,7 @@ from typing import Any
 
 #: Bumped when a field changes meaning or goes away (adding a field keeps the version).
 SCHEMA_VERSION = 1
-KINDS = ("squeeze", "bench", "compare", "inspect")
+KINDS = ("squeeze", "bench", "compare", "inspect", "plan")
 
 
 _NUM = {"type": ["number", "null"]}
@@ -59,6 +59,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         quantization={"type": ["object", "null"]},
         factorization={"type": ["object", "null"]},
         pruning={"type": ["object", "null"]},
+        timings={"type": "array"},
         file_bytes_before={"type": ["integer", "null"]},
         file_bytes_after={"type": ["integer", "null"]},
     ),
@@ -121,6 +122,21 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                         }
                     ),
                 ]
+            },
+        }
+    ),
+    "plan": _obj(
+        {
+            **_HEADER,
+            "source": {"type": "string"},
+            "timings": {
+                "type": "array",
+                "items": _obj(
+                    {"key": {"type": "string"}, "ratio": {"type": "number", "exclusiveMinimum": 0}},
+                    basis={"type": ["string", "null"]},
+                    replayed={"type": "boolean"},
+                    near_line={"type": "boolean"},
+                ),
             },
         }
     ),

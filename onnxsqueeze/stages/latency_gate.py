@@ -13,6 +13,8 @@ from typing import Any
 import onnx_ir as ir
 
 from onnxsqueeze.run import latency as timing
+from onnxsqueeze.stages.plan import Timing
+from onnxsqueeze.stages.plan import current as current_plan
 
 #: Measured speed ratios from here up count as "not slower": timing noise on an idle machine
 #: (a model whose weights fold back to float at load measures 0.97-1.03x).
@@ -55,8 +57,18 @@ def speed(
     weights fold back at load (weight-only fold form) runs the original's graph once
     onnxruntime has loaded it; when the loaded graphs hold the same kernels it is
     compared, not timed (no timing noise)."""
+    plan = current_plan()
+    key = plan.next_key() if plan is not None else ""
+    known = plan.replayed(key) if plan is not None else None
+    if known is not None:  # --replay: the recorded timing, not a new one
+        plan.add(known, NOT_SLOWER)
+        return Speed(known.ratio, known.basis)
     if may_run_same_kernels and timing.loaded_op_types(
         original, providers
     ) == timing.loaded_op_types(candidate, providers):
-        return Speed(1.0, SAME_KERNELS)
-    return Speed(timing.compare_latency(original, candidate, providers, feed))
+        measured = Speed(1.0, SAME_KERNELS)
+    else:
+        measured = Speed(timing.compare_latency(original, candidate, providers, feed))
+    if plan is not None:
+        plan.add(Timing(key, measured.ratio, measured.basis), NOT_SLOWER)
+    return measured

@@ -72,7 +72,7 @@ for flag, values in [
 for value, needle in [("", "--providers"), (",", "--providers"), ("bogus", "bogus"),
                       ("cpu,bogus", "bogus")]:  # fmt: skip
     _case(["--providers", value], needle)
-for flag in ("--data", "--calib-cache", "--report"):
+for flag in ("--data", "--calib-cache", "--report", "--plan", "--replay", "--report-html"):
     _case([flag, ""], flag)
 for stage in (["--quantize", "static"], ["--quantize", "dynamic"], ["--factorize", "0.5"],
               ["--prune", "auto"], ["--calib-method", "mse"], ["--require-faster"]):  # fmt: skip
@@ -101,6 +101,9 @@ DESTINATIONS = [
     ("--report", "out.onnx", "out.onnx"), ("--report", "missing/r.json", "missing"),
     ("--report", "out.onnx.data", "out.onnx.data"), ("--calib-cache", "model.onnx", "model.onnx"),
     ("--calib-cache", ".", "folder"), ("--report", "/dev/zero", "/dev/zero"),
+    ("--plan", "model.onnx", "model.onnx"), ("--plan", "out.onnx", "out.onnx"),
+    ("--plan", "missing/p.json", "missing"), ("--replay", "model.onnx", "not a plan"),
+    ("--replay", "missing.json", "cannot read the plan"), ("--replay", "data.npz", "plan"),
 ]  # fmt: skip
 
 
