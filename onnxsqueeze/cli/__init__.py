@@ -274,8 +274,8 @@ def _compare_with_earlier_plan(path: str, report) -> None:
     changed = differences(earlier or {}, report.timings, line=NOT_SLOWER, tie=SPEED_TIE)
     if changed:
         report.warnings.append(
-            f"timing decisions differ from {path}'s earlier run: {'; '.join(changed)} "
-            "(--replay that plan to get its bytes)"
+            f"timings moved since {path}'s earlier run: {'; '.join(changed)} (where the "
+            "two outputs differ, these are why; --replay that plan to get its bytes)"
         )
 
 
