@@ -24,7 +24,7 @@ from onnxsqueeze.core.io import (
     save_model,
 )
 from onnxsqueeze.core.scratch import remove_stale, scratch_dir
-from onnxsqueeze.core.spill import Spill
+from onnxsqueeze.core.spill import Spill, spilling
 from onnxsqueeze.pipeline.presets import builtin_registry
 from onnxsqueeze.pipeline.report import Report
 from onnxsqueeze.pipeline.verified import Pipeline, VerifyOptions
@@ -131,7 +131,8 @@ def squeeze_file(
     with scratch_dir("spill") as folder:
         spill = Spill(folder)
         try:
-            model, report = _run(loaded, passes, **_run_kwargs(kwargs), spill=spill)
+            with spilling(spill):
+                model, report = _run(loaded, passes, **_run_kwargs(kwargs), spill=spill)
             report.source = report_source
             if strict and report.verification_status == "failed":
                 raise AccuracyBudgetError(

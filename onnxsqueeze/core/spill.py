@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +105,24 @@ class Spill:
 
     def close(self) -> None:
         self._file.close()
+
+
+_ACTIVE: ContextVar[Spill | None] = ContextVar("onnxsqueeze_spill", default=None)
+
+
+@contextlib.contextmanager
+def spilling(spill: Spill | None) -> Iterator[None]:
+    """Inside the block, ``spill_if_active`` moves a model's new weights to ``spill``: a
+    result kept aside while the next alternative is tried (auto's weight-only int8 of a 4 GB
+    model, 1 GB) then waits on disk, not in memory."""
+    token = _ACTIVE.set(spill)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def spill_if_active(model: ir.Model) -> None:
+    spill = _ACTIVE.get()
+    if spill is not None:
+        spill(model)

@@ -60,3 +60,32 @@ def gpu_memory_used(provider: str) -> int | None:
         return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
     except Exception:
         return None
+
+
+#: Sessions of models with fewer weight bytes than this are not worth a collection and trim
+#: after them (the test suite's hundreds of small judged sessions took 1.6 minutes longer).
+GIVE_BACK_MIN = 64 << 20
+
+
+def give_back_after(model_bytes: int) -> None:
+    """``give_back`` after a session of a model with ``model_bytes`` of weights, if large."""
+    if model_bytes >= GIVE_BACK_MIN:
+        give_back()
+
+
+def give_back() -> None:
+    """Return freed heap memory to the system after a session is gone. glibc keeps what a
+    released onnxruntime session freed in its arenas; the next session then grows the heap
+    again, and a budget search that judges candidate after candidate climbed from 0.6 to
+    1.2 GiB on a 0.38 GB model. ``malloc_trim`` hands the free pages back (glibc only)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)

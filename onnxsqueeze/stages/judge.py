@@ -11,7 +11,9 @@ from typing import Any
 
 import onnx_ir as ir
 
+from onnxsqueeze.core.io import initializer_bytes
 from onnxsqueeze.run.compare import compare_runs, is_distribution
+from onnxsqueeze.run.memory import give_back_after
 from onnxsqueeze.run.session import Session
 from onnxsqueeze.stages.budget import Budget
 
@@ -34,6 +36,7 @@ class Judge:
         self.budget = budget
         self.providers = tuple(providers)
         self.reference = Session(model, self.providers).run_all(self.feeds)
+        give_back_after(initializer_bytes(model))
         self.cosines: dict[int, float] = {}
         self.flips: dict[int, dict[str, float]] = {}
 
@@ -49,7 +52,12 @@ class Judge:
         feeds: Sequence[Mapping[str, Any]] | None = None,
         optimize: bool = True,
     ) -> list[dict]:
-        return Session(model, self.providers, optimize=optimize).run_all(feeds or self.feeds)
+        session = Session(model, self.providers, optimize=optimize)
+        try:
+            return session.run_all(feeds or self.feeds)
+        finally:
+            del session
+            give_back_after(initializer_bytes(model))
 
     def __call__(self, model: ir.Model) -> tuple[bool, str]:
         outputs = self.run(model)

@@ -239,3 +239,33 @@ def test_runs_per_round_follow_the_models_run_time(mlp, monkeypatch):
     counted.clear()
     latency.compare_latency(model, model, ["cpu"], rounds=2, runs=10)
     assert counted == [latency.MIN_RUNS] * 4
+
+
+def test_large_models_are_timed_one_session_at_a_time(mlp, monkeypatch):
+    """Above INTERLEAVE_LIMIT the baseline, the candidate and the baseline again are timed
+    each in its own session, released before the next: never two in memory (a 4 GB model
+    interleaved with its candidate held 1.79x the original's session)."""
+    from onnxsqueeze.run import latency
+
+    alive, most, made = [0], [0], []
+
+    class Counted(latency.Session):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            alive[0] += 1
+            most[0] = max(most[0], alive[0])
+            made.append(self)
+            made.pop()  # no reference kept
+
+        def __del__(self):
+            alive[0] -= 1
+
+    monkeypatch.setattr(latency, "Session", Counted)
+    monkeypatch.setattr(latency.time, "sleep", lambda s: None)
+    model = ir.serde.deserialize_model(mlp)
+    monkeypatch.setattr(latency, "INTERLEAVE_LIMIT", 0)
+    assert latency.compare_latency(model, model, ["cpu"], rounds=2, runs=3) > 0
+    assert most[0] == 1 and alive[0] == 0
+    monkeypatch.setattr(latency, "INTERLEAVE_LIMIT", 1 << 40)
+    latency.compare_latency(model, model, ["cpu"], rounds=2, runs=3)
+    assert most[0] == 2  # small models: interleaved, both sessions at once

@@ -124,3 +124,34 @@ def test_plan_onto_an_earlier_plan_names_the_timing_that_differed(
     assert "timings moved since" in err and "2.00x there, 0.50x here" in err
     assert any("moved since" in w for w in json.loads(report.read_text())["warnings"])
     assert _digest(tmp_path / "a.onnx") != _digest(tmp_path / "b.onnx")
+
+
+def test_auto_keeps_the_alternatives_it_set_aside_on_disk(tmp_path, monkeypatch):
+    """squeeze_file's auto run moves each tried alternative's new weights to its spill file
+    (a 4 GB model's int8 alternative held 1 GB while the next was judged); the output is the
+    same bytes as with the alternatives in memory."""
+    from onnxsqueeze.core import spill as spill_module
+
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((2048, 1024)).astype(np.float32)  # int8: 2 MiB, spilled
+    model = tmp_path / "m.onnx"
+    onnx.save(weighted_model("MatMul", weight, ["n", 2048]), model)
+    data = tmp_path / "data.npz"
+    np.savez(data, x=rng.standard_normal((8, 2048)).astype(np.float32))
+    monkeypatch.setattr(latency, "compare_latency", lambda *a, **k: 1.5)
+    spilled: list[int] = []
+    original = spill_module.Spill.__call__
+
+    def counting(self, model):
+        original(self, model)
+        spilled.append(self.spilled)
+
+    monkeypatch.setattr(spill_module.Spill, "__call__", counting)
+    onnxsqueeze.squeeze_file(model, tmp_path / "a.onnx", data=data, quantize="auto")
+    assert spilled and max(spilled) >= 2 * 1024 * 1024  # the int8 weights went to disk
+    monkeypatch.setattr(spill_module, "spill_if_active", lambda model: None)
+    import onnxsqueeze.stages.quantize.driver as driver
+
+    monkeypatch.setattr(driver, "spill_if_active", lambda model: None)
+    onnxsqueeze.squeeze_file(model, tmp_path / "b.onnx", data=data, quantize="auto")
+    assert _digest(tmp_path / "a.onnx") == _digest(tmp_path / "b.onnx")

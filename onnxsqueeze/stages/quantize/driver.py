@@ -15,6 +15,7 @@ from onnxsqueeze.calib.choice import collected_with
 from onnxsqueeze.core import progress
 from onnxsqueeze.core.errors import CalibrationError, RuntimeSessionError, UnsupportedModelError
 from onnxsqueeze.core.graphs import scopes
+from onnxsqueeze.core.spill import spill_if_active
 from onnxsqueeze.core.stats import model_stats
 from onnxsqueeze.run.feeds import iter_feeds
 from onnxsqueeze.run.probes import probe_feeds
@@ -70,6 +71,8 @@ def run_quantize_stage(
             with progress.stage(f"quantize {config.mode}"):
                 outcomes.append(_run_config(model, config, data, feeds))
             _say(outcomes[-1].record)
+            if len(configs) > 1:  # kept aside while the next one is tried: on disk
+                spill_if_active(outcomes[-1].model)
         except (RuntimeSessionError, UnsupportedModelError) as exc:
             if not auto:
                 raise
