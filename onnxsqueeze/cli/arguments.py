@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="onnxsqueeze",
         description="Compress an ONNX model with verified graph passes.",
-        epilog="Example: onnxsqueeze model.onnx -o small.onnx --report report.json",
+        epilog="Example: onnxsqueeze model.onnx -o small.onnx --report report.json. "
+        "Other commands (each with --help): onnxsqueeze inspect MODEL | "
+        "onnxsqueeze bench MODEL [MODEL ...] | onnxsqueeze compare ORIGINAL SQUEEZED",
     )
     parser.add_argument("model", nargs="?", help="input .onnx file")
     parser.add_argument(
