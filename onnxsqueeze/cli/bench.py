@@ -82,6 +82,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def bench_table(report) -> str:
     from onnxsqueeze.cli.tables import render
+    from onnxsqueeze.run.bench import FIGURES
+    from onnxsqueeze.run.session import short_name
 
     rows = []
     for r in report.results:
@@ -91,7 +93,7 @@ def bench_table(report) -> str:
         rows.append(
             [
                 r.model,
-                r.provider.removesuffix("ExecutionProvider"),
+                short_name(r.provider),
                 r.batch or "-",
                 _ms(r.p50_ms) if ok else r.status,
                 _ms(r.p90_ms) if ok else "",
@@ -105,16 +107,14 @@ def bench_table(report) -> str:
                 _mib(r.size_bytes),
             ]
         )
-    from onnxsqueeze.run.bench import FIGURES
-
     headers = ["model", "provider", "batch", *FIGURES]
     text = render(headers, rows, right=range(2, len(headers)))
     notes = [
-        f"  {r.provider.removesuffix('ExecutionProvider')}: {r.status}: {r.reason}"
+        f"  {short_name(r.provider)}: {r.status}: {r.reason}"
         if r.status == "unavailable"
-        else f"  {r.model} on {r.provider.removesuffix('ExecutionProvider')}: {r.reason}"
+        else f"  {r.model} on {short_name(r.provider)}: {r.reason}"
         for r in report.results
-        if r.status != "ok"
+        if r.reason  # unavailable, failed, or a load cost that could not be measured
     ]
     legend = (
         f"{report.rounds} interleaved rounds on {report.machine}; spread: between the "

@@ -71,7 +71,7 @@ def inventory(path: str | Path) -> Inventory:
     """The inventory of the model file at ``path`` (its weights left unread)."""
     path = Path(path)
     proto = read_model_file(path)
-    graphs = list(_graphs(proto.graph, "main"))
+    graphs = list(graphs_with_place(proto.graph, "main"))
     ops: Counter = Counter()
     subgraphs = []
     for where, graph in graphs:
@@ -117,15 +117,18 @@ def inventory(path: str | Path) -> Inventory:
     )
 
 
-def _graphs(graph: onnx.GraphProto, where: str) -> Iterator[tuple[str, onnx.GraphProto]]:
+def graphs_with_place(
+    graph: onnx.GraphProto, where: str = "main"
+) -> Iterator[tuple[str, onnx.GraphProto]]:
+    """``graph`` and every If/Loop/Scan body in it, each with where it sits."""
     yield where, graph
     for node in graph.node:
         for attr in node.attribute:
             label = f"{node.op_type} '{node.name or node.output[0]}'.{attr.name}"
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g, label)
+                yield from graphs_with_place(attr.g, label)
             for index, sub in enumerate(attr.graphs):
-                yield from _graphs(sub, f"{label}[{index}]")
+                yield from graphs_with_place(sub, f"{label}[{index}]")
 
 
 def _tensors(graphs: list[tuple[str, onnx.GraphProto]]) -> Iterator[onnx.TensorProto]:

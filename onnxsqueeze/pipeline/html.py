@@ -244,6 +244,7 @@ def _nodes_plot(plt: Any, nodes: list[dict[str, Any]]) -> str:
 
 def bench_page(report: Any) -> str:
     from onnxsqueeze.run.bench import FIGURES
+    from onnxsqueeze.run.session import short_name
 
     plt = _pyplot()
     rows = [r for r in report.results if r.status == "ok"]
@@ -267,9 +268,7 @@ def bench_page(report: Any) -> str:
                     xerr=[[0], [row.p90_ms - row.p50_ms]],
                     color=f"C{models.index(model)}",
                 )
-                labels.append(
-                    f"{provider.removesuffix('ExecutionProvider')} b{batch or '-'} {model[-40:]}"
-                )
+                labels.append(f"{short_name(provider)} b{batch or '-'} {model[-40:]}")
                 position += 1
         ax.set_yticks(range(len(labels)), labels, fontsize=7)
         ax.invert_yaxis()
@@ -281,7 +280,7 @@ def bench_page(report: Any) -> str:
             [
                 [
                     r.model,
-                    r.provider.removesuffix("ExecutionProvider"),
+                    short_name(r.provider),
                     r.batch,
                     r.status if r.status == "ok" else f"{r.status}: {r.reason}",
                     r.p50_ms,

@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from onnxsqueeze.core.errors import CalibrationDataError, PipelineConfigError, first_line
+from onnxsqueeze.core.errors import CalibrationDataError, first_line
 from onnxsqueeze.run.latency import interleaved_rounds
 from onnxsqueeze.run.probes import check_overrides, random_feeds, shape_overrides
-from onnxsqueeze.run.session import PROVIDER_ALIASES
+from onnxsqueeze.run.session import provider_name, short_name
 from onnxsqueeze.run.session_cost import bench_session, prime, session_cost
 from onnxsqueeze.run.signature import InputSpec, input_specs
 
@@ -113,20 +113,14 @@ def bench(
     """Time ``models`` on each provider and batch size (None: the batch the feeds have)."""
     from onnxsqueeze.run.cpu import describe
 
-    for provider in providers:
-        if PROVIDER_ALIASES.get(provider.lower(), provider) not in PROVIDER_ALIASES.values():
-            raise PipelineConfigError(
-                f"providers= '{provider}': unknown execution provider (known: "
-                f"{', '.join(PROVIDER_ALIASES)}, or onnxruntime's names of them)"
-            )
+    names = [provider_name(p) for p in providers]
     paths = [Path(m) for m in models]
     opened = [_open(p) for p in paths]
     specs = [spec for spec, _ in opened]
     feeds = [_feeds(s, data, shapes, batches) for s in specs]
     results: list[BenchResult] = []
     warnings: list[str] = []
-    for provider in providers:
-        name = PROVIDER_ALIASES.get(provider.lower(), provider)
+    for name in names:
         missing = _unavailable(name)
         for batch in batches:
             rows = [
@@ -137,7 +131,7 @@ def bench(
                 for row in rows:
                     row.status, row.reason = "unavailable", missing
             else:
-                label = f"{_short(name)} batch {batch or 'as given'}"
+                label = f"{short_name(name)} batch {batch or 'as given'}"
                 _time_provider(
                     rows,
                     [f[batch] for f in feeds],
@@ -158,10 +152,10 @@ def bench(
             # onnxruntime keeps shape arithmetic on the CPU on purpose: say so only when a
             # real share of the graph left the provider
             if sum(elsewhere.values()) > 0.1 * sum(row.nodes_by_provider.values()):
-                moved = ", ".join(f"{v} on {_short(k)}" for k, v in elsewhere.items())
+                moved = ", ".join(f"{v} on {short_name(k)}" for k, v in elsewhere.items())
                 warnings.append(
-                    f"{row.model} on {_short(row.provider)}: {moved} (nodes onnxruntime "
-                    f"could not place on {_short(row.provider)}; data crosses between them)"
+                    f"{row.model} on {short_name(row.provider)}: {moved} (nodes onnxruntime "
+                    f"could not place on {short_name(row.provider)}; data crosses between them)"
                 )
     return BenchReport(results, rounds, threads, describe(), warnings)
 
@@ -221,9 +215,8 @@ def _with_batch(spec: InputSpec, fixed: Mapping, dims: Mapping, batch: int) -> t
 def _stacked(samples: list[Mapping[str, Any]], specs: list[InputSpec], batch: int | None) -> dict:
     """The first samples concatenated on axis 0 up to ``batch`` rows (cycled if too few;
     the first sample alone when their other dims differ: sentences of other lengths)."""
-    first = {k: np.asarray(v) for k, v in samples[0].items()}
     if batch is None:
-        return first
+        return {k: np.asarray(v) for k, v in samples[0].items()}
     out = {}
     for spec in specs:
         arrays = [np.asarray(s[spec.name]) for s in samples]
@@ -243,12 +236,8 @@ def _unavailable(provider: str) -> str | None:
 
     available = ort.get_available_providers()
     if provider not in available:
-        return f"not in this onnxruntime build (has {', '.join(_short(a) for a in available)})"
+        return f"not in this onnxruntime build (has {', '.join(short_name(a) for a in available)})"
     return None
-
-
-def _short(provider: str) -> str:
-    return provider.removesuffix("ExecutionProvider")
 
 
 def _placement(session: Any) -> dict[str, int] | None:
@@ -296,6 +285,8 @@ def _time_provider(
         row.nodes_by_provider = _placement(session)
         if measure_cost:
             cost = session_cost(Path(row.model), provider, threads, feed)
+            if "error" in cost:
+                row.reason = f"load time and memory not measured: {cost['error']}"
             row.create_ms = cost.get("create_ms")
             row.memory_bytes = cost.get("memory_bytes")
             row.gpu_memory_bytes = cost.get("gpu_memory_bytes")

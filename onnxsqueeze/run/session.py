@@ -47,19 +47,35 @@ INLINE_SESSION_LIMIT = 1_500_000_000
 # ---------------------------------------------------------------------------- providers
 
 
+def provider_name(requested: str) -> str:
+    """onnxruntime's name for ``requested`` (an alias such as ``cuda``, or the name itself);
+    a name neither known here nor in this onnxruntime build is a usage error."""
+    import onnxruntime as ort
+
+    name = PROVIDER_ALIASES.get(requested.lower(), requested)
+    available = ort.get_available_providers()
+    if name not in PROVIDER_ALIASES.values() and name not in available:
+        raise PipelineConfigError(
+            f"providers= '{requested}': unknown execution provider (known: "
+            f"{', '.join(PROVIDER_ALIASES)}; available here: {', '.join(available)})"
+        )
+    return name
+
+
+def short_name(provider: str) -> str:
+    """``CUDAExecutionProvider`` as people write it: ``CUDA``."""
+    return provider.removesuffix("ExecutionProvider")
+
+
 def resolve_providers(requested: Sequence[str] | None) -> tuple[list[str], list[str]]:
     """Map aliases to EP names and drop the unavailable ones. Returns (usable, dropped)."""
     import onnxruntime as ort
 
     available = set(ort.get_available_providers())
-    names = [PROVIDER_ALIASES.get(p.lower(), p) for p in (requested or ["cpu"])]
+    names = [provider_name(p) for p in (requested or ["cpu"])]
     usable = [n for n in dict.fromkeys(names) if n in available]
     dropped = [n for n in dict.fromkeys(names) if n not in available]
     for name in dropped:
-        if name not in PROVIDER_ALIASES.values():
-            raise PipelineConfigError(
-                f"unknown execution provider '{name}' (available: {', '.join(sorted(available))})"
-            )
         logger.warning("execution provider %s is not available here; falling back", name)
     if "CPUExecutionProvider" not in usable:
         usable.append("CPUExecutionProvider")

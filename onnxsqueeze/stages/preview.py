@@ -8,7 +8,7 @@ from typing import Any
 
 import onnx
 
-from onnxsqueeze.core.inventory import Inventory
+from onnxsqueeze.core.inventory import Inventory, graphs_with_place
 from onnxsqueeze.quant.qdq import WEIGHTED
 from onnxsqueeze.stages.quantize.alternatives import resolve_configs
 
@@ -21,7 +21,7 @@ def preview(proto: onnx.ModelProto, facts: Inventory, has_data: bool = False) ->
 
     constants = _constant_names(proto)
     weighted: dict[str, int] = {}
-    for graph in _all_graphs(proto.graph):
+    for _, graph in graphs_with_place(proto.graph):
         for node in graph.node:
             if node.op_type in WEIGHTED and len(node.input) > 1 and node.input[1] in constants:
                 weighted[node.op_type] = weighted.get(node.op_type, 0) + 1
@@ -52,19 +52,9 @@ def preview(proto: onnx.ModelProto, facts: Inventory, has_data: bool = False) ->
     }
 
 
-def _all_graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_graphs(attr.g)
-            for sub in attr.graphs:
-                yield from _all_graphs(sub)
-
-
 def _constant_names(proto: onnx.ModelProto) -> set[str]:
     names = set()
-    for graph in _all_graphs(proto.graph):
+    for _, graph in graphs_with_place(proto.graph):
         names.update(t.name for t in graph.initializer)
         names.update(n.output[0] for n in graph.node if n.op_type == "Constant" and n.output)
     return names
