@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -102,3 +103,14 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     made = make_workspace(tmp_path)
     monkeypatch.chdir(made.root)
     return made
+
+
+def require_corpus(entry) -> None:
+    """Skip a test whose corpus model is not built, or fail it where the corpus must be there
+    (ONNXSQUEEZE_REQUIRE_CORPUS=1: CI and tools/test.sh, which build it first)."""
+    if entry.available():
+        return
+    message = f"corpus model {entry.name} not built (python models/build_corpus.py)"
+    if os.environ.get("ONNXSQUEEZE_REQUIRE_CORPUS") == "1":
+        pytest.fail(message)
+    pytest.skip(message)

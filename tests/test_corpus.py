@@ -5,7 +5,6 @@ without it these tests skip, unless ONNXSQUEEZE_REQUIRE_CORPUS=1 (CI) turns that
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,21 +13,13 @@ import pytest
 
 from onnxsqueeze.cli import main as cli_main
 from onnxsqueeze.core.errors import VerificationError
+from tests.conftest import require_corpus
 
 import corpus
 
 pytestmark = pytest.mark.corpus
 
 NEEDS_TRAINING_RUNTIME = {"simple/test_gradient_of_add", "simple/test_gradient_of_add_and_mul"}
-
-
-def _require(entry: corpus.CorpusModel) -> None:
-    if entry.available():
-        return
-    message = f"corpus model {entry.name} not built (python models/build_corpus.py)"
-    if os.environ.get("ONNXSQUEEZE_REQUIRE_CORPUS") == "1":
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def _run(model: str | Path | onnx.ModelProto, feeds: dict) -> list:
@@ -73,7 +64,7 @@ def _squeeze_cli(entry: corpus.CorpusModel, out: Path, report: Path, *extra: str
 
 @pytest.mark.parametrize("entry", corpus.MODELS, ids=lambda e: e.name)
 def test_corpus_model_through_cli(entry: corpus.CorpusModel, tmp_path: Path) -> None:
-    _require(entry)
+    require_corpus(entry)
     out = tmp_path / "out.onnx"
     report = tmp_path / "report.json"
     code = _squeeze_cli(entry, out, report, "--quantize", "none")
@@ -103,7 +94,7 @@ def test_corpus_model_through_cli(entry: corpus.CorpusModel, tmp_path: Path) -> 
 def test_silero_if_bodies_are_cleaned() -> None:
     """silero-vad keeps its compute inside nested If bodies: cleanup must reach them."""
     entry = corpus.get("silero_vad")
-    _require(entry)
+    require_corpus(entry)
     import onnx_ir as ir
 
     from onnxsqueeze.passes.cleanup import CleanupPass
@@ -180,7 +171,7 @@ def test_calibration_with_variable_input_sizes(name: str, tmp_path: Path) -> Non
     import onnxsqueeze
 
     entry = corpus.get(name)
-    _require(entry)
+    require_corpus(entry)
     feeds = [dict(np.load(p)) for p in sorted(entry.probe_dir.glob("*.npz"))]
     shapes = {tuple(v.shape) for f in feeds for v in f.values()}
     assert len(shapes) > 1
@@ -205,7 +196,7 @@ def test_silero_static_qdq_inside_if_bodies() -> None:
     from onnxsqueeze.stages.quantize import QuantizeConfig, quantize_model
 
     entry = corpus.get("silero_vad")
-    _require(entry)
+    require_corpus(entry)
     feeds = [dict(np.load(p)) for p in sorted(entry.probe_dir.glob("*.npz"))]
     feeds16 = [f for f in feeds if int(f["sr"]) == 16000]
     model = ir.load(str(entry.path))
@@ -236,7 +227,7 @@ def test_static_quantization_of_corpus_models(name: str, tmp_path: Path) -> None
     import json
 
     entry = corpus.get(name)
-    _require(entry)
+    require_corpus(entry)
     out = tmp_path / "q.onnx"
     report = tmp_path / "r.json"
     code = _squeeze_cli(entry, out, report, "--quantize", "static", "--min-cosine", "0.99")
@@ -257,7 +248,7 @@ def test_factorization_of_corpus_models(name: str, tmp_path: Path) -> None:
     import json
 
     entry = corpus.get(name)
-    _require(entry)
+    require_corpus(entry)
     out, report = tmp_path / "f.onnx", tmp_path / "r.json"
     code = _squeeze_cli(
         entry, out, report, "--factorize", "0.9", "--quantize", "none", "--min-cosine", "0.99"
@@ -287,7 +278,7 @@ def test_prune_weights_on_corpus_models(name: str, tmp_path: Path) -> None:
     from onnxsqueeze.prune.masks import follows_n_of_m
 
     entry = corpus.get(name)
-    _require(entry)
+    require_corpus(entry)
     out, report = tmp_path / "p.onnx", tmp_path / "r.json"
     code = _squeeze_cli(
         entry, out, report, "--passes", "default,prune-weights",
@@ -325,7 +316,7 @@ def test_prune_channels_on_corpus_models(name: str, tmp_path: Path) -> None:
     import json
 
     entry = corpus.get(name)
-    _require(entry)
+    require_corpus(entry)
     out, report = tmp_path / "p.onnx", tmp_path / "r.json"
     code = _squeeze_cli(
         entry, out, report, "--passes", "default,prune-channels",

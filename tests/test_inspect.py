@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from onnxsqueeze.cli import main
-from tests.conftest import weighted_model
+from tests.conftest import require_corpus, weighted_model
 
 import corpus
 
@@ -25,8 +25,7 @@ def _inspect(path: Path, tmp_path: Path, *extra: str) -> dict:
 
 @pytest.mark.parametrize("entry", corpus.MODELS, ids=lambda e: e.name)
 def test_inspect_every_corpus_model(entry, tmp_path):
-    if not entry.available():
-        pytest.skip(f"corpus model {entry.name} not built")
+    require_corpus(entry)
     report = _inspect(entry.path, tmp_path)
     proto = onnx.load(str(entry.path))
     assert report["nodes"] == sum(report["ops"].values()) >= len(proto.graph.node)
@@ -42,8 +41,7 @@ def test_inspect_every_corpus_model(entry, tmp_path):
 
 def test_inspect_reports_subgraphs_and_dynamic_dims(tmp_path):
     entry = corpus.get("silero_vad")
-    if not entry.available():
-        pytest.skip("corpus not built")
+    require_corpus(entry)
     report = _inspect(entry.path, tmp_path)
     assert len(report["subgraphs"]) > 10 and report["subgraphs"][0]["where"].startswith("If ")
     assert any(i["dynamic"] for i in report["inputs"])

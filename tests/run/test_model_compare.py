@@ -11,7 +11,7 @@ import pytest
 
 from onnxsqueeze.cli import main
 from onnxsqueeze.run.model_compare import compare_models
-from tests.conftest import parse_with
+from tests.conftest import parse_with, require_corpus
 
 import corpus
 
@@ -90,8 +90,7 @@ def test_per_tensor_on_a_statically_quantized_corpus_model(tmp_path):
     """PP-OCR's text-direction classifier quantized statically (Q/DQ): the first tensor whose
     error jumps is named, matched tensors get their error after the Q/DQ pair too."""
     entry = corpus.get("ppocr_cls")
-    if not entry.available():
-        pytest.skip("corpus not built")
+    require_corpus(entry)
     out = tmp_path / "cls_int8.onnx"
     code = main(
         [str(entry.path), "-o", str(out), "--data", str(entry.probe_dir), "--quantize", "static"]
