@@ -29,8 +29,8 @@ from onnxsqueeze.pipeline.presets import builtin_registry
 from onnxsqueeze.pipeline.report import Report
 from onnxsqueeze.pipeline.verified import Pipeline, VerifyOptions
 from onnxsqueeze.run.probes import DEFAULT_PROBE_SAMPLES, probe_feeds, retry_shapes
-from onnxsqueeze.stages.chain import run_lossy_stages
 from onnxsqueeze.stages.factorize import factorize_config
+from onnxsqueeze.stages.held_out import HOLDOUT, run_checked_stages
 from onnxsqueeze.stages.plan import NOISE, Plan, load_replay, recording
 from onnxsqueeze.stages.prune import prune_config
 from onnxsqueeze.stages.quantize import QuantizeConfig
@@ -63,6 +63,8 @@ def squeeze(
     factorize: Any = None,
     prune: Any = None,
     replay: Any = None,
+    eval_data: Any = None,
+    holdout: float = HOLDOUT,
     base_dir: str | os.PathLike | None = None,
 ) -> Squeezed:
     """Run passes (names, ``(name, options)`` pairs or pass objects; default: ``preset``).
@@ -89,6 +91,11 @@ def squeeze(
     earlier run (``report.timings``), used instead of timing again, so the same data gives the
     same bytes (see ``onnxsqueeze.stages.plan``).
 
+    ``holdout``: the share of ``data`` (seeded by ``seed``) the lossy stages never see, on
+    which their result must meet the budget too (0: none); ``eval_data`` (same forms as
+    ``data``): a separate held-out set instead. ``report.held_out`` has both sides' figures
+    (see ``onnxsqueeze.stages.held_out``).
+
     ``base_dir``: the folder an in-memory model's external data files are in (without it
     such a model is refused: its locations would be read from the current directory);
     locations outside that folder are always refused.
@@ -103,7 +110,7 @@ def squeeze(
     options = dict(
         preset=preset, data=data, shapes=shapes, providers=providers, verify=verify,
         registry=registry, probe_samples=probe_samples, seed=seed, quantize=quantize,
-        factorize=factorize, prune=prune, replay=replay,
+        factorize=factorize, prune=prune, replay=replay, eval_data=eval_data, holdout=holdout,
     )  # fmt: skip
     result, report = _run(working, passes, **options)
     report.source = loaded.label
@@ -179,6 +186,8 @@ def _run(
     factorize,
     prune,
     replay,
+    eval_data,
+    holdout,
     spill=None,
 ):
     """The pipeline, then the lossy stages, on ``loaded.model`` (a LoadedModel); ``spill``
@@ -187,6 +196,7 @@ def _run(
     model = loaded.model
     remove_stale()  # scratch copies of runs that were killed
     passes, providers = _checked(passes, preset, providers, verify, probe_samples, seed)
+    _check_holdout(holdout)
     plan = Plan(load_replay(replay))
     registry = registry or builtin_registry()
     pass_objects = registry.build(passes if passes is not None else [preset])
@@ -222,9 +232,11 @@ def _run(
             model = quantize_unverified(model, quantize, report, spill)
         return model, report
     with recording(plan):
-        model = run_lossy_stages(
-            model, report, factorize, quantize, data, probe_shapes[0], providers, seed, prune
-        )
+        model = run_checked_stages(
+            model, report, quantize=quantize, factorize=factorize, prune=prune, data=data,
+            eval_data=eval_data, holdout=holdout, shapes=probe_shapes[0], providers=providers,
+            seed=seed,
+        )  # fmt: skip
     _say_timings(plan, report)
     return model, report
 
@@ -289,6 +301,14 @@ def _checked(passes, preset, providers, verify, probe_samples, seed) -> tuple[An
                 f"{name}= must be a whole number from {low} to {high}, got {value!r}"
             )
     return passes, providers
+
+
+def _check_holdout(holdout: Any) -> None:
+    """A share of the data: 0 (none held out) up to below 1 (something left to search on)."""
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 <= holdout < 1:
+        raise PipelineConfigError(
+            f"holdout= must be a share of the data in [0, 1), got {holdout!r}"
+        )
 
 
 def _file_bytes(path: Path, data_files: set[Path]) -> int:

@@ -27,6 +27,8 @@ FLAG_OF = {
     "verify=False": "--no-verify",
     "shapes=": "--shape",
     "data=": "--data",
+    "eval_data=": "--eval-data",
+    "holdout=": "--holdout",
     "quantize=": "--quantize",
     "factorize=": "--factorize",
     "prune=": "--prune",
@@ -191,7 +193,7 @@ def _squeeze(args: argparse.Namespace) -> int:
     from onnxsqueeze.api import squeeze_file
     from onnxsqueeze.cli.destinations import check_cache, check_destinations, read_files
 
-    reads = read_files(args.model, args.data, args.calib_cache)
+    reads = read_files(args.model, args.data, args.calib_cache, args.eval_data)
     writes = {
         "-o": args.output,
         "--report": args.report,
@@ -228,6 +230,8 @@ def _squeeze(args: argparse.Namespace) -> int:
             factorize=_factorize_config(args),
             prune=_prune_config(args),
             replay=args.replay,
+            eval_data=args.eval_data,
+            **({"holdout": args.holdout} if args.holdout is not None else {}),
         )
     if args.plan:
         _compare_with_earlier_plan(args.plan, report)

@@ -38,6 +38,8 @@ STAGE_FLAGS = {
     "min_top1_agreement": "--min-top1-agreement",
     "exclude_nodes": "--exclude-nodes",
     "exclude_ops": "--exclude-ops",
+    "eval_data": "--eval-data",
+    "holdout": "--holdout",
 }
 
 
@@ -196,6 +198,19 @@ def build_parser() -> argparse.ArgumentParser:
         "kept only if faster), channels=R (each channel group loses R of its channels), "
         "sparsity=S or 2:4 (zero weights: a smaller compressed file, not a faster model) "
         "(default: off)",
+    )
+    quant.add_argument(
+        "--holdout",
+        type=_number(0, 0.9),
+        metavar="F",
+        help="share of --data the search never sees, on which the result must meet the budget "
+        "too (default 0.25, drawn with a fixed seed; 0: none)",
+    )
+    quant.add_argument(
+        "--eval-data",
+        type=text_value,
+        metavar="PATH",
+        help="held-out samples (.npz or folder) to meet the budget on, instead of a share of --data",
     )
     quant.add_argument("--max-error", type=_number(0), metavar="X", help="max abs output error")
     quant.add_argument(

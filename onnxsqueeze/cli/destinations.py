@@ -15,16 +15,19 @@ from pathlib import Path
 from onnxsqueeze.core.errors import ModelSaveError
 
 
-def read_files(model: str, data: str | None, cache: str | None) -> dict[Path, str]:
-    """The files the run reads, resolved, with what each is: the model, the --data file or
-    the .npz files of its folder, the calibration cache."""
+def read_files(
+    model: str, data: str | None, cache: str | None, eval_data: str | None = None
+) -> dict[Path, str]:
+    """The files the run reads, resolved, with what each is: the model, the --data and
+    --eval-data files or the .npz files of their folders, the calibration cache."""
     found = {Path(model).resolve(): "the input model"}
-    if data:
-        source = Path(data)
-        if source.is_dir():
-            found.update({p.resolve(): "a --data file" for p in source.glob("*.npz")})
-        else:
-            found[source.resolve()] = "the --data file"
+    for flag, path in (("--data", data), ("--eval-data", eval_data)):
+        if path:
+            source = Path(path)
+            if source.is_dir():
+                found.update({p.resolve(): f"a {flag} file" for p in source.glob("*.npz")})
+            else:
+                found[source.resolve()] = f"the {flag} file"
     if cache:
         found[Path(cache).resolve()] = "the --calib-cache file"
     return found

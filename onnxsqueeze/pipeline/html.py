@@ -209,6 +209,14 @@ def squeeze_page(report: Any) -> str:
     if report.verification:
         verdict += f" ({report.verification.get('summary', '')})"
     sections.append(f"<h2>Verification</h2><p>{_fmt(verdict)}</p>")
+    held = report.held_out or {}
+    if held:  # the search's samples beside the held-out ones, try by try
+        sections.append(f"<p>held-out samples: {_fmt(held.get('how', ''))}</p>")
+        rows = [[i + 1, a.get("budget"), a.get("shipped"), a.get("search"), a.get("held_out"),
+                 a.get("met")] for i, a in enumerate(held.get("attempts") or [])]  # fmt: skip
+        if rows:
+            headers = ["try", "budget", "shipped", "search samples", "held-out samples", "met"]
+            sections.append(_table(headers, rows))
     if report.warnings:
         sections.append("<ul>" + "".join(f"<li>{_fmt(w)}</li>" for w in report.warnings) + "</ul>")
     return _page("onnxsqueeze: squeeze report", sections, report.as_dict())

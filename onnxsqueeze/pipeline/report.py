@@ -46,6 +46,9 @@ class Report:
     pruning: dict[str, Any] | None = None
     #: What the quantize stage chose, measured and kept float (None: not asked).
     quantization: dict[str, Any] | None = None
+    #: The lossy result held to the budget on samples the search never saw (None: no lossy
+    #: stage ran): where they came from, each try's search and held-out figures, intervals.
+    held_out: dict[str, Any] | None = None
     seconds: float = 0.0
     #: Every timing the lossy stages decided on, in order (stages.plan): what --plan writes.
     timings: list[dict[str, Any]] = dataclasses.field(default_factory=list)
@@ -101,9 +104,38 @@ class Report:
         if self.verification:
             verdict += f" ({self.verification.get('summary', '')})"
         lines.append(f"verification: {verdict}")
+        lines.extend(_held_out_lines(self.held_out))
         if warnings:  # the CLI prints them on stderr instead
             lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
+
+
+def _held_out_lines(record: dict[str, Any] | None) -> list[str]:
+    """The budget on the search samples beside the held-out ones, try by try."""
+    if not record:
+        return []
+    if not record.get("attempts"):
+        return [f"held-out check: {record['how']}"] if not record.get("checked", True) else []
+    verdict = {True: "met", False: "missed", None: "nothing lossy shipped"}[record.get("met")]
+    judged = record["judged"]
+    if judged < record["held_out_samples"]:
+        judged = f"the first {judged} judged"
+    else:
+        judged = f"all {judged} judged"
+    lines = [
+        f"held-out check: {verdict} ({record['how']}, {judged}; the search saw "
+        f"{record['search_samples']} {record.get('units', 'samples')})"
+    ]
+    for index, attempt in enumerate(record["attempts"]):
+        shipped = f"{attempt['shipped']}; " if attempt.get("shipped") else ""
+        lines.append(f"  try {index + 1} ({attempt['budget']}): {shipped}search "
+                     f"{attempt.get('search', '-')} | held-out {attempt['held_out']}")  # fmt: skip
+    for name, c in (record.get("confidence") or {}).items():
+        lines.append(
+            f"  {name}: {c['agreement']:.1%} of {c['answers']} held-out answers agree "
+            f"(95 % interval {c['low']:.1%}-{c['high']:.1%})"
+        )
+    return lines
 
 
 def _pass_rows(passes: list[PassRecord]) -> list[str]:

@@ -59,6 +59,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         quantization={"type": ["object", "null"]},
         factorization={"type": ["object", "null"]},
         pruning={"type": ["object", "null"]},
+        held_out={"type": ["object", "null"]},
         timings={"type": "array"},
         file_bytes_before={"type": ["integer", "null"]},
         file_bytes_after={"type": ["integer", "null"]},

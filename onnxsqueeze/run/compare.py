@@ -27,6 +27,8 @@ class OutputMetrics:
     cosine: float = 1.0
     sqnr_db: float = math.inf
     top1_agreement: float | None = None
+    #: How many answers (argmax rows over all samples) top1_agreement was measured on.
+    answers: int = 0
     #: Mean share of each row's 5 largest entries (last axis) that stay among its 5 largest.
     top5_agreement: float | None = None
     #: Every reference sample is a probability distribution over the last axis (softmax-like:
@@ -200,6 +202,7 @@ def _accumulate(
     if a.ndim >= 1 and a.shape[-1] > 1:
         m.distribution = m.distribution is not False and is_distribution(a64)
         top1[m.name].append(float(np.mean(np.argmax(a, axis=-1) == np.argmax(b, axis=-1))))
+        m.answers += int(np.prod(a.shape[:-1]))
         if (
             top5 is not None
             and a.shape[-1] > 5

@@ -6,8 +6,9 @@ reported once, naming the file, instead of deep inside onnxruntime.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +41,74 @@ def iter_feeds(
         raise CalibrationDataError(f"{_describe(source)}: no samples found")
 
 
+@dataclasses.dataclass(frozen=True)
+class Subset:
+    """The samples of ``source`` whose position is (``keep=True``) or is not in ``indices``:
+    one part of a split, read from the source like the whole, file by file, so a held-out
+    part never travels through memory with the rest."""
+
+    source: Any
+    indices: frozenset[int]
+    keep: bool = True
+
+    def __len__(self) -> int:
+        return len(self.indices) if self.keep else count_samples(self.source) - len(self.indices)
+
+
+def count_samples(source: Any) -> int:
+    """How many samples ``source`` holds, without reading them where it can (a folder's
+    files are counted, a list is measured); another iterable is read through once."""
+    if isinstance(source, Subset):
+        return len(source)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir():
+            return len(_folder_files(path))
+        return 1
+    if isinstance(source, Mapping):
+        return 1
+    if isinstance(source, Sized):
+        return len(source)
+    return sum(1 for _ in _iter_source(source))
+
+
+def reusable(source: Any) -> Any:
+    """``source`` as something that can be read more than once: a one-shot iterator (a
+    generator of feeds) is kept as a list, since the search, calibration and the held-out
+    check each read the data."""
+    if isinstance(source, Iterator):
+        return list(source)
+    return source
+
+
 def _describe(source: Any) -> str:
+    if isinstance(source, Subset):
+        return f"part of {_describe(source.source)}"
     return str(source) if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
 
 
+def _folder_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy"))
+
+
 def _iter_source(source: Any) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    if isinstance(source, Subset):
+        if isinstance(source.source, (str, os.PathLike)) and Path(source.source).is_dir():
+            files = _folder_files(Path(source.source))  # unread files stay unread
+            for index, file in enumerate(files):
+                if (index in source.indices) == source.keep:
+                    yield from _read_file(file)
+            return
+        for index, item in enumerate(_iter_source(source.source)):
+            if (index in source.indices) == source.keep:
+                yield item
+        return
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.exists():
             raise CalibrationDataError(f"{path}: data file or folder not found")
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy"))
+            files = _folder_files(path)
             if not files:
                 raise CalibrationDataError(f"{path}: folder holds no .npz files")
             for file in files:

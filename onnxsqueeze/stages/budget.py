@@ -33,6 +33,9 @@ class Budget:
     min_class_agreement: float | None = None
     metric: Callable[[Outputs, Outputs], float] | None = None
     min_metric: float | None = None
+    #: Set by the held-out check on the limits it moved inward (stages.held_out): the search
+    #: data need not resolve them, the held-out data judges the result.
+    tightened: bool = False
 
     def __post_init__(self) -> None:
         """A limit no result can meet (a cosine above 1) is a typo, not a budget."""
@@ -77,6 +80,17 @@ class Budget:
             min_top1_agreement=closer(self.min_top1_agreement),
             min_class_agreement=closer(self.min_class_agreement),
         )
+
+    def describe(self) -> str:
+        """The limits in words ("cosine >= 0.997, class agreement >= 0.99")."""
+        limits = [
+            ("max error <=", self.max_error),
+            ("cosine >=", self.min_cosine),
+            ("top-1 agreement >=", self.min_top1_agreement),
+            ("class agreement >=", self.min_class_agreement),
+            ("metric >=", self.min_metric if self.metric is not None else None),
+        ]
+        return ", ".join(f"{what} {value:.6g}" for what, value in limits if value is not None)
 
     def check(
         self, comparison: Comparison, reference: Outputs, candidate: Outputs

@@ -34,22 +34,21 @@ def run_lossy_stages(
     providers: Any,
     seed: int,
     prune: Any = None,
+    budget: Budget | None = None,
 ) -> ir.Model:
     """``factorize`` (None/"off", "auto", a ratio or a FactorizeConfig), ``prune`` (None/
     "off", "auto", "channels=R", "sparsity=S", "N:M" or a PruneConfig), then ``quantize``
-    (None, a mode name or a QuantizeConfig) on the simplified ``model``."""
-    qconfig = _quantize_config(quantize)
+    (None, a mode name or a QuantizeConfig) on the simplified ``model``. ``budget``, when
+    given, replaces every stage's (the held-out check's tightened budget)."""
+    qconfig, fconfig, pconfig = lossy_configs(quantize, factorize, prune, budget)
     budget = qconfig.budget if qconfig is not None else QuantizeConfig().budget
-    fconfig = factorize_config(factorize, budget)
-    pconfig = prune_config(prune, budget)
     stages: list[tuple[str, Any, Callable]] = []
     if fconfig is not None:
         stages.append(("factorize", fconfig, run_factorize_stage))
     if pconfig is not None:
         stages.append(("prune", pconfig, run_prune_stage))
     if qconfig is not None:
-        stages.append(("quantize", qconfig if isinstance(quantize, QuantizeConfig) else quantize,
-                       run_quantize_stage))  # fmt: skip
+        stages.append(("quantize", qconfig, run_quantize_stage))
     if not stages:
         return model
     if len(stages) == 1:
@@ -58,8 +57,6 @@ def run_lossy_stages(
     share = 1 / len(stages)
     results = [("original", model)]
     for index, (name, config, run) in enumerate(stages):
-        if name == "quantize":
-            config = qconfig
         # the last stage gets the room the others left (all of it when they changed nothing)
         room = 1 - share * (len(results) - 1) if index == len(stages) - 1 else share
         shared = dataclasses.replace(config, budget=config.budget.share(room))
@@ -107,6 +104,17 @@ def _undo(report: Any, stage: str, summary: str) -> None:
     record = getattr(report, field, None)
     if record is not None:
         setattr(report, field, {**record, "applied": False, "reason": summary})
+
+
+def lossy_configs(quantize: Any, factorize: Any, prune: Any, budget: Budget | None = None):
+    """(quantize, factorize, prune) configs, None for a stage not asked for; ``budget``, when
+    given, replaces theirs."""
+    qconfig = _quantize_config(quantize)
+    whole = budget or (qconfig.budget if qconfig is not None else QuantizeConfig().budget)
+    configs = [qconfig, factorize_config(factorize, whole), prune_config(prune, whole)]
+    if budget is not None:
+        configs = [c if c is None else dataclasses.replace(c, budget=budget) for c in configs]
+    return tuple(configs)
 
 
 def _quantize_config(quantize: Any) -> QuantizeConfig | None:

@@ -12,7 +12,7 @@ from typing import Any
 import onnx_ir as ir
 
 from onnxsqueeze.core.io import initializer_bytes
-from onnxsqueeze.run.compare import compare_runs, is_distribution
+from onnxsqueeze.run.compare import Comparison, compare_runs, is_distribution
 from onnxsqueeze.run.memory import give_back_after
 from onnxsqueeze.run.session import Session
 from onnxsqueeze.stages.budget import Budget
@@ -60,6 +60,11 @@ class Judge:
             give_back_after(initializer_bytes(model))
 
     def __call__(self, model: ir.Model) -> tuple[bool, str]:
+        comparison, outputs = self.measure(model)
+        return self.budget.check(comparison, self.reference, outputs)
+
+    def measure(self, model: ir.Model) -> tuple[Comparison, list[dict]]:
+        """``model``'s outputs on the feeds and how they compare with the reference's."""
         outputs = self.run(model)
         comparison = compare_runs(self.reference, outputs)
         self.cosines[id(model)] = comparison.min_cosine
@@ -68,4 +73,4 @@ class Judge:
             for o in comparison.outputs
             if o.distribution and o.top1_agreement is not None and o.top1_agreement < 1
         }
-        return self.budget.check(comparison, self.reference, outputs)
+        return comparison, outputs

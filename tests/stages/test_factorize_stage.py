@@ -70,7 +70,10 @@ def test_auto_factorizes_an_overparameterised_mlp_within_the_budget():
         assert 0.5 * layer["predicted_error"] <= layer["measured_error"]
         assert layer["measured_error"] <= 1.5 * layer["predicted_error"]
     assert record["keeps_tried"] and record["weight_bytes_saved"] > 0.6
-    assert record["judged_on"] == "6 samples"  # every 4th judges, the others fit the factors
+    # of 24 samples 8 are held out (stages.held_out); of the 16 searched every 4th judges,
+    # the others fit the factors
+    assert record["judged_on"] == "4 samples"
+    assert report.held_out["held_out_samples"] == 8 and report.held_out["met"]
     assert record["min_cosine"] >= 0.997
     cosines = []
     for feed in _data(8):  # samples neither the factors nor the budget saw

@@ -116,7 +116,8 @@ def test_a_ratio_that_misses_the_budget_keeps_the_group_that_hurts_most_whole():
 
 def test_sparsity_under_the_budget_reports_the_zeros():
     proto = _wide_mlp()
-    config = PruneConfig(kind="sparsity", amount=0.5, budget=Budget(min_cosine=0.9))
+    # 50 % of a 16-wide MLP's weights cost it cosine 0.92: room enough below it for any draw
+    config = PruneConfig(kind="sparsity", amount=0.5, budget=Budget(min_cosine=0.85))
     _, report = onnxsqueeze.squeeze(proto, data=_data(), prune=config, quantize="none")
     record = report.pruning
     assert record["applied"] and record["sparsity"] == pytest.approx(0.5, abs=0.01)

@@ -20,6 +20,7 @@ from onnxsqueeze.core.stats import model_stats
 from onnxsqueeze.run.feeds import iter_feeds
 from onnxsqueeze.run.probes import probe_feeds
 from onnxsqueeze.run.signature import input_specs
+from onnxsqueeze.stages.budget import Budget
 from onnxsqueeze.stages.latency_gate import SPEED_TIE
 from onnxsqueeze.stages.quantize.alternatives import not_smaller, pick, resolve_configs
 from onnxsqueeze.stages.quantize.config import QuantizeConfig, QuantizeOutcome
@@ -60,7 +61,8 @@ def run_quantize_stage(
         raise CalibrationError("static quantization needs calibration data (data=)")
     feeds = probe_feeds(model, data, shapes, max(configs[0].eval_samples, 2), seed)
     feeds = feeds[: configs[0].eval_samples]
-    _warn_if_unresolvable("top-1 budget", configs[0].budget.min_top1_agreement, feeds, report)
+    budget = configs[0].budget
+    _warn_if_unresolvable("top-1 budget", budget.min_top1_agreement, feeds, report, budget)
     _warn_unmatched_exclusions(model, configs[0], report)
     outcomes: list[QuantizeOutcome] = []
     for config in configs:
@@ -108,7 +110,7 @@ def run_quantize_stage(
         return model
     if best.record.get("class_outputs"):
         limit = configs[0].budget.min_class_agreement
-        _warn_if_unresolvable("class-agreement limit", limit, feeds, report)
+        _warn_if_unresolvable("class-agreement limit", limit, feeds, report, budget)
     flips = best.record.get("top1_agreement") or {}
     if flips and configs[0].budget.min_top1_agreement is None:
         for name, agreement in flips.items():
@@ -123,8 +125,12 @@ def run_quantize_stage(
     return best.model
 
 
-def _warn_if_unresolvable(what: str, limit: float | None, feeds: list, report: Any) -> None:
+def _warn_if_unresolvable(
+    what: str, limit: float | None, feeds: list, report: Any, budget: Budget
+) -> None:
     """An agreement limit that one disagreement on these few samples already breaks."""
+    if budget.tightened:  # moved inward by the held-out check, which judges the result
+        return
     if limit is not None and limit > 0 and len(feeds) * (1 - limit) < 1:
         report.warnings.append(
             f"the {what} ({limit:g}) is judged on {len(feeds)} samples, where one "
