@@ -21,6 +21,9 @@ _LAZY = {
     "load_model": "onnxsqueeze.core.io",
     "save_model": "onnxsqueeze.core.io",
     "SqueezeError": "onnxsqueeze.core.errors",
+    "from_torch": "onnxsqueeze.frameworks.torch_door",
+    "from_keras": "onnxsqueeze.frameworks.keras_door",
+    "from_sklearn": "onnxsqueeze.frameworks.sklearn_door",
 }
 
 __all__ = ["__version__", *_LAZY]

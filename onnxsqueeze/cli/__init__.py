@@ -213,26 +213,38 @@ def _squeeze(args: argparse.Namespace) -> int:
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
     from onnxsqueeze.cli.tables import progress_bar
     from onnxsqueeze.core.progress import reporting
+    from onnxsqueeze.frameworks.files import sniff
 
+    kind = sniff(args.model)  # a framework's file is exported first (frameworks.saved)
+    options = dict(
+        preset=args.preset,
+        data=args.data,
+        shapes=args.shape,
+        providers=[p.strip() for p in args.providers.split(",") if p.strip()],
+        verify=not args.no_verify,
+        external_data=external,
+        quantize=_quantize_config(args),
+        factorize=_factorize_config(args),
+        prune=_prune_config(args),
+        replay=args.replay,
+        eval_data=args.eval_data,
+        **({"holdout": args.holdout} if args.holdout is not None else {}),
+    )
     with progress_bar(not args.quiet) as bar, reporting(bar):
-        report = squeeze_file(
-            args.model,
-            args.output,
-            _pass_specs(args),
-            preset=args.preset,
-            data=args.data,
-            shapes=args.shape,
-            providers=[p.strip() for p in args.providers.split(",") if p.strip()],
-            verify=not args.no_verify,
-            external_data=external,
-            overwrite_input=args.overwrite_input,
-            quantize=_quantize_config(args),
-            factorize=_factorize_config(args),
-            prune=_prune_config(args),
-            replay=args.replay,
-            eval_data=args.eval_data,
-            **({"holdout": args.holdout} if args.holdout is not None else {}),
-        )
+        if kind == "onnx":
+            report = squeeze_file(
+                args.model,
+                args.output,
+                _pass_specs(args),
+                overwrite_input=args.overwrite_input,
+                **options,
+            )
+        else:
+            from onnxsqueeze.frameworks.saved import squeeze_saved
+
+            report = squeeze_saved(
+                args.model, kind, args.output, passes=_pass_specs(args), **options
+            )
     if args.plan:
         _compare_with_earlier_plan(args.plan, report)
     if args.report:

@@ -60,3 +60,12 @@ def first_line(exc: BaseException, limit: int = 400) -> str:
 
 class CalibrationError(SqueezeError):
     """Calibration statistics cannot give a range (no finite value seen, bad cache)."""
+
+
+class ConversionError(VerificationError):
+    """A framework model's ONNX export disagrees with the framework model (or cannot run the
+    inputs the framework model takes)."""
+
+
+class MissingDependencyError(SqueezeError):
+    """An optional extra (a framework, its converter) is not installed."""

@@ -46,6 +46,9 @@ class Report:
     pruning: dict[str, Any] | None = None
     #: What the quantize stage chose, measured and kept float (None: not asked).
     quantization: dict[str, Any] | None = None
+    #: A framework model's export (onnxsqueeze.frameworks): exporter, opset, time, and the
+    #: exported and squeezed models' outputs against the framework's (None: ONNX given).
+    conversion: dict[str, Any] | None = None
     #: The lossy result held to the budget on samples the search never saw (None: no lossy
     #: stage ran): where they came from, each try's search and held-out figures, intervals.
     held_out: dict[str, Any] | None = None
@@ -74,7 +77,8 @@ class Report:
         ``render(headers, rows, right=...)`` draws the tables (the CLI's: rich on a
         terminal); plain aligned text by default."""
         render = render or _plain
-        lines = _pass_rows(self.passes) + [""] if verbose else []
+        lines = _conversion_lines(self.conversion)
+        lines += _pass_rows(self.passes) + [""] if verbose else []
         lines.append(render(["", "before", "after", "change"], _size_rows(self), right=(1, 2)))
         ops = _op_rows(self.before.get("ops") or {}, self.after.get("ops") or {})
         if ops:
@@ -108,6 +112,23 @@ class Report:
         if warnings:  # the CLI prints them on stderr instead
             lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
+
+
+def _conversion_lines(record: dict[str, Any] | None) -> list[str]:
+    """The export first: which step moved the numbers, the exporter's or ours."""
+    if not record:
+        return []
+    exported = record["exported_vs_framework"]
+    lines = [
+        f"conversion: {record['framework']} -> ONNX opset {record.get('opset')} by "
+        f"{record['exporter']} in {record['seconds']:.1f}s",
+        f"  exported vs {record['framework']} on {exported['samples']} samples: "
+        f"{exported['summary']}" + ("" if record.get("holds") else "  (DIFFERS)"),
+    ]
+    squeezed = record.get("squeezed_vs_framework")
+    if squeezed:
+        lines.append(f"  squeezed vs {record['framework']}: {squeezed['summary']}")
+    return [*lines, ""]
 
 
 def _held_out_lines(record: dict[str, Any] | None) -> list[str]:
