@@ -16,8 +16,9 @@ import onnx_ir as ir
 
 from onnxsqueeze.api import squeeze
 from onnxsqueeze.core.errors import ConversionError, MissingDependencyError, first_line
-from onnxsqueeze.frameworks.reference import against_framework, conversion_holds
+from onnxsqueeze.frameworks.reference import against_framework, budget_miss, conversion_holds
 from onnxsqueeze.run.session import Session
+from onnxsqueeze.stages.budget import DEFAULT_BUDGET
 
 
 @dataclasses.dataclass
@@ -94,6 +95,11 @@ def squeeze_export(
     small, report = squeeze(model, providers=providers, strict=strict, **options)
     record["squeezed_vs_framework"] = against_framework(reference, _run(small, feeds, providers))
     report.conversion = record
+    quantize = options.get("quantize")
+    miss = budget_miss(record["squeezed_vs_framework"], getattr(quantize, "budget", DEFAULT_BUDGET))
+    if miss:
+        report.warnings.append(f"against the {export.framework} model's outputs the squeezed "
+                               f"model misses the budget ({miss})")  # fmt: skip
     if not record["holds"]:
         report.warnings.insert(
             0, f"the exported ONNX model differs from the {export.framework} model "

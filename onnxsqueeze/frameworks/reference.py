@@ -94,3 +94,17 @@ def conversion_holds(comparison: Mapping[str, Any]) -> bool:
         elif m["max_rel"] > CONVERSION_RTOL:
             return False
     return True
+
+
+def budget_miss(comparison: Mapping[str, Any], budget: Any) -> str | None:
+    """What of ``budget`` (its cosine and agreement limits) the outputs miss against the
+    framework's, or None: the squeezed model is judged by the framework too."""
+    agreement = budget.min_class_agreement or budget.min_top1_agreement
+    for name, m in comparison["outputs"].items():
+        if m.get("mismatch"):
+            return f"{name}: {m['mismatch']}"
+        if "label_agreement" in m and agreement and m["label_agreement"] < agreement:
+            return f"{name}: labels agree {m['label_agreement']:.2%} (min {agreement:g})"
+        if budget.min_cosine is not None and m.get("cosine", 1.0) < budget.min_cosine:
+            return f"{name}: cosine {m['cosine']:.5f} (min {budget.min_cosine:g})"
+    return None

@@ -221,6 +221,36 @@ def test_from_keras_model_file_and_saved_model(tmp_path):
         assert min(_cosine(e, y[0]) for e, y in zip(expected, outputs, strict=True)) >= 0.99
 
 
+def test_a_tflite_file_through_the_cli(tmp_path, capsys):
+    tf = pytest.importorskip("tensorflow") if _has("tensorflow") else pytest.skip("no tensorflow")
+    model = _keras_cnn()
+    model(np.zeros((1, 16, 16, 3), np.float32))
+    path = tmp_path / "cnn.tflite"
+    path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    out = tmp_path / "small.onnx"
+    assert main([str(path), "-o", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "conversion: tensorflow lite" in table and "by tf2onnx" in table
+    proto = onnx.load(out)
+    fresh = [RNG.standard_normal((1, 16, 16, 3)).astype(np.float32) for _ in range(4)]
+    outputs = _run(proto, [{proto.graph.input[0].name: x} for x in fresh])
+    for x, (y,) in zip(fresh, outputs, strict=True):
+        assert _cosine(np.asarray(model(x, training=False)), y) >= 0.99
+
+
+def test_the_squeezed_model_is_judged_by_the_framework_budget():
+    from onnxsqueeze.frameworks.reference import budget_miss
+    from onnxsqueeze.stages.budget import DEFAULT_BUDGET
+
+    close = {"outputs": {"y": {"max_rel": 1e-3, "cosine": 0.999}}}
+    far = {"outputs": {"y": {"max_rel": 0.1, "cosine": 0.99},
+                       "label": {"label_agreement": 1.0, "labels": 10}}}  # fmt: skip
+    flips = {"outputs": {"label": {"label_agreement": 0.9, "labels": 10}}}
+    assert budget_miss(close, DEFAULT_BUDGET) is None
+    assert budget_miss(far, DEFAULT_BUDGET) == "y: cosine 0.99000 (min 0.997)"
+    assert budget_miss(flips, DEFAULT_BUDGET) == "label: labels agree 90.00% (min 0.99)"
+
+
 def _has(module: str) -> bool:
     import importlib.util
 
