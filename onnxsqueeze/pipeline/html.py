@@ -130,6 +130,7 @@ def squeeze_page(report: Any) -> str:
     ax.legend(loc="lower right", fontsize=8)
     sections = [
         f"<p>{html.escape(str(report.source))} &rarr; {html.escape(str(report.output))}</p>",
+        *_conversion(report.conversion),
         "<h2>Size</h2>",
         _figure("weight bytes by element type, before and after", _svg(fig)),
     ]
@@ -220,6 +221,19 @@ def squeeze_page(report: Any) -> str:
     if report.warnings:
         sections.append("<ul>" + "".join(f"<li>{_fmt(w)}</li>" for w in report.warnings) + "</ul>")
     return _page("onnxsqueeze: squeeze report", sections, report.as_dict())
+
+
+def _conversion(record: dict[str, Any] | None) -> list[str]:
+    """A framework model's export first: the exported and squeezed models against it."""
+    if not record:
+        return []
+    rows = [["exported", record["exported_vs_framework"]["summary"]]]
+    if record.get("squeezed_vs_framework"):
+        rows.append(["squeezed", record["squeezed_vs_framework"]["summary"]])
+    head = (f"{html.escape(record['framework'])} &rarr; ONNX opset {record.get('opset')} by "
+            f"{html.escape(record['exporter'])} in {record['seconds']:.1f} s")  # fmt: skip
+    return ["<h2>Conversion</h2>", f"<p>{head}</p>",
+            _table(["model", f"outputs against {record['framework']}"], rows)]  # fmt: skip
 
 
 def _decision(q: dict[str, Any]) -> str:

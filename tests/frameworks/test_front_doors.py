@@ -178,6 +178,9 @@ def test_an_export_whose_numbers_differ_is_caught():
         squeeze_export(export, feeds, drifted)
     _, report = squeeze_export(export, feeds, drifted, strict=False)
     assert not report.conversion["holds"] and "DIFFERS" in report.to_table()
+    from onnxsqueeze.pipeline.html import squeeze_page
+
+    assert "<h2>Conversion</h2>" in squeeze_page(report)
 
 
 # ------------------------------------------------------------------ Keras / TensorFlow
