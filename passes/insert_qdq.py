@@ -262,17 +262,17 @@ class InsertQdqPass(SqueezePass):
             bias_q = quantize_bias(bias, np.broadcast_to(bias_scale, bias.shape))
             if bias_q is None:
                 return False
-        base = weight_value.name or "weight"
-        builder = self._builder
-        node.replace_input_with(weight_index, builder.dequantized(scope, q, wqp, axis, base, node))
+        base, builder = weight_value.name or "weight", self._builder
+        dq = builder.shared((weight_value, axis), scope, q, wqp, axis, base, node)
+        node.replace_input_with(weight_index, dq)
         drop_if_unused(scope, weight_value)
         if bias_q is not None:
-            # per channel like the weight; one scalar where the weight has one (opset < 13)
+            # per channel like the weight; one scalar where the weight has one (opset < 13);
+            # shared by the nodes of a shared bias whose input scales agree
             bqp = QParams(bias_scale, np.zeros(bias_scale.shape, np.int32), "int32")
-            bname = bias_value.name or "bias"
-            node.replace_input_with(
-                bias_index, builder.dequantized(scope, bias_q, bqp, 0, bname, node)
-            )
+            key, bname = (bias_value, bias_scale.tobytes()), bias_value.name or "bias"
+            dq = builder.shared(key, scope, bias_q, bqp, 0, bname, node)
+            node.replace_input_with(bias_index, dq)
             drop_if_unused(scope, bias_value)
         self._stats["weights"] += 1
         return True

@@ -1,12 +1,12 @@
 """quantize-dynamic: int8 weights, activations quantized at run time (no calibration data).
 
-Embedding tables (Gather on a constant 2-D table) become int8 rows, one scale per row,
-dequantized after the lookup, or (``embedding_fold``, the CPU's) expanded to float at load.
-Each MatMul (and plain Gemm) with a constant weight becomes ``DynamicQuantizeLinear(x) ->
-MatMulInteger -> Cast -> Mul(x_scale * w_scale)`` (+ ``Add(bias)``), fused by onnxruntime into
-DynamicQuantizeMatMul: the activation range is each run's own min/max (no calibration).
-Weights are per output column, symmetric (7-bit where u8s8 kernels saturate); one
-DynamicQuantizeLinear serves every MatMul reading the same tensor (Q, K and V).
+Embedding tables (Gather on a constant 2-D table) become int8 rows, one scale per row, dequantized
+after the lookup, or (``embedding_fold``, the CPU's) expanded to float at load. Each MatMul (and
+plain Gemm) with a constant weight becomes ``DynamicQuantizeLinear(x) -> MatMulInteger -> Cast ->
+Mul(x_scale * w_scale)`` (+ ``Add(bias)``), fused by onnxruntime into DynamicQuantizeMatMul: the
+activation range is each run's own min/max (no calibration). Weights are per output column,
+symmetric (7-bit where u8s8 kernels saturate); one DynamicQuantizeLinear serves every MatMul
+reading the same tensor (Q, K and V); a weight read by several nodes is quantized once.
 
 ``outliers`` (input -> channels, from calib.peaks) keeps huge input channels out of the
 run-time range: the MatMul reads the input with them zeroed (``Mul`` by a 0/1 mask) and
@@ -121,13 +121,13 @@ class QuantizeDynamicPass(SqueezePass):
             return "not a weighted MatMul"
         if weight.size < opts.min_elements:
             return f"weight below {opts.min_elements} elements"
-        bias = None
+        bias, flipped = None, False
         if node.op_type == "Gemm":
             attrs = {k: a.value for k, a in node.attributes.items()}
             if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
                 return "Gemm with transA or alpha"
             if attrs.get("transB", 0):
-                weight = weight.T
+                weight, flipped = weight.T, True
             if len(node.inputs) > 2 and node.inputs[2] is not None:
                 bias = constant_array(node.inputs[2])
                 if bias is None or attrs.get("beta", 1.0) != 1.0:
@@ -145,16 +145,21 @@ class QuantizeDynamicPass(SqueezePass):
         if channels:
             weight = weight.copy()
             weight[list(channels)] = 0  # their inputs are zero: rows free for the scale
-        q, qp = quantize_per_channel(weight, 1 if opts.per_channel else None, "int8", self._reduce)
         base = node.inputs[1].name or "weight"
+        wkey = (node.inputs[1], flipped, channels, None if factors is None else x)
+        if wkey not in shared:
+            q, qp = quantize_per_channel(
+                weight, 1 if opts.per_channel else None, "int8", self._reduce
+            )
+            shared[wkey] = [self._const(scope, np.ascontiguousarray(a), base + suffix, node)
+                            for a, suffix in ((q, "_quantized"), (qp.zero_point, "_zero_point"),
+                                              (np.asarray(qp.scale, np.float32), "_scale"))]  # fmt: skip
+        wq, wzp, ws = shared[wkey]
         key = (x, channels, factors is not None)
         if key not in shared:
             clean = self._split(scope, x, channels, weight.shape[0], node, factors)
             shared[key] = self._dynamic_quantize(scope, clean, node)
         xq, xs, xzp = shared[key]
-        wq = self._const(scope, np.ascontiguousarray(q), base + "_quantized", node)
-        wzp = self._const(scope, np.ascontiguousarray(qp.zero_point), base + "_zero_point", node)
-        ws = self._const(scope, np.asarray(qp.scale, np.float32), base + "_scale", node)
         mmi = ir.node("MatMulInteger", [xq, wq, xzp, wzp])
         cast = ir.node("Cast", [mmi.outputs[0]], attributes={"to": FLOAT.value})
         scale = ir.node("Mul", [xs, ws])
@@ -162,7 +167,10 @@ class QuantizeDynamicPass(SqueezePass):
         new_nodes = [mmi, cast, scale, out]
         result = out.outputs[0]
         if bias is not None:
-            b = self._const(scope, bias.reshape(-1).astype(np.float32), base + "_bias", node)
+            if ("bias", node.inputs[2]) not in shared:
+                b = self._const(scope, bias.reshape(-1).astype(np.float32), base + "_bias", node)
+                shared[("bias", node.inputs[2])] = b
+            b = shared[("bias", node.inputs[2])]
             add = ir.node("Add", [result, b])
             new_nodes.append(add)
             result = add.outputs[0]
@@ -171,15 +179,8 @@ class QuantizeDynamicPass(SqueezePass):
             self._add_outlier_share(scope, result, self._splits[key][1], side_weight, base)
         return None
 
-    def _split(
-        self,
-        scope: GraphLike,
-        x: ir.Value,
-        channels: tuple[int, ...],
-        width: int,
-        before: ir.Node,
-        factors: np.ndarray | None = None,
-    ) -> ir.Value:
+    def _split(self, scope: GraphLike, x: ir.Value, channels: tuple[int, ...], width: int,
+               before: ir.Node, factors: np.ndarray | None = None) -> ir.Value:  # fmt: skip
         """``x`` with ``channels`` zeroed or divided by ``factors`` (what the int8 MatMul
         reads), once per input; split channels' values go to ``_splits`` (the float share)."""
         if not channels and factors is None:

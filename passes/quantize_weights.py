@@ -164,14 +164,14 @@ class QuantizeWeightsPass(SqueezePass):
             return None
         if weight.size < self.options.min_elements:
             return None
-        if read_elsewhere(weight_value, node):
+        readers = [user for user, _ in weight_value.uses()]
+        if read_elsewhere(weight_value, node) and not self._shared(scope, readers):
             return (0, 0)
-        trans_b = False
-        if node.op_type in ("Gemm", "FusedMatMul"):
-            attr = node.attributes.get("transB")
-            trans_b = bool(attr.as_int()) if attr is not None else False
+        attr = node.attributes.get("transB") if node.op_type in ("Gemm", "FusedMatMul") else None
+        trans_b = bool(attr.as_int()) if attr is not None else False
         form = self._form()
-        if form is None or (form == "matmulnbits" and node.op_type != "MatMul"):
+        nbits = form == "matmulnbits"  # one MatMulNBits per MatMul: a shared weight stays float
+        if form is None or (nbits and (node.op_type != "MatMul" or len(readers) > 1)):
             return (0, 0)
         kn = weight.T if trans_b else weight  # [K, N]
         if form == "matmulnbits":
@@ -199,10 +199,19 @@ class QuantizeWeightsPass(SqueezePass):
             return (0, 0)
         return self._to_dq(scope, node, table.T, trans_b=True, index=0)
 
+    def _shared(self, scope: GraphLike, readers: list[ir.Node]) -> bool:
+        """Whether a weight several MatMul/Gemm of this graph read (an unrolled RNN's), none kept
+        float, is quantized once for all of them (WeightStore replaces every use)."""
+        excluded = self.options.exclude_nodes
+        return all(r.graph is scope and r.op_type in ("MatMul", "Gemm") and r.name not in excluded
+                   for r in readers)  # fmt: skip
+
     def _round(self, node: ir.Node, kn: np.ndarray, bits: int, block: int, index: int = 1):
         """(q, scales) of a [K, N] weight (input ``index``, a memo key of its own): GPTQ where
-        the node's input has a Gram matrix."""
+        the node's input has a Gram matrix (a shared weight's readers': their sum)."""
         key = node.inputs[0].name if node.op_type in ("MatMul", "Gemm") else None
+        readers = [u.inputs[0].name for u, _ in node.inputs[1].uses()] if key else []
+        key = tuple(readers) if len(readers) > 1 else key
         key = conv_key(node) if node.op_type == "Conv" else key
         name = (node.name or "") + (f"#{index}" if node.name and index != 1 else "")
         return self._rounder.round(name, key, kn, bits, block)

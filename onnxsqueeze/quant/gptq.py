@@ -100,7 +100,7 @@ class WeightRounder:
         self.gptq = 0
 
     def round(
-        self, node: str, activation: str | None, kn: np.ndarray, bits: int, block: int
+        self, node: str, activation: str | tuple | None, kn: np.ndarray, bits: int, block: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """(q, scales) of the [K, N] weight of ``node``, whose input is ``activation``."""
         key = (node, bits, block)
@@ -113,8 +113,14 @@ class WeightRounder:
         self.gptq += by_gptq
         return q, scales
 
-    def _fresh(self, activation: str | None, kn: np.ndarray, bits: int, block: int):
-        gram = self.grams.get(activation) if activation else None
+    def _fresh(self, activation: str | tuple | None, kn: np.ndarray, bits: int, block: int):
+        """GPTQ on the input's Gram matrix (a shared weight's inputs': their sum, the error
+        over all of its readers), else plain rounding."""
+        if isinstance(activation, tuple):
+            grams = [self.grams.get(a) for a in activation]
+            gram = None if any(g is None for g in grams) else sum(grams)
+        else:
+            gram = self.grams.get(activation) if activation else None
         square = gram is not None and gram.shape == (kn.shape[0], kn.shape[0])
         if square and np.isfinite(gram).all():  # NaN in the data: plain rounding
             if activation not in self.factors:

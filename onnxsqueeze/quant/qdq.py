@@ -100,6 +100,8 @@ class QdqBuilder:
         self.names = names
         #: "" (standard ops) or "com.microsoft" (16-bit Q/DQ before opset 21).
         self.domain = domain
+        #: DequantizeLinear outputs of constants by what they dequantize (see ``shared``)
+        self._shared: dict[tuple, ir.Value] = {}
 
     def constant(self, scope: GraphLike, array: np.ndarray, base: str, before: ir.Node) -> ir.Value:
         return add_constant(self.model, scope, array, unique_name(self.names, base), before)
@@ -133,6 +135,16 @@ class QdqBuilder:
         out.shape = ir.Shape(q.shape)
         scope.insert_before(before, dq)
         return out
+
+    def shared(self, key: tuple, scope: GraphLike, q: np.ndarray, qp: QParams, axis: int | None,
+               base: str, before: ir.Node) -> ir.Value:  # fmt: skip
+        """``dequantized``, once per ``key`` (the float constant and what its codes depend on)
+        and scope: a weight several nodes read (an unrolled RNN's) keeps one int8 copy, its
+        DequantizeLinear placed before the first of them (nodes are visited in order)."""
+        key = (id(scope), *key)
+        if key not in self._shared:
+            self._shared[key] = self.dequantized(scope, q, qp, axis, base, before)
+        return self._shared[key]
 
     def constant_operand(self, scope: GraphLike, node: ir.Node, index: int, dtype: str) -> None:
         """A constant operand of Add/Mul: quantized with its own exact range."""

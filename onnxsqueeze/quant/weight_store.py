@@ -66,6 +66,7 @@ class WeightStore:
             stored = (q.size * bits + 7) // 8
         weight_value = node.inputs[index]
         before = weight_value.const_value.nbytes if weight_value.const_value else 0
-        node.replace_input_with(index, out)
+        # every reader (a shared weight's, checked by the caller) reads the one copy
+        weight_value.replace_all_uses_with(out)
         drop_if_unused(scope, weight_value)
         return before, stored + scales.nbytes
