@@ -3,8 +3,10 @@
 Every scope (main graph, If/Loop/Scan bodies, functions) is evaluated as one batch (see
 onnxsqueeze.run.evaluate). Two guards keep the file from growing: ops that can blow up
 (ConstantOfShape, Expand, Tile, Range) are not even evaluated past ``max_eval_elements``,
-and a result is materialised only if it is no larger than its inputs or than
-``max_growth_bytes`` (a peer grew a 500 MB model to 2.5 GB by folding such ops).
+and a result is materialised only if it is no larger than its inputs and its node, or a
+small integer tensor (a shape), or within ``max_growth_bytes`` when the user allows growth
+(a peer grew a 500 MB model to 2.5 GB by folding such ops; a second fold here once grew a
+54 MB model by 2.3 KB of ConstantOfShape zeros).
 Q/DQ pairs and random ops are never folded. A CastLike of a constant to a runtime tensor
 of known type is a Cast (PyTorch's dynamo exports a bias-free Conv's zero bias that way),
 so it folds too, and the bias becomes a constant that BatchNorm fusion and pruning can use.
@@ -40,13 +42,18 @@ from onnxsqueeze.run.evaluate import evaluate_nodes
 logger = logging.getLogger(__name__)
 
 FOLDABLE_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
-#: Results up to this size (shape vectors, scalars) fold freely.
+#: Integer results up to this size (shape vectors, axes, indices) fold freely.
 TINY_BYTES = 1024
+#: About what a folded node took in the file (op type, names, attributes).
+NODE_BYTES = 64
+#: Growth a user may allow (the default: none, a lossless pass never grows the file).
+DEFAULT_GROWTH = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class FoldConstantsOptions:
-    max_growth_bytes: int = 64 * 1024
+    #: Bytes a folded result may add over its inputs (0: none).
+    max_growth_bytes: int = DEFAULT_GROWTH
     max_eval_elements: int = 16_000_000
 
 
@@ -93,7 +100,6 @@ class FoldConstantsPass(SqueezePass):
         return SqueezeResult(model, modified=bool(stats["values_folded"]), stats=stats)
 
     def _fold_scope(self, model: ir.Model, scope: GraphLike, names: set[str], stats: dict) -> None:
-        opts: FoldConstantsOptions = self.options
         constants: dict[str, np.ndarray] = {}
         produced: set[str] = set()
         candidates: list[ir.Node] = []
@@ -131,9 +137,7 @@ class FoldConstantsPass(SqueezePass):
                 array = values.get(out.name)
                 if array is None or out.is_graph_output() or array.dtype.kind in "OUSV":
                     continue  # unknown, a graph output, or strings/opaque: stays computed
-                if array.nbytes > TINY_BYTES and array.nbytes > max(
-                    opts.max_growth_bytes, in_bytes
-                ):
+                if self._grows(array, in_bytes, out):
                     stats["skipped_too_large"] += 1
                     continue
                 replacement = self._materialize(model, scope, array, out, node, names)
@@ -179,6 +183,20 @@ class FoldConstantsPass(SqueezePass):
                 model, model.graph, array, unique_name(names, out.name or "folded"), node
             )
         return self._shared[key]
+
+    def _grows(self, array: np.ndarray, in_bytes: int, out: ir.Value) -> bool:
+        """Whether materialising ``array`` would grow the file: more bytes than the constant
+        inputs and the node it replaces (a ConstantOfShape's zeros), unless it is a small
+        integer tensor a consumer reads as a shape, axes or indices, which other passes and
+        onnxruntime's shape inference need constant; past ``max_growth_bytes`` in any case
+        when the user raised it."""
+        growth = array.nbytes - in_bytes - NODE_BYTES
+        if growth <= 0:
+            return False
+        if array.dtype.kind in "iu" and array.nbytes <= TINY_BYTES:
+            return False
+        allowed = self.options.max_growth_bytes
+        return allowed == DEFAULT_GROWTH or array.nbytes > max(allowed, in_bytes)
 
     @staticmethod
     def _foldable(node: ir.Node) -> bool:

@@ -5,7 +5,9 @@ known is a constant, and so is any chain of Gather/Slice/Concat/arithmetic over 
 that mixes static and symbolic dims keeps the symbolic part. A Reshape whose target mixes
 them gets a constant target where 0 copies the matching input dim and -1 the last unknown,
 so exported transformers lose their Shape→Gather→Concat scaffolding; a literal 0 in the
-target (copy the input's dim) stays as it is.
+target (copy the input's dim) stays as it is. With ``allowzero`` (PyTorch's dynamo exports
+its views so) a 0 is a zero-sized dim: the one unknown entry becomes -1 instead, and a target
+with a literal 0 stays computed.
 """
 
 from __future__ import annotations
@@ -125,7 +127,8 @@ def _fold_reshape_target(
         return False
     partial: ShapeValue | None = propagator.values.get(target)
     allowzero = node.attributes.get("allowzero")
-    if partial is None or partial.scalar or (allowzero is not None and allowzero.as_int()):
+    literal = allowzero is not None and allowzero.as_int()  # a 0 in the target is a 0
+    if partial is None or partial.scalar or (literal and 0 in partial.entries):
         return False
     in_dims = list(data.shape.dims) if data.shape is not None else None
     resolved: list[int] = []
@@ -133,7 +136,8 @@ def _fold_reshape_target(
         if isinstance(entry, int):
             resolved.append(entry)  # a literal 0 stays 0: it copies the input dim (allowzero 0)
         elif (
-            isinstance(entry, str)
+            not literal  # with allowzero, 0 cannot copy a dim: the one unknown is -1 instead
+            and isinstance(entry, str)
             and in_dims is not None
             and i < len(in_dims)
             and _symbol(in_dims[i]) == entry

@@ -334,6 +334,19 @@ def weightless(model: ir.Model, min_bytes: int = 4096) -> Iterator[dict[str, Any
             value.const_value = tensor
 
 
+def stored_bytes(model: ir.Model) -> int:
+    """About what the model takes on disk, its proto and every weight wherever stored,
+    measured without copying a weight (the proto is serialised with them detached)."""
+    external = sum(
+        v.const_value.nbytes
+        for v in model.graph.initializers.values()
+        if isinstance(v.const_value, ir.ExternalTensor)
+    )
+    with weightless(model, min_bytes=0) as detached:
+        size = ir.to_proto(model).ByteSize()
+    return size + external + sum(t.nbytes for t in detached.values())
+
+
 def release_weights(model: ir.Model) -> None:
     """Unmap memory-mapped weights so their pages leave the process (RSS)."""
     for graph in model.graphs():

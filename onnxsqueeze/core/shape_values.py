@@ -57,6 +57,7 @@ class ShapePropagator:
             "Concat": self._concat,
             "Unsqueeze": self._unsqueeze,
             "Squeeze": self._squeeze,
+            "Reshape": self._reshape,
             "Cast": self._cast,
             "Identity": lambda n: self.get(n.inputs[0]),
             "Add": lambda n: self._binary(n, lambda a, b: a + b),
@@ -153,6 +154,19 @@ class ShapePropagator:
         if data is None or data.scalar or len(data.entries) != 1:
             return None
         return ShapeValue(list(data.entries), scalar=True)
+
+    def _reshape(self, node: ir.Node) -> ShapeValue | None:
+        """A shape value reshaped to one axis ([1] or [-1]: PyTorch's dynamo exports a size
+        so before a Concat) or to a scalar ([]) keeps its entries."""
+        data = self.get(node.inputs[0])
+        target = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        if data is None or target is None or target.ndim != 1 or len(target) > 1:
+            return None
+        if len(target) == 0:
+            return ShapeValue(list(data.entries), scalar=True) if len(data.entries) == 1 else None
+        if int(target[0]) in (-1, len(data.entries)):
+            return ShapeValue(list(data.entries))
+        return None
 
     def _cast(self, node: ir.Node) -> ShapeValue | None:
         to = node.attributes.get("to")

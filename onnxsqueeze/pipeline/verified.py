@@ -25,6 +25,7 @@ from onnxsqueeze.core.io import (
     has_external_tensors,
     initializer_bytes,
     serialize,
+    stored_bytes,
     weightless,
 )
 from onnxsqueeze.core.pass_base import SqueezePass, SqueezeResult
@@ -100,15 +101,26 @@ class Pipeline:
         loose = any(p.tolerance(self.verify.rtol) > self.verify.rtol for p in self.passes)
         self._original = (model.clone(), reference) if reference is not None and loose else None
         self._noise = None
+        lossless = all(p.lossless for p in self.passes)
+        given = (model.clone(), stored_bytes(model)) if lossless else None
         index = 0
         while index < len(self.passes):
             group = self._next_group(index)
             model, current = self._run_group(group, model, current, report)
             index += len(group)
+        if given is not None and any(r.status == "applied" for r in report.passes):
+            grown = stored_bytes(model) - given[1]
+            if grown > 0:  # a lossless result is never larger than what it was given
+                report.warnings.append(
+                    f"the lossless passes would grow the model by {grown} bytes: kept as given"
+                )
+                for record in report.passes:
+                    if record.status == "applied":
+                        record.status, record.reason = "rolled-back", "the result grew the file"
+                model, current = given[0], reference
         if reference is not None:
             # ``current`` always holds the outputs of ``model`` (rollbacks restore both).
             comparison = compare_runs(reference, current)
-            lossless = all(p.lossless for p in self.passes)
             rtol = self._final_rtol(report)
             ok = self._accepts(comparison, rtol) or not lossless
             report.verification = self._verification(comparison, rtol)

@@ -63,6 +63,49 @@ def test_inflating_ops_are_not_folded():
     assert _ops(model.graph) == ["Add"]
 
 
+def test_a_fold_that_would_grow_the_file_is_left_alone():
+    """ConstantOfShape zeros of 512 B from a 16 B shape: materialised, they would add bytes a
+    lossless pass must not add; a small integer tensor (a shape a Reshape reads) still folds."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1, 128] x, float[2, 64] z) => (float[1, 128] y, float[128] r)
+    <int64[2] shape = {1, 128}, int64[1] flat = {128}, int64[1] one = {1}>
+    {
+      zeros = ConstantOfShape <value = float[1] {0.5}> (shape)
+      y = Add(x, zeros)
+      target = Mul(flat, one)
+      r = Reshape(z, target)
+    }
+    """
+    original, model, stats = _fold(text)
+    assert _ops(model.graph) == ["ConstantOfShape", "Add", "Reshape"]
+    assert stats["values_folded"] == 1 and stats["skipped_too_large"] == 1
+    feeds = {"x": np.ones((1, 128), np.float32), "z": np.ones((2, 64), np.float32)}
+    proto = ir.serde.serialize_model(model)
+    for a, b in zip(run_ort(proto, feeds), run_ort(original, feeds), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_lossless_run_never_returns_a_larger_model(tmp_path, monkeypatch):
+    """Whatever a lossless pass does, the pipeline keeps the smaller of what it was given
+    and what the passes made (here a fold allowed to grow the file by any amount)."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[64, 64] x) => (float[64, 64] y) <int64[2] shape = {64, 64}>
+    {
+      big = ConstantOfShape <value = float[1] {1.5}> (shape)
+      y = Add(x, big)
+    }
+    """
+    path = tmp_path / "m.onnx"
+    onnx.save(parse(text), path)
+    options = [("fold-constants", {"max_growth_bytes": 10**9})]
+    report = onnxsqueeze.squeeze_file(path, tmp_path / "o.onnx", options)
+    assert (tmp_path / "o.onnx").stat().st_size <= path.stat().st_size
+    assert any("grow the model" in w for w in report.warnings)
+    assert report.passes[0].status == "rolled-back"
+
+
 def test_qdq_and_random_ops_are_never_folded():
     text = """
     <ir_version: 8, opset_import: ["" : 17]>
