@@ -120,6 +120,10 @@ class ConvertFp16Pass(SqueezePass):
                 (ins if kind == "in" else outs).add(index)
         if self._target == ir.DataType.FLOAT16 and any(_beyond_fp16(node.inputs[i]) for i in ins):
             return None  # a weight float16 cannot hold: the node keeps float32
+        if node.op_type == "Cast":  # it converts by itself: a Cast in front would be a second
+            if dtypes.get(node.inputs[0]) in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
+                return None  # a converted model's boundary (16-bit back to float32) stays
+            ins = set()
         return (ins, outs) if (ins or outs) else None
 
     def _rewrite(self, graph: ir.Graph, plans, dtypes) -> None:

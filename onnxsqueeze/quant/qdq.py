@@ -120,10 +120,10 @@ class QdqBuilder:
         input when ``qp.zero_point`` is None: symmetric)."""
         inputs = [
             self.constant(scope, q, base + "_quantized", before),
-            self.constant(scope, np.asarray(qp.scale, np.float32), base + "_scale", before),
+            self._by_value(scope, np.asarray(qp.scale, np.float32), base + "_scale", before),
         ]
         if qp.zero_point is not None:
-            zero = self.constant(scope, np.asarray(qp.zero_point), base + "_zero_point", before)
+            zero = self._by_value(scope, np.asarray(qp.zero_point), base + "_zero_point", before)
             inputs.append(zero)
         attributes = {"axis": axis} if axis is not None and np.ndim(qp.scale) else {}
         if block_size:
@@ -146,6 +146,18 @@ class QdqBuilder:
             self._shared[key] = self.dequantized(scope, q, qp, axis, base, before)
         return self._shared[key]
 
+    def _by_value(self, scope: GraphLike, array: np.ndarray, name: str, position: ir.Node):
+        """One initializer per scale or zero point value (uint8 128 for most tensors; one
+        scale through MaxPool and Reshape): a squeezed model squeezed again must find no
+        duplicates left to merge. In a subgraph each pair keeps its own Constant (nodes
+        there are placed in order)."""
+        if scope is not self.model.graph:
+            return self.constant(scope, array, name, position)
+        key = ("by value", array.dtype.str, array.shape, array.tobytes())
+        if key not in self._shared:
+            self._shared[key] = self.constant(scope, array, name, position)
+        return self._shared[key]
+
     def constant_operand(self, scope: GraphLike, node: ir.Node, index: int, dtype: str) -> None:
         """A constant operand of Add/Mul: quantized with its own exact range."""
         value = node.inputs[index]
@@ -166,8 +178,8 @@ class QdqBuilder:
         """``DQ(Q(value))`` inserted after (or before) ``anchor``; returns the DQ output."""
         base = value.name or "tensor"
         position = anchor
-        scale = self.constant(scope, np.asarray(qp.scale, np.float32), base + "_scale", position)
-        zero = self.constant(scope, np.asarray(qp.zero_point), base + "_zero_point", position)
+        scale = self._by_value(scope, np.asarray(qp.scale, np.float32), base + "_scale", position)
+        zero = self._by_value(scope, np.asarray(qp.zero_point), base + "_zero_point", position)
         q = ir.node("QuantizeLinear", [value, scale, zero], domain=self.domain)
         q.outputs[0].name = unique_name(self.names, base + "_quantized")
         q.outputs[0].type = ir.TensorType(ONNX_TYPES[qp.dtype])

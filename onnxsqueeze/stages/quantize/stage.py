@@ -201,7 +201,9 @@ class QuantizeStage:
         """What becomes of the weights the budget kept float (kept_float), and the record."""
         int8: list[str] = []  # weights-int4's weights that went int8 for the budget
         weights = self.family.weights
-        if self.config.mode == "static":
+        if self.config.mode == "static" or (
+            self.config.mode == "dynamic" and kept_float.mostly_float(self.model, candidate)
+        ):
             candidate = kept_float.fold_float_weights(self, candidate, excluded)
         elif self.config.weight_only and weights["bits"] == 4 and excluded:
             candidate, excluded, int8 = kept_float.int8_for_kept(self, candidate, excluded, weights)

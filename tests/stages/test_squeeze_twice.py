@@ -1,0 +1,39 @@
+"""Squeezing a squeezed model again changes nothing, in every mode: what a run ships leaves
+no duplicate constant, float weight or Cast chain for a second run to find."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+
+import onnxsqueeze
+from tests.passes.test_shared_weights import _data, _unrolled
+
+REPO = Path(__file__).resolve().parents[2]
+MODES = ["auto", "dynamic", "static", "weights-int8", "weights-int4", "fp16"]
+
+
+def _graph(path: Path) -> tuple:
+    model = onnx.load(path)
+    nodes = [(n.op_type, tuple(n.input), tuple(n.output)) for n in model.graph.node]
+    weights = sorted(
+        (i.name, onnx.numpy_helper.to_array(i).tobytes()) for i in model.graph.initializer
+    )
+    return nodes, weights
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("model", ["digits", "unrolled-rnn"])
+def test_a_second_squeeze_changes_nothing(tmp_path, model, mode):
+    if model == "digits":
+        source, data = REPO / "models" / "digits_cnn.onnx", str(REPO / "models" / "digits_test.npz")
+    else:
+        source, data = tmp_path / "rnn.onnx", _data()
+        _unrolled(source)
+    once, twice = tmp_path / "once.onnx", tmp_path / "twice.onnx"
+    onnxsqueeze.squeeze_file(source, once, data=data, quantize=mode, strict=False)
+    onnxsqueeze.squeeze_file(once, twice, data=data, quantize=mode, strict=False)
+    assert _graph(twice) == _graph(once)
+    assert twice.stat().st_size <= once.stat().st_size
