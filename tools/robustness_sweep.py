@@ -7,9 +7,12 @@ Families (skipped when their package is missing): PyTorch legacy exports (torch)
 Face models with random weights (hf: BERT, GPT-2, ViT, Whisper's encoder; hfx: ten more
 architectures), torch.export-based exports (dynamo), scikit-learn pipelines (skl2onnx), and
 models other tools produced (onnxruntime.quantization QDQ/dynamic, onnxruntime's transformer
-optimizer, a float16 model with float16 I/O).
+optimizer, a float16 model with float16 I/O, an onnxruntime QDQ transformer block), and the
+families of issue 25 (issue25: an unrolled RNN sharing its weights, a conv + LSTM recogniser,
+a Keras CNN through tf2onnx). Every output is checked for a weight stored twice and squeezed
+again by the same command (a squeezed model squeezed again must not change).
 
-    python tools/robustness_sweep.py [--families torch,hf,hfx,dynamo,skl,derived] [--modes auto,static]
+    python tools/robustness_sweep.py [--families torch,hf,hfx,dynamo,skl,issue25,derived] [--modes auto,static]
 """
 
 from __future__ import annotations
@@ -339,6 +342,77 @@ def skl_models(out: Path) -> dict[str, Path]:
     return paths
 
 
+def issue25_models(out: Path) -> dict[str, Path]:
+    """Families a user brought (issue 25): an RNN unrolled into one Gemm per step sharing its
+    weights, a conv + LSTM text recogniser, a Keras CNN through tf2onnx (when TensorFlow is
+    installed), and an already QDQ-quantized transformer block (onnxruntime's quantizer)."""
+    import onnx
+    import onnx.helper as oh
+    import onnx.numpy_helper as nh
+    import torch
+
+    nn = torch.nn
+    torch.manual_seed(0)
+    paths: dict[str, Path] = {}
+    width, steps = 128, 16
+    weight = (RNG.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    nodes, previous = [], "x"
+    for step in range(steps):
+        nodes += [oh.make_node("Gemm", [previous, "W", "b"], [f"g{step}"], transB=1),
+                  oh.make_node("Tanh", [f"g{step}"], [f"h{step}"])]  # fmt: skip
+        previous = f"h{step}"
+    graph = oh.make_graph(
+        nodes, "unrolled", [oh.make_tensor_value_info("x", 1, ["n", width])],
+        [oh.make_tensor_value_info(previous, 1, ["n", width])],
+        [nh.from_array(weight, "W"), nh.from_array(np.zeros(width, np.float32) + 0.1, "b")],
+    )  # fmt: skip
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    model.ir_version = 8
+    paths["unrolled_rnn"] = out / "unrolled_rnn.onnx"
+    onnx.save(model, paths["unrolled_rnn"])
+    _samples(
+        out / "unrolled_rnn", lambda i: {"x": RNG.standard_normal((4, width)).astype(np.float32)}
+    )
+
+    class Crnn(nn.Module):
+        def __init__(s):
+            super().__init__()
+            s.cnn = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                                  nn.MaxPool2d((2, 1)), nn.Conv2d(32, 64, 3, padding=1),
+                                  nn.ReLU(), nn.MaxPool2d((4, 1)))  # fmt: skip
+            s.rnn = nn.LSTM(128, 128, bidirectional=True, batch_first=True)
+            s.fc = nn.Linear(256, 30)
+
+        def forward(s, x):
+            f = s.cnn(x)
+            n, c, h, w = f.shape
+            return s.fc(s.rnn(f.permute(0, 3, 1, 2).reshape(n, w, c * h))[0]).softmax(-1)
+
+    paths["crnn"] = out / "crnn.onnx"
+    line = lambda i: {"x": RNG.standard_normal((1, 1, 16, 48)).astype(np.float32)}  # noqa: E731
+    _export(Crnn().eval(), (torch.from_numpy(line(0)["x"]),), paths["crnn"], ["x"], {"x": {3: "w"}})
+    _samples(out / "crnn", line)
+    try:
+        import keras
+        import tensorflow as tf
+        import tf2onnx
+    except ImportError:
+        pass
+    else:
+        cnn = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Conv2D(32, 3, activation="relu"),
+                                keras.layers.MaxPooling2D(), keras.layers.Conv2D(64, 3, activation="relu"),
+                                keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10, activation="softmax")])  # fmt: skip
+        spec = [tf.TensorSpec((None, 32, 32, 3), tf.float32, name="image")]
+        proto, _ = tf2onnx.convert.from_function(tf.function(cnn), input_signature=spec, opset=17)
+        paths["tf2onnx_cnn"] = out / "tf2onnx_cnn.onnx"
+        onnx.save(proto, paths["tf2onnx_cnn"])
+        name = proto.graph.input[0].name
+        _samples(
+            out / "tf2onnx_cnn", lambda i: {name: RNG.random((2, 32, 32, 3)).astype(np.float32)}
+        )
+    return paths
+
+
 def derived_models(out: Path, sources: dict[str, Path]) -> dict[str, Path]:
     """What users feed after another tool: QDQ and dynamic int8 from onnxruntime.quantization,
     onnxruntime's transformer optimizer output, an fp16 model with fp16 inputs."""
@@ -375,6 +449,20 @@ def derived_models(out: Path, sources: dict[str, Path]) -> dict[str, Path]:
         onnx.save(squeezed.model, paths["fp16_io_conv"])
         half = lambda i: {k: v.astype(np.float16) for k, v in np.load(files[i]).items()}  # noqa: E731
         _samples(out / "fp16_io_conv", half)
+    if "encoder" in sources:  # an already QDQ-quantized transformer block
+        files = sorted((out / "encoder").glob("*.npz"))
+
+        class Tokens(CalibrationDataReader):
+            def __init__(self):
+                self.it = (dict(np.load(f)) for f in files)
+
+            def get_next(self):
+                return next(self.it, None)
+
+        paths["ort_qdq_encoder"] = out / "ort_qdq_encoder.onnx"
+        quantize_static(str(sources["encoder"]), str(paths["ort_qdq_encoder"]), Tokens(),
+                        quant_format=QuantFormat.QDQ)  # fmt: skip
+        (out / "ort_qdq_encoder").symlink_to(out / "encoder")
     if "hf_bert" in sources:
         from onnxruntime.transformers.optimizer import optimize_model
 
@@ -408,13 +496,43 @@ def run(model: Path, mode: str, data: Path | None, out: Path) -> dict:
         applied=q.get("mode") if q.get("applied") else "float",
         size=r["file_bytes_after"] / r["file_bytes_before"],
         warnings=len(r["warnings"]),
+        duplicates=_duplicates(report.with_suffix(".onnx")),
     )
+    again = report.with_name(report.stem + "_again.onnx")
+    cmd[cmd.index("-o") + 1], cmd[cmd.index("--report") + 1] = str(again), str(report) + ".again"
+    twice = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    row["twice"] = "same" if twice.returncode == 0 and _graph(again) == _graph(
+        report.with_suffix(".onnx")) else f"changed (exit {twice.returncode})"  # fmt: skip
     return row
+
+
+def _duplicates(path: Path) -> int:
+    """Initializers of 1024+ elements whose bytes another one has (a weight stored twice)."""
+    import hashlib
+
+    import onnx
+
+    seen: dict[bytes, int] = {}
+    for tensor in onnx.load(str(path)).graph.initializer:
+        if int(np.prod(tensor.dims)) >= 1024:
+            key = hashlib.blake2b(onnx.numpy_helper.to_array(tensor).tobytes()).digest()
+            seen[key] = seen.get(key, 0) + 1
+    return sum(n - 1 for n in seen.values())
+
+
+def _graph(path: Path) -> tuple:
+    import onnx
+
+    if not path.is_file():
+        return ()
+    model = onnx.load(str(path))
+    nodes = [(n.op_type, tuple(n.input), tuple(n.output)) for n in model.graph.node]
+    return nodes, sorted(i.name for i in model.graph.initializer)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--families", default="torch,hf,hfx,dynamo,skl,derived")
+    parser.add_argument("--families", default="torch,hf,hfx,dynamo,skl,issue25,derived")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks" / "robustness.md")
     args = parser.parse_args()
@@ -425,6 +543,7 @@ def main() -> None:
         "hfx": hfx_models,
         "dynamo": dynamo_models,
         "skl": skl_models,
+        "issue25": issue25_models,
     }
     rows, skipped = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -467,20 +586,26 @@ def render(rows: list[dict], skipped: list[str], args) -> str:
         "applied (float: none met the budget, or none applied). A run passes when it exits 0 with "
         "verification passed; static without data must fail with a one-line error.",
         "",
-        f"**{good} of {len(rows)} runs pass.** Families skipped: {', '.join(skipped) or 'none'}.",
+        f"**{good} of {len(rows)} runs pass.** Families skipped: {', '.join(skipped) or 'none'}. "
+        f"Outputs holding a weight twice: {sum(1 for r in rows if r.get('duplicates'))}; "
+        f"outputs a second run of the same command changed: "
+        f"{sum(1 for r in rows if r['rc'] == 0 and r.get('twice') != 'same')} "
+        "(duplicated weights = initializers of 1024+ elements another one repeats; squeezed "
+        "again = the output squeezed by the same command, same graph or not).",
         "",
-        "| model | mode | data | exit | verification | shipped | size | warnings | s | error |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | mode | data | exit | verification | shipped | size | duplicated weights | squeezed again | warnings | s | error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         note = "(expected: static needs data)" if expected(r) else ""
         lines.append(
             f"| {r['model']} | {r['mode']} | {'yes' if r['data'] else 'no'} | {r['rc']} | "
             f"{r.get('status', '-')} | {r.get('applied', '-')} | "
-            f"{r['size']:.3f} | {r['warnings']} | {r['seconds']:.1f} | |"
+            f"{r['size']:.3f} | {r['duplicates']} | {r['twice']} | {r['warnings']} | "
+            f"{r['seconds']:.1f} | |"
             if r["rc"] == 0
             else f"| {r['model']} | {r['mode']} | {'yes' if r['data'] else 'no'} | {r['rc']} | - "
-            f"| - | - | - | {r['seconds']:.1f} | {r['error'][:120]} {note} |"
+            f"| - | - | - | - | - | {r['seconds']:.1f} | {r['error'][:120]} {note} |"
         )
     return "\n".join(lines) + "\n"
 
