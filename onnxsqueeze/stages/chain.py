@@ -16,12 +16,12 @@ from typing import Any
 import onnx_ir as ir
 
 from onnxsqueeze.core.stats import model_stats
-from onnxsqueeze.run.probes import probe_feeds
 from onnxsqueeze.stages.budget import Budget
 from onnxsqueeze.stages.factorize import factorize_config, run_factorize_stage
 from onnxsqueeze.stages.judge import Judge
 from onnxsqueeze.stages.prune import prune_config, run_prune_stage
 from onnxsqueeze.stages.quantize import QuantizeConfig, run_quantize_stage
+from onnxsqueeze.stages.samples import judged_feeds
 
 
 def run_lossy_stages(
@@ -73,9 +73,9 @@ def _within_budget(model, report, results, budget: Budget, qconfig, data, shapes
     """The chained result if it meets the whole budget against the original; else the
     longest prefix of the chain that does."""
     eval_samples = qconfig.eval_samples if qconfig is not None else 32
-    feeds = probe_feeds(model, data, shapes, max(eval_samples, 2), seed)
+    feeds = judged_feeds(model, data, shapes, eval_samples, seed)
     judge_providers = tuple(providers or ("cpu",))
-    judge = Judge(model, feeds[:eval_samples], budget, judge_providers)
+    judge = Judge(model, feeds, budget, judge_providers)
     names = " + ".join(
         (report.quantization or {}).get("mode", name) if name == "quantize" else name
         for name, _ in results[1:]

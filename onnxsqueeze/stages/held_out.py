@@ -26,12 +26,13 @@ import onnx_ir as ir
 from onnxsqueeze.core import progress
 from onnxsqueeze.run.compare import Comparison
 from onnxsqueeze.run.confidence import answers_to_show, wilson_interval
-from onnxsqueeze.run.feeds import Subset, count_samples, iter_feeds, load_feeds, reusable
+from onnxsqueeze.run.feeds import Subset, count_samples, load_feeds, reusable
 from onnxsqueeze.run.probes import probe_feeds
 from onnxsqueeze.run.signature import input_specs
 from onnxsqueeze.stages.budget import Budget
 from onnxsqueeze.stages.chain import lossy_configs, run_lossy_stages
 from onnxsqueeze.stages.judge import Judge
+from onnxsqueeze.stages.samples import judged_feeds
 
 #: Share of the data held out by default.
 HOLDOUT = 0.25
@@ -72,7 +73,7 @@ def split_data(
     specs = input_specs(model)
     if eval_data is not None:
         eval_data = reusable(eval_data)
-        held = _judged(eval_data, specs)
+        held = judged_feeds(model, eval_data, None, MAX_JUDGED, seed, MAX_JUDGED_BYTES)
         searched = count_samples(data) if data is not None else 0
         return Split(data, held, searched, count_samples(eval_data), "the eval data")
     if fraction <= 0:
@@ -91,20 +92,9 @@ def split_data(
         return Split(data, None, total, 0, f"none: {total} sample(s) are too few to hold "
                      f"{MIN_HELD} out and search on {MIN_SEARCH}; give eval data")  # fmt: skip
     chosen = frozenset(int(i) for i in np.random.default_rng(seed).choice(total, count, False))
-    held = _judged(Subset(data, chosen), specs)
+    held = judged_feeds(model, Subset(data, chosen), None, MAX_JUDGED, seed, MAX_JUDGED_BYTES)
     how = f"{count} of {total} samples, drawn with seed {seed}"
     return Split(Subset(data, chosen, keep=False), held, total - count, count, how)
-
-
-def _judged(source: Any, specs: list) -> list[dict]:
-    """The held-out feeds that are judged: up to MAX_JUDGED of them and MAX_JUDGED_BYTES."""
-    feeds, size = [], 0
-    for feed in iter_feeds(source, specs, limit=MAX_JUDGED):
-        feeds.append(feed)
-        size += sum(np.asarray(v).nbytes for v in feed.values())
-        if size >= MAX_JUDGED_BYTES:
-            break
-    return feeds
 
 
 def _split_rows(feeds: list[dict], fraction: float, seed: int) -> Split | None:
@@ -311,7 +301,7 @@ def run_checked_stages(
                                 providers, seed, prune, budget=tightened)  # fmt: skip
 
     def search_feeds() -> list[dict]:
-        return probe_feeds(model, split.search, shapes, max(samples, 2), seed)[:samples]
+        return judged_feeds(model, split.search, shapes, samples, seed)
 
     judging = tuple(providers or ("cpu",))
     return judged_held_out(model, report, run_stages, split, budget, judging, search_feeds)

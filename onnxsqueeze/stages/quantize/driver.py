@@ -18,13 +18,13 @@ from onnxsqueeze.core.graphs import scopes
 from onnxsqueeze.core.spill import spill_if_active
 from onnxsqueeze.core.stats import model_stats
 from onnxsqueeze.run.feeds import iter_feeds
-from onnxsqueeze.run.probes import probe_feeds
 from onnxsqueeze.run.signature import input_specs
 from onnxsqueeze.stages.budget import Budget
 from onnxsqueeze.stages.latency_gate import SPEED_TIE
 from onnxsqueeze.stages.quantize.alternatives import not_smaller, pick, resolve_configs
 from onnxsqueeze.stages.quantize.config import QuantizeConfig, QuantizeOutcome
 from onnxsqueeze.stages.quantize.stage import quantize_model
+from onnxsqueeze.stages.samples import judged_feeds
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +59,7 @@ def run_quantize_stage(
         configs = [dataclasses.replace(c, providers=tuple(providers)) for c in configs]
     if configs[0].mode == "static" and data is None:
         raise CalibrationError("static quantization needs calibration data (data=)")
-    feeds = probe_feeds(model, data, shapes, max(configs[0].eval_samples, 2), seed)
-    feeds = feeds[: configs[0].eval_samples]
+    feeds = judged_feeds(model, data, shapes, configs[0].eval_samples, seed)
     budget = configs[0].budget
     _warn_if_unresolvable("top-1 budget", budget.min_top1_agreement, feeds, report, budget)
     _warn_unmatched_exclusions(model, configs[0], report)
