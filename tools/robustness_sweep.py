@@ -426,22 +426,27 @@ def derived_models(out: Path, sources: dict[str, Path]) -> dict[str, Path]:
 
     import onnxsqueeze
 
+    class Reader(CalibrationDataReader):
+        """The samples of a model's folder, one at a time."""
+
+        def __init__(self, files):
+            self.it = (dict(np.load(f)) for f in files)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    def qdq(name: str) -> None:
+        """onnxruntime's static QDQ quantization of ``name``, on that model's samples."""
+        paths[f"ort_qdq_{name}"] = out / f"ort_qdq_{name}.onnx"
+        reader = Reader(sorted((out / name).glob("*.npz")))
+        quantize_static(str(sources[name]), str(paths[f"ort_qdq_{name}"]), reader,
+                        quant_format=QuantFormat.QDQ)  # fmt: skip
+        (out / f"ort_qdq_{name}").symlink_to(out / name)
+
     paths = {}
     if "conv" in sources:
         files = sorted((out / "conv").glob("*.npz"))
-
-        class Reader(CalibrationDataReader):
-            def __init__(self):
-                self.it = (dict(np.load(f)) for f in files)
-
-            def get_next(self):
-                return next(self.it, None)
-
-        paths["ort_qdq_conv"] = out / "ort_qdq_conv.onnx"
-        quantize_static(
-            str(sources["conv"]), str(paths["ort_qdq_conv"]), Reader(), quant_format=QuantFormat.QDQ
-        )
-        (out / "ort_qdq_conv").symlink_to(out / "conv")
+        qdq("conv")
         squeezed = onnxsqueeze.squeeze(
             onnx.load(sources["conv"]), passes=[("convert-fp16", {"keep_io": False})], verify=False
         )
@@ -450,19 +455,7 @@ def derived_models(out: Path, sources: dict[str, Path]) -> dict[str, Path]:
         half = lambda i: {k: v.astype(np.float16) for k, v in np.load(files[i]).items()}  # noqa: E731
         _samples(out / "fp16_io_conv", half)
     if "encoder" in sources:  # an already QDQ-quantized transformer block
-        files = sorted((out / "encoder").glob("*.npz"))
-
-        class Tokens(CalibrationDataReader):
-            def __init__(self):
-                self.it = (dict(np.load(f)) for f in files)
-
-            def get_next(self):
-                return next(self.it, None)
-
-        paths["ort_qdq_encoder"] = out / "ort_qdq_encoder.onnx"
-        quantize_static(str(sources["encoder"]), str(paths["ort_qdq_encoder"]), Tokens(),
-                        quant_format=QuantFormat.QDQ)  # fmt: skip
-        (out / "ort_qdq_encoder").symlink_to(out / "encoder")
+        qdq("encoder")
     if "hf_bert" in sources:
         from onnxruntime.transformers.optimizer import optimize_model
 

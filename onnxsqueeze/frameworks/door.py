@@ -6,6 +6,7 @@ sees which step moved the numbers."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import time
 from collections.abc import Mapping, Sequence
@@ -18,6 +19,7 @@ from onnxsqueeze.api import squeeze
 from onnxsqueeze.core.errors import ConversionError, MissingDependencyError, first_line
 from onnxsqueeze.frameworks.reference import against_framework, budget_miss, conversion_holds
 from onnxsqueeze.run.session import Session
+from onnxsqueeze.run.signature import input_specs
 from onnxsqueeze.stages.budget import DEFAULT_BUDGET
 
 
@@ -32,6 +34,17 @@ class Export:
     notes: list[str] = dataclasses.field(default_factory=list)
     #: what to tell a user whose inputs the export rejects (a fixed dimension, say)
     hint: str = ""
+
+    @functools.cached_property
+    def ir_model(self) -> ir.Model:
+        """The export as the engine holds it (converted from a ModelProto once)."""
+        return self.model if isinstance(self.model, ir.Model) else ir.from_proto(self.model)
+
+    @functools.cached_property
+    def names(self) -> tuple[list[str], list[str]]:
+        """(inputs a caller feeds, outputs), in the exported model's order."""
+        outputs = [v.name or "" for v in self.ir_model.graph.outputs]
+        return [spec.name for spec in input_specs(self.ir_model)], outputs
 
 
 def require(module: str, extra: str, what: str) -> Any:
@@ -60,6 +73,12 @@ def timed_export(export: Any) -> tuple[Any, float]:
     return result, time.perf_counter() - started
 
 
+def as_proto(squeezed: tuple[ir.Model, Any]) -> tuple[onnx.ModelProto, Any]:
+    """What a front door hands back: (ModelProto, Report)."""
+    model, report = squeezed
+    return ir.to_proto(model), report
+
+
 def squeeze_export(
     export: Export,
     feeds: Sequence[Mapping[str, Any]],
@@ -68,11 +87,11 @@ def squeeze_export(
     strict: bool = True,
     providers: Sequence[str] | None = None,
     **options: Any,
-) -> tuple[onnx.ModelProto, Any]:
+) -> tuple[ir.Model, Any]:
     """The exported model checked on ``feeds`` against the framework's ``reference``
     outputs, squeezed (``squeeze``'s ``options``, ``data=feeds`` unless given), and the
-    squeezed model checked against the framework too; (ModelProto, Report)."""
-    model = export.model if isinstance(export.model, ir.Model) else ir.from_proto(export.model)
+    squeezed model checked against the framework too; (onnx_ir model, Report)."""
+    model = export.ir_model
     exported = _run(model, feeds, providers, export)
     conversion = against_framework(reference, exported)
     record: dict[str, Any] = {
@@ -106,7 +125,7 @@ def squeeze_export(
             f"({conversion['summary']})",
         )  # fmt: skip
     report.warnings[:0] = export.notes
-    return ir.to_proto(small), report
+    return small, report
 
 
 def _run(model: ir.Model, feeds: Sequence[Mapping[str, Any]], providers: Any,

@@ -9,7 +9,9 @@ installed, Keras runs on the torch backend, so a ``.keras`` file needs only ``ke
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,15 +20,20 @@ from typing import Any
 import numpy as np
 
 from onnxsqueeze.core.errors import ConversionError, first_line
-from onnxsqueeze.frameworks.door import Export, failure, require, squeeze_export, timed_export
+from onnxsqueeze.frameworks.door import (
+    Export,
+    as_proto,
+    failure,
+    require,
+    squeeze_export,
+    timed_export,
+)
 
 
 def keras_module() -> Any:
     """Keras, on the torch backend when TensorFlow is not installed (set before the first
     import: Keras reads KERAS_BACKEND once)."""
-    import importlib.util
-
-    if "keras" not in __import__("sys").modules and importlib.util.find_spec("tensorflow") is None:
+    if "keras" not in sys.modules and importlib.util.find_spec("tensorflow") is None:
         os.environ.setdefault("KERAS_BACKEND", "torch")
     return require("keras", "tf", "from_keras")
 
@@ -45,9 +52,9 @@ def from_keras(
     conversion judged against the Keras (or TensorFlow) model's own outputs."""
     samples = [_arrays(sample)] + [_arrays(d) for d in data or ()]
     export, predict = _exported(model_or_path, opset)
-    feeds = [dict(zip(_inputs(export.model), s, strict=True)) for s in samples]
+    feeds = [dict(zip(export.names[0], s, strict=True)) for s in samples]
     reference = [predict(feed) for feed in feeds]
-    return squeeze_export(export, feeds, reference, **options)
+    return as_proto(squeeze_export(export, feeds, reference, **options))
 
 
 def file_export(path: str, kind: str) -> tuple[Export, Any, list[dict]]:
@@ -72,17 +79,12 @@ def _exported(model_or_path: Any, opset: int | None) -> tuple[Export, Any]:
 
 def _by_name(export: Export, run: Any) -> Any:
     """``run(arrays in input order) -> arrays in output order`` as ``predict(feed) -> dict``."""
-    inputs, outputs = _inputs(export.model), [v.name for v in export.model.graph.output]
+    inputs, outputs = export.names
 
     def predict(feed: dict) -> dict:
         return dict(zip(outputs, run([feed[n] for n in inputs]), strict=False))
 
     return predict
-
-
-def _inputs(model: Any) -> list[str]:
-    initializers = {i.name for i in model.graph.initializer}
-    return [v.name for v in model.graph.input if v.name not in initializers]
 
 
 def _arrays(sample: Any) -> list[np.ndarray]:
@@ -180,10 +182,12 @@ def _tflite(path: str) -> tuple[Export, Any]:
         proto, seconds = timed_export(lambda: tf2onnx.convert.from_tflite(str(path))[0])
     except Exception as exc:  # noqa: BLE001 - the converter's refusal, in one line
         raise ConversionError(f"tf2onnx: {path}: {failure(exc)}") from None
+    export = Export(proto, f"tensorflow lite {tf.__version__}", f"tf2onnx {tf2onnx.__version__}",
+                    seconds)  # fmt: skip
     interpreter = tf.lite.Interpreter(model_path=str(path))
     by_name = {d["name"]: d for d in interpreter.get_input_details()}
     outputs = {d["name"]: d for d in interpreter.get_output_details()}
-    names = _inputs(proto)
+    names, order = export.names
 
     def run(arrays: list[np.ndarray]) -> list[np.ndarray]:
         for name, array in zip(names, arrays, strict=True):
@@ -192,8 +196,6 @@ def _tflite(path: str) -> tuple[Export, Any]:
         for name, array in zip(names, arrays, strict=True):
             interpreter.set_tensor(by_name[name]["index"], array)
         interpreter.invoke()
-        return [interpreter.get_tensor(outputs[o.name]["index"]) for o in proto.graph.output]
+        return [interpreter.get_tensor(outputs[name]["index"]) for name in order]
 
-    export = Export(proto, f"tensorflow lite {tf.__version__}", f"tf2onnx {tf2onnx.__version__}",
-                    seconds)  # fmt: skip
     return export, run

@@ -9,8 +9,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import onnx_ir as ir
-
 from onnxsqueeze.core.io import save_model
 from onnxsqueeze.frameworks.door import squeeze_export
 from onnxsqueeze.run.feeds import load_feeds
@@ -35,15 +33,14 @@ def squeeze_saved(
         from onnxsqueeze.frameworks.keras_door import file_export
 
         export, predict, examples = file_export(path, kind)
-    model = export.model if isinstance(export.model, ir.Model) else ir.from_proto(export.model)
-    specs = input_specs(model)
+    model = export.ir_model
     if data is not None:
-        feeds = examples + load_feeds(data, specs)
+        feeds = examples + load_feeds(data, input_specs(model))
     else:
         feeds = examples or probe_feeds(model, None, shapes, GENERATED_SAMPLES, 0)
     reference = [predict(feed) for feed in feeds]
-    proto, report = squeeze_export(export, feeds, reference, shapes=shapes, **options)
-    saved = save_model(ir.from_proto(proto), output, external_data=external_data)
+    squeezed, report = squeeze_export(export, feeds, reference, shapes=shapes, **options)
+    saved = save_model(squeezed, output, external_data=external_data)
     report.source = path
     report.output = str(saved)
     report.file_bytes_before = _bytes(Path(path))

@@ -14,7 +14,14 @@ from typing import Any
 import numpy as np
 
 from onnxsqueeze.core.errors import ConversionError
-from onnxsqueeze.frameworks.door import Export, failure, require, squeeze_export, timed_export
+from onnxsqueeze.frameworks.door import (
+    Export,
+    as_proto,
+    failure,
+    require,
+    squeeze_export,
+    timed_export,
+)
 
 #: Booster families onnxmltools converts, by the module their estimator class comes from.
 BOOSTERS = {"xgboost": "convert_xgboost", "lightgbm": "convert_lightgbm"}
@@ -35,12 +42,11 @@ def from_sklearn(
     sklearn = require("sklearn", "sklearn", "from_sklearn")
     X = _matrix(X)
     export = _convert(sklearn, estimator, X, opset)
-    name = export.model.graph.input[0].name
-    outputs = [o.name for o in export.model.graph.output]
+    (name,), outputs = export.names
     samples = [X] + [_matrix(d) for d in data or ()]
     feeds = [{name: x} for x in samples]
     reference = [_predictions(estimator, x, outputs, export.model) for x in samples]
-    return squeeze_export(export, feeds, reference, **options)
+    return as_proto(squeeze_export(export, feeds, reference, **options))
 
 
 def _matrix(X: Any) -> np.ndarray:

@@ -16,10 +16,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
-import onnx_ir as ir
 
 from onnxsqueeze.core.errors import ConversionError, first_line
-from onnxsqueeze.frameworks.door import Export, require, squeeze_export, timed_export
+from onnxsqueeze.frameworks.door import Export, as_proto, require, squeeze_export, timed_export
 
 FIXED_DIM_HINT = (
     "an exporter fixes every dimension it is not told is dynamic: pass dynamic_shapes= "
@@ -47,8 +46,8 @@ def from_torch(
     module.eval()
     export = _export(torch, module, args, kwargs, dynamic_shapes, opset)
     samples = [(args, kwargs)] + [(_args(d), kwargs) for d in data or ()]
-    feeds, reference = _references(torch, module, export.model, samples)
-    return squeeze_export(export, feeds, reference, **options)
+    feeds, reference = _references(torch, module, export, samples)
+    return as_proto(squeeze_export(export, feeds, reference, **options))
 
 
 def program_export(path: str) -> tuple[Export, Any, list[dict]]:
@@ -64,19 +63,24 @@ def program_export(path: str) -> tuple[Export, Any, list[dict]]:
         ) from None
     args, kwargs = program.example_inputs or ((), {})
     export = _export(torch, program, tuple(args), dict(kwargs), None, None)
-    inputs, outputs = _names(export.model, "inputs"), _names(export.model, "outputs")
+    inputs, outputs = export.names
     module = program.module()
 
     def predict(feed: Mapping[str, Any]) -> dict:
         tensors = tuple(torch.from_numpy(np.asarray(feed[n])) for n in inputs)
-        with torch.no_grad():
-            leaves = _tensors(torch, module(*tensors))
-        return {n: t.detach().cpu().numpy() for n, t in zip(outputs, leaves, strict=False)}
+        return _outputs(torch, module, tensors, {}, outputs)
 
     examples = []
     if program.example_inputs is not None:
-        examples, _ = _references(torch, module, export.model, [(tuple(args), dict(kwargs))])
+        examples, _ = _references(torch, module, export, [(tuple(args), dict(kwargs))])
     return export, predict, examples
+
+
+def _outputs(torch, module, args: tuple, kwargs: dict, names: list[str]) -> dict:
+    """The module's output tensors on one sample, by the exported model's output names."""
+    with torch.no_grad():
+        leaves = _tensors(torch, module(*args, **kwargs))
+    return {n: t.detach().cpu().numpy() for n, t in zip(names, leaves, strict=False)}
 
 
 def _tensors(torch, result: Any) -> list:
@@ -124,35 +128,20 @@ def _torchscript(torch, module, args, kwargs, dynamic_shapes, opset) -> Any:
     return onnx.load_from_string(buffer.getvalue())
 
 
-def _references(torch, module, model, samples) -> tuple[list[dict], list[dict]]:
+def _references(torch, module, export: Export, samples) -> tuple[list[dict], list[dict]]:
     """Feeds by the ONNX model's input names and the module's outputs by its output names."""
-    inputs, outputs = _names(model, "inputs"), _names(model, "outputs")
+    inputs, outputs = export.names
     feeds, reference = [], []
-    with torch.no_grad():
-        for args, kwargs in samples:
-            tensors = _tensors(torch, (args, kwargs))
-            if len(tensors) != len(inputs):
-                raise ConversionError(
-                    f"the exported model takes {len(inputs)} input(s) ({', '.join(inputs)}), "
-                    f"the sample gives {len(tensors)} tensor(s)"
-                )
-            feeds.append(
-                {n: t.detach().cpu().numpy() for n, t in zip(inputs, tensors, strict=True)}
+    for args, kwargs in samples:
+        tensors = _tensors(torch, (args, kwargs))
+        if len(tensors) != len(inputs):
+            raise ConversionError(
+                f"the exported model takes {len(inputs)} input(s) ({', '.join(inputs)}), "
+                f"the sample gives {len(tensors)} tensor(s)"
             )
-            leaves = _tensors(torch, module(*args, **kwargs))
-            reference.append(
-                {n: t.detach().cpu().numpy() for n, t in zip(outputs, leaves, strict=False)}
-            )
+        feeds.append({n: t.detach().cpu().numpy() for n, t in zip(inputs, tensors, strict=True)})
+        reference.append(_outputs(torch, module, args, kwargs, outputs))
     return feeds, reference
-
-
-def _names(model: Any, which: str) -> list[str]:
-    """Input or output names of an onnx_ir model (dynamo) or a ModelProto (TorchScript)."""
-    if isinstance(model, ir.Model):
-        return [v.name for v in getattr(model.graph, which)]
-    initializers = {i.name for i in model.graph.initializer}
-    values = model.graph.input if which == "inputs" else model.graph.output
-    return [v.name for v in values if v.name not in initializers]
 
 
 def _args(sample: Any) -> tuple:

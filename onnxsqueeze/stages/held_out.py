@@ -32,7 +32,7 @@ from onnxsqueeze.run.signature import input_specs
 from onnxsqueeze.stages.budget import Budget
 from onnxsqueeze.stages.chain import lossy_configs, run_lossy_stages
 from onnxsqueeze.stages.judge import Judge
-from onnxsqueeze.stages.samples import judged_feeds
+from onnxsqueeze.stages.samples import GENERATED, judged_feeds
 
 #: Share of the data held out by default.
 HOLDOUT = 0.25
@@ -48,6 +48,7 @@ SAFETY = 0.8
 MAX_JUDGED = 128
 MAX_JUDGED_BYTES = 256 << 20
 OFF = "none: holdout is off"
+NOTHING = "nothing lossy"
 
 
 @dataclasses.dataclass
@@ -127,7 +128,7 @@ def judged_held_out(
     if split.held is None:
         model = run_stages(report, None)
         report.held_out = {"how": split.how, "checked": False}
-        if _shipped_lossy(report) and split.how != OFF:  # not when turned off
+        if _shipped(report) != NOTHING and split.how != OFF:  # not when turned off
             report.warnings.append(
                 f"the budget was checked on the search data only ({split.how.split(': ', 1)[-1]})"
             )
@@ -265,7 +266,7 @@ def _undo(report: Any, base: Any, summary: str, tries: int) -> None:
 
 
 def _shipped(report: Any) -> str:
-    """What a try shipped, in a few words ("weights-int8, 3 of 3 nodes")."""
+    """What a try shipped, in a few words ("weights-int8, 3 of 3"), or NOTHING."""
     said = []
     for field, what in (("factorization", "factorized"), ("pruning", "pruned")):
         if (getattr(report, field) or {}).get("applied"):
@@ -273,14 +274,7 @@ def _shipped(report: Any) -> str:
     q = report.quantization or {}
     if q.get("applied"):
         said.append(f"{q.get('mode')}, {q.get('quantized', '?')} of {q.get('candidates', '?')}")
-    return "; ".join(said) or "nothing lossy"
-
-
-def _shipped_lossy(report: Any) -> bool:
-    return any(
-        (getattr(report, f, None) or {}).get("applied")
-        for f in ("factorization", "pruning", "quantization")
-    )
+    return "; ".join(said) or NOTHING
 
 
 def run_checked_stages(
@@ -294,7 +288,7 @@ def run_checked_stages(
         return model
     budget = configs[0].budget
     samples = getattr(configs[0], "eval_samples", 32)
-    split = split_data(model, data, eval_data, holdout, seed, shapes, max(samples, 2))
+    split = split_data(model, data, eval_data, holdout, seed, shapes, min(samples, GENERATED))
 
     def run_stages(trial: Any, tightened: Budget | None) -> ir.Model:
         return run_lossy_stages(model, trial, factorize, quantize, split.search, shapes,

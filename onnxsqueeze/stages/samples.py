@@ -15,6 +15,9 @@ from onnxsqueeze.run.signature import input_specs
 MIN_SPLIT = 16
 #: The inputs a judge holds: at most this many bytes (its count is the stage's own limit).
 JUDGED_BYTES = 128 << 20
+#: Generated probes a judge runs at most: more samples resolve agreement limits on real
+#: data, random inputs carry no answers worth resolving.
+GENERATED = 32
 
 
 def split_samples(model: ir.Model, data: Any, judged: int, fitted: int) -> tuple[list, list]:
@@ -45,11 +48,12 @@ def judged_feeds(
     model: ir.Model, data: Any, shapes: Any, count: int, seed: int, max_bytes: int = JUDGED_BYTES
 ) -> list[dict]:
     """The samples a judge runs every candidate on: the first ``count`` of ``data`` whose
-    inputs fit in ``max_bytes`` (at least one), read one at a time; without data,
-    ``count`` generated probes. More samples resolve an agreement limit (96 magika files
+    inputs fit in ``max_bytes`` (at least one), read one at a time; without data, up to
+    GENERATED generated probes (as many as before the limit was raised for real data). More samples resolve an agreement limit (96 magika files
     catch a 1 % flip rate that 32 pass), the byte cap keeps large inputs (PP-OCR det's
     pages, 4.9 MB each) from filling memory."""
     if data is None:
+        count = min(count, GENERATED)
         return probe_feeds(model, None, shapes, max(count, 2), seed)[:count]
     feeds, size = [], 0
     for feed in iter_feeds(data, input_specs(model), limit=count):

@@ -225,7 +225,7 @@ def test_from_keras_model_file_and_saved_model(tmp_path):
 
 
 def test_a_tflite_file_through_the_cli(tmp_path, capsys):
-    tf = pytest.importorskip("tensorflow") if _has("tensorflow") else pytest.skip("no tensorflow")
+    tf = pytest.importorskip("tensorflow")
     model = _keras_cnn()
     model(np.zeros((1, 16, 16, 3), np.float32))
     path = tmp_path / "cnn.tflite"
