@@ -7,14 +7,16 @@ file unless ``squeeze_file`` is asked to.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from onnxsqueeze.calib.calibrate import calibrate
+from onnxsqueeze.calib.cache import Calibration
+from onnxsqueeze.calib.calibrate import calibrate as calibrate_here
 from onnxsqueeze.core.errors import AccuracyBudgetError, PipelineConfigError
 from onnxsqueeze.core.io import (
     convert_back,
@@ -29,6 +31,7 @@ from onnxsqueeze.pipeline.presets import builtin_registry
 from onnxsqueeze.pipeline.report import Report
 from onnxsqueeze.pipeline.verified import Pipeline, VerifyOptions
 from onnxsqueeze.run.probes import DEFAULT_PROBE_SAMPLES, probe_feeds, retry_shapes
+from onnxsqueeze.run.workers import check_size, using
 from onnxsqueeze.stages.factorize import factorize_config
 from onnxsqueeze.stages.held_out import HOLDOUT, run_checked_stages
 from onnxsqueeze.stages.plan import NOISE, Plan, load_replay, recording
@@ -65,6 +68,8 @@ def squeeze(
     replay: Any = None,
     eval_data: Any = None,
     holdout: float = HOLDOUT,
+    workers: int | None = None,
+    ray_address: str | None = None,
     base_dir: str | os.PathLike | None = None,
 ) -> Squeezed:
     """Run passes (names, ``(name, options)`` pairs or pass objects; default: ``preset``).
@@ -96,6 +101,11 @@ def squeeze(
     ``data``): a separate held-out set instead. ``report.held_out`` has both sides' figures
     (see ``onnxsqueeze.stages.held_out``).
 
+    ``workers``: spread calibration (in shards) and the budget search's candidate models
+    over a local Ray cluster of that many CPUs started for the run; ``ray_address``: over
+    the Ray cluster there instead (the ``[ray]`` extra; see ``onnxsqueeze.distributed``).
+    The result is the same as in one process; ``report.workers`` says what ran where.
+
     ``base_dir``: the folder an in-memory model's external data files are in (without it
     such a model is refused: its locations would be read from the current directory);
     locations outside that folder are always refused.
@@ -111,6 +121,7 @@ def squeeze(
         preset=preset, data=data, shapes=shapes, providers=providers, verify=verify,
         registry=registry, probe_samples=probe_samples, seed=seed, quantize=quantize,
         factorize=factorize, prune=prune, replay=replay, eval_data=eval_data, holdout=holdout,
+        workers=workers, ray_address=ray_address,
     )  # fmt: skip
     result, report = _run(working, passes, **options)
     report.source = loaded.label
@@ -119,6 +130,22 @@ def squeeze(
             f"{loaded.label}: squeezed model differs from the original ({report.verification['summary']})"
         )
     return Squeezed(convert_back(result, loaded.kind), report)
+
+
+def calibrate(
+    model: Any,
+    data: Any,
+    *,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    **options: Any,
+) -> Calibration:
+    """Activation statistics of ``model`` on ``data``: ``onnxsqueeze.calib.calibrate``'s
+    options (method, samples, cache, bins, op_types, providers, progress), its samples read
+    and observed in shards on a Ray pool with ``workers`` / ``ray_address`` (as in
+    ``squeeze``): the same statistics, bit for bit, for data of one input shape."""
+    with _pool(workers, ray_address, True) as pool, using(pool):
+        return calibrate_here(model, data, **options)
 
 
 def squeeze_file(
@@ -170,7 +197,41 @@ def _run_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {**defaults, **kwargs}
 
 
-def _run(
+def _run(loaded, passes, *, workers, ray_address, **options):
+    """The pipeline, then the lossy stages, on ``loaded.model`` (a LoadedModel), on a pool
+    of workers when asked (``options``: ``_run_here``'s)."""
+    lossy = options["verify"] and any(
+        x is not None and str(getattr(x, "mode", x)) != "none"
+        for x in (options["quantize"], options["factorize"], options["prune"])
+    )
+    with _pool(workers, ray_address, lossy) as pool, using(pool):
+        model, report = _run_here(loaded, passes, **options)
+        if pool is not None:
+            report.workers = dict(pool.record)
+    if (workers is not None or ray_address is not None) and pool is None:
+        report.warnings.append(
+            "workers: nothing to spread (only the lossy stages' calibration and candidate "
+            "models run on workers); ran in this process"
+        )
+    return model, report
+
+
+@contextlib.contextmanager
+def _pool(workers: Any, ray_address: Any, lossy: bool) -> Iterator[Any]:
+    """The run's Ray pool when asked for and there is lossy work for it, else None."""
+    if ray_address is not None and not isinstance(ray_address, str):
+        raise PipelineConfigError(f"ray_address= must be an address string, got {ray_address!r}")
+    check_size(workers)
+    if (workers is None and ray_address is None) or not lossy:
+        yield None
+        return
+    from onnxsqueeze.distributed import pool
+
+    with pool(workers, ray_address) as running:
+        yield running
+
+
+def _run_here(
     loaded,
     passes,
     *,
@@ -190,8 +251,9 @@ def _run(
     holdout,
     spill=None,
 ):
-    """The pipeline, then the lossy stages, on ``loaded.model`` (a LoadedModel); ``spill``
-    (a core.spill.Spill) takes an unverified quantization's new weights out of memory."""
+    """``_run`` in this process (the lossy stages may still hand work to the pool);
+    ``spill`` (a core.spill.Spill) takes an unverified quantization's new weights out of
+    memory."""
 
     model = loaded.model
     remove_stale()  # scratch copies of runs that were killed

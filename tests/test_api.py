@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -101,4 +103,16 @@ def test_the_config_and_budget_are_reachable_by_every_documented_path():
         mode="dynamic", budget=onnxsqueeze.budget.Budget(min_cosine=0.99)
     )
     assert config.budget.min_cosine == 0.99
-    assert onnxsqueeze.calibrate.__module__ == "onnxsqueeze.calib.calibrate"
+    # the API's calibrate is the engine's, with a pool of workers around it when asked
+    import onnxsqueeze.calib.calibrate as engine
+
+    assert onnxsqueeze.calibrate.__module__ == "onnxsqueeze.api"
+    assert set(inspect.signature(engine.calibrate).parameters) - {"model", "data"} <= {
+        "method",
+        "samples",
+        "cache",
+        "bins",
+        "op_types",
+        "providers",
+        "progress",
+    }

@@ -9,7 +9,7 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install --quiet --upgrade pip
 # The CPU build of torch (the one on this project's machines; a bare `torch` pulls CUDA wheels).
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
-.venv/bin/python -m pip install --quiet -e ".[test,corpus,interop,html,torch,tf,sklearn]"
+.venv/bin/python -m pip install --quiet -e ".[test,corpus,interop,html,torch,tf,sklearn,ray]"
 # The HTML report's test renders its pages in headless Chromium (Debian's package); as root on
 # Debian/Ubuntu it is installed when missing, elsewhere that test skips and says why.
 if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -6,6 +6,7 @@ quantization stage calls it too, so calibration lives here, not in the API above
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,8 @@ from onnxsqueeze.calib.observers import DEFAULT_BINS, HISTOGRAM_METHODS, METHODS
 from onnxsqueeze.calib.tensors import feed_names, select_tensors
 from onnxsqueeze.core.errors import CalibrationError, PipelineConfigError
 from onnxsqueeze.core.io import load_model
+from onnxsqueeze.core.progress import reporting
+from onnxsqueeze.run import workers
 from onnxsqueeze.run.feeds import iter_feeds
 from onnxsqueeze.run.signature import input_specs
 
@@ -41,6 +44,8 @@ def calibrate(
     a new one is written after collecting; one histogram serves every histogram method, so
     re-quantizing with percentile after entropy needs no new inference. ``bins`` defaults
     to the observers' DEFAULT_BINS (fine enough to match onnxruntime's percentile bins).
+    Inside a pool of workers (``run.workers.using``), the samples are read and observed in
+    shards there and merged: the same statistics.
     """
     method = collected_with(method)  # auto: histograms, which answer every method
     if method not in METHODS:
@@ -71,8 +76,14 @@ def calibrate(
         return stored
     if data is None:
         raise CalibrationError(f"{loaded.label}: calibration needs data (data=)")
-    feeds = iter_feeds(data, input_specs(loaded.model), limit=samples)
-    result = Collector(loaded.model, options).collect(feeds, total=samples, progress=progress)
+    result, pool = None, workers.current()
+    if pool is not None:
+        steps = (lambda label, done, total: progress(done, total)) if progress else None
+        with reporting(steps) if steps else contextlib.nullcontext():
+            result = pool.calibrate(loaded.model, data, options, samples)
+    if result is None:
+        feeds = iter_feeds(data, input_specs(loaded.model), limit=samples)
+        result = Collector(loaded.model, options).collect(feeds, total=samples, progress=progress)
     if cache is not None:
         result.save(cache)
     return result

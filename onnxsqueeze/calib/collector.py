@@ -64,6 +64,9 @@ class CollectOptions:
     #: calib.stacking). None: for histogram methods only, so min/max ranges stay exactly
     #: those of one run per sample (onnxruntime's calibrators), bit for bit.
     stack: bool | None = None
+    #: Cores one run and its histogram updates may use (None: every core). A worker of a
+    #: pool that shares the machine takes its share, not all of it.
+    threads: int | None = None
 
 
 class Collector:
@@ -91,9 +94,32 @@ class Collector:
         #: give the same statistics (None: not checked yet).
         self._stack = 1
         self._stacks_agree: bool | None = None
+        self._planned = False
 
     def new_observer(self) -> Observer:
         return observer_for(self.options.method, self.options.bins)
+
+    def plan(self, first: Sequence[Mapping[str, np.ndarray]]) -> int:
+        """Prepare on the data's first samples as ``collect`` would at its start: the
+        tensors, the sessions, and how many samples one run takes (stacking checked on the
+        first two). Returns that count. Shards of one dataset planned on the same first
+        samples stack alike, so their runs group as one process's would: stacked runs give
+        values a few ulps from single ones, which a histogram bin edge can tell apart."""
+        if not first:
+            raise CalibrationDataError("calibration data holds no samples")
+        self._prepare(first[0])
+        observers = {name: self.new_observer() for name in self.tensors}
+        self._stack = self._stack_size(first[0], observers)
+        if (
+            self._stack > 1
+            and len(first) > 1
+            and stacking.signature(first[1]) == stacking.signature(first[0])
+        ):
+            self._stacks_agree = self._check_stacking(list(first[:2]))
+            if not self._stacks_agree:
+                self._stack = 1
+        self._planned = True
+        return self._stack
 
     def collect(
         self,
@@ -140,7 +166,8 @@ class Collector:
                 for name in self.tensors:
                     if name not in result.observers:
                         result.observers[name] = self.new_observer()
-                self._stack = self._stack_size(feed, result.observers)
+                if not self._planned:
+                    self._stack = self._stack_size(feed, result.observers)
             if pending and (
                 len(pending) >= self._stack
                 or stacking.signature(feed) != stacking.signature(pending[0])
@@ -229,11 +256,11 @@ class Collector:
         """Histogram updates of one sample, in threads when there is enough data: the
         kernels release the GIL and each observer is touched by one thread only."""
         sizes = {name: np.size(outputs[name]) for name in names}
-        if sum(sizes.values()) < PARALLEL_ELEMENTS or (os.cpu_count() or 1) < 2:
+        workers = self.options.threads or os.cpu_count() or 1
+        if sum(sizes.values()) < PARALLEL_ELEMENTS or workers < 2:
             for name in names:
                 observers[name].update(outputs[name])
             return
-        workers = os.cpu_count() or 1
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=workers)
         # One task per worker (a task per tensor costs more in locks than it saves),
@@ -358,6 +385,7 @@ class Collector:
                 Session(
                     clone,
                     self.options.providers,
+                    threads=self.options.threads,
                     prepack=True,
                     config={"session.intra_op.allow_spinning": "0"},
                 ),

@@ -36,6 +36,8 @@ FLAG_OF = {
     "passes=": "--passes",
     "preset=": "--preset",
     "replay=": "--replay",
+    "workers=": "--workers",
+    "ray_address=": "--ray-address",
 }
 
 
@@ -228,6 +230,8 @@ def _squeeze(args: argparse.Namespace) -> int:
         prune=_prune_config(args),
         replay=args.replay,
         eval_data=args.eval_data,
+        workers=args.workers,
+        ray_address=args.ray_address,
         **({"holdout": args.holdout} if args.holdout is not None else {}),
     )
     with progress_bar(not args.quiet) as bar, reporting(bar):
@@ -378,6 +382,8 @@ def _calibrate(args: argparse.Namespace) -> int:
             cache=args.calib_cache,
             providers=[p.strip() for p in args.providers.split(",") if p.strip()],
             progress=(lambda done, total: bar("calibrating", done, total)) if bar else None,
+            workers=args.workers,
+            ray_address=args.ray_address,
         )
     ranges = result.ranges(method)
     nonfinite = result.nonfinite()

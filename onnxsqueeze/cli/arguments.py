@@ -271,6 +271,24 @@ def build_parser() -> argparse.ArgumentParser:
         default="cpu",
         help="execution providers, e.g. cuda,cpu (default: %(default)s)",
     )
+    scale = parser.add_argument_group(
+        "scale-out (the [ray] extra)",
+        "calibration shards and the budget search's candidate models on Ray workers; the "
+        "result is the same as in one process",
+    )
+    scale.add_argument(
+        "--workers",
+        type=count_value,
+        metavar="N",
+        help="start a local Ray cluster of N CPUs for the run",
+    )
+    scale.add_argument(
+        "--ray-address",
+        type=text_value,
+        metavar="ADDR",
+        help="use the running Ray cluster at ADDR (e.g. ray://head:10001 or auto); "
+        "--data must be a path its workers can read",
+    )
     parser.add_argument(
         "--no-verify", action="store_true", help="skip comparing outputs with the original"
     )

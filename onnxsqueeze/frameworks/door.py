@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -16,7 +15,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxsqueeze.api import squeeze
-from onnxsqueeze.core.errors import ConversionError, MissingDependencyError, first_line
+from onnxsqueeze.core.errors import ConversionError, first_line
 from onnxsqueeze.frameworks.reference import against_framework, budget_miss, conversion_holds
 from onnxsqueeze.run.session import Session
 from onnxsqueeze.run.signature import input_specs
@@ -45,16 +44,6 @@ class Export:
         """(inputs a caller feeds, outputs), in the exported model's order."""
         outputs = [v.name or "" for v in self.ir_model.graph.outputs]
         return [spec.name for spec in input_specs(self.ir_model)], outputs
-
-
-def require(module: str, extra: str, what: str) -> Any:
-    """``module`` imported, or a one-line error naming the pip command."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise MissingDependencyError(
-            f"{what} needs {module.split('.')[0]}: pip install 'onnxsqueeze[{extra}]'"
-        ) from None
 
 
 def failure(exc: BaseException) -> str:

@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 
 from onnxsqueeze.core.errors import ConversionError
+from onnxsqueeze.core.optional import require
 from onnxsqueeze.frameworks.door import (
     Export,
     as_proto,
     failure,
-    require,
     squeeze_export,
     timed_export,
 )

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from onnxsqueeze.core.errors import ConversionError, first_line
-from onnxsqueeze.frameworks.door import Export, as_proto, require, squeeze_export, timed_export
+from onnxsqueeze.core.optional import require
+from onnxsqueeze.frameworks.door import Export, as_proto, squeeze_export, timed_export
 
 FIXED_DIM_HINT = (
     "an exporter fixes every dimension it is not told is dynamic: pass dynamic_shapes= "

@@ -52,6 +52,9 @@ class Report:
     #: The lossy result held to the budget on samples the search never saw (None: no lossy
     #: stage ran): where they came from, each try's search and held-out figures, intervals.
     held_out: dict[str, Any] | None = None
+    #: The pool of workers the run spread its work over (onnxsqueeze.distributed): backend,
+    #: address, size, start-up time, what ran there (None: one process).
+    workers: dict[str, Any] | None = None
     seconds: float = 0.0
     #: Every timing the lossy stages decided on, in order (stages.plan): what --plan writes.
     timings: list[dict[str, Any]] = dataclasses.field(default_factory=list)
@@ -109,6 +112,8 @@ class Report:
             verdict += f" ({self.verification.get('summary', '')})"
         lines.append(f"verification: {verdict}")
         lines.extend(_held_out_lines(self.held_out))
+        if self.workers:
+            lines.append(_workers_line(self.workers))
         if warnings:  # the CLI prints them on stderr instead
             lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
@@ -129,6 +134,22 @@ def _conversion_lines(record: dict[str, Any] | None) -> list[str]:
     if squeezed:
         lines.append(f"  squeezed vs {record['framework']}: {squeezed['summary']}")
     return [*lines, ""]
+
+
+def _workers_line(record: dict[str, Any]) -> str:
+    """Where the run's independent work went, and how much of it."""
+    done = [
+        f"{record[key]} {what}"
+        for key, what in (
+            ("calibration_shards", "calibration shards"),
+            ("models_run", "candidate models run"),
+        )
+        if record.get(key)
+    ]
+    return (
+        f"workers: {record['workers']} on Ray, {record['address']} (started in "
+        f"{record['startup_s']:.1f} s): {', '.join(done) or 'nothing sent to them'}"
+    )
 
 
 def _held_out_lines(record: dict[str, Any] | None) -> list[str]:

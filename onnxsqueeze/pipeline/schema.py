@@ -60,6 +60,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         factorization={"type": ["object", "null"]},
         pruning={"type": ["object", "null"]},
         held_out={"type": ["object", "null"]},
+        workers={"type": ["object", "null"]},
         conversion={"type": ["object", "null"]},
         timings={"type": "array"},
         file_bytes_before={"type": ["integer", "null"]},

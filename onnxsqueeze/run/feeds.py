@@ -72,6 +72,22 @@ def count_samples(source: Any) -> int:
     return sum(1 for _ in _iter_source(source))
 
 
+def part(source: Any, start: int, stop: int) -> Any:
+    """Samples ``start`` to ``stop - 1`` of ``source``, read like the whole: a folder (or a
+    part of one) by its files, so a worker handed this part opens only those files; a list
+    by slicing. Shards of a dataset are such parts."""
+    if isinstance(source, Subset) and isinstance(source.source, (str, os.PathLike)):
+        root = Path(source.source)
+        if root.is_dir():
+            kept = [
+                i for i in range(len(_folder_files(root))) if (i in source.indices) == source.keep
+            ]
+            return Subset(root, frozenset(kept[start:stop]))
+    if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
+        return list(source[start:stop])
+    return Subset(source, frozenset(range(start, stop)))
+
+
 def reusable(source: Any) -> Any:
     """``source`` as something that can be read more than once: a one-shot iterator (a
     generator of feeds) is kept as a list, since the search, calibration and the held-out

@@ -151,6 +151,32 @@ class Session:
         else:
             self.output_names = [o.name or "" for o in model.graph.outputs]
 
+    @classmethod
+    def from_parts(
+        cls,
+        graph: bytes,
+        weights: Mapping[str, np.ndarray],
+        providers: Sequence[str] | None = None,
+        *,
+        optimize: bool = False,
+        threads: int | None = None,
+    ) -> Session:
+        """An onnxruntime Session on a model that came as ``graph_and_weights`` (a worker's
+        copy of one built elsewhere): the same options, so the same numbers."""
+        self = cls.__new__(cls)
+        self.providers, self.dropped_providers = resolve_providers(providers)
+        self.fallback_reason, self._reference = None, None
+        try:
+            options = session_options(optimize, threads)
+            self._session = session_from_parts(graph, weights, options, self.providers)
+        except Exception as exc:
+            raise RuntimeSessionError(
+                f"onnxruntime cannot load the model: {first_line(exc)}"
+            ) from exc
+        self.backend = "onnxruntime"
+        self.output_names = [o.name for o in self._session.get_outputs()]
+        return self
+
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         runner = self._session if self._session is not None else self._reference
         try:
@@ -201,15 +227,9 @@ def make_session(model: ir.Model, options: Any, providers: list[str]) -> Any:
     if not has_external_tensors(model) and initializer_bytes(model) < INLINE_SESSION_LIMIT:
         # The weights go over as arrays, not inside the serialised model: protobuf would
         # copy each one twice (serialise, parse), onnxruntime copies them once.
-        with weightless(model) as detached:
-            data = ir.serde.serialize_model(model).SerializeToString()
-        if detached:
-            values = [
-                ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(t.numpy()))
-                for t in detached.values()
-            ]
-            options.add_external_initializers(list(detached), values)
-        return ort.InferenceSession(data, options, providers=providers)
+        graph, detached = graph_and_weights(model)
+        weights = {name: t.numpy() for name, t in detached.items()}
+        return session_from_parts(graph, weights, options, providers)
     # Large or externally stored weights: write them next to a temporary model file;
     # onnxruntime maps them at creation, so the directory can go right after.
     with scratch_dir("session") as tmp:
@@ -217,6 +237,28 @@ def make_session(model: ir.Model, options: Any, providers: list[str]) -> Any:
         ir.save(model, path, external_data="model.onnx.data", size_threshold_bytes=1024)
         release_weights(model)  # the copy is written: our mapped pages are not needed now
         return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def graph_and_weights(model: ir.Model) -> tuple[bytes, dict[str, ir.TensorProtocol]]:
+    """The serialized model without its big in-memory weights, and those weights by name:
+    how a session takes a model (``session_from_parts``), here or on a worker."""
+    with weightless(model) as detached:
+        return ir.serde.serialize_model(model).SerializeToString(), dict(detached)
+
+
+def session_from_parts(
+    graph: bytes, weights: Mapping[str, np.ndarray], options: Any, providers: Sequence[str]
+) -> Any:
+    """An onnxruntime session on ``graph_and_weights``'s parts (the arrays may be read-only
+    views, such as Ray's shared memory: onnxruntime reads them where they are)."""
+    import onnxruntime as ort
+
+    if weights:
+        values = [
+            ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in weights.values()
+        ]
+        options.add_external_initializers(list(weights), values)
+    return ort.InferenceSession(graph, options, providers=list(providers))
 
 
 #: onnxruntime's names of the float element types calibration observes.

@@ -6,12 +6,13 @@ stays at hand for the report and for ties between alternatives."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import onnx_ir as ir
 
 from onnxsqueeze.core.io import initializer_bytes
+from onnxsqueeze.run import workers
 from onnxsqueeze.run.compare import Comparison, compare_runs, is_distribution
 from onnxsqueeze.run.memory import give_back_after
 from onnxsqueeze.run.session import Session
@@ -59,13 +60,41 @@ class Judge:
             del session
             give_back_after(initializer_bytes(model))
 
+    def run_many(
+        self,
+        models: Iterable[ir.Model],
+        feeds: Sequence[Mapping[str, Any]] | None = None,
+        optimize: bool = True,
+    ) -> Iterator[list[dict]]:
+        """Each model's outputs, in order, as it comes: on the run's pool of workers when
+        there is one (``run.workers``; the same numbers), else here one after the other."""
+        feeds = feeds or self.feeds
+        pool = workers.current()
+        if pool is not None and pool.size > 1:
+            yield from pool.run_models(models, feeds, self.providers, optimize)
+            return
+        for model in models:
+            yield self.run(model, feeds, optimize)
+
     def __call__(self, model: ir.Model) -> tuple[bool, str]:
         comparison, outputs = self.measure(model)
         return self.budget.check(comparison, self.reference, outputs)
 
+    def verdicts(self, models: Sequence[ir.Model]) -> list[tuple[bool, str]]:
+        """What calling the judge on each model says, their runs spread over the run's pool
+        of workers when there is one (the bisection's look-ahead: stages.search)."""
+        found = []
+        for model, outputs in zip(models, self.run_many(models), strict=True):
+            comparison = self._compared(model, outputs)
+            found.append(self.budget.check(comparison, self.reference, outputs))
+        return found
+
     def measure(self, model: ir.Model) -> tuple[Comparison, list[dict]]:
         """``model``'s outputs on the feeds and how they compare with the reference's."""
         outputs = self.run(model)
+        return self._compared(model, outputs), outputs
+
+    def _compared(self, model: ir.Model, outputs: list[dict]) -> Comparison:
         comparison = compare_runs(self.reference, outputs)
         self.cosines[id(model)] = comparison.min_cosine
         self.flips[id(model)] = {
@@ -73,4 +102,4 @@ class Judge:
             for o in comparison.outputs
             if o.distribution and o.top1_agreement is not None and o.top1_agreement < 1
         }
-        return comparison, outputs
+        return comparison

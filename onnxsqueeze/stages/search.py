@@ -20,6 +20,7 @@ from typing import Protocol
 import onnx_ir as ir
 
 from onnxsqueeze.core import progress
+from onnxsqueeze.run import workers
 from onnxsqueeze.stages.judge import Judge
 from onnxsqueeze.stages.sensitivity import exact_scores, local_scores
 
@@ -97,8 +98,8 @@ def rank(
         def only(kept: Sequence[str]) -> ir.Model:
             return family.build([*kept, *outside])
 
-        run = lambda m: judge.run(m, feeds, optimize=False)  # noqa: E731
-        return exact_scores(subset, only, run, reference)
+        runs = lambda models: judge.run_many(models, feeds, optimize=False)  # noqa: E731
+        return exact_scores(subset, only, runs, reference)
 
     if method == "exact":
         scores = exact(names)
@@ -139,49 +140,109 @@ def fewest_kept(
     ``none_kept_fails``: the fully changed model was judged already and missed the budget
     (the stage's first measurement), so the search first checks that keeping all but the
     last node is enough, then bisects between the two. Otherwise nothing is known of the
-    fully changed model and the bisection starts in the middle of the whole range."""
+    fully changed model and the bisection starts in the middle of the whole range.
+
+    With a pool of workers (and a Judge), each step also judges the steps that may come
+    next (``_Trials``): the same decisions from the same measurements, in fewer rounds."""
+    trials = _Trials(order, build, judge)
     last = len(order) - 1
     if not none_kept_fails:
-        found: Kept | None = None
-        lo, hi, tries, summary = 0, len(order), 0, ""
+        found: int | None = None
+        lo, hi, summary = 0, len(order), ""
         while lo < hi:
             mid = (lo + hi) // 2
-            model = build(order[:mid])
-            ok, summary = judge(model)
-            tries += 1
-            progress.step("budget search", tries, _bisections(len(order)))
+            ahead = _ahead(lo, hi, lambda lo, mid, hi: ((lo, mid), (mid + 1, hi)), trials.width)
+            _, ok, summary = trials.judged(mid, ahead)
+            progress.step("budget search", trials.tries, _bisections(len(order)))
             if ok:
-                found, hi = Kept(mid, model, summary, 0), mid
+                found, hi = mid, mid
             else:
                 lo = mid + 1
         if found is None:
-            return Kept(len(order), None, summary, tries)
-        found.tries = tries
-        return found
-    candidate = build(order[:last])
-    ok, summary = judge(candidate)
-    tries = 1
+            return Kept(len(order), None, summary, trials.tries)
+        model, _, summary = trials.judged(found)
+        return Kept(found, model, summary, trials.tries)
+    _, ok, summary = trials.judged(last)
     if not ok:
-        return Kept(len(order), None, summary, tries)
-    lo, hi, best = 0, last, (candidate, summary)  # lo fails, hi passes
+        return Kept(len(order), None, summary, trials.tries)
+    lo, hi = 0, last  # lo fails, hi passes
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        candidate = build(order[:mid])
-        ok, summary = judge(candidate)
-        tries += 1
-        progress.step("budget search", tries, _bisections(len(order)) + 1)
+        ahead = _ahead(lo, hi, lambda lo, mid, hi: ((lo, mid), (mid, hi)), trials.width, 1)
+        _, ok, summary = trials.judged(mid, ahead)
+        progress.step("budget search", trials.tries, _bisections(len(order)) + 1)
         if ok:
-            hi, best = mid, (candidate, summary)
+            hi = mid
         else:
             lo = mid
+    model, _, summary = trials.judged(hi)
     logger.info(
         "budget search: %d of %d nodes kept unchanged (%d tries): %s",
         hi,
         len(order),
-        tries,
-        best[1],
+        trials.tries,
+        summary,
     )
-    return Kept(hi, best[0], best[1], tries)
+    return Kept(hi, model, summary, trials.tries)
+
+
+class _Trials:
+    """The judged prefixes of a bisection: count kept -> (model, met, summary).
+
+    Alone, one model at a time. With a pool of workers and a Judge that can take several
+    models at once (``verdicts``), a step's model is judged together with the models of the
+    steps that may follow it (up to the pool's size), so the next step often finds its
+    verdict waiting. Every verdict is the one the step would have measured itself, so the
+    search decides exactly as it does alone; ``tries`` counts the steps the search took,
+    as alone, and the pool's record counts the look-ahead models."""
+
+    def __init__(self, order: Sequence[str], build: Callable, judge: Callable) -> None:
+        self.order, self.build, self.judge = order, build, judge
+        pool = workers.current()
+        many = getattr(judge, "verdicts", None)
+        self.width = pool.size if pool is not None and many is not None else 1
+        self.pool = pool
+        self.seen: dict[int, tuple[ir.Model, bool, str]] = {}
+        self.stepped: set[int] = set()  # the steps the search took (tries)
+
+    @property
+    def tries(self) -> int:
+        return len(self.stepped)
+
+    def judged(self, count: int, ahead: Sequence[int] = ()) -> tuple[ir.Model, bool, str]:
+        """The verdict on keeping ``count`` nodes, judging ``ahead`` alongside if new."""
+        self.stepped.add(count)
+        if count in self.seen:
+            return self.seen[count]
+        wanted = [count, *[k for k in ahead if k not in self.seen and k != count]]
+        wanted = wanted[: self.width]
+        models = [self.build(self.order[:k]) for k in wanted]
+        if len(models) == 1:
+            verdicts = [self.judge(models[0])]
+        else:
+            verdicts = self.judge.verdicts(models)
+            self.pool.count("look_ahead_models", len(models) - 1)
+        for k, model, (ok, summary) in zip(wanted, models, verdicts, strict=True):
+            self.seen[k] = (model, ok, summary)
+        return self.seen[count]
+
+
+def _ahead(lo: int, hi: int, split: Callable, width: int, gap: int = 0) -> list[int]:
+    """The steps a bisection may take after probing the middle of (lo, hi), nearest first,
+    as many as fill ``width`` models: the decision tree below this step, level by level.
+    ``split(lo, mid, hi)`` gives the two ranges the step leaves (met, missed); a range is
+    still searched while hi - lo > gap."""
+    found: list[int] = []
+    level = [(lo, hi)]
+    while level and len(found) < width:
+        below = []
+        for a, b in level:
+            for c, d in split(a, (a + b) // 2, b):
+                if d - c > gap:
+                    found.append((c + d) // 2)
+                    below.append((c, d))
+        level = below
+    return found[: max(0, width - 1)]
 
 
 def _bisections(count: int) -> int:

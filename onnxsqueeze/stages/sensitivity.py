@@ -16,7 +16,7 @@ Two measurements, both on calibration-style samples and as noise-to-signal ratio
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -47,15 +47,18 @@ def output_nsr(
 def exact_scores(
     candidates: Sequence[str],
     build: Callable[[Sequence[str]], ir.Model],
-    run: Callable[[ir.Model], list[dict]],
+    runs: Callable[[Iterable[ir.Model]], Iterable[list[dict]]],
     reference: Sequence[Mapping[str, Any]],
 ) -> dict[str, float]:
-    """Output NSR with only each candidate quantized (every other candidate excluded)."""
+    """Output NSR with only each candidate quantized (every other candidate excluded).
+    ``runs`` takes the candidates' models as they are built and gives back their outputs
+    in order (one after the other here, or on a pool's workers: see Judge.run_many)."""
+    names = list(candidates)
+    models = (build([c for c in names if c != name]) for name in names)
     scores = {}
-    for index, name in enumerate(candidates):
-        others = [c for c in candidates if c != name]
-        scores[name] = output_nsr(reference, run(build(others)))
-        progress.step("sensitivity", index + 1, len(candidates))
+    for index, (name, outputs) in enumerate(zip(names, runs(models), strict=True)):
+        scores[name] = output_nsr(reference, outputs)
+        progress.step("sensitivity", index + 1, len(names))
     return scores
 
 

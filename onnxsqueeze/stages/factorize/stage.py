@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -144,10 +144,10 @@ class FactorizeStage:
             )(model)  # fmt: skip
             return model
 
-        def run(model: ir.Model) -> list[dict]:
-            return self.judge.run(model, feeds, optimize=False)
+        def runs(models: Iterable[ir.Model]) -> Iterator[list[dict]]:
+            return self.judge.run_many(models, feeds, optimize=False)
 
-        return propagation_weights(self.spectra, build, run, self.judge.reference[:samples])
+        return propagation_weights(self.spectra, build, runs, self.judge.reference[:samples])
 
     def _low_rank(self, site: Site, grams: Mapping | None) -> LowRank:
         gram = (grams or {}).get(site.key) if site.key else None

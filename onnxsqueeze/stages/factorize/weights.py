@@ -15,7 +15,7 @@ depends on the rank; plain spectra are summed unweighted.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,19 +35,19 @@ SPREAD = 100.0
 def propagation_weights(
     spectra: Mapping[str, LowRank],
     build: Callable[[Mapping[str, int]], ir.Model],
-    run: Callable[[ir.Model], list[dict]],
+    runs: Callable[[Iterable[ir.Model]], Iterable[list[dict]]],
     reference: Sequence[Mapping[str, Any]],
 ) -> dict[str, float]:
     """Layer -> output error per unit of its own predicted error. ``build(ranks)``: the
-    model with the layers of ``ranks`` truncated to those ranks; ``run``: its outputs on the
-    samples ``reference`` holds the original's outputs for."""
+    model with the layers of ``ranks`` truncated to those ranks; ``runs``: the outputs of
+    such models, in order, on the samples ``reference`` holds the original's outputs for."""
     probes = {n: min(low.rank_for_energy(PROBE_ENERGY), low.ranks) for n, low in spectra.items()}
     names = list(probes)
 
     def only(kept: Sequence[str]) -> ir.Model:
         return build({n: r for n, r in probes.items() if n not in kept})
 
-    scores = exact_scores(names, only, run, reference)
+    scores = exact_scores(names, only, runs, reference)
     raw = {n: scores[n] / max(spectra[n].error(probes[n]), 1e-12) for n in names}
     finite = [v for v in raw.values() if np.isfinite(v) and v > 0]
     if not finite:

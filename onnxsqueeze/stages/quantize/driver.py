@@ -160,6 +160,7 @@ def _run_config(model: ir.Model, config: QuantizeConfig, data: Any, feeds: list)
         calibration=calibration,
         calib_feeds=calib_feeds,
         calib_samples=config.calib_samples,
+        calib_data=data,
     )
 
 

@@ -27,6 +27,7 @@ from onnxsqueeze.core.graphs import name_nodes, opset_version
 from onnxsqueeze.core.io import initializer_bytes
 from onnxsqueeze.core.opsets import upgrade_opset
 from onnxsqueeze.quant.qdq import nothing_quantized
+from onnxsqueeze.run import workers
 from onnxsqueeze.run.compare import LOSSLESS_RTOL, compare_runs
 from onnxsqueeze.run.session import crashes_onnxruntime
 from onnxsqueeze.stages import latency_gate
@@ -48,12 +49,15 @@ def quantize_model(
     calibration: Any = None,
     calib_feeds: Iterable[Mapping[str, Any]] | None = None,
     calib_samples: int | None = None,
+    calib_data: Any = None,
 ) -> QuantizeOutcome:
-    """Quantize ``model`` (not modified) per ``config``; ``eval_feeds`` judge the budget."""
+    """Quantize ``model`` (not modified) per ``config``; ``eval_feeds`` judge the budget.
+    ``calib_data``: where ``calib_feeds`` come from, which a pool of workers reads in shards."""
     if config.mode not in MODES:
         raise SqueezeError(f"unknown quantization mode '{config.mode}' (known: {', '.join(MODES)})")
     started = time.perf_counter()
     stage = QuantizeStage(model.clone(), list(eval_feeds), config)
+    stage.calib_data = calib_data
     outcome = stage.search(calibration, calib_feeds, calib_samples)
     if config.check_latency and outcome.record.get("applied"):
         check_latency(model, outcome, config, eval_feeds[0] if eval_feeds else None)
@@ -82,6 +86,8 @@ class QuantizeStage:
         #: the best-scored range method's judged model, by id of its ranges (see
         #: _ranked_ranges)
         self._scored: dict[int, tuple] = {}
+        #: the calibration data as given (a path, a part of one, a list), for sharding
+        self.calib_data: Any = None
 
     @property
     def model(self) -> ir.Model:
@@ -272,6 +278,11 @@ class QuantizeStage:
             providers=self.config.providers,
             only=frozenset(asked),
         )
+        pool = workers.current()
+        if pool is not None and self.calib_data is not None:
+            sharded = pool.calibrate(self.model, self.calib_data, options, calib_samples)
+            if sharded is not None:
+                return sharded
         return Collector(self.model, options).collect(
             calib_feeds,
             total=calib_samples,

@@ -1,0 +1,124 @@
+"""The Ray cluster of a run: started for it (``workers``) or joined (``address``).
+
+A local cluster lives as long as the run: started before the lossless passes (its worker
+processes import the engine while this process folds constants), shut down when the run
+ends, whatever happens. A joined cluster is left running. Ray's own log lines stay out of
+the user's terminal; its errors become one-line ``SqueezeError``s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import onnx_ir as ir
+
+from onnxsqueeze.core.errors import SqueezeError, first_line
+from onnxsqueeze.core.optional import require
+from onnxsqueeze.distributed import calibration, runs
+from onnxsqueeze.run.workers import check_size
+
+logger = logging.getLogger(__name__)
+
+
+class RayWorkers:
+    """``run.workers.Workers`` on a Ray cluster: ``size`` pieces of work at once, each
+    worker using ``threads`` cores."""
+
+    def __init__(self, ray: Any, size: int, threads: int, started_s: float, address: str) -> None:
+        self.ray = ray
+        self.size = size
+        self.threads = threads
+        #: The warm-up tasks started with the pool (runs.warm_up), not waited for.
+        self.warming: list[Any] = []
+        #: What the report says of the pool: where, how big, its start-up time, what ran.
+        self.record: dict[str, Any] = {
+            "backend": "ray",
+            "address": address,
+            "workers": size,
+            "threads_per_worker": threads,
+            "startup_s": round(started_s, 2),
+        }
+
+    def run_models(
+        self,
+        models: Iterable[ir.Model],
+        feeds: Sequence[Mapping[str, Any]],
+        providers: Sequence[str],
+        optimize: bool,
+    ) -> Iterator[list[dict[str, Any]]]:
+        return runs.run_models(self, models, feeds, providers, optimize)
+
+    def calibrate(self, model: ir.Model, source: Any, options: Any, samples: int | None) -> Any:
+        return calibration.sharded(self, model, source, options, samples)
+
+    def count(self, key: str, amount: int = 1) -> None:
+        """Tally work sent to the pool for the report (models run, shards calibrated)."""
+        self.record[key] = self.record.get(key, 0) + amount
+
+    def seen(self, rss: int) -> None:
+        """A worker's peak memory, as it reported it with a result."""
+        peak = max(self.record.get("worker_peak_mib", 0), round(rss / 2**20))
+        self.record["worker_peak_mib"] = peak
+
+
+#: Seconds to wait for a cluster's head to answer before saying it is not there (Ray
+#: itself retries for minutes).
+CONNECT_TIMEOUT = 10.0
+
+
+def reachable(address: str) -> None:
+    """A ``host:port`` (or ``ray://host:port``) address whose head does not answer is a
+    one-line error now, not minutes of Ray's retries. ``auto`` and other forms are Ray's."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT).close()
+    except OSError as exc:
+        raise SqueezeError(
+            f"ray_address= {address}: no Ray cluster answers there ({first_line(exc)})"
+        ) from None
+
+
+@contextlib.contextmanager
+def pool(workers: int | None = None, address: str | None = None) -> Iterator[RayWorkers]:
+    """A Ray pool for the block: a local cluster of ``workers`` CPUs, or the cluster at
+    ``address`` (``workers`` then caps how many of its CPUs one run takes)."""
+    check_size(workers)
+    ray = require("ray", "ray", "workers= (Ray)")
+    if address:
+        reachable(address)
+    start = time.perf_counter()
+    started = not ray.is_initialized()
+    if started:
+        settings: dict[str, Any] = {
+            "include_dashboard": False,
+            "log_to_driver": False,
+            "logging_level": logging.ERROR,
+            "configure_logging": True,
+        }
+        try:
+            if address:
+                ray.init(address=address, **settings)
+            else:
+                ray.init(num_cpus=workers or os.cpu_count() or 1, **settings)
+        except Exception as exc:
+            where = f"at {address}" if address else "on this machine"
+            raise SqueezeError(f"cannot start Ray {where}: {first_line(exc)}") from exc
+    try:
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        size = max(1, min(workers or cpus, cpus))
+        threads = max(1, cpus // size) if not address else 1
+        label = address or f"local ({cpus} CPUs)"
+        pool = RayWorkers(ray, size, threads, time.perf_counter() - start, label)
+        runs.warm_up(pool)
+        yield pool
+    finally:
+        if started:
+            ray.shutdown()
