@@ -49,6 +49,8 @@ if workers:
     with pool(workers) as running, using(running):
         result = calibrate(model, data, method="percentile", samples=samples)
         record = dict(running.record)
+        closing = time.perf_counter()
+    record["shutdown_s"] = time.perf_counter() - closing
 else:
     result = calibrate(model, data, method="percentile", samples=samples)
 wall = time.perf_counter() - started
@@ -199,7 +201,9 @@ def render(args, calib_runs, same, search_runs, same_bytes, same_nodes, search_r
         f"({c[0]['shards']} samples, {c[0]['samples_per_run']} per run) "
         f"{med([x['shards_s'] for x in c]):.2f} s, of which the slowest shard's plan (open the "
         f"model, sessions, stacking check) {med([x['slowest_plan_s'] for x in c]):.2f} s; the "
-        f"merge {med([x['merge_s'] for x in c]):.2f} s. The one-process run used "
+        f"merge {med([x['merge_s'] for x in c]):.2f} s; Ray's shutdown "
+        f"{med([r['shutdown_s'] for r in rec]):.2f} s; the rest (imports, loading the model, "
+        "shipping it) as in one process. The one-process run used "
         f"{cpu_per_wall:.2f} CPU-seconds per second of wall time (onnxruntime's threads and the "
         "histogram threads): on this machine a split of the same work can gain at most "
         f"{os.cpu_count() / cpu_per_wall:.2f}x before any start-up cost.",
