@@ -64,8 +64,10 @@ class CollectOptions:
     #: calib.stacking). None: for histogram methods only, so min/max ranges stay exactly
     #: those of one run per sample (onnxruntime's calibrators), bit for bit.
     stack: bool | None = None
-    #: Cores one run and its histogram updates may use (None: every core). A worker of a
-    #: pool that shares the machine takes its share, not all of it.
+    #: Threads the histogram updates may use (None: one per core). A worker of a pool that
+    #: shares the machine takes its share. onnxruntime keeps its default thread count
+    #: wherever it runs: its convolutions round differently with another (1e-9 relative on
+    #: PP-OCR det), and a worker's statistics must be this process's.
     threads: int | None = None
 
 
@@ -385,7 +387,6 @@ class Collector:
                 Session(
                     clone,
                     self.options.providers,
-                    threads=self.options.threads,
                     prepack=True,
                     config={"session.intra_op.allow_spinning": "0"},
                 ),

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -95,22 +96,11 @@ def pool(workers: int | None = None, address: str | None = None) -> Iterator[Ray
     if address:
         reachable(address)
     start = time.perf_counter()
-    started = not ray.is_initialized()
-    if started:
-        settings: dict[str, Any] = {
-            "include_dashboard": False,
-            "log_to_driver": False,
-            "logging_level": logging.ERROR,
-            "configure_logging": True,
-        }
-        try:
-            if address:
-                ray.init(address=address, **settings)
-            else:
-                ray.init(num_cpus=workers or os.cpu_count() or 1, **settings)
-        except Exception as exc:
-            where = f"at {address}" if address else "on this machine"
-            raise SqueezeError(f"cannot start Ray {where}: {first_line(exc)}") from exc
+    with _LOCK:  # two runs in two threads share one cluster; the last one out stops it
+        if not ray.is_initialized():
+            _start(ray, workers, address)
+            _OWNED[0] = True
+        _OWNED[1] += 1
     try:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         size = max(1, min(workers or cpus, cpus))
@@ -120,5 +110,30 @@ def pool(workers: int | None = None, address: str | None = None) -> Iterator[Ray
         runs.warm_up(pool)
         yield pool
     finally:
-        if started:
-            ray.shutdown()
+        with _LOCK:
+            _OWNED[1] -= 1
+            if _OWNED[1] == 0 and _OWNED[0]:
+                ray.shutdown()
+                _OWNED[0] = False
+
+
+#: Whether this process started the running cluster, and how many runs use it.
+_OWNED: list = [False, 0]
+_LOCK = threading.Lock()
+
+
+def _start(ray: Any, workers: int | None, address: str | None) -> None:
+    settings: dict[str, Any] = {
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "logging_level": logging.ERROR,
+        "configure_logging": True,
+    }
+    try:
+        if address:
+            ray.init(address=address, **settings)
+        else:
+            ray.init(num_cpus=workers or os.cpu_count() or 1, **settings)
+    except Exception as exc:
+        where = f"at {address}" if address else "on this machine"
+        raise SqueezeError(f"cannot start Ray {where}: {first_line(exc)}") from exc

@@ -222,3 +222,21 @@ def test_cli_bad_workers_and_unreachable_cluster_are_one_line_and_write_nothing(
     assert "no Ray cluster answers" in done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) <= 2
     assert not out.exists()
+
+
+def test_two_runs_in_two_threads_share_the_cluster_and_match(cluster, digits_folder):
+    from concurrent.futures import ThreadPoolExecutor
+
+    expected, _ = onnxsqueeze.squeeze(str(DIGITS), quantize=TIGHT, data=digits_folder)
+
+    def run(_: int) -> bytes:
+        model, report = onnxsqueeze.squeeze(
+            str(DIGITS), quantize=TIGHT, data=digits_folder, workers=2
+        )
+        assert report.workers["models_run"] >= 4
+        return model.SerializeToString()
+
+    with ThreadPoolExecutor(2) as threads:
+        results = list(threads.map(run, range(2)))
+    assert results == [expected.SerializeToString()] * 2
+    assert ray.is_initialized()  # the runs joined the module's cluster and left it running
