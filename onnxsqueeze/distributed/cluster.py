@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 
 class RayWorkers:
     """``run.workers.Workers`` on a Ray cluster: ``size`` pieces of work at once, each
-    worker using ``threads`` cores."""
+    worker holding ``threads`` of the cluster's CPUs (its histogram threads; onnxruntime
+    keeps its default threads everywhere, so the numbers are the driver's)."""
 
     def __init__(self, ray: Any, size: int, threads: int, started_s: float, address: str) -> None:
         self.ray = ray
