@@ -156,6 +156,7 @@ def fewest_kept(
             progress.step("budget search", trials.tries, _bisections(len(order)))
             if ok:
                 found, hi = mid, mid
+                trials.forget_above(hi)
             else:
                 lo = mid + 1
         if found is None:
@@ -173,6 +174,7 @@ def fewest_kept(
         progress.step("budget search", trials.tries, _bisections(len(order)) + 1)
         if ok:
             hi = mid
+            trials.forget_above(hi)
         else:
             lo = mid
     model, _, summary = trials.judged(hi)
@@ -194,7 +196,9 @@ class _Trials:
     steps that may follow it (up to the pool's size), so the next step often finds its
     verdict waiting. Every verdict is the one the step would have measured itself, so the
     search decides exactly as it does alone; ``tries`` counts the steps the search took,
-    as alone, and the pool's record counts the look-ahead models."""
+    as alone, and the pool's record counts the look-ahead models. Only models that may
+    still be the answer are held (passing, at most the search's passing bound): a large
+    model's candidates are not kept step after step."""
 
     def __init__(self, order: Sequence[str], build: Callable, judge: Callable) -> None:
         self.order, self.build, self.judge = order, build, judge
@@ -202,14 +206,14 @@ class _Trials:
         many = getattr(judge, "verdicts", None)
         self.width = pool.size if pool is not None and many is not None else 1
         self.pool = pool
-        self.seen: dict[int, tuple[ir.Model, bool, str]] = {}
+        self.seen: dict[int, tuple[ir.Model | None, bool, str]] = {}
         self.stepped: set[int] = set()  # the steps the search took (tries)
 
     @property
     def tries(self) -> int:
         return len(self.stepped)
 
-    def judged(self, count: int, ahead: Sequence[int] = ()) -> tuple[ir.Model, bool, str]:
+    def judged(self, count: int, ahead: Sequence[int] = ()) -> tuple[ir.Model | None, bool, str]:
         """The verdict on keeping ``count`` nodes, judging ``ahead`` alongside if new."""
         self.stepped.add(count)
         if count in self.seen:
@@ -223,8 +227,14 @@ class _Trials:
             verdicts = self.judge.verdicts(models)
             self.pool.count("look_ahead_models", len(models) - 1)
         for k, model, (ok, summary) in zip(wanted, models, verdicts, strict=True):
-            self.seen[k] = (model, ok, summary)
+            self.seen[k] = (model if ok else None, ok, summary)
         return self.seen[count]
+
+    def forget_above(self, bound: int) -> None:
+        """The search's answer is at most ``bound`` now: models above it can go."""
+        for k, (model, ok, summary) in self.seen.items():
+            if k > bound and model is not None:
+                self.seen[k] = (None, ok, summary)
 
 
 def _ahead(lo: int, hi: int, split: Callable, width: int, gap: int = 0) -> list[int]:
