@@ -17,6 +17,7 @@ from onnxsqueeze.passes.merge_matmuls import MergeMatmulsPass
 from onnxsqueeze.passes.prune_channels import PruneChannelsPass
 from onnxsqueeze.passes.prune_weights import PruneWeightsPass
 from onnxsqueeze.passes.quantize_dynamic import QuantizeDynamicPass
+from onnxsqueeze.passes.quantize_lstm import QuantizeLstmPass
 from onnxsqueeze.passes.quantize_weights import QuantizeWeightsPass
 from onnxsqueeze.passes.simplify_graph import SimplifyGraphPass
 from onnxsqueeze.passes.strip_metadata import StripMetadataPass
@@ -44,6 +45,7 @@ def builtin_registry() -> PassRegistry:
         QuantizeWeightsPass,
         InsertQdqPass,
         QuantizeDynamicPass,
+        QuantizeLstmPass,
         ConvertFp16Pass,
         FactorizeSvdPass,
         PruneWeightsPass,

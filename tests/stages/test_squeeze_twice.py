@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
 import onnxsqueeze
+from tests.passes.test_quantize_lstm import FEATURES, STEPS, _lstm_model
 from tests.passes.test_shared_weights import _data, _unrolled
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,10 +27,16 @@ def _graph(path: Path) -> tuple:
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("model", ["digits", "unrolled-rnn"])
+@pytest.mark.parametrize("model", ["digits", "unrolled-rnn", "lstm"])
 def test_a_second_squeeze_changes_nothing(tmp_path, model, mode):
     if model == "digits":
         source, data = REPO / "models" / "digits_cnn.onnx", str(REPO / "models" / "digits_test.npz")
+    elif model == "lstm":  # dynamic: DynamicQuantizeLSTM, found no LSTM left the second time
+        source, rng = tmp_path / "lstm.onnx", np.random.default_rng(2)
+        onnx.save(_lstm_model(), source)
+        data = [
+            {"x": rng.standard_normal((STEPS, 1, FEATURES)).astype(np.float32)} for _ in "x" * 16
+        ]
     else:
         source, data = tmp_path / "rnn.onnx", _data()
         _unrolled(source)

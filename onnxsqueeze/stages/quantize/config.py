@@ -17,7 +17,7 @@ MODES = ("static", "dynamic", "fp16", "weights-int8", "weights-int4")
 #: auto: static with data, dynamic without; kept only if within budget and not slower.
 CHOICES = ("auto", "none", *MODES)
 #: Nodes the budget search may keep float; data-movement ops follow their producer.
-CANDIDATE_OPS = (*WEIGHTED, *sorted(OWN_SCALE))
+CANDIDATE_OPS = (*WEIGHTED, *sorted(OWN_SCALE), "LSTM")  # LSTM: dynamic's DynamicQuantizeLSTM
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,7 @@ from onnxsqueeze.core.graphs import scopes
 from onnxsqueeze.passes.convert_fp16 import ConvertFp16Pass
 from onnxsqueeze.passes.insert_qdq import DEFAULT_OPS, InsertQdqPass
 from onnxsqueeze.passes.quantize_dynamic import QuantizeDynamicPass
+from onnxsqueeze.passes.quantize_lstm import QuantizeLstmPass
 from onnxsqueeze.passes.quantize_weights import WEIGHT_OPS, QuantizeWeightsPass
 from onnxsqueeze.stages.quantize.config import CANDIDATE_OPS, QuantizeConfig
 
@@ -64,15 +65,18 @@ class QuantizeFamily:
     def build_with_stats(self, excluded: Sequence[str]) -> tuple[ir.Model, dict[str, Any]]:
         """The model with every candidate quantized except ``excluded``, and the pass's
         stats (``quantized``: the nodes it changed, ``kept_float``: why others stayed)."""
-        config = self.config
         candidate = self.model.clone()
-        exclude = tuple(config.exclude_nodes) + tuple(excluded)
+        stats = self._quantize(candidate, tuple(self.config.exclude_nodes) + tuple(excluded))
+        return candidate, stats
+
+    def _quantize(self, candidate: ir.Model, exclude: tuple[str, ...]) -> dict[str, Any]:
+        """Quantize ``candidate`` in place by the mode's pass; the pass's stats."""
+        config = self.config
         if config.weight_only:
-            result = QuantizeWeightsPass(**self.weights, exclude_nodes=exclude)(candidate)
-            return candidate, result.stats
+            return QuantizeWeightsPass(**self.weights, exclude_nodes=exclude)(candidate).stats
         if config.mode == "fp16":
             result = ConvertFp16Pass(exclude_nodes=exclude)(candidate)
-            return candidate, {
+            return {
                 **result.stats,
                 "quantized": result.stats["converted_nodes"],
                 "kept_float": {},
@@ -86,7 +90,16 @@ class QuantizeFamily:
                 outlier_scales=self.outlier_scales if self.split else None,
                 embedding_fold=set(config.providers) <= {"cpu"},
             )(candidate)
-            return candidate, result.stats
+            stats = result.stats
+            if set(config.providers) <= {"cpu"}:  # DynamicQuantizeLSTM: CPU provider only
+                lstm = QuantizeLstmPass(reduce_range=config.reduce_range, exclude_nodes=exclude)
+                more = lstm(candidate).stats
+                stats = {
+                    **stats,
+                    "quantized": stats["quantized"] + more["quantized"],
+                    "kept_float": {**stats["kept_float"], **more["kept_float"]},
+                }
+            return stats
         result = InsertQdqPass(
             ranges=self.ranges,
             weight_memo=self.weight_memo,
@@ -99,4 +112,4 @@ class QuantizeFamily:
             exclude_ops=tuple(config.exclude_ops),
             elementwise=config.elementwise,
         )(candidate)
-        return candidate, result.stats
+        return result.stats

@@ -26,6 +26,7 @@ from onnxsqueeze.core.errors import SqueezeError, UnsupportedModelError, first_l
 from onnxsqueeze.core.graphs import name_nodes, opset_version
 from onnxsqueeze.core.io import initializer_bytes
 from onnxsqueeze.core.opsets import upgrade_opset
+from onnxsqueeze.passes.cleanup import dedup_initializers
 from onnxsqueeze.quant.qdq import nothing_quantized
 from onnxsqueeze.run import workers
 from onnxsqueeze.run.compare import LOSSLESS_RTOL, compare_runs
@@ -59,6 +60,10 @@ def quantize_model(
     stage = QuantizeStage(model.clone(), list(eval_feeds), config)
     stage.calib_data = calib_data
     outcome = stage.search(calibration, calib_feeds, calib_samples)
+    # the small constants each weight's rewrite adds (a fold form's Reshape shapes) once: a
+    # second squeeze's cleanup would merge them otherwise, and change the file
+    for graph in outcome.model.graphs() if outcome.record.get("applied") else ():
+        dedup_initializers(graph)
     if config.check_latency and outcome.record.get("applied"):
         check_latency(model, outcome, config, eval_feeds[0] if eval_feeds else None)
     outcome.record["seconds"] = round(time.perf_counter() - started, 3)
