@@ -221,8 +221,14 @@ class ConvertFp16Pass(SqueezePass):
         if self._target == ir.DataType.FLOAT16:
             limit = float(np.finfo(np.float16).max)
             clipped = np.clip(array, -limit, limit)
+            # nonzero values below the smallest subnormal (a LayerNorm's epsilon of 1e-12)
+            # keep their sign at it rather than flush to 0: x + 0 is not what was exported,
+            # and a second squeeze would simplify the Add away
+            tiny = float(np.finfo(np.float16).smallest_subnormal)
+            flushed = (clipped != 0) & (np.abs(clipped) < tiny / 2)
+            clipped = np.where(flushed, np.copysign(tiny, clipped), clipped)
             self._stats["clamped_weights"] += int(np.count_nonzero(clipped != array))
-            return ir.tensor(clipped.astype(np.float16), name=name)
+            return ir.tensor(np.asarray(clipped, np.float32).astype(np.float16), name=name)
         import ml_dtypes
 
         return ir.tensor(array.astype(ml_dtypes.bfloat16), dtype=ir.DataType.BFLOAT16, name=name)

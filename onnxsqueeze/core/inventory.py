@@ -29,6 +29,7 @@ INTEGER_OPS = frozenset(
         "QGemm",
         "DynamicQuantizeLinear",
         "DynamicQuantizeMatMul",
+        "DynamicQuantizeLSTM",
         "MatMulIntegerToFloat",
         "MatMulNBits",
         "GatherBlockQuantized",

@@ -16,6 +16,8 @@ when the execution provider turns ``DQ -> op -> Q`` into an integer kernel:
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import onnx_ir as ir
 
@@ -24,8 +26,10 @@ from onnxsqueeze.core.graphs import (
     add_constant,
     constant_array,
     drop_if_unused,
+    scopes,
     unique_name,
 )
+from onnxsqueeze.core.inventory import INTEGER_OPS
 from onnxsqueeze.quant.qmath import QRANGES, QParams, qparams, quantize_per_channel
 from onnxsqueeze.run import cpu
 
@@ -166,7 +170,9 @@ class QdqBuilder:
             return
         qp = qparams(float(array.min(initial=0)), float(array.max(initial=0)), dtype)
         shifted = np.round(array / qp.scale) + qp.zero_point.astype(np.float64)
-        q = np.clip(shifted, *QRANGES[qp.dtype]).astype(qp.zero_point.dtype)
+        # asarray: a 0-d operand (a scalar Mul, as recent transformers export) rounds to a
+        # NumPy scalar, not an array
+        q = np.asarray(np.clip(shifted, *QRANGES[qp.dtype]), dtype=qp.zero_point.dtype)
         node.replace_input_with(
             index, self.dequantized(scope, q, qp, None, value.name or "const", node)
         )
@@ -224,6 +230,18 @@ def already_quantized(node: ir.Node) -> bool:
     )
     feeds_q = any(u.op_type == "QuantizeLinear" for out in node.outputs for u, _ in out.uses())
     return reads_dq or feeds_q
+
+
+def quantized_compute(model: ir.Model) -> dict[str, int]:
+    """The ops of ``model`` that compute in integers or quantize activations (QDQ pairs),
+    by type: a model some tool (or an earlier squeeze) quantized already."""
+    found = Counter(
+        n.op_type
+        for scope in scopes(model)
+        for n in scope
+        if n.op_type in INTEGER_OPS or n.op_type == "QuantizeLinear"
+    )
+    return dict(sorted(found.items()))
 
 
 def nothing_quantized(kept_float: dict) -> str:

@@ -140,3 +140,23 @@ def test_a_16_bit_model_onnxruntime_crashes_on_is_reported_not_loaded(tmp_path):
         # the pass on its own (--passes convert-fp16) is rolled back the same way
         (step,) = onnxsqueeze.squeeze(model, passes=["convert-fp16"]).report.passes
         assert step.status == "rolled-back" and "crashed" in step.reason
+
+
+def test_an_epsilon_below_float16_keeps_its_sign_not_zero():
+    """BERT's LayerNorm epsilon (1e-12) flushed to 0 in float16: ``var + 0`` is not what was
+    exported (a zero variance divides by zero), and a second squeeze simplified the Add away,
+    so squeezing the fp16 output again changed it."""
+    proto = onnx.parser.parse_model("""
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[2, 8] x) => (float[2, 8] y) <float eps = {1e-12}, float[8] w = {1, -2, 3, -4, 1e-9, -1e-9, 0, 7}> {
+    a = Add (x, eps)
+    y = Mul (a, w)
+}""")  # fmt: skip
+    out, stats = _convert(proto)
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in out.graph.initializer}
+    (eps,) = (a for n, a in weights.items() if n.startswith("eps"))
+    (w,) = (a for n, a in weights.items() if n.startswith("w"))
+    tiny = np.finfo(np.float16).smallest_subnormal
+    assert eps.dtype == np.float16 and eps == tiny
+    assert list(w[4:7]) == [tiny, -tiny, 0] and list(w[:4]) == [1, -2, 3, -4]
+    assert stats["clamped_weights"] == 3

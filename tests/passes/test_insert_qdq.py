@@ -273,3 +273,25 @@ def test_weight_memo_quantizes_each_weight_once_across_clones(monkeypatch):
         builds.append(ir.serde.serialize_model(clone).SerializeToString())
     assert calls == [1] and len(memo) == 1
     assert builds[0] == builds[1] == builds[2] == plain.SerializeToString()
+
+
+def test_a_scalar_constant_operand_is_quantized_as_a_0d_tensor():
+    """A 0-d constant of a Mul (recent transformers export BERT's attention scale so) rounded
+    to a NumPy scalar, and the pass died on it: 'numpy.uint8' object has no attribute 'name'."""
+    proto = _parse(
+        """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[2, 16] x) => (float[2, 8] y) {
+    m = MatMul (x, w)
+    y = Mul (m, half)
+}""",
+        w=RNG.standard_normal((16, 8)).astype(np.float32),
+        half=np.array(0.5, np.float32),
+    )
+    feeds = [{"x": RNG.standard_normal((2, 16)).astype(np.float32)} for _ in range(4)]
+    out, stats = _quantize(proto, _ranges(proto, feeds), elementwise="all")
+    scalar = [t for t in out.graph.initializer if t.name.startswith("half")]
+    assert scalar and all(list(t.dims) == [] for t in scalar)
+    assert stats["nodes_quantized"] == 2
+    (got,), (want,) = _run(out, feeds[0]), _run(proto, feeds[0])
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()

@@ -45,3 +45,19 @@ def test_a_second_squeeze_changes_nothing(tmp_path, model, mode):
     onnxsqueeze.squeeze_file(once, twice, data=data, quantize=mode, strict=False)
     assert _graph(twice) == _graph(once)
     assert twice.stat().st_size <= once.stat().st_size
+
+
+@pytest.mark.parametrize("first", ["dynamic", "static"])
+def test_auto_leaves_a_quantized_model_as_it_is(tmp_path, first):
+    """auto's choice is made for a float model: on a dynamic output it used to add weights-int8
+    on the small weights dynamic leaves float on purpose (a 256-element head), judged against
+    a reference that was itself quantized. It ships the input's graph and says why."""
+    source, data = tmp_path / "rnn.onnx", _data()
+    _unrolled(source)
+    once, twice = tmp_path / "once.onnx", tmp_path / "twice.onnx"
+    onnxsqueeze.squeeze_file(source, once, data=data, quantize=first)
+    report = onnxsqueeze.squeeze_file(once, twice, data=data, quantize="auto")
+    assert not report.quantization["applied"]
+    assert report.quantization["reason"].startswith("the model is already quantized (")
+    assert any("auto does not quantize it again" in w for w in report.warnings)
+    assert _graph(twice) == _graph(once)

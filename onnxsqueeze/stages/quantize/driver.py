@@ -17,6 +17,7 @@ from onnxsqueeze.core.errors import CalibrationError, RuntimeSessionError, Unsup
 from onnxsqueeze.core.graphs import scopes
 from onnxsqueeze.core.spill import spill_if_active
 from onnxsqueeze.core.stats import model_stats
+from onnxsqueeze.quant.qdq import quantized_compute
 from onnxsqueeze.run.feeds import iter_feeds
 from onnxsqueeze.run.signature import input_specs
 from onnxsqueeze.stages.budget import Budget
@@ -55,6 +56,18 @@ def run_quantize_stage(
     auto = len(configs) > 1 or (
         (quantize.mode if isinstance(quantize, QuantizeConfig) else str(quantize)) == "auto"
     )
+    if auto and (ops := quantized_compute(model)):
+        # auto chose among modes for a float model; on a quantized one (an earlier squeeze's
+        # output, another tool's) it would stack a second mode on weights the first kept
+        # float on purpose, judged against a reference that is itself quantized
+        found = ", ".join(f"{n} {op}" for op, n in ops.items())
+        report.quantization = {"mode": "auto", "applied": False, "budget_met": False}
+        report.quantization["reason"] = f"the model is already quantized ({found})"
+        report.warnings.append(
+            f"quantization not applied: the model is already quantized ({found}); auto does "
+            "not quantize it again (an explicit mode does)"
+        )
+        return model
     if providers:
         configs = [dataclasses.replace(c, providers=tuple(providers)) for c in configs]
     if configs[0].mode == "static" and data is None:
