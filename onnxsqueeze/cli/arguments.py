@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         type=text_value,
         metavar="PATH",
-        help="real inputs: .npz file or folder of .npz",
+        help="real inputs: .npz file or folder of .npz, local or a URI (s3://, gs://, file://)",
     )
     calib = parser.add_argument_group(
         "calibration",

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import stat
+import urllib.parse
 from pathlib import Path
 
 from onnxsqueeze.core.errors import ModelSaveError
+from onnxsqueeze.run.remote import is_uri
 
 
 def read_files(
@@ -22,8 +24,10 @@ def read_files(
     --eval-data files or the .npz files of their folders, the calibration cache."""
     found = {Path(model).resolve(): "the input model"}
     for flag, path in (("--data", data), ("--eval-data", eval_data)):
+        if path and is_uri(path) and not path.startswith("file://"):
+            continue  # remote: nothing this run writes can be it
         if path:
-            source = Path(path)
+            source = Path(urllib.parse.urlparse(path).path if is_uri(path) else path)
             if source.is_dir():
                 found.update({p.resolve(): f"a {flag} file" for p in source.glob("*.npz")})
             else:

@@ -19,6 +19,7 @@ import onnx_ir as ir
 
 from onnxsqueeze.core.io import has_external_tensors, initializer_bytes
 from onnxsqueeze.run.feeds import Subset
+from onnxsqueeze.run.remote import is_uri
 
 #: Larger models are run where they are (protobuf's limit is 2 GB, with room for the graph).
 MAX_SHIPPED_BYTES = 1_500_000_000
@@ -40,6 +41,6 @@ def absolute(source: Any) -> Any:
     """``source`` with its path made absolute: a worker's current folder is not ours."""
     if isinstance(source, Subset):
         return Subset(absolute(source.source), source.indices, source.keep)
-    if isinstance(source, (str, os.PathLike)):
+    if isinstance(source, (str, os.PathLike)) and not is_uri(source):
         return Path(source).resolve()
     return source

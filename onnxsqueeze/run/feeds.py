@@ -1,4 +1,5 @@
-"""Calibration and probe data: npz files, folders of npz/npy, or Python iterables of feeds.
+"""Calibration and probe data: npz files, folders of npz/npy (local, or behind a URI that
+fsspec reads: ``run.remote``), or Python iterables of feeds.
 
 Every source is validated against the model's inputs here, so a wrong name or dtype is
 reported once, naming the file, instead of deep inside onnxruntime.
@@ -15,6 +16,8 @@ from typing import Any
 import numpy as np
 
 from onnxsqueeze.core.errors import CalibrationDataError
+from onnxsqueeze.run import remote
+from onnxsqueeze.run.remote import is_uri
 from onnxsqueeze.run.signature import InputSpec
 
 Feed = dict[str, np.ndarray]
@@ -61,10 +64,8 @@ def count_samples(source: Any) -> int:
     if isinstance(source, Subset):
         return len(source)
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if path.is_dir():
-            return len(_folder_files(path))
-        return 1
+        files = _files(source)
+        return len(files) if files is not None else 1
     if isinstance(source, Mapping):
         return 1
     if isinstance(source, Sized):
@@ -76,13 +77,10 @@ def part(source: Any, start: int, stop: int) -> Any:
     """Samples ``start`` to ``stop - 1`` of ``source``, read like the whole: a folder (or a
     part of one) by its files, so a worker handed this part opens only those files; a list
     by slicing. Shards of a dataset are such parts."""
-    if isinstance(source, Subset) and isinstance(source.source, (str, os.PathLike)):
-        root = Path(source.source)
-        if root.is_dir():
-            kept = [
-                i for i in range(len(_folder_files(root))) if (i in source.indices) == source.keep
-            ]
-            return Subset(root, frozenset(kept[start:stop]))
+    files = _files(source.source) if isinstance(source, Subset) else None
+    if files is not None:
+        kept = [i for i in range(len(files)) if (i in source.indices) == source.keep]
+        return Subset(source.source, frozenset(kept[start:stop]))
     if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
         return list(source[start:stop])
     return Subset(source, frozenset(range(start, stop)))
@@ -107,17 +105,38 @@ def _folder_files(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy"))
 
 
+def _files(source: Any) -> list | None:
+    """The sample files of a folder, local or behind a URI, in order; None otherwise."""
+    if is_uri(source):
+        return remote.sample_files(source)
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        return _folder_files(Path(source))
+    return None
+
+
+def _read(file: Path | str) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    if is_uri(file):
+        yield str(file), remote.read_npz(str(file))
+    else:
+        yield from _read_file(Path(file))
+
+
 def _iter_source(source: Any) -> Iterator[tuple[str, Mapping[str, Any]]]:
     if isinstance(source, Subset):
-        if isinstance(source.source, (str, os.PathLike)) and Path(source.source).is_dir():
-            files = _folder_files(Path(source.source))  # unread files stay unread
+        files = _files(source.source)
+        if files is not None:  # unread files stay unread
             for index, file in enumerate(files):
                 if (index in source.indices) == source.keep:
-                    yield from _read_file(file)
+                    yield from _read(file)
             return
         for index, item in enumerate(_iter_source(source.source)):
             if (index in source.indices) == source.keep:
                 yield item
+        return
+    if is_uri(source):
+        files = remote.sample_files(source)
+        for file in files if files is not None else [source]:
+            yield from _read(file)
         return
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)

@@ -152,6 +152,18 @@ def test_sharded_calibration_is_bit_identical_to_one_process(
     assert sharded.ranges(method) == alone.ranges(method)
 
 
+def test_workers_read_their_shards_from_a_uri(cluster, digits_folder, small_shards):
+    """Data behind a URI (here file://, as s3:// or gs:// would be read): each worker lists
+    and reads its own shard's files; the statistics are those of the local folder."""
+    from onnxsqueeze.distributed import pool
+
+    alone = calibrate_here(str(DIGITS), digits_folder, method="percentile")
+    with pool(2) as workers, using(workers):
+        sharded = calibrate_here(str(DIGITS), digits_folder.as_uri(), method="percentile")
+    assert workers.record["calibration_shards"] == 2
+    _same_statistics(sharded, alone)
+
+
 def test_the_budget_search_on_workers_makes_the_same_model(cluster, digits_folder, small_shards):
     alone, alone_report = onnxsqueeze.squeeze(str(DIGITS), quantize=TIGHT, data=digits_folder)
     spread, report = onnxsqueeze.squeeze(str(DIGITS), quantize=TIGHT, data=digits_folder, workers=2)
