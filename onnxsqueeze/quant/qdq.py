@@ -233,15 +233,31 @@ def already_quantized(node: ir.Node) -> bool:
 
 
 def quantized_compute(model: ir.Model) -> dict[str, int]:
-    """The ops of ``model`` that compute in integers or quantize activations (QDQ pairs),
-    by type: a model some tool (or an earlier squeeze) quantized already."""
-    found = Counter(
-        n.op_type
-        for scope in scopes(model)
-        for n in scope
-        if n.op_type in INTEGER_OPS or n.op_type == "QuantizeLinear"
-    )
+    """What shows that some tool (or an earlier squeeze) quantized ``model`` already, by
+    kind: ops that compute in integers, QDQ pairs, and weights stored as integers that a
+    DequantizeLinear or a Cast (the fold form) turns back into floats."""
+    found: Counter[str] = Counter()
+    for scope in scopes(model):
+        for n in scope:
+            if n.op_type in INTEGER_OPS or n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+                found[n.op_type] += 1
+            elif n.op_type == "Cast" and _scaled_codes(n):
+                found["integer weight cast to float"] += 1
     return dict(sorted(found.items()))
+
+
+def _scaled_codes(cast: ir.Node) -> bool:
+    """The fold form: an 8-bit (or packed 4-bit) constant of weight size cast to float and
+    multiplied by constant scales (a uint8 mask cast for a Where is not that)."""
+    tensor = cast.inputs[0].const_value if cast.inputs and cast.inputs[0] is not None else None
+    if tensor is None or tensor.size < 1024:
+        return False
+    if tensor.dtype not in (ir.DataType.INT8, ir.DataType.UINT8):
+        return False
+    return any(
+        use.op_type in ("Mul", "Sub") and any(constant_array(v) is not None for v in use.inputs)
+        for use, _ in cast.outputs[0].uses()
+    )
 
 
 def nothing_quantized(kept_float: dict) -> str:

@@ -105,3 +105,23 @@ def test_shared_weights_mixed_bias_groups_and_lone_matmuls_stay():
     out, stats = _apply(proto)
     assert stats["groups_merged"] == 0
     assert [n.op_type for n in out.graph.node] == [n.op_type for n in proto.graph.node]
+
+
+def test_a_bias_other_nodes_read_still_counts_as_the_projections_bias():
+    """Equal biases (zeros) that a cleanup merged into one initializer used to count as no
+    bias: a Q/K/V group whose K has none stayed apart on the first squeeze and, once the
+    cleanup had merged Q's and V's zero biases, merged on the second (Whisper's encoder). A
+    shared bias is a bias: both squeezes see the same group."""
+    shapes = {"wq": (16, 8), "wk": (16, 8), "wv": (16, 8), "b": (8,)}
+    shared = QKV.format(opset=13).replace("bq", "b").replace("bk", "b").replace("bv", "b")
+    proto = _model(shared.replace("float[2, 5, 4] v", "float[2, 5, 8] v"), shapes)
+    out, stats = _apply(proto)
+    assert stats["groups_merged"] == 1
+    assert collections.Counter(n.op_type for n in out.graph.node)["Add"] == 1
+    _identical(proto, out, {"x": RNG.standard_normal((2, 5, 16)).astype(np.float32)})
+    mixed = shared.replace("k = Add (b, km)", "k = Identity (km)").replace(
+        "s = Mul (q, k)", "s = Mul (q, b)"
+    )
+    proto = _model(mixed.replace("float[2, 5, 4] v", "float[2, 5, 8] v"), shapes)
+    out, stats = _apply(proto)
+    assert stats["groups_merged"] == 0  # K without a bias: the group mixes, shared bias or not

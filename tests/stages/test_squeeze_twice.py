@@ -47,11 +47,13 @@ def test_a_second_squeeze_changes_nothing(tmp_path, model, mode):
     assert twice.stat().st_size <= once.stat().st_size
 
 
-@pytest.mark.parametrize("first", ["dynamic", "static"])
+@pytest.mark.parametrize("first", ["dynamic", "static", "weights-int8"])
 def test_auto_leaves_a_quantized_model_as_it_is(tmp_path, first):
     """auto's choice is made for a float model: on a dynamic output it used to add weights-int8
-    on the small weights dynamic leaves float on purpose (a 256-element head), judged against
-    a reference that was itself quantized. It ships the input's graph and says why."""
+    on the small weights dynamic leaves float on purpose (a 256-element head), and on a
+    weights-int8 output to quantize the Convs its budget had kept float (MobileNetV2), each
+    judged against a reference that was itself quantized. It ships the input's graph and
+    says why."""
     source, data = tmp_path / "rnn.onnx", _data()
     _unrolled(source)
     once, twice = tmp_path / "once.onnx", tmp_path / "twice.onnx"
