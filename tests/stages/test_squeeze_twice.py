@@ -63,3 +63,21 @@ def test_auto_leaves_a_quantized_model_as_it_is(tmp_path, first):
     assert report.quantization["reason"].startswith("the model is already quantized (")
     assert any("auto does not quantize it again" in w for w in report.warnings)
     assert _graph(twice) == _graph(once)
+
+
+@pytest.mark.parametrize("second", ["weights-int8", "dynamic", "static"])
+def test_a_budget_spent_once_is_not_spent_again(tmp_path, second):
+    """The first squeeze kept some nodes float because the budget, judged against the float
+    model, needed them; a second explicit mode judged against the quantized output would
+    quantize them anyway (MobileNetV2 under static did). The output says which mode spent the
+    budget, and no later mode quantizes it again."""
+    source = REPO / "models" / "digits_cnn.onnx"
+    data = str(REPO / "models" / "digits_test.npz")
+    once, twice = tmp_path / "once.onnx", tmp_path / "twice.onnx"
+    onnxsqueeze.squeeze_file(source, once, data=data, quantize="weights-int8")
+    marks = {p.key: p.value for p in onnx.load(once).metadata_props}
+    assert marks["onnxsqueeze.quantization"] == "weights-int8"
+    report = onnxsqueeze.squeeze_file(once, twice, data=data, quantize=second, strict=False)
+    assert not report.quantization["applied"]
+    assert "(by onnxsqueeze: weights-int8, within a budget" in report.quantization["reason"]
+    assert _graph(twice) == _graph(once)

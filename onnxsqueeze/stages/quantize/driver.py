@@ -29,6 +29,9 @@ from onnxsqueeze.stages.samples import judged_feeds
 
 logger = logging.getLogger(__name__)
 
+#: Model metadata a quantized output carries: the mode that spent its accuracy budget.
+SQUEEZED = "onnxsqueeze.quantization"
+
 
 def _warn_unmatched_exclusions(model: ir.Model, config: QuantizeConfig, report: Any) -> None:
     """Node names and op types to keep float that the model does not have: a misspelt name
@@ -56,16 +59,18 @@ def run_quantize_stage(
     auto = len(configs) > 1 or (
         (quantize.mode if isinstance(quantize, QuantizeConfig) else str(quantize)) == "auto"
     )
-    if auto and (ops := quantized_compute(model)):
-        # auto chose among modes for a float model; on a quantized one (an earlier squeeze's
-        # output, another tool's) it would stack a second mode on weights the first kept
-        # float on purpose, judged against a reference that is itself quantized
-        found = ", ".join(f"{n} {op}" for op, n in ops.items())
-        report.quantization = {"mode": "auto", "applied": False, "budget_met": False}
+    found = _quantized_already(model, auto)
+    if found:
+        # a budget is spent against the float model: a second search judged against a
+        # quantized reference would quantize what the first kept float on purpose. auto's
+        # choice is made for a float model, so it leaves any quantized model alone; an
+        # explicit mode still quantizes what another tool left float
+        mode = "auto" if auto else configs[0].mode
+        report.quantization = {"mode": mode, "applied": False, "budget_met": False}
         report.quantization["reason"] = f"the model is already quantized ({found})"
         report.warnings.append(
-            f"quantization not applied: the model is already quantized ({found}); auto does "
-            "not quantize it again (an explicit mode does)"
+            f"quantization not applied: the model is already quantized ({found}); "
+            + ("auto does not quantize it again" if auto else "it is not quantized twice")
         )
         return model
     if providers:
@@ -131,10 +136,22 @@ def run_quantize_stage(
                 f"{len(feeds)} evaluation samples (within the budget); "
                 "--min-top1-agreement 1 keeps every answer"
             )
+    best.model.metadata_props[SQUEEZED] = mode  # what _quantized_already reads next time
     report.after = model_stats(best.model).as_dict()
     report.verification = {"summary": f"{mode}: {best.record['measured']}"}
     report.verification_status = "passed"
     return best.model
+
+
+def _quantized_already(model: ir.Model, auto: bool) -> str:
+    """Why ``model`` must not be quantized again ("" when it may): onnxsqueeze quantized it
+    (any mode), or, for auto, it holds quantized ops or weights from any tool."""
+    if model.metadata_props.get(SQUEEZED):
+        return (
+            f"by onnxsqueeze: {model.metadata_props[SQUEEZED]}, within a budget on its float model"
+        )
+    ops = quantized_compute(model) if auto else {}
+    return ", ".join(f"{n} {op}" for op, n in ops.items())
 
 
 def _warn_if_unresolvable(
