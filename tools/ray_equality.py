@@ -29,7 +29,25 @@ MODELS = {
     "magika": None,  # found by name below
     "ppocr_det": "rapidocr/ch_PP-OCRv4_det_infer.onnx",
     "minilm": "minilm/all-MiniLM-L6-v2.onnx",
+    "ppocr_rec": "rapidocr/ch_PP-OCRv4_rec_infer.onnx",
+    "silero_vad": "silero/silero_vad.onnx",
+    "silero_vad_ifless": "silero/silero_vad_op18_ifless.onnx",
 }
+
+
+def make_samples(name: str, count: int, folder: Path) -> None:
+    """``count`` real samples of ``name`` as .npz files: the calibration benchmark's, or the
+    accuracy tasks' calibration inputs (text lines for PP-OCR rec, streamed audio chunks with
+    their true recurrent state for silero)."""
+    if name in ("ppocr_rec", "silero_vad", "silero_vad_ifless"):
+        import numpy as np
+        import quant_tasks
+
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, feed in enumerate(quant_tasks.get(name, count).calib[:count]):
+            np.savez(folder / f"{i:04d}.npz", **feed)
+        return
+    bench_calib.make_samples(name, count, folder)
 
 
 def model_path(name: str) -> Path:
@@ -65,7 +83,7 @@ def main() -> None:
         tmp = Path(folder)
         for name in args.models:
             data = tmp / name
-            bench_calib.make_samples(name, args.samples, data)
+            make_samples(name, args.samples, data)
             alone, t_alone = squeeze(model_path(name), data, tmp / f"{name}_1.onnx", 0)
             spread, t_spread = squeeze(model_path(name), data, tmp / f"{name}_2.onnx", 2)
             same = (tmp / f"{name}_1.onnx").read_bytes() == (tmp / f"{name}_2.onnx").read_bytes()
