@@ -174,7 +174,10 @@ def squeeze_file(
                     f"({report.verification['summary']})"
                 )
             protected = set() if overwrite_input else loaded.protected_paths()
-            saved = save_model(model, output, external_data=external_data, protected=protected)
+            saved = save_model(
+                model, output, external_data=external_data, protected=protected,
+                value_info=loaded.value_info,
+            )  # fmt: skip
         finally:
             spill.close()
     report.output = str(saved)

@@ -60,6 +60,9 @@ class LoadedModel:
     #: onnxsqueeze.core.legalize): verification compares against it. ``note`` says what was done.
     original: ir.Model | None = None
     note: str | None = None
+    #: Whether the input file carried shape hints (value_info) for its intermediate values:
+    #: an output written for it does likewise, or a model passed through grows by them
+    value_info: bool = True
 
     def protected_paths(self) -> set[Path]:
         """Files that belong to the input and must not be overwritten by accident."""
@@ -108,7 +111,16 @@ def load_model(
 def _load_path(path: Path, *, validate: bool) -> LoadedModel:
     proto = read_model_file(path)
     loaded = _from_proto(proto, str(path), validate, str(path.parent), checker_path=path)
-    return LoadedModel(kind="path", path=path, label=str(path), **loaded)
+    hints = any(len(g.value_info) for g in _proto_graphs(proto.graph))
+    return LoadedModel(kind="path", path=path, label=str(path), value_info=hints, **loaded)
+
+
+def _proto_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            for sub in (*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs):
+                yield from _proto_graphs(sub)
 
 
 def read_model_file(path: Path) -> onnx.ModelProto:
@@ -365,12 +377,14 @@ def save_model(
     *,
     external_data: bool | None = None,
     protected: set[Path] | None = None,
+    value_info: bool = True,
 ) -> Path:
     """Write ``model`` to ``path`` atomically; return the path.
 
     ``external_data=None`` keeps weights in the file unless they exceed protobuf's 2 GB
     limit or the model already used external data. ``protected`` lists files (the input's)
-    that must not be overwritten.
+    that must not be overwritten. ``value_info=False`` writes no shape hints for
+    intermediate values (the input had none).
     """
     dest = Path(path)
     label = str(dest)
@@ -397,7 +411,7 @@ def save_model(
         tmp_model = tmpdir / dest.name
         try:
             if external_data:
-                with _lean_value_info(model):
+                with _lean_value_info(model, value_info):
                     ir.save(
                         model,
                         tmp_model,
@@ -405,7 +419,7 @@ def save_model(
                         size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES,
                     )
             else:
-                tmp_model.write_bytes(to_proto(model).SerializeToString())
+                tmp_model.write_bytes(to_proto(model, value_info).SerializeToString())
         except OSError as exc:
             raise ModelSaveError(f"{label}: cannot write ({first_line(exc)})") from exc
         except Exception as exc:
@@ -438,13 +452,19 @@ def _check_written(path: Path, label: str) -> None:
 
 
 @contextlib.contextmanager
-def _lean_value_info(model: ir.Model) -> Iterator[None]:
+def _lean_value_info(model: ir.Model, hints: bool = True) -> Iterator[None]:
     """Hide initializers' type/shape while serialising: onnx_ir would write a value_info
-    for each (redundant with the tensor itself) and the output file would grow."""
+    for each (redundant with the tensor itself) and the output file would grow. Without
+    ``hints``, every intermediate value's too (no value_info at all)."""
     saved = []
     for graph in model.graphs():
-        for value in graph.initializers.values():
-            if value.const_value is None or value.is_graph_input() or value.is_graph_output():
+        values = list(graph.initializers.values())
+        if not hints:
+            values += [out for node in graph for out in node.outputs]
+        for value in values:
+            if value.is_graph_input() or value.is_graph_output():
+                continue
+            if value.const_value is None and value.producer() is None:
                 continue
             saved.append((value, value.type, value.shape))
             value.type = None
@@ -457,13 +477,14 @@ def _lean_value_info(model: ir.Model) -> Iterator[None]:
             value.shape = shape
 
 
-def to_proto(model: ir.Model) -> onnx.ModelProto:
-    """Serialise to protobuf; external tensors are read into the proto (small models only)."""
+def to_proto(model: ir.Model, value_info: bool = True) -> onnx.ModelProto:
+    """Serialise to protobuf; external tensors are read into the proto (small models only);
+    ``value_info=False``: no shape hints for intermediate values."""
     if has_external_tensors(model):
         # serialize_model keeps external references relative to a base dir the proto does
         # not know; inline them so the proto stands on its own.
         model = _inline_external(model)
-    with _lean_value_info(model):
+    with _lean_value_info(model, value_info):
         proto = serialize(model)
     _drop_empty_domains(proto)
     return proto
@@ -473,6 +494,7 @@ def serialize(model: ir.Model) -> onnx.ModelProto:
     """``ir.serde.serialize_model``, with the types of graph outputs onnx_ir cannot hold
     (maps: scikit-learn's ZipMap probabilities) inferred back, as the checker wants them."""
     proto = ir.serde.serialize_model(model)
+    _unname_attribute_tensors(proto)
     if any(not o.HasField("type") for o in proto.graph.output):
         inferred = onnx.shape_inference.infer_shapes(proto)
         types = {o.name: o.type for o in inferred.graph.output if o.HasField("type")}
@@ -480,6 +502,25 @@ def serialize(model: ir.Model) -> onnx.ModelProto:
             if not output.HasField("type") and output.name in types:
                 output.type.CopyFrom(types[output.name])
     return proto
+
+
+def _unname_attribute_tensors(proto: onnx.ModelProto) -> None:
+    """Drop the names onnx_ir gives tensors held in attributes (a Constant's value takes its
+    output's name): nothing reads them, and a model passed through unchanged grew by the
+    names (3 Constants: 103 bytes, larger than its input)."""
+    graphs = [proto.graph]
+    nodes = [n for f in proto.functions for n in f.node]
+    while graphs or nodes:
+        if graphs:
+            nodes.extend(graphs.pop().node)
+            continue
+        for attribute in nodes.pop().attribute:
+            tensors = [attribute.t] if attribute.HasField("t") else []
+            for tensor in (*tensors, *attribute.tensors):
+                tensor.ClearField("name")
+            if attribute.HasField("g"):
+                graphs.append(attribute.g)
+            graphs.extend(attribute.graphs)
 
 
 def has_map_type(type_proto: onnx.TypeProto) -> bool:
