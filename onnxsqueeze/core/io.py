@@ -36,6 +36,7 @@ from onnxsqueeze.core.external_data import (
     refuse_external_data,
 )
 from onnxsqueeze.core.legalize import legalize
+from onnxsqueeze.core.proto_tidy import proto_graphs, unname_attribute_tensors
 from onnxsqueeze.core.scratch import remove_stale, scratch_file
 
 logger = logging.getLogger(__name__)
@@ -111,16 +112,8 @@ def load_model(
 def _load_path(path: Path, *, validate: bool) -> LoadedModel:
     proto = read_model_file(path)
     loaded = _from_proto(proto, str(path), validate, str(path.parent), checker_path=path)
-    hints = any(len(g.value_info) for g in _proto_graphs(proto.graph))
+    hints = any(len(g.value_info) for g in proto_graphs(proto.graph))
     return LoadedModel(kind="path", path=path, label=str(path), value_info=hints, **loaded)
-
-
-def _proto_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for attribute in node.attribute:
-            for sub in (*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs):
-                yield from _proto_graphs(sub)
 
 
 def read_model_file(path: Path) -> onnx.ModelProto:
@@ -494,7 +487,7 @@ def serialize(model: ir.Model) -> onnx.ModelProto:
     """``ir.serde.serialize_model``, with the types of graph outputs onnx_ir cannot hold
     (maps: scikit-learn's ZipMap probabilities) inferred back, as the checker wants them."""
     proto = ir.serde.serialize_model(model)
-    _unname_attribute_tensors(proto)
+    unname_attribute_tensors(proto)
     if any(not o.HasField("type") for o in proto.graph.output):
         inferred = onnx.shape_inference.infer_shapes(proto)
         types = {o.name: o.type for o in inferred.graph.output if o.HasField("type")}
@@ -502,25 +495,6 @@ def serialize(model: ir.Model) -> onnx.ModelProto:
             if not output.HasField("type") and output.name in types:
                 output.type.CopyFrom(types[output.name])
     return proto
-
-
-def _unname_attribute_tensors(proto: onnx.ModelProto) -> None:
-    """Drop the names onnx_ir gives tensors held in attributes (a Constant's value takes its
-    output's name): nothing reads them, and a model passed through unchanged grew by the
-    names (3 Constants: 103 bytes, larger than its input)."""
-    graphs = [proto.graph]
-    nodes = [n for f in proto.functions for n in f.node]
-    while graphs or nodes:
-        if graphs:
-            nodes.extend(graphs.pop().node)
-            continue
-        for attribute in nodes.pop().attribute:
-            tensors = [attribute.t] if attribute.HasField("t") else []
-            for tensor in (*tensors, *attribute.tensors):
-                tensor.ClearField("name")
-            if attribute.HasField("g"):
-                graphs.append(attribute.g)
-            graphs.extend(attribute.graphs)
 
 
 def has_map_type(type_proto: onnx.TypeProto) -> bool:
