@@ -103,7 +103,7 @@ class QuantizeLstmPass(SqueezePass):
             return "weights not float32"
         if w.size + r.size < opts.min_elements:
             return f"weights below {opts.min_elements} elements"
-        inputs = [self._quantized(scope, node, i, shared) for i in (1, 2)]
+        inputs = [self._quantized(scope, node, i, a, shared) for i, a in ((1, w), (2, r))]
         optional = [node.inputs[i] if len(node.inputs) > i else None for i in range(3, 8)]
         (wq, ws, wzp), (rq, rs, rzp) = inputs
         attributes = {k: a.value for k, a in node.attributes.items() if k in ATTRIBUTES}
@@ -126,12 +126,13 @@ class QuantizeLstmPass(SqueezePass):
             drop_if_unused(scope, value)
         return None
 
-    def _quantized(self, scope: GraphLike, node: ir.Node, index: int, shared: dict):
-        """W or R as int8 ``[directions, rows, 4 * hidden]`` with its scales and zero points
-        (``[directions, 4 * hidden]``), once per weight value."""
+    def _quantized(
+        self, scope: GraphLike, node: ir.Node, index: int, array: np.ndarray, shared: dict
+    ):
+        """W or R (``array``, input ``index``) as int8 ``[directions, rows, 4 * hidden]``
+        with its scales and zero points (``[directions, 4 * hidden]``), once per weight."""
         value = node.inputs[index]
         if value not in shared:
-            array = constant_array(value)
             directions, gates, width = array.shape
             q, qp = quantize_per_channel(
                 array.reshape(directions * gates, width), 0, "int8", self._reduce
