@@ -60,6 +60,9 @@ def quantize_model(
     stage = QuantizeStage(model.clone(), list(eval_feeds), config)
     stage.calib_data = calib_data
     outcome = stage.search(calibration, calib_feeds, calib_samples)
+    # its memo of rounded weights (int8: a quarter of the float ones) must not sit beside
+    # the float model's timing session
+    del stage
     # the small constants each weight's rewrite adds (a fold form's Reshape shapes) once: a
     # second squeeze's cleanup would merge them otherwise, and change the file
     for graph in outcome.model.graphs() if outcome.record.get("applied") else ():
