@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
@@ -86,13 +86,17 @@ class Spill:
                 if type(tensor) is ir.Tensor and tensor.nbytes >= self.min_bytes:
                     value.const_value = self._lazy(tensor)
 
-    def _lazy(self, tensor: ir.Tensor) -> ir.LazyTensor:
-        raw = tensor.tobytes()
-        self._file.write(raw)
+    def _append(self, data: bytes | memoryview) -> tuple[int, int]:
+        """Write ``data`` at the end of the file; its (offset, length)."""
+        self._file.write(data)
         self._file.flush()
-        offset, length = self._offset, len(raw)
+        offset, length = self._offset, memoryview(data).nbytes
         self._offset += length
         self.spilled += length
+        return offset, length
+
+    def _lazy(self, tensor: ir.Tensor) -> ir.LazyTensor:
+        offset, length = self._append(tensor.tobytes())
         dtype, shape, name = tensor.dtype, tensor.shape, tensor.name or ""
         path = self.path
 
@@ -103,8 +107,70 @@ class Spill:
 
         return ir.LazyTensor(load, dtype, shape, name=name)
 
+    def stow(self, array: np.ndarray) -> _Stowed:
+        """``array``'s bytes in the file, to be read back by ``fetch``."""
+        flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        offset, _ = self._append(memoryview(flat))
+        return _Stowed(offset, array.dtype, array.shape)
+
+    def fetch(self, stowed: _Stowed) -> np.ndarray:
+        """A fresh in-memory copy of a stowed array (gone when the caller drops it)."""
+        count = int(np.prod(stowed.shape))
+        return np.fromfile(self.path, stowed.dtype, count, offset=stowed.offset).reshape(
+            stowed.shape
+        )
+
     def close(self) -> None:
         self._file.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stowed:
+    offset: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+
+class SpilledMemo(MutableMapping):
+    """A memo of tuples whose large arrays wait in the run's spill file (when one is active
+    where the memo is made), read back on each lookup. The weight-only search keeps every
+    weight's rounded codes so that its many variants do not round again: held in memory, a
+    1.3 GB model's int4 codes (one byte each) took 0.35 GiB beside each candidate's session."""
+
+    def __init__(self, min_bytes: int | None = None) -> None:
+        self._spill = _ACTIVE.get()
+        self._items: dict[Any, tuple] = {}
+        #: arrays smaller than this stay in memory (default: the spill's own threshold)
+        self.min_bytes = min_bytes
+
+    def __setitem__(self, key: Any, value: tuple) -> None:
+        spill = self._spill
+        if spill is not None:
+            least = spill.min_bytes if self.min_bytes is None else self.min_bytes
+            value = tuple(
+                spill.stow(v) if isinstance(v, np.ndarray) and v.nbytes >= least else v
+                for v in value
+            )
+        self._items[key] = value
+
+    def __getitem__(self, key: Any) -> tuple:
+        value = self._items[key]
+        spill = self._spill
+        if spill is None:
+            return value
+        return tuple(spill.fetch(v) if isinstance(v, _Stowed) else v for v in value)
+
+    def __contains__(self, key: object) -> bool:  # without reading the arrays back
+        return key in self._items
+
+    def __delitem__(self, key: Any) -> None:
+        del self._items[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 _ACTIVE: ContextVar[Spill | None] = ContextVar("onnxsqueeze_spill", default=None)

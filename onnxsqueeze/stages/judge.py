@@ -53,6 +53,7 @@ class Judge:
         feeds: Sequence[Mapping[str, Any]] | None = None,
         optimize: bool = True,
     ) -> list[dict]:
+        give_back_after(initializer_bytes(model))  # the last build's leftovers, first
         session = Session(model, self.providers, optimize=optimize)
         try:
             return session.run_all(feeds or self.feeds)

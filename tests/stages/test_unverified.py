@@ -146,3 +146,36 @@ def test_spilled_weights_leave_memory_and_come_back_whole(tmp_path):
     assert want.keys() == got.keys()
     assert all(np.array_equal(want[k], got[k]) for k in want)
     spill.close()
+
+
+def test_a_memo_made_in_a_file_run_keeps_its_arrays_on_disk(tmp_path):
+    """SpilledMemo (the weight-only search's rounded codes, the float run's activations of
+    the local sensitivity): inside ``spilling`` its large arrays are written to the spill
+    file and each lookup reads a fresh copy; the small ones and other values stay as given;
+    outside it is a plain memo. ``in`` does not read anything back."""
+    from onnxsqueeze.core.spill import Spill, SpilledMemo, spilling
+
+    big = RNG.standard_normal((64, 48)).astype(np.float32)
+    codes = RNG.integers(-8, 8, (32, 16), dtype=np.int8)
+    small = np.arange(3, dtype=np.int64)
+    spill = Spill(tmp_path, min_bytes=1024)
+    with spilling(spill):
+        memo = SpilledMemo()
+        memo["w", 4] = (codes, big, small, True)
+        loose = SpilledMemo(min_bytes=0)
+        loose[0] = (small, None)
+    assert spill.spilled == big.nbytes + small.nbytes  # the 512-byte codes stay in memory
+    reads = []
+    fetch = spill.fetch
+    spill.fetch = lambda stowed: reads.append(stowed) or fetch(stowed)
+    assert ("w", 4) in memo and ("w", 8) not in memo and not reads
+    got = memo["w", 4]
+    assert len(reads) == 1 and got[0] is codes and got[2] is small and got[3] is True
+    assert got[1] is not big and got[1].dtype == np.float32 and got[1].shape == (64, 48)
+    np.testing.assert_array_equal(got[1], big)
+    np.testing.assert_array_equal(loose[0][0], small)
+    assert loose[0][1] is None and len(memo) == 1 and list(memo) == [("w", 4)]
+    spill.close()
+    plain = SpilledMemo()
+    plain["k"] = (big,)
+    assert plain["k"][0] is big

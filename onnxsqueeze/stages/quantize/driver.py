@@ -90,8 +90,8 @@ def run_quantize_stage(
             with progress.stage(f"quantize {config.mode}"):
                 outcomes.append(_run_config(model, config, data, feeds))
             _say(outcomes[-1].record)
-            if len(configs) > 1:  # kept aside while the next one is tried: on disk
-                spill_if_active(outcomes[-1].model)
+            # kept aside while the next one is tried and the result is checked: on disk
+            spill_if_active(outcomes[-1].model)
         except (RuntimeSessionError, UnsupportedModelError) as exc:
             if not auto:
                 raise

@@ -26,6 +26,7 @@ from onnxsqueeze.core.errors import SqueezeError, UnsupportedModelError, first_l
 from onnxsqueeze.core.graphs import name_nodes, opset_version
 from onnxsqueeze.core.io import initializer_bytes
 from onnxsqueeze.core.opsets import upgrade_opset
+from onnxsqueeze.core.spill import spill_if_active
 from onnxsqueeze.passes.cleanup import dedup_initializers
 from onnxsqueeze.quant.qdq import nothing_quantized
 from onnxsqueeze.run import workers
@@ -166,6 +167,7 @@ class QuantizeStage:
         if config.mode == "dynamic":
             self._time_draft(candidate)
         ok, summary = judged[2:] if judged else self.judge(candidate)
+        spill_if_active(candidate)  # held through the search: on disk, not beside each session
         if not ok and self._peak_data is not None:
             self._find_outliers(*self._peak_data)
             self._peak_data = None

@@ -12,6 +12,7 @@ from typing import Any
 import onnx_ir as ir
 
 from onnxsqueeze.calib.gram import gram_matrices
+from onnxsqueeze.core.spill import SpilledMemo
 
 #: Smallest weight the weight-only stage quantizes in the fold form.
 FOLD_MIN_ELEMENTS = 256
@@ -59,8 +60,9 @@ def weight_settings(
     providers: Sequence[str],
 ) -> dict[str, Any]:
     """The quantize-weights pass options the stage builds every variant with. Rounded
-    weights are memoised (``memo``): the budget search builds many variants of one model."""
-    settings: dict[str, Any] = {**pass_options(bits, form), "memo": {}}
+    weights are memoised (``memo``, on disk in a file run): the budget search builds many
+    variants of one model."""
+    settings: dict[str, Any] = {**pass_options(bits, form), "memo": SpilledMemo()}
     if calib_feeds is not None:
         feeds = itertools.islice(calib_feeds, calib_samples or GPTQ_SAMPLES)
         settings["grams"] = gram_matrices(model, feeds, providers=providers)
