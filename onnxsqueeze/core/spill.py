@@ -160,6 +160,10 @@ class SpilledMemo(MutableMapping):
             return value
         return tuple(spill.fetch(v) if isinstance(v, _Stowed) else v for v in value)
 
+    def stored(self, key: Any, default: Any = None) -> Any:
+        """The entry as kept, its spilled arrays not read back (for its other fields)."""
+        return self._items.get(key, default)
+
     def __contains__(self, key: object) -> bool:  # without reading the arrays back
         return key in self._items
 

@@ -169,6 +169,7 @@ def test_a_memo_made_in_a_file_run_keeps_its_arrays_on_disk(tmp_path):
     fetch = spill.fetch
     spill.fetch = lambda stowed: reads.append(stowed) or fetch(stowed)
     assert ("w", 4) in memo and ("w", 8) not in memo and not reads
+    assert memo.stored(("w", 4))[3] is True and memo.stored(("w", 8), 0) == 0 and not reads
     got = memo["w", 4]
     assert len(reads) == 1 and got[0] is codes and got[2] is small and got[3] is True
     assert got[1] is not big and got[1].dtype == np.float32 and got[1].shape == (64, 48)

@@ -73,7 +73,7 @@ def rounding(settings: dict[str, Any], quantized: Sequence[str]) -> str:
     """How the shipped weights were rounded (the memo knows which went through GPTQ)."""
     bits, block, memo = settings["bits"], settings["block_size"], settings["memo"]
     plain = "mse" if bits == 4 else "rtn"
-    gptq = sum(1 for n in quantized if memo.get((n, bits, block), (0, 0, False))[2])
+    gptq = sum(1 for n in quantized if memo.stored((n, bits, block), (0, 0, False))[2])
     others = len(quantized) - gptq
     if not gptq:
         return plain
