@@ -289,7 +289,7 @@ def has_external_tensors(model: ir.Model) -> bool:
 
 
 #: Element types onnxruntime takes from numpy as they are (OrtValue.ortvalue_from_numpy).
-_PLAIN_DTYPES = frozenset(
+PLAIN_DTYPES = frozenset(
     getattr(ir.DataType, name)
     for name in (
         "FLOAT", "FLOAT16", "DOUBLE", "INT8", "INT16", "INT32", "INT64",
@@ -300,8 +300,11 @@ PLACEHOLDER_LOCATION = "onnxsqueeze-detached-weight"
 
 
 @contextlib.contextmanager
-def weightless(model: ir.Model, min_bytes: int = 4096) -> Iterator[dict[str, Any]]:
-    """Within the block, the main graph's big in-memory weights are placeholders.
+def weightless(
+    model: ir.Model, min_bytes: int = 4096, *, external: bool = False
+) -> Iterator[dict[str, Any]]:
+    """Within the block, the main graph's big in-memory weights are placeholders (and with
+    ``external``, its weights in external files too, whatever their size).
 
     Each such initializer points at external data that does not exist; the block gets its
     tensor by name (``.numpy()`` when the array is wanted: a lazy tensor, such as a merged
@@ -315,11 +318,12 @@ def weightless(model: ir.Model, min_bytes: int = 4096) -> Iterator[dict[str, Any
     try:
         for value in model.graph.initializers.values():
             tensor = value.const_value
+            in_file = isinstance(tensor, ir.ExternalTensor)
             if (
                 tensor is None
-                or isinstance(tensor, ir.ExternalTensor)
-                or tensor.dtype not in _PLAIN_DTYPES
-                or tensor.nbytes < min_bytes
+                or (in_file and not external)
+                or tensor.dtype not in PLAIN_DTYPES
+                or (tensor.nbytes < min_bytes and not in_file)
                 or not value.name
             ):
                 continue

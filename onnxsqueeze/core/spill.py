@@ -105,7 +105,10 @@ class Spill:
                 path.name, offset, length, dtype, shape=shape, name=name, base_dir=path.parent
             )
 
-        return ir.LazyTensor(load, dtype, shape, name=name)
+        lazy = ir.LazyTensor(load, dtype, shape, name=name)
+        #: where its bytes lie: a Ray worker on this machine reads them there
+        lazy.file_slice = (str(path.resolve()), offset, length)
+        return lazy
 
     def stow(self, array: np.ndarray) -> _Stowed:
         """``array``'s bytes in the file, to be read back by ``fetch``."""

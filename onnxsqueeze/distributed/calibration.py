@@ -31,8 +31,8 @@ import onnx_ir as ir
 from onnxsqueeze.calib.cache import Calibration
 from onnxsqueeze.calib.collector import CollectOptions, Collector
 from onnxsqueeze.core import progress
-from onnxsqueeze.distributed.retries import RETRIES, failed, maybe_die, peak_rss
-from onnxsqueeze.distributed.shipping import absolute, pack, shippable, unpack
+from onnxsqueeze.distributed.retries import RETRIES, failed, maybe_die, whereabouts
+from onnxsqueeze.distributed.shipping import ShippedModel, Shipper, absolute, landed, shippable
 from onnxsqueeze.run.feeds import count_samples, iter_feeds, load_feeds, part, reusable
 from onnxsqueeze.run.signature import input_specs
 
@@ -71,10 +71,15 @@ def sharded(
         return None
     ray = pool.ray
     options = dataclasses.replace(options, threads=pool.threads)
-    task = _task(ray).options(num_cpus=pool.threads)
-    blob = ray.put(pack(model))
+    task = _task(ray)
+    shipped = ray.put(Shipper(ray, pool.local, pool.count)(model))
     started = time.perf_counter()
-    pending = {task.remote(blob, options, source, total, i, count): i for i in range(count)}
+    pending = {
+        task.options(num_cpus=pool.threads, scheduling_strategy=pool.placed(i)).remote(
+            shipped, options, source, total, i, count
+        ): i
+        for i in range(count)
+    }
     done: dict[int, Calibration] = {}
     shard_sizes: dict[int, int] = {}
     stack = plan_s = 0.0
@@ -83,9 +88,9 @@ def sharded(
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             index = pending.pop(ready[0])
-            done[index], shard_sizes[index], stack, plan, rss = ray.get(ready[0])
+            done[index], shard_sizes[index], stack, plan, where = ray.get(ready[0])
             plan_s = max(plan_s, plan)
-            pool.seen(rss)
+            pool.seen(where)
             finished += shard_sizes[index]
             progress.step("calibrating", finished, total)
     except Exception as exc:
@@ -112,21 +117,26 @@ def sharded(
 def _task(ray: Any) -> Any:
     @ray.remote(max_retries=RETRIES)
     def calibrate_shard(
-        blob: bytes, options: CollectOptions, source: Any, total: int, index: int, count: int
-    ) -> tuple[Calibration | None, int, int, float, int]:
+        shipped: ShippedModel,
+        options: CollectOptions,
+        source: Any,
+        total: int,
+        index: int,
+        count: int,
+    ) -> tuple[Calibration | None, int, int, float, tuple[int, str]]:
         """Shard ``index`` of ``count``: plan on the data's first two samples (as every
         shard does, so all decide alike), cut the shards on that plan's stacks, observe
-        this one. Returns (calibration, samples, samples per run, plan seconds, peak RSS)."""
+        this one. Returns (calibration, samples, samples per run, plan seconds, whereabouts)."""
         maybe_die()
         started = time.perf_counter()
-        collector = Collector(unpack(blob), options)
+        collector = Collector(landed(shipped, ray), options)
         specs = input_specs(collector.model)
         stack = collector.plan(load_feeds(part(source, 0, min(2, total)), specs))
         planned = time.perf_counter() - started
         start, stop = shards(total, stack, count, index)
         if stop <= start:
-            return None, 0, stack, planned, peak_rss()
+            return None, 0, stack, planned, whereabouts()
         result = collector.collect(iter_feeds(part(source, start, stop), specs))
-        return result, stop - start, stack, planned, peak_rss()
+        return result, stop - start, stack, planned, whereabouts()
 
     return calibrate_shard

@@ -32,10 +32,19 @@ class RayWorkers:
     worker holding ``threads`` of the cluster's CPUs (its histogram threads; onnxruntime
     keeps its default threads everywhere, so the numbers are the driver's)."""
 
-    def __init__(self, ray: Any, size: int, threads: int, started_s: float, address: str) -> None:
+    def __init__(
+        self, ray: Any, size: int, threads: int, started_s: float, address: str, local: bool
+    ) -> None:
         self.ray = ray
         self.size = size
         self.threads = threads
+        #: Every node is this machine (its files are the workers'): see distributed.shipping.
+        self.local = local
+        self._nodes: set[str] = set()
+        #: The live nodes with CPUs, where ``placed`` deals long pieces of work.
+        self.node_ids = [
+            n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")
+        ]
         #: The warm-up tasks started with the pool (runs.warm_up), not waited for.
         self.warming: list[Any] = []
         #: What the report says of the pool: where, how big, its start-up time, what ran.
@@ -45,6 +54,7 @@ class RayWorkers:
             "workers": size,
             "threads_per_worker": threads,
             "startup_s": round(started_s, 2),
+            "nodes": "this machine" if local else "several machines",
         }
 
     def run_models(
@@ -59,14 +69,29 @@ class RayWorkers:
     def calibrate(self, model: ir.Model, source: Any, options: Any, samples: int | None) -> Any:
         return calibration.sharded(self, model, source, options, samples)
 
+    def placed(self, index: int) -> Any:
+        """Where piece ``index`` of a long, evenly cut piece of work (a calibration shard)
+        should run: dealt round the nodes, each keeping its memory and CPUs for one (Ray's
+        default would pile short-lived ones onto the driver's node); anywhere if that
+        node is full or gone. Ray's default on a cluster of one node."""
+        if len(self.node_ids) < 2:
+            return "DEFAULT"
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        node = self.node_ids[index % len(self.node_ids)]
+        return NodeAffinitySchedulingStrategy(node, soft=True)
+
     def count(self, key: str, amount: int = 1) -> None:
         """Tally work sent to the pool for the report (models run, shards calibrated)."""
         self.record[key] = self.record.get(key, 0) + amount
 
-    def seen(self, rss: int) -> None:
-        """A worker's peak memory, as it reported it with a result."""
+    def seen(self, whereabouts: tuple[int, str]) -> None:
+        """A worker's peak memory and its node, as it reported them with a result."""
+        rss, node = whereabouts
         peak = max(self.record.get("worker_peak_mib", 0), round(rss / 2**20))
         self.record["worker_peak_mib"] = peak
+        self._nodes.add(node)
+        self.record["nodes_used"] = len(self._nodes)
 
 
 #: Seconds to wait for a cluster's head to answer before saying it is not there (Ray
@@ -107,7 +132,8 @@ def pool(workers: int | None = None, address: str | None = None) -> Iterator[Ray
         size = max(1, min(workers or cpus, cpus))
         threads = max(1, cpus // size) if not address else 1
         label = address or f"local ({cpus} CPUs)"
-        pool = RayWorkers(ray, size, threads, time.perf_counter() - start, label)
+        started = time.perf_counter() - start
+        pool = RayWorkers(ray, size, threads, started, label, _one_machine(ray))
         runs.warm_up(pool)
         yield pool
     finally:
@@ -116,6 +142,12 @@ def pool(workers: int | None = None, address: str | None = None) -> Iterator[Ray
             if _OWNED[1] == 0 and _OWNED[0]:
                 ray.shutdown()
                 _OWNED[0] = False
+
+
+def _one_machine(ray: Any) -> bool:
+    """Whether every live node of the cluster is this machine (several raylets may be)."""
+    here = ray.util.get_node_ip_address()
+    return all(n["NodeManagerAddress"] == here for n in ray.nodes() if n.get("Alive"))
 
 
 #: Whether this process started the running cluster, and how many runs use it.

@@ -30,11 +30,15 @@ def maybe_die() -> None:
     os._exit(17)
 
 
-def peak_rss() -> int:
-    """This worker process's peak resident memory so far (bytes), for the report."""
+def whereabouts() -> tuple[int, str]:
+    """This worker process's peak resident memory so far (bytes) and its Ray node, for
+    the report."""
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, node
 
 
 def failed(what: str, exc: BaseException) -> SqueezeError:

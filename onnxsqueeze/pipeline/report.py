@@ -146,6 +146,9 @@ def _workers_line(record: dict[str, Any]) -> str:
         )
         if record.get(key)
     ]
+    nodes = record.get("nodes_used", 0)
+    if nodes > 1:
+        done.append(f"on {nodes} nodes")
     return (
         f"workers: {record['workers']} on Ray, {record['address']} (started in "
         f"{record['startup_s']:.1f} s): {', '.join(done) or 'nothing sent to them'}"

@@ -224,7 +224,7 @@ def _make_reference(model: ir.Model) -> Any:
 def make_session(model: ir.Model, options: Any, providers: list[str]) -> Any:
     import onnxruntime as ort
 
-    if not has_external_tensors(model) and initializer_bytes(model) < INLINE_SESSION_LIMIT:
+    if takes_parts(model):
         # The weights go over as arrays, not inside the serialised model: protobuf would
         # copy each one twice (serialise, parse), onnxruntime copies them once.
         graph, detached = graph_and_weights(model)
@@ -237,6 +237,12 @@ def make_session(model: ir.Model, options: Any, providers: list[str]) -> Any:
         ir.save(model, path, external_data="model.onnx.data", size_threshold_bytes=1024)
         release_weights(model)  # the copy is written: our mapped pages are not needed now
         return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def takes_parts(model: ir.Model) -> bool:
+    """Whether ``make_session`` hands ``model`` to onnxruntime as a graph and arrays (not
+    through a folder): a worker given the model decides as this process does."""
+    return not has_external_tensors(model) and initializer_bytes(model) < INLINE_SESSION_LIMIT
 
 
 def graph_and_weights(model: ir.Model) -> tuple[bytes, dict[str, ir.TensorProtocol]]:

@@ -51,16 +51,6 @@ def cluster(fault_marker):
     mp.undo()
 
 
-@pytest.fixture(scope="module")
-def digits_folder(tmp_path_factory) -> Path:
-    """160 real digit images, one per .npz, as a user's calibration folder."""
-    images = np.load(REPO / "models" / "digits_test.npz")["image"]
-    folder = tmp_path_factory.mktemp("digits")
-    for i in range(160):
-        np.savez(folder / f"{i:04d}.npz", image=images[i : i + 1])
-    return folder
-
-
 @pytest.fixture
 def small_shards(monkeypatch):
     monkeypatch.setattr(sharding, "MIN_SHARD", 16)
@@ -192,6 +182,29 @@ def test_a_dead_worker_is_retried_with_the_same_result(
     again, report = onnxsqueeze.squeeze(str(DIGITS), quantize=TIGHT, data=digits_folder, workers=2)
     assert fault_marker.exists()
     assert again.SerializeToString() == expected.SerializeToString()
+
+
+def test_an_external_data_model_is_read_in_place_by_workers(
+    cluster, digits_folder, digits_external, small_shards
+):
+    """Its weights travel as where they lie (no 1.5 GB limit, nothing through the object
+    store): the shards and candidates run on the workers, with one process's results."""
+    from onnxsqueeze.distributed import pool
+
+    alone = calibrate_here(str(digits_external), digits_folder, method="percentile")
+    with pool(2) as workers, using(workers):
+        sharded = calibrate_here(str(digits_external), digits_folder, method="percentile")
+    assert workers.record["calibration_shards"] == 2
+    assert workers.record["weights_read_in_place"] >= 4  # the CNN's weights and biases
+    _same_statistics(sharded, alone)
+
+    expected, _ = onnxsqueeze.squeeze(str(digits_external), quantize=TIGHT, data=digits_folder)
+    spread, report = onnxsqueeze.squeeze(
+        str(digits_external), quantize=TIGHT, data=digits_folder, workers=2
+    )
+    assert report.workers["models_run"] >= 4 and report.workers["calibration_shards"] == 2
+    assert report.workers["weights_read_in_place"] >= 4 * report.workers["models_run"]
+    assert spread.SerializeToString() == expected.SerializeToString()
 
 
 def test_workers_without_lossy_work_say_so(cluster):
