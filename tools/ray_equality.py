@@ -77,15 +77,30 @@ def squeeze(model: Path, data: Path, out: Path, ray: list[str]) -> tuple[dict, f
 
 
 def external_copy(model: Path, folder: Path) -> Path:
-    """``model`` saved with every weight of 1 KiB or more in ``model.onnx.data``."""
+    """``model`` saved with every weight of 1 KiB or more in ``model.onnx.data``, those of
+    Constant nodes made initializers first (PP-OCR's exports hold all their weights in
+    Constant nodes, which onnx's external data leaves in the graph)."""
     import onnx
+    from onnx import numpy_helper
 
     path = folder / "model.onnx"
     folder.mkdir(parents=True, exist_ok=True)
+    proto = onnx.load(model)
+    kept = []
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and [a.name for a in node.attribute] == ["value"]:
+            tensor = node.attribute[0].t
+            tensor.name = node.output[0]
+            proto.graph.initializer.append(tensor)
+        else:
+            kept.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(kept)
+    for tensor in proto.graph.initializer:  # only raw_data goes external (Paddle's: float_data)
+        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
     onnx.save(
-        onnx.load(model), path, save_as_external_data=True, location="model.onnx.data",
-        size_threshold=1024,
-    )  # fmt: skip
+        proto, path, save_as_external_data=True, location="model.onnx.data", size_threshold=1024
+    )
     return path
 
 
