@@ -114,3 +114,31 @@ def require_corpus(entry) -> None:
     if os.environ.get("ONNXSQUEEZE_REQUIRE_CORPUS") == "1":
         pytest.fail(message)
     pytest.skip(message)
+
+
+# ---------------------------------------------------------------- the Ray tests' models and data
+
+DIGITS = REPO / "models" / "digits_cnn.onnx"
+
+
+@pytest.fixture(scope="module")
+def digits_folder(tmp_path_factory) -> Path:
+    """160 real digit images, one per .npz, as a user's calibration folder."""
+    import numpy as np
+
+    images = np.load(REPO / "models" / "digits_test.npz")["image"]
+    folder = tmp_path_factory.mktemp("digits")
+    for i in range(160):
+        np.savez(folder / f"{i:04d}.npz", image=images[i : i + 1])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def digits_external(tmp_path_factory) -> Path:
+    """The digits CNN with every weight in an external data file."""
+    path = tmp_path_factory.mktemp("external") / "digits.onnx"
+    onnx.save(
+        onnx.load(DIGITS), path, save_as_external_data=True, location="digits.onnx.data",
+        size_threshold=0,
+    )  # fmt: skip
+    return path
