@@ -274,13 +274,18 @@ def tensor_nbytes(tensor: ir.TensorProtocol) -> int:
     return tensor.nbytes
 
 
+def external_path(tensor: ir.ExternalTensor) -> Path:
+    """The file an external tensor's bytes are in, resolved."""
+    return Path(tensor.base_dir, tensor.location).resolve()
+
+
 def external_data_files(model: ir.Model) -> set[Path]:
     files: set[Path] = set()
     for graph in model.graphs():
         for value in graph.initializers.values():
             tensor = value.const_value
             if isinstance(tensor, ir.ExternalTensor):
-                files.add(Path(tensor.base_dir, tensor.location).resolve())
+                files.add(external_path(tensor))
     return files
 
 

@@ -32,19 +32,18 @@ class RayWorkers:
     worker holding ``threads`` of the cluster's CPUs (its histogram threads; onnxruntime
     keeps its default threads everywhere, so the numbers are the driver's)."""
 
-    def __init__(
-        self, ray: Any, size: int, threads: int, started_s: float, address: str, local: bool
-    ) -> None:
+    def __init__(self, ray: Any, size: int, threads: int, started_s: float, address: str) -> None:
         self.ray = ray
         self.size = size
         self.threads = threads
-        #: Every node is this machine (its files are the workers'): see distributed.shipping.
-        self.local = local
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        here = ray.util.get_node_ip_address()
+        #: Every node is this machine (several raylets may be; its files are the workers'):
+        #: see distributed.shipping.
+        self.local = all(n["NodeManagerAddress"] == here for n in nodes)
+        #: The nodes with CPUs, where ``placed`` deals long pieces of work.
+        self.node_ids = [n["NodeID"] for n in nodes if n["Resources"].get("CPU")]
         self._nodes: set[str] = set()
-        #: The live nodes with CPUs, where ``placed`` deals long pieces of work.
-        self.node_ids = [
-            n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")
-        ]
         #: The warm-up tasks started with the pool (runs.warm_up), not waited for.
         self.warming: list[Any] = []
         #: What the report says of the pool: where, how big, its start-up time, what ran.
@@ -54,7 +53,7 @@ class RayWorkers:
             "workers": size,
             "threads_per_worker": threads,
             "startup_s": round(started_s, 2),
-            "nodes": "this machine" if local else "several machines",
+            "nodes": "this machine" if self.local else "several machines",
         }
 
     def run_models(
@@ -132,8 +131,7 @@ def pool(workers: int | None = None, address: str | None = None) -> Iterator[Ray
         size = max(1, min(workers or cpus, cpus))
         threads = max(1, cpus // size) if not address else 1
         label = address or f"local ({cpus} CPUs)"
-        started = time.perf_counter() - start
-        pool = RayWorkers(ray, size, threads, started, label, _one_machine(ray))
+        pool = RayWorkers(ray, size, threads, time.perf_counter() - start, label)
         runs.warm_up(pool)
         yield pool
     finally:
@@ -142,12 +140,6 @@ def pool(workers: int | None = None, address: str | None = None) -> Iterator[Ray
             if _OWNED[1] == 0 and _OWNED[0]:
                 ray.shutdown()
                 _OWNED[0] = False
-
-
-def _one_machine(ray: Any) -> bool:
-    """Whether every live node of the cluster is this machine (several raylets may be)."""
-    here = ray.util.get_node_ip_address()
-    return all(n["NodeManagerAddress"] == here for n in ray.nodes() if n.get("Alive"))
 
 
 #: Whether this process started the running cluster, and how many runs use it.

@@ -33,7 +33,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxsqueeze.core.errors import SqueezeError
-from onnxsqueeze.core.io import PLAIN_DTYPES, weightless
+from onnxsqueeze.core.io import PLAIN_DTYPES, external_path, weightless
 from onnxsqueeze.run.feeds import Subset
 from onnxsqueeze.run.remote import is_uri
 from onnxsqueeze.run.session import Session, takes_parts
@@ -56,7 +56,24 @@ class FileSlice:
     external: bool
 
     def array(self) -> np.ndarray:
-        """The weight, mapped read-only from its file (checked to be there first)."""
+        """The weight, mapped read-only from its file."""
+        self._check()
+        dtype = ir.DataType(self.dtype).numpy()
+        return np.memmap(self.path, dtype, "r", self.offset, self.shape)
+
+    def tensor(self, name: str) -> ir.TensorProtocol:
+        """The weight as the driver holds it: external, or an array (a spilled one)."""
+        if not self.external:
+            return ir.Tensor(self.array(), name=name)
+        self._check()
+        path = Path(self.path)
+        return ir.ExternalTensor(
+            path.name, self.offset, self.length, ir.DataType(self.dtype),
+            shape=ir.Shape(self.shape), name=name, base_dir=path.parent,
+        )  # fmt: skip
+
+    def _check(self) -> None:
+        """The file is here, holding the slice: else one line saying where it must be."""
         try:
             size = os.path.getsize(self.path)
         except OSError:
@@ -67,19 +84,6 @@ class FileSlice:
                 f"({socket.gethostname()}); on a cluster of several machines the model "
                 "must be in a folder every node mounts at the same path"
             )
-        dtype = ir.DataType(self.dtype).numpy()
-        return np.memmap(self.path, dtype, "r", self.offset, self.shape)
-
-    def tensor(self, name: str) -> ir.TensorProtocol:
-        """The weight as the driver holds it: external, or an array (a spilled one)."""
-        if not self.external:
-            return ir.Tensor(self.array(), name=name)
-        self.array()  # there, whole
-        path = Path(self.path)
-        return ir.ExternalTensor(
-            path.name, self.offset, self.length, ir.DataType(self.dtype),
-            shape=ir.Shape(self.shape), name=name, base_dir=path.parent,
-        )  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -140,7 +144,7 @@ class Shipper:
     def _slice(self, tensor: ir.TensorProtocol) -> FileSlice | None:
         shape = tuple(int(d) for d in tensor.shape)
         if isinstance(tensor, ir.ExternalTensor):
-            path = Path(tensor.base_dir, tensor.location).resolve()
+            path = external_path(tensor)
             length = tensor.length if tensor.length is not None else tensor.nbytes
             return FileSlice(str(path), tensor.offset or 0, length, tensor.dtype, shape, True)
         spilled = getattr(tensor, "file_slice", None)
